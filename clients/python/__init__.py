@@ -1,0 +1,30 @@
+"""Python client for embedq, the Sentence-BERT embedding service.
+
+    from embedq.client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        vectors = client.encode(["a sentence", "another one"])   # float32 (2, dim)
+
+:class:`AsyncClient` offers the same methods as coroutines. Every failure is
+an :class:`EmbedqError` carrying the gRPC ``code`` and ``details``.
+"""
+
+from ._common import DEFAULT_TARGET
+from ._convert import METRICS, Info, Limits, LookupResult, ModelInfo, TokenizedText, text_sha256
+from ._errors import EmbedqError
+from .aio import AsyncClient
+from .sync import Client
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "METRICS",
+    "AsyncClient",
+    "Client",
+    "EmbedqError",
+    "Info",
+    "Limits",
+    "LookupResult",
+    "ModelInfo",
+    "TokenizedText",
+    "text_sha256",
+]

@@ -1,0 +1,80 @@
+"""EncodeStream helpers shared by Client.encode_stream and AsyncClient.encode_stream.
+
+Each text goes out as one EncodeStreamRequest whose id is the caller's id (or
+the text's running index as a string); results come back in completion order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import Literal
+
+import grpc
+import numpy as np
+
+from embedq.v1 import embedq_pb2 as pb
+
+from ._convert import unpack
+from ._errors import EmbedqError
+
+# "raise": a failed message raises EmbedqError (and ends the stream);
+# "yield": it is yielded as (id, EmbedqError) and the stream goes on.
+OnError = Literal["raise", "yield"]
+StreamItem = tuple[str, np.ndarray | EmbedqError]
+
+
+def _ids(ids: Iterable[str] | None) -> Iterator[str]:
+    return iter(ids) if ids is not None else (str(i) for i in itertools.count())
+
+
+def _request(text: str, ids: Iterator[str], options: pb.EncodeOptions) -> pb.EncodeStreamRequest:
+    if not isinstance(text, str):
+        raise TypeError(f"encode_stream expects str texts, got {type(text).__name__}")
+    message_id = next(ids, None)
+    if message_id is None:
+        raise ValueError("encode_stream: fewer ids than texts")
+    return pb.EncodeStreamRequest(id=str(message_id), texts=[text], options=options)
+
+
+def requests(
+    texts: Iterable[str], ids: Iterable[str] | None, options: pb.EncodeOptions
+) -> Iterator[pb.EncodeStreamRequest]:
+    """One request per text, built lazily as `texts` yields."""
+    id_iter = _ids(ids)
+    for text in texts:
+        yield _request(text, id_iter, options)
+
+
+async def arequests(
+    texts: AsyncIterable[str] | Iterable[str], ids: Iterable[str] | None,
+    options: pb.EncodeOptions,
+) -> AsyncIterator[pb.EncodeStreamRequest]:
+    """Like `requests`, for an async or a sync iterable of texts."""
+    id_iter = _ids(ids)
+    if isinstance(texts, AsyncIterable):
+        async for text in texts:
+            yield _request(text, id_iter, options)
+    else:
+        for text in texts:
+            yield _request(text, id_iter, options)
+
+
+def result(response: pb.EncodeStreamResponse, on_error: OnError) -> StreamItem:
+    """(id, vector) for a response; its error raised or returned as on_error says."""
+    if response.HasField("error") and response.error.code != 0:
+        error = EmbedqError.from_status(response.error.code, response.error.message, response.id)
+        if on_error == "raise":
+            raise error
+        return response.id, error
+    rows = unpack(response.embeddings, response.count, response.dimension, response.dtype)
+    if rows.shape[0] != 1:
+        raise EmbedqError(
+            grpc.StatusCode.INTERNAL, f"message {response.id!r}: {rows.shape[0]} vectors for 1 text"
+        )
+    return response.id, rows[0]
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "yield"):
+        raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")

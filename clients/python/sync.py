@@ -1,0 +1,188 @@
+"""Blocking client over grpc's sync channel."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeVar, overload
+
+import grpc
+import numpy as np
+
+from embedq.v1 import embedq_pb2_grpc as pb_grpc
+
+from . import _plans, stream
+from ._common import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_TARGET,
+    ChannelOptions,
+    ClientSettings,
+    Metadata,
+    deadline,
+    remaining,
+)
+from ._convert import Info, LookupResult, TokenizedText, encode_options
+from ._errors import rpc_errors
+
+T = TypeVar("T")
+
+
+class Client(ClientSettings):
+    """Blocking embedq client.
+
+    ``timeout`` bounds each method call as a whole (all its chunks), None for
+    no deadline. Inputs longer than ``chunk_size`` texts are split into
+    requests of ``chunk_size`` texts, at most ``max_in_flight`` of them sent at
+    once; results keep input order. Every failure raises :class:`EmbedqError`.
+    ``normalize=None`` means the model's own default; ``truncate=False`` makes
+    the server refuse over-long texts (INVALID_ARGUMENT) instead of cutting them.
+    """
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0,
+        chunk_size: int = 256, metadata: Metadata | None = None,
+        options: ChannelOptions | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
+        super().__init__(
+            target, timeout=timeout, chunk_size=chunk_size, metadata=metadata,
+            options=options, max_in_flight=max_in_flight,
+        )
+        self.channel = grpc.insecure_channel(target, options=self._channel_options)
+        self._stub = pb_grpc.EmbedderStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, plan: _plans.Plan[T]) -> T:
+        """Send a plan's requests, a bounded window at a time, parse them in order."""
+        method = getattr(self._stub, plan.method)
+        at = deadline(self.timeout)
+        pending: deque[Any] = deque()
+        parts: list[Any] = []
+        try:
+            with rpc_errors():
+                for request in plan.requests:
+                    if len(pending) >= self.max_in_flight:
+                        parts.append(plan.parse(pending.popleft().result()))
+                    pending.append(
+                        method.future(request, timeout=remaining(at), metadata=self._metadata)
+                    )
+                while pending:
+                    parts.append(plan.parse(pending.popleft().result()))
+        finally:
+            for future in pending:  # only left over after a failure
+                future.cancel()
+        return plan.combine(parts)
+
+    def encode(
+        self, texts: Sequence[str] | str, *, normalize: bool | None = None, truncate: bool = True,
+        model: str = "",
+    ) -> np.ndarray:
+        """float32 (n, dim) for a sequence of texts, (dim,) for one str."""
+        return self._run(_plans.encode(
+            texts, chunk_size=self.chunk_size, normalize=normalize, truncate=truncate, model=model
+        ))
+
+    def similarity(
+        self, a: str, b: str, *, metric: str = "cosine", normalize: bool | None = None,
+        truncate: bool = True, model: str = "",
+    ) -> float:
+        """Score of one pair; higher is more similar for every metric."""
+        scores = self.similarity_pairs(
+            [(a, b)], metric=metric, normalize=normalize, truncate=truncate, model=model
+        )
+        return float(scores[0])
+
+    def similarity_pairs(
+        self, pairs: Sequence[tuple[str, str]], *, metric: str = "cosine",
+        normalize: bool | None = None, truncate: bool = True, model: str = "",
+    ) -> np.ndarray:
+        """float32 scores, one per (a, b) pair, in pair order."""
+        return self._run(_plans.similarity_pairs(
+            pairs, chunk_size=self.chunk_size, metric=metric, normalize=normalize,
+            truncate=truncate, model=model,
+        ))
+
+    def rank(
+        self, query: str, candidates: Sequence[str], *, top_k: int = 0, metric: str = "cosine",
+        normalize: bool | None = None, truncate: bool = True, model: str = "",
+    ) -> list[tuple[int, float]]:
+        """(candidate index, score) best first; the best top_k only when top_k > 0."""
+        return self._run(_plans.rank(
+            query, candidates, chunk_size=self.chunk_size, top_k=top_k, metric=metric,
+            normalize=normalize, truncate=truncate, model=model,
+        ))
+
+    def lookup(
+        self, texts: Sequence[str] | str = (), *, sha256: Sequence[bytes | str] = (),
+        normalize: bool | None = None, truncate: bool = True, model: str = "",
+    ) -> LookupResult:
+        """Cached vectors only (misses are not computed): texts first, then hashes.
+
+        ``sha256`` items are raw 32-byte digests (see :func:`text_sha256`) or
+        64-digit hex strings. ``normalize``/``truncate`` pick the cache variant.
+        """
+        return self._run(_plans.lookup(
+            texts, sha256, chunk_size=self.chunk_size, normalize=normalize, truncate=truncate,
+            model=model,
+        ))
+
+    def tokenize(
+        self, texts: Sequence[str] | str, *, truncate: bool = True, model: str = ""
+    ) -> list[TokenizedText]:
+        """The model tokenizer's view of each text (a str counts as one text)."""
+        return self._run(_plans.tokenize(
+            texts, chunk_size=self.chunk_size, truncate=truncate, model=model
+        ))
+
+    def info(self) -> Info:
+        """Served models and request limits."""
+        return self._run(_plans.info())
+
+    @overload
+    def encode_stream(
+        self, texts: Iterable[str], *, ids: Iterable[str] | None = ...,
+        normalize: bool | None = ..., truncate: bool = ..., model: str = ...,
+        on_error: Literal["raise"] = ..., timeout: float | None = ...,
+    ) -> Iterator[tuple[str, np.ndarray]]: ...
+
+    @overload
+    def encode_stream(
+        self, texts: Iterable[str], *, ids: Iterable[str] | None = ...,
+        normalize: bool | None = ..., truncate: bool = ..., model: str = ...,
+        on_error: Literal["yield"], timeout: float | None = ...,
+    ) -> Iterator[stream.StreamItem]: ...
+
+    def encode_stream(
+        self, texts: Iterable[str], *, ids: Iterable[str] | None = None,
+        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        on_error: stream.OnError = "raise", timeout: float | None = None,
+    ) -> Iterator[stream.StreamItem]:
+        """Embed texts as `texts` yields them; yield (id, vector) in completion order.
+
+        Each text is one EncodeStream message with id ``ids[i]`` or ``str(i)``.
+        A failed message raises EmbedqError (``.id`` names it) and ends the
+        stream, or with ``on_error="yield"`` comes out as ``(id, EmbedqError)``.
+        ``timeout`` bounds the whole stream (default none: streams are long-lived).
+        Leaving the loop early cancels the stream.
+        """
+        stream.check_on_error(on_error)
+        options = encode_options(model=model, normalize=normalize, truncate=truncate)
+        call = self._stub.EncodeStream(
+            stream.requests(texts, ids, options), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            with rpc_errors():
+                for response in call:
+                    yield stream.result(response, on_error)
+        finally:
+            call.cancel()
+
+
+

@@ -1,0 +1,351 @@
+"""The server's core stage: cache look-up, enqueueing of misses, replies.
+
+Requests never talk to Redis one by one. They drop a `Call` into an inbox;
+one flusher task takes everything that arrived since its last round trip,
+looks all of it up in the cache with a single MGET, and enqueues the misses
+as one Job per (model, options) with a single pipelined XADD (group commit:
+no timer, the batch is whatever queued up while Redis answered). A listener
+task reads this server's reply stream and fills the waiting calls.
+
+The same text requested twice at once (within or across requests) is sent
+to the workers once: later callers wait on the ticket already in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import Keys, decode_reply, encode_message, text_sha256, variant_fingerprint
+
+from .errors import CODE_BY_NUMBER, RequestError, unavailable
+from .registry import ServedModel
+
+log = logging.getLogger(__name__)
+
+ENCODE = queue_pb2.JOB_KIND_ENCODE
+TOKENIZE = queue_pb2.JOB_KIND_TOKENIZE
+# A reply stream outlives its server by this much, then Redis drops it.
+REPLY_TTL_S = 300
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of turning texts into vectors: model plus effective options."""
+
+    model: ServedModel
+    normalize: bool
+    truncate: bool
+
+    @property
+    def fingerprint(self) -> str:
+        reg = self.model.registration
+        return variant_fingerprint(reg.fingerprint, normalize=self.normalize, truncate=self.truncate)
+
+
+@dataclass
+class Call:
+    """One request's texts, waiting for their rows."""
+
+    kind: int
+    variant: Variant
+    texts: list[str]
+    deadline_unix_ms: int
+    future: asyncio.Future
+    vectors: np.ndarray = field(init=False)
+    cached: np.ndarray = field(init=False)
+    tokens: list[queue_pb2.Tokens | None] = field(init=False)
+    remaining: int = field(init=False)
+    tickets: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        dim = self.variant.model.registration.dimension if self.kind == ENCODE else 0
+        self.vectors = np.zeros((n, dim), dtype=np.float32)
+        self.cached = np.zeros(n, dtype=bool)
+        self.tokens = [None] * n if self.kind == TOKENIZE else []
+        self.remaining = n
+
+    def _row_done(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self)
+
+    def set_vector(self, row: int, vector: np.ndarray, *, cached: bool) -> None:
+        self.vectors[row] = vector
+        self.cached[row] = cached
+        self._row_done()
+
+    def set_tokens(self, row: int, tokens: queue_pb2.Tokens) -> None:
+        self.tokens[row] = tokens
+        self._row_done()
+
+    def fail(self, error: RequestError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass
+class Ticket:
+    """One item in flight; several (call, row) pairs may wait on it."""
+
+    waiters: list[tuple[Call, int]]
+    dedupe_key: tuple[str, str] | None
+
+
+class Dispatcher:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, *, server_id: str | None = None) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.server_id = server_id or uuid.uuid4().hex[:12]
+        self.reply_key = keys.replies(self.server_id)
+        self._inbox: list[Call] = []
+        self._wakeup = asyncio.Event()
+        self._next_ticket = itertools.count(1)
+        self._tickets: dict[int, Ticket] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._last_reply_id = "0-0"
+        self._tasks: list[asyncio.Task] = []
+
+    # -- public API -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._flush_loop(), name="flush"),
+            asyncio.create_task(self._listen_loop(), name="replies"),
+            asyncio.create_task(self._keepalive_loop(), name="reply-keepalive"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._redis.delete(self.reply_key)
+        except (RedisError, OSError):
+            pass  # it expires on its own
+
+    async def encode(
+        self, variant: Variant, texts: list[str], timeout_s: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors (n, dim) float32 and per-row cache-hit flags."""
+        call = await self._submit(ENCODE, variant, texts, timeout_s)
+        return call.vectors, call.cached
+
+    async def tokenize(
+        self, variant: Variant, texts: list[str], timeout_s: float
+    ) -> list[queue_pb2.Tokens]:
+        call = await self._submit(TOKENIZE, variant, texts, timeout_s)
+        return [tokens for tokens in call.tokens if tokens is not None]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tickets)
+
+    # -- calls ------------------------------------------------------------------
+
+    async def _submit(self, kind: int, variant: Variant, texts: list[str], timeout_s: float) -> Call:
+        loop = asyncio.get_running_loop()
+        deadline_ms = int((time.time() + timeout_s) * 1000)
+        call = Call(kind, variant, texts, deadline_ms, loop.create_future())
+        self._inbox.append(call)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(call.future), timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {timeout_s:.1f}s (worker busy or gone)"
+            ) from None
+        finally:
+            self._forget(call)
+
+    def _forget(self, call: Call) -> None:
+        """Drop a finished, failed or abandoned call's interest in its tickets."""
+        for ticket_id in call.tickets:
+            ticket = self._tickets.get(ticket_id)
+            if ticket is None:
+                continue
+            ticket.waiters = [(c, row) for c, row in ticket.waiters if c is not call]
+            if not ticket.waiters:
+                self._drop_ticket(ticket_id)
+        call.tickets.clear()
+
+    def _drop_ticket(self, ticket_id: int) -> Ticket | None:
+        ticket = self._tickets.pop(ticket_id, None)
+        if ticket is not None and ticket.dedupe_key is not None:
+            self._in_flight.pop(ticket.dedupe_key, None)
+        return ticket
+
+    # -- flushing: cache look-up and enqueue ---------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._inbox:
+                calls, self._inbox = self._inbox, []
+                calls = [call for call in calls if not call.future.done()]
+                try:
+                    await self._flush(calls)
+                except (RedisError, OSError) as exc:
+                    error = unavailable(f"redis unavailable: {type(exc).__name__}")
+                    for call in calls:
+                        call.fail(error)
+                        self._forget(call)
+
+    async def _flush(self, calls: list[Call]) -> None:
+        encode_calls = [call for call in calls if call.kind == ENCODE]
+        hashes = {id(call): [text_sha256(text) for text in call.texts] for call in encode_calls}
+        cached = await self._lookup(encode_calls, hashes)
+        jobs: dict[tuple, queue_pb2.Job] = {}
+        for call in calls:
+            self._route(call, hashes.get(id(call)), cached, jobs)
+        if jobs:
+            await self._enqueue(jobs)
+
+    def _route(
+        self,
+        call: Call,
+        call_hashes: list[str] | None,
+        cached: dict[tuple[str, str], np.ndarray],
+        jobs: dict[tuple, queue_pb2.Job],
+    ) -> None:
+        """Fill a call's cache hits; queue (or join) work for the rest."""
+        fingerprint = call.variant.fingerprint
+        for row, text in enumerate(call.texts):
+            key = (fingerprint, call_hashes[row]) if call_hashes is not None else None
+            vector = cached.get(key) if key is not None else None
+            if vector is not None:
+                call.set_vector(row, vector, cached=True)
+            elif call.variant.model.workers_alive == 0:
+                call.fail(unavailable(f"no worker alive for model {call.variant.model.name!r}"))
+                self._forget(call)
+                return
+            else:
+                self._wait_for(call, row, text, key, jobs)
+
+    async def _lookup(
+        self, calls: list[Call], hashes: dict[int, list[str]]
+    ) -> dict[tuple[str, str], np.ndarray]:
+        """All cache hits of all calls, in one MGET."""
+        wanted: list[tuple[str, str]] = []
+        dims: list[int] = []
+        for call in calls:
+            fingerprint = call.variant.fingerprint
+            for sha in hashes[id(call)]:
+                wanted.append((fingerprint, sha))
+                dims.append(call.variant.model.registration.dimension)
+        if not wanted:
+            return {}
+        values = await self._redis.mget([self._keys.cache(fp, sha) for fp, sha in wanted])
+        hits: dict[tuple[str, str], np.ndarray] = {}
+        for key, dim, value in zip(wanted, dims, values, strict=True):
+            # A value of the wrong size is treated as a miss, never served.
+            if value is not None and len(value) == dim * 4:
+                hits[key] = np.frombuffer(value, dtype="<f4")
+        return hits
+
+    def _wait_for(
+        self,
+        call: Call,
+        row: int,
+        text: str,
+        dedupe_key: tuple[str, str] | None,
+        jobs: dict[tuple, queue_pb2.Job],
+    ) -> None:
+        """Attach (call, row) to the ticket in flight for this text, or a new one."""
+        ticket_id = self._in_flight.get(dedupe_key) if dedupe_key else None
+        if ticket_id is None:
+            ticket_id = next(self._next_ticket)
+            self._tickets[ticket_id] = Ticket([], dedupe_key)
+            if dedupe_key is not None:
+                self._in_flight[dedupe_key] = ticket_id
+            job = self._job_for(call, jobs)
+            job.items.add(ticket=ticket_id, text=text)
+            job.deadline_unix_ms = max(job.deadline_unix_ms, call.deadline_unix_ms)
+        self._tickets[ticket_id].waiters.append((call, row))
+        call.tickets.append(ticket_id)
+
+    def _job_for(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> queue_pb2.Job:
+        variant = call.variant
+        key = (call.kind, variant.model.name, variant.normalize, variant.truncate)
+        job = jobs.get(key)
+        if job is None:
+            job = queue_pb2.Job(
+                kind=call.kind,
+                reply_to=self.reply_key,
+                normalize=variant.normalize,
+                truncate=variant.truncate,
+                variant=variant.fingerprint,
+                fingerprint=variant.model.registration.fingerprint,
+            )
+            jobs[key] = job
+        return job
+
+    async def _enqueue(self, jobs: dict[tuple, queue_pb2.Job]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (_kind, model, _norm, _trunc), job in jobs.items():
+                pipe.xadd(self._keys.jobs(model), encode_message(job))
+            await pipe.execute()
+
+    # -- replies --------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                response = await self._redis.xread(
+                    {self.reply_key: self._last_reply_id}, count=512, block=1000
+                )
+            except (RedisError, OSError) as exc:
+                # Replies wait in the stream; we resume from the last id read.
+                log.warning("reply stream read failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, entries in response or []:
+                for entry_id, fields in entries:
+                    self._on_reply(decode_reply(fields))
+                    self._last_reply_id = entry_id
+
+    def _on_reply(self, reply: queue_pb2.Reply) -> None:
+        if reply.tickets:
+            matrix = np.frombuffer(reply.vectors, dtype="<f4").reshape(
+                len(reply.tickets), reply.dimension
+            )
+            for index, ticket_id in enumerate(reply.tickets):
+                for call, row in self._take_waiters(ticket_id):
+                    call.set_vector(row, matrix[index], cached=False)
+        for tokens in reply.tokens:
+            for call, row in self._take_waiters(tokens.ticket):
+                call.set_tokens(row, tokens)
+        for failure in reply.failures:
+            code = CODE_BY_NUMBER.get(failure.code)
+            for call, row in self._take_waiters(failure.ticket):
+                message = f"texts[{row}]: {failure.message}"
+                call.fail(RequestError(code, message) if code else unavailable(message))
+
+    def _take_waiters(self, ticket_id: int) -> list[tuple[Call, int]]:
+        ticket = self._drop_ticket(ticket_id)
+        return ticket.waiters if ticket is not None else []
+
+    async def _keepalive_loop(self) -> None:
+        """Keep this server's reply stream alive and trimmed to unread entries."""
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.xtrim(self.reply_key, minid=self._last_reply_id)
+                    pipe.expire(self.reply_key, REPLY_TTL_S)
+                    await pipe.execute()
+            except (RedisError, OSError):
+                pass  # the listener reports Redis trouble
+            await asyncio.sleep(5)
+

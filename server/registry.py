@@ -1,0 +1,114 @@
+"""What the server knows about the served models, read from Redis.
+
+Workers publish a ModelRegistration per model and a heartbeat per worker;
+the server refreshes its view in the background so that requests never pay
+a Redis round trip for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import Keys, decode_registration
+
+from .errors import RequestError, unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    registration: queue_pb2.ModelRegistration
+    workers_alive: int
+
+    @property
+    def name(self) -> str:
+        return self.registration.name
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        default_model: str = "",
+        worker_stale_s: float = 15.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._default = default_model
+        self._stale_s = worker_stale_s
+        self._models: dict[str, ServedModel] = {}
+        self.redis_ok = False
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        return self._models
+
+    @property
+    def default_name(self) -> str:
+        if self._default:
+            return self._default
+        if len(self._models) == 1:
+            return next(iter(self._models))
+        return ""
+
+    async def refresh(self) -> None:
+        raw = await self._redis.hgetall(self._keys.models())
+        registrations = [decode_registration(value) for value in raw.values()]
+        since = time.time() - self._stale_s
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for reg in registrations:
+                pipe.zcount(self._keys.workers(reg.name), since, "+inf")
+            counts = await pipe.execute()
+        self._models = {
+            reg.name: ServedModel(reg, int(count))
+            for reg, count in zip(registrations, counts, strict=True)
+        }
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        """Refresh forever; a Redis outage only marks the registry stale."""
+        while True:
+            try:
+                await self.refresh()
+                self.redis_ok = True
+            except (RedisError, OSError) as exc:
+                if self.redis_ok:
+                    log.warning("redis unreachable while refreshing models: %s", type(exc).__name__)
+                self.redis_ok = False
+            await asyncio.sleep(interval_s)
+
+    def resolve(self, name: str) -> ServedModel:
+        """The served model a request names (or the default), or a clear error."""
+        wanted = name or self.default_name
+        if not self._models:
+            raise unavailable("no model is registered yet: start a worker (embedq worker)")
+        if not wanted:
+            served = ", ".join(sorted(self._models))
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"several models are served ({served}): set options.model",
+            )
+        model = self._models.get(wanted)
+        if model is None:
+            served = ", ".join(sorted(self._models))
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"unknown model {wanted!r}; served: {served}"
+            )
+        return model
+
+    def require_worker(self, model: ServedModel) -> None:
+        if model.workers_alive == 0:
+            raise unavailable(
+                f"no worker alive for model {model.name!r} (none sent a heartbeat in "
+                f"{self._stale_s:.0f}s)"
+            )

@@ -1,0 +1,280 @@
+"""The front stage: gRPC handlers of embedq.v1.Embedder.
+
+Handlers validate, resolve the model and options, hand texts to the
+dispatcher (server/queue.py) and pack the vectors. Vectors stay numpy
+matrices until they become one `bytes` field: no per-float Python work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from embedq import __version__
+from embedq.keys import Keys, text_sha256
+from embedq.settings import ServerSettings
+from embedq.v1 import embedq_pb2 as pb
+from embedq.v1 import embedq_pb2_grpc
+
+from . import similarity, validation
+from .errors import RequestError, unavailable
+from .queue import Dispatcher, Variant
+from .registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+# Messages of one stream being worked on at once; reading pauses beyond it.
+STREAM_WINDOW = 1024
+
+
+def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """Turn RequestError into its status; anything unexpected into INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapped(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        except (RedisError, OSError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+
+    return wrapped
+
+
+def as_error(exc: BaseException) -> pb.Error:
+    if isinstance(exc, RequestError):
+        return pb.Error(code=exc.code_number, message=exc.message)
+    if isinstance(exc, (RedisError, OSError)):
+        code = grpc.StatusCode.UNAVAILABLE.value[0]
+        return pb.Error(code=code, message=f"redis unavailable: {type(exc).__name__}")
+    log.error("stream message failed", exc_info=exc)
+    return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see the server log)")
+
+
+class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        dispatcher: Dispatcher,
+        registry: ModelRegistry,
+        redis: aioredis.Redis,
+        keys: Keys,
+    ) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.dispatcher = dispatcher
+        self.registry = registry
+        self.redis = redis
+        self.keys = keys
+
+    # -- shared steps -----------------------------------------------------------
+
+    def _variant(self, options: pb.EncodeOptions) -> Variant:
+        validation.check_options(options)
+        model = self.registry.resolve(options.model)
+        normalize = (
+            options.normalize if options.HasField("normalize") else model.registration.normalize
+        )
+        return Variant(model, normalize, validation.truncate_flag(options))
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        default = self.settings.default_timeout_s
+        return default if remaining is None else max(0.0, min(remaining, default))
+
+    async def _embed(
+        self, texts: list[str], options: pb.EncodeOptions, context: grpc.aio.ServicerContext
+    ) -> tuple[Variant, np.ndarray, np.ndarray]:
+        validation.check_texts(texts, self.limits)
+        variant = self._variant(options)
+        vectors, cached = await self.dispatcher.encode(variant, texts, self._timeout(context))
+        return variant, vectors, cached
+
+    @staticmethod
+    def _packed(variant: Variant, vectors: np.ndarray) -> dict:
+        return {
+            "model": variant.model.name,
+            "dimension": vectors.shape[1],
+            "dtype": pb.DTYPE_FLOAT32,
+            "count": vectors.shape[0],
+            "embeddings": vectors.astype("<f4", copy=False).tobytes(),
+        }
+
+    # -- Encode -----------------------------------------------------------------
+
+    @unary
+    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        variant, vectors, cached = await self._embed(list(request.texts), request.options, context)
+        return pb.EncodeResponse(**self._packed(variant, vectors), cached=cached.tolist())
+
+    async def _answer_encode(self, message: pb.EncodeStreamRequest, context) -> pb.EncodeStreamResponse:
+        try:
+            variant, vectors, cached = await self._embed(list(message.texts), message.options, context)
+        except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
+            return pb.EncodeStreamResponse(id=message.id, error=as_error(exc))
+        return pb.EncodeStreamResponse(
+            id=message.id, **self._packed(variant, vectors), cached=cached.tolist()
+        )
+
+    async def EncodeStream(self, request_iterator, context) -> AsyncIterator[pb.EncodeStreamResponse]:
+        async for response in answer_stream(request_iterator, self._answer_encode, context):
+            yield response
+
+    # -- Similarity -------------------------------------------------------------
+
+    async def _similarity(self, request: pb.SimilarityRequest, context) -> pb.SimilarityResponse:
+        validation.check_similarity(request, self.limits)
+        metric = request.metric or pb.METRIC_COSINE
+        if request.WhichOneof("input") == "pairs":
+            pairs = request.pairs.pairs
+            texts = [p.a for p in pairs] + [p.b for p in pairs]
+            variant, vectors, _ = await self._embed(texts, request.options, context)
+            scores = similarity.pairwise(metric, vectors[: len(pairs)], vectors[len(pairs) :])
+            return pb.SimilarityResponse(model=variant.model.name, metric=metric, scores=scores.tolist())
+        ranking = request.ranking
+        texts = [ranking.query, *ranking.candidates]
+        variant, vectors, _ = await self._embed(texts, request.options, context)
+        scores = similarity.against_query(metric, vectors[0], vectors[1:])
+        order, best = similarity.top_k(scores, request.top_k)
+        matches = [pb.Match(index=i, score=s) for i, s in zip(order.tolist(), best.tolist(), strict=True)]
+        return pb.SimilarityResponse(model=variant.model.name, metric=metric, matches=matches)
+
+    @unary
+    async def Similarity(self, request: pb.SimilarityRequest, context) -> pb.SimilarityResponse:
+        return await self._similarity(request, context)
+
+    async def _answer_similarity(self, message: pb.SimilarityStreamRequest, context):
+        try:
+            response = await self._similarity(message.request, context)
+        except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
+            return pb.SimilarityStreamResponse(id=message.id, error=as_error(exc))
+        return pb.SimilarityStreamResponse(id=message.id, response=response)
+
+    async def SimilarityStream(self, request_iterator, context):
+        async for response in answer_stream(request_iterator, self._answer_similarity, context):
+            yield response
+
+    # -- Lookup, Tokenize, Info -------------------------------------------------
+
+    @unary
+    async def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
+        items = len(request.texts) + len(request.sha256)
+        if items == 0:
+            raise validation.invalid("send at least one text or sha256")
+        if items > self.limits.max_batch_texts:
+            raise validation.invalid(
+                f"{items} items, over the limit of {self.limits.max_batch_texts} per request"
+            )
+        validation.check_hashes(request.sha256)
+        variant = self._variant(request.options)
+        hashes = [text_sha256(t) for t in request.texts] + [h.hex() for h in request.sha256]
+        values = await self.redis.mget([self.keys.cache(variant.fingerprint, h) for h in hashes])
+        size = variant.model.registration.dimension * 4
+        found = [value is not None and len(value) == size for value in values]
+        rows = b"".join(value for value, hit in zip(values, found, strict=True) if hit)
+        return pb.LookupResponse(
+            model=variant.model.name,
+            dimension=variant.model.registration.dimension,
+            dtype=pb.DTYPE_FLOAT32,
+            found=found,
+            embeddings=rows,
+            count=sum(found),
+        )
+
+    @unary
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        texts = list(request.texts)
+        validation.check_texts(texts, self.limits)
+        variant = self._variant(request.options)
+        results = await self.dispatcher.tokenize(variant, texts, self._timeout(context))
+        return pb.TokenizeResponse(
+            model=variant.model.name,
+            texts=[
+                pb.TokenizedText(
+                    ids=t.ids, tokens=t.tokens, truncated=t.truncated, full_length=t.full_length
+                )
+                for t in results
+            ],
+        )
+
+    @unary
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        if not self.registry.redis_ok:
+            raise unavailable("redis unavailable")
+        models = [
+            pb.ModelInfo(
+                name=m.name,
+                fingerprint=m.registration.fingerprint,
+                dimension=m.registration.dimension,
+                pooling=m.registration.pooling,
+                max_seq_length=m.registration.max_seq_length,
+                normalize=m.registration.normalize,
+                workers_alive=m.workers_alive,
+                source=m.registration.source,
+            )
+            for m in self.registry.models.values()
+        ]
+        return pb.InfoResponse(
+            models=models,
+            default_model=self.registry.default_name,
+            limits=pb.Limits(
+                max_batch_texts=self.limits.max_batch_texts,
+                max_text_bytes=self.limits.max_text_bytes,
+                max_message_bytes=self.limits.max_message_bytes,
+            ),
+            version=__version__,
+        )
+
+
+async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
+    """Answer each message of a bidirectional stream as soon as it is ready.
+
+    A reader task takes messages as they come and starts one answer per
+    message (at most STREAM_WINDOW at once); responses go out in completion
+    order. Every message gets exactly one response, and when the client
+    cancels, the outstanding work is cancelled with it.
+    """
+    responses: asyncio.Queue = asyncio.Queue()
+    window = asyncio.Semaphore(STREAM_WINDOW)
+    tasks: set[asyncio.Task] = set()
+
+    async def answer_one(message) -> None:
+        try:
+            await responses.put(await answer(message, context))
+        finally:
+            window.release()
+
+    async def read_all() -> None:
+        try:
+            async for message in request_iterator:
+                await window.acquire()
+                task = asyncio.create_task(answer_one(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+        finally:
+            await responses.put(None)
+
+    reader = asyncio.create_task(read_all())
+    try:
+        while (response := await responses.get()) is not None:
+            yield response
+        await reader
+    finally:
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()

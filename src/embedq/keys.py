@@ -1,0 +1,83 @@
+"""Every Redis key name and message format embedq uses, in one place.
+
+Servers and workers only talk through these keys; the payloads are the
+protobuf messages of protos/embedq/internal/v1/queue.proto (never pickle).
+
+Keys of one model share the hash tag ``{<model>}`` so that the job stream,
+its dead-letter stream and the worker heartbeats live in one Redis Cluster
+slot. Cache keys carry no tag: the cache spreads over the cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from embedq.internal.v1 import queue_pb2
+
+DEFAULT_NAMESPACE = "embedq"
+CONSUMER_GROUP = "workers"
+# Field name of the single protobuf payload inside a stream entry.
+PAYLOAD_FIELD = b"m"
+
+
+def text_sha256(text: str) -> str:
+    """Hex SHA-256 of the text's UTF-8 bytes: the public cache hash rule."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def variant_fingerprint(model_fingerprint: str, *, normalize: bool, truncate: bool) -> str:
+    """Fingerprint of one output variant of a model (see the .proto hash rule)."""
+    material = f"{model_fingerprint}|normalize={int(normalize)}|truncate={int(truncate)}"
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def models(self) -> str:
+        """Hash: model name -> ModelRegistration bytes."""
+        return f"{self.namespace}:v1:models"
+
+    def jobs(self, model: str) -> str:
+        """Stream of Job messages for one model, read by the worker group."""
+        return f"{self.namespace}:v1:{{{model}}}:jobs"
+
+    def dead_letters(self, model: str) -> str:
+        """Stream of jobs that failed too often."""
+        return f"{self.namespace}:v1:{{{model}}}:dead"
+
+    def workers(self, model: str) -> str:
+        """Sorted set: worker id -> last heartbeat (Unix seconds)."""
+        return f"{self.namespace}:v1:{{{model}}}:workers"
+
+    def replies(self, server_id: str) -> str:
+        """Stream of Reply messages for one server instance; expires with it."""
+        return f"{self.namespace}:v1:{{reply-{server_id}}}:replies"
+
+    def cache_prefix(self, variant: str) -> str:
+        return f"{self.namespace}:v1:emb:{variant}:"
+
+    def cache(self, variant: str, sha256_hex: str) -> str:
+        """Cache entry: raw little-endian float32 vector bytes."""
+        return f"{self.namespace}:v1:emb:{variant}:{sha256_hex}"
+
+
+def encode_message(message: object) -> dict[bytes, bytes]:
+    """Stream entry fields for a protobuf message."""
+    return {PAYLOAD_FIELD: message.SerializeToString()}  # type: ignore[attr-defined]
+
+
+def decode_job(fields: dict[bytes, bytes]) -> queue_pb2.Job:
+    return queue_pb2.Job.FromString(fields[PAYLOAD_FIELD])
+
+
+def decode_reply(fields: dict[bytes, bytes]) -> queue_pb2.Reply:
+    return queue_pb2.Reply.FromString(fields[PAYLOAD_FIELD])
+
+
+def decode_registration(raw: bytes) -> queue_pb2.ModelRegistration:
+    return queue_pb2.ModelRegistration.FromString(raw)

@@ -1,0 +1,22 @@
+"""Model backends: the pooled Sentence-BERT encoder and where models come from."""
+
+from .model import ModelSpec, PooledEncoder
+from .source import (
+    BUNDLED_NAME,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    bundled_model_path,
+    resolve_model_source,
+)
+from .transformer import TokenizedText
+
+__all__ = [
+    "BUNDLED_NAME",
+    "ModelNotFoundError",
+    "ModelSpec",
+    "PooledEncoder",
+    "TokenizedText",
+    "UnsupportedModelError",
+    "bundled_model_path",
+    "resolve_model_source",
+]

@@ -1,0 +1,124 @@
+"""PooledEncoder: Transformer -> Pooling -> (Normalize), composed from the model folder's config.
+
+The worker tokenizes first (to report truncation and plan batches by token count), then embeds
+batches of token ids. Vectors match sentence-transformers' ``encode`` to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fingerprint import model_fingerprint
+from .layout import read_layout
+from .normalize import l2_normalize
+from .pooling import Pooling, load_pooling
+from .source import resolve_model_source
+from .transformer import TokenizedText, Transformer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a loaded model serves; fingerprint identifies its vectors."""
+
+    name: str  # short served name, e.g. "all-MiniLM-L6-v2"
+    source: str  # folder the model was loaded from
+    dimension: int  # output vector size
+    pooling: str  # "mean", "cls", "max", "mean_sqrt_len", ... joined with "+"
+    max_seq_length: int  # tokens incl. special tokens
+    normalize: bool  # modules.json has a Normalize module
+    fingerprint: str  # sha256 hex of files + settings that change a vector
+
+
+class PooledEncoder:
+    """A loaded model. Build with PooledEncoder.load; not safe for concurrent embed calls."""
+
+    def __init__(self, spec: ModelSpec, transformer: Transformer, pooling: Pooling) -> None:
+        self.spec = spec
+        self.device = transformer.device
+        self._transformer = transformer
+        self._pooling = pooling
+
+    @classmethod
+    def load(cls, spec: str | None = None, *, device: str = "cpu", fp16: bool = False) -> PooledEncoder:
+        """Load by model spec (see resolve_model_source). fp16 applies on CUDA only: CPU half
+        precision is slow and partly unsupported, so CPU stays float32 (with a warning)."""
+        name, folder = resolve_model_source(spec)
+        target = _device(device)
+        half = fp16 and target.type == "cuda"
+        if fp16 and not half:
+            logger.warning("fp16 ignored on %s: running float32", target)
+        layout = read_layout(folder)
+        transformer = Transformer.load(layout.transformer_dir, target, half)
+        pooling = load_pooling(layout.pooling_dir, transformer.model.config, transformer.hidden_size)
+        return cls(_spec(name, folder, transformer, pooling, layout.normalize, half), transformer, pooling)
+
+    @property
+    def tokenizer(self) -> object:
+        """The Hugging Face tokenizer (read-only use: tokenize() is the supported path)."""
+        return self._transformer.tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
+        """Token ids the encoder will see (truncated, special tokens included) + full lengths."""
+        return self._transformer.tokenize(texts)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return self._transformer.token_strings(ids)
+
+    def embed(self, batch: Sequence[Sequence[int]], normalize: bool | None = None) -> np.ndarray:
+        """Vectors for token id lists from tokenize(): float32, C-contiguous, shape (n, dim).
+        normalize None follows the model (spec.normalize); True/False forces L2 normalisation."""
+        if not batch:
+            return np.zeros((0, self.spec.dimension), dtype=np.float32)
+        unit = self.spec.normalize if normalize is None else normalize
+        with torch.inference_mode():
+            token_embeddings, mask = self._transformer.forward(batch)
+            # Pool in float32 even under fp16: sums over 512 tokens lose precision in half.
+            vectors = self._pooling(token_embeddings.float(), mask)
+            if unit:
+                vectors = l2_normalize(vectors)
+            return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
+
+    def encode(self, texts: Sequence[str], normalize: bool | None = None) -> np.ndarray:
+        """tokenize + embed in one padded batch: convenience for small inputs and tests."""
+        return self.embed([item.ids for item in self.tokenize(texts)], normalize=normalize)
+
+
+def _device(device: str) -> torch.device:
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return target
+
+
+def _spec(
+    name: str, folder: Path, transformer: Transformer, pooling: Pooling, normalize: bool, half: bool
+) -> ModelSpec:
+    settings = transformer.settings
+    fingerprint = model_fingerprint(
+        folder,
+        {
+            "pooling": list(pooling.modes),
+            "normalize": normalize,
+            "max_seq_length": settings.max_seq_length,
+            "do_lower_case": settings.do_lower_case,
+            # fp16 vectors differ from fp32 ones in the 3rd-4th digit: never mix them in a cache.
+            "dtype": "float16" if half else "float32",
+        },
+    )
+    return ModelSpec(
+        name=name,
+        source=str(folder),
+        dimension=pooling.output_dimension(transformer.hidden_size),
+        pooling=pooling.name,
+        max_seq_length=settings.max_seq_length,
+        normalize=normalize,
+        fingerprint=fingerprint,
+    )

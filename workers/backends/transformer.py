@@ -1,0 +1,223 @@
+"""Tokenizer + Hugging Face encoder: text -> token ids -> token embeddings.
+
+Matches the sentence-transformers 6.2 ``Transformer`` module: the same tokenizer files,
+``max_seq_length``/``do_lower_case`` from sentence_bert_config.json, right-side truncation
+("longest_first") to max_seq_length including special tokens, padding on the tokenizer's side.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from .source import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+SBERT_CONFIG = "sentence_bert_config.json"
+# Loader arguments a config file must not steer: we are offline and never run remote code.
+_HUB_KEYS = {"trust_remote_code", "token", "revision", "cache_dir", "local_files_only", "subfolder"}
+# Self-check probes: long enough to be truncated by any max_seq_length up to this size.
+_PROBE_TEXT = "Hello, World! Ünïcödé 東京 🙂 [SEP] x"
+_PROBE_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """What the encoder will see for one text."""
+
+    ids: list[int]  # truncated to max_seq_length, special tokens included
+    full_length: int  # tokens incl. special tokens before truncation
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.ids)
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """The sentence_bert_config.json values that change token ids."""
+
+    max_seq_length: int
+    do_lower_case: bool
+
+
+class Transformer:
+    """The first module of the pipeline. Build with Transformer.load."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module, settings: TextSettings
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
+        self._budget = max(0, settings.max_seq_length - self._n_special)  # content tokens kept
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._left_pad = tokenizer.padding_side == "left"
+        forward_params = inspect.signature(model.forward).parameters
+        self._token_types = (
+            "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
+        )
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device, half: bool) -> Transformer:
+        """Tokenizer and weights from ``folder`` (local files only), on ``device``."""
+        config = _read_json(folder / SBERT_CONFIG)
+        tokenizer_kwargs = _loader_kwargs(config, "processor_kwargs", "tokenizer_args")
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **tokenizer_kwargs)
+        # fp32 weights even for fp16 checkpoints: CPU half is slow; CUDA halves below on request.
+        model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise UnsupportedModelError(f"{folder}: encoder-decoder models are not supported")
+        model = model.to(device).eval()
+        if half:
+            model = model.half()
+        settings = TextSettings(
+            max_seq_length=_max_seq_length(config, tokenizer_kwargs, tokenizer, model.config),
+            do_lower_case=bool(config.get("do_lower_case", False)),
+        )
+        tokenizer.model_max_length = settings.max_seq_length
+        if settings.do_lower_case:
+            _add_lowercasing(tokenizer)
+        transformer = cls(tokenizer, model, settings)
+        transformer._check_against_tokenizer()
+        return transformer
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "hidden_size", None) or config.d_model)
+
+    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
+        """One batched tokenizer call without truncation (so full_length is known), then
+        truncation and special tokens applied per text exactly as the tokenizer would."""
+        texts = list(texts)
+        if not texts:
+            return []
+        encoded = self.tokenizer(
+            texts, add_special_tokens=False, truncation=False, padding=False, verbose=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )
+        if self.tokenizer.is_fast:
+            return [self._finish_fast(encoding) for encoding in encoded.encodings]
+        return [self._finish_slow(ids) for ids in encoded["input_ids"]]
+
+    def _finish_fast(self, encoding: Any) -> TokenizedText:
+        """Rust path: truncate the content encoding, then let the post-processor add specials."""
+        full_length = len(encoding.ids) + self._n_special
+        if len(encoding.ids) > self._budget:
+            encoding.truncate(self._budget, 0, self.tokenizer.truncation_side)
+        ids = self.tokenizer.backend_tokenizer.post_process(encoding, None, True).ids
+        return TokenizedText(ids=list(ids), full_length=full_length)
+
+    def _finish_slow(self, content: list[int]) -> TokenizedText:
+        """Python-tokenizer path, same result through build_inputs_with_special_tokens."""
+        full_length = len(content) + self._n_special
+        if len(content) > self._budget:
+            keep_right = self.tokenizer.truncation_side == "right"
+            content = content[: self._budget] if keep_right else content[len(content) - self._budget :]
+        ids = self.tokenizer.build_inputs_with_special_tokens(content)
+        return TokenizedText(ids=list(ids), full_length=full_length)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return list(self.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Pads ``batch`` and runs the encoder: (token embeddings, attention mask) on self.device.
+        The caller holds torch.inference_mode()."""
+        input_ids, mask = self._pad(batch)
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if self._token_types:
+            inputs["token_type_ids"] = torch.zeros_like(input_ids)
+        output = self.model(**inputs)
+        hidden = getattr(output, "last_hidden_state", None)
+        return (output[0] if hidden is None else hidden), mask
+
+    def _pad(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        width = max(1, max(len(ids) for ids in batch))
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ids in enumerate(batch):
+            cols = slice(width - len(ids), width) if self._left_pad else slice(0, len(ids))
+            input_ids[row, cols] = ids
+            mask[row, cols] = 1
+        return (
+            torch.from_numpy(input_ids).to(self.device),
+            torch.from_numpy(mask).to(self.device),
+        )
+
+    def _check_against_tokenizer(self) -> None:
+        """Refuse a tokenizer for which our split path differs from its own truncating call:
+        served ids must be exactly the reference's."""
+        probes = [_PROBE_TEXT]
+        if self.settings.max_seq_length <= _PROBE_LIMIT:
+            probes.append(_PROBE_TEXT * (self.settings.max_seq_length // 4 + 2))
+        ours = [item.ids for item in self.tokenize(probes)]
+        reference = self.tokenizer(
+            probes, truncation="longest_first", max_length=self.settings.max_seq_length, verbose=False
+        )["input_ids"]
+        if ours != [list(ids) for ids in reference]:
+            raise UnsupportedModelError(
+                f"tokenizer {type(self.tokenizer).__name__}: split tokenization differs from "
+                "the tokenizer's own truncation"
+            )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _loader_kwargs(config: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Extra loader arguments a sentence_bert_config.json carries (new or legacy key)."""
+    for key in keys:
+        if isinstance(config.get(key), dict):
+            return {k: v for k, v in config[key].items() if k not in _HUB_KEYS}
+    return {}
+
+
+def _max_seq_length(
+    config: dict[str, Any], tokenizer_kwargs: dict[str, Any], tokenizer: Any, model_config: Any
+) -> int:
+    """sentence-transformers' precedence: tokenizer kwargs' model_max_length, then the config's
+    max_seq_length, else the tokenizer limit capped at max_position_embeddings."""
+    if "model_max_length" in tokenizer_kwargs:
+        return int(tokenizer.model_max_length)
+    if config.get("max_seq_length") is not None:
+        return int(config["max_seq_length"])
+    limit = int(tokenizer.model_max_length)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and positions != -1:  # -1: no limit (xlnet)
+        limit = min(limit, int(positions))
+    return limit
+
+
+def _add_lowercasing(tokenizer: Any) -> None:
+    """do_lower_case the way sentence-transformers 6.2 does it: a Lowercase normalizer put first
+    in the fast tokenizer (not str.lower() in Python, which differs for some characters)."""
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.normalizers import Sequence as NormalizerSequence
+
+    if not tokenizer.is_fast:
+        try:
+            tokenizer.do_lower_case = True
+        except AttributeError:
+            tokenizer.basic_tokenizer.do_lower_case = True
+        return
+    backend = tokenizer.backend_tokenizer
+    current = backend.normalizer
+    parts = list(current) if isinstance(current, NormalizerSequence) else [current]
+    if any(isinstance(part, Lowercase) for part in parts):
+        return
+    backend.normalizer = NormalizerSequence([Lowercase(), *(p for p in parts if p is not None)])

@@ -1,0 +1,137 @@
+"""`embedq worker`: one worker process per device (one per GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+
+from embedq.settings import RedisSettings, WorkerSettings, env, env_int
+
+log = logging.getLogger(__name__)
+
+
+def parse_devices(spec: str) -> list[str]:
+    """'auto' -> every visible GPU, else the CPU; '0,1' -> cuda:0, cuda:1; 'cpu'."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    devices = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part == "cpu" or part.startswith("cuda"):
+            devices.append(part)
+        elif part.isdigit():
+            devices.append(f"cuda:{part}")
+        else:
+            raise argparse.ArgumentTypeError(f"bad device {part!r}: use cpu, auto, 0,1 or cuda:N")
+    return devices or ["cpu"]
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `embedq worker` and `embedq serve`."""
+    parser.add_argument(
+        "--model", default=env("MODEL"),
+        help="model folder, NAME=FOLDER, or a model id in the local Hugging Face cache "
+        "[EMBEDQ_MODEL; the bundled all-MiniLM-L6-v2]",
+    )
+    parser.add_argument(
+        "--devices", default=env("DEVICES", "auto"),
+        help="'auto' (every GPU, else CPU), 'cpu', or GPU indices like 0,1: one process each "
+        "[EMBEDQ_DEVICES; %(default)s]",
+    )
+    parser.add_argument(
+        "--fp16", action="store_true", default=env("FP16", "") == "1",
+        help="run the encoder in float16 on CUDA [EMBEDQ_FP16]",
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=env_int("MAX_BATCH_TOKENS", 16384),
+        help="padded tokens per forward pass [EMBEDQ_MAX_BATCH_TOKENS; %(default)s]",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=env_int("MAX_BATCH_SIZE", 256),
+        help="texts per forward pass [EMBEDQ_MAX_BATCH_SIZE; %(default)s]",
+    )
+    parser.add_argument(
+        "--cache-ttl", type=int, default=env_int("CACHE_TTL", 7 * 24 * 3600),
+        help="seconds a cached vector lives [EMBEDQ_CACHE_TTL; %(default)s]",
+    )
+
+
+def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run model workers that take jobs from Redis",
+        description="Run embedq workers: each reads jobs from the model's Redis stream through "
+        "a consumer group, encodes them in token-budget batches and writes the cache.",
+    )
+    parser.add_argument(
+        "--redis-url", default=env("REDIS_URL"), required=env("REDIS_URL") is None,
+        help="redis:// or rediss:// URL; password via EMBEDQ_REDIS_PASSWORD [EMBEDQ_REDIS_URL]",
+    )
+    parser.add_argument(
+        "--namespace", default=None, help="prefix of every Redis key [EMBEDQ_NAMESPACE; embedq]"
+    )
+    add_worker_options(parser)
+    parser.set_defaults(func=run_worker_command)
+
+
+def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
+    return WorkerSettings(
+        redis=RedisSettings.from_env(url=args.redis_url, namespace=args.namespace),
+        model=args.model,
+        device=device,
+        fp16=args.fp16,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        cache_ttl_s=args.cache_ttl,
+    )
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    devices = parse_devices(args.devices)
+    if len(devices) == 1:
+        from .worker import Worker
+
+        worker = Worker(worker_settings(args, devices[0]))
+        worker.install_signal_handlers()
+        worker.run()
+        return 0
+    return supervise_devices(devices)
+
+
+def supervise_devices(devices: list[str]) -> int:
+    """One child process per device; signals are passed on to all of them."""
+    base = [a for a in sys.argv[1:]]
+    children = []
+    for device in devices:
+        argv = _replace_flag(base, "--devices", device)
+        children.append(subprocess.Popen([sys.executable, "-m", "embedq.cli", *argv]))
+        log.info("started worker on %s (pid %d)", device, children[-1].pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == flag:
+            skip = True
+            continue
+        if arg.startswith(flag + "="):
+            continue
+        out.append(arg)
+    return [*out, flag, value]
