@@ -11,10 +11,11 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = (
-    "the quick brown fox jumps over lazy dog hello world embed vector search cafe "
-    "tokyo is a an of and to in on with for ##s ##ing ##ed ##er 東 京"
-).split()
+WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "embed",
+    "vector", "search", "cafe", "tokyo", "is", "a", "an", "of", "and", "to", "in", "on", "with",
+    "for", "##s", "##ing", "##ed", "##er", "東", "京",
+]
 PUNCTUATION = list(".,!?;:'\"()-")
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 VOCAB = SPECIALS + WORDS + PUNCTUATION + LETTERS + [f"##{c}" for c in LETTERS]
@@ -66,22 +67,26 @@ def write_tiny_bert(
     return folder
 
 
+def module_entry(idx: int, path: str, kind: str) -> dict[str, Any]:
+    """One modules.json entry, as sentence-transformers writes it."""
+    kind = f"sentence_transformers.models.{kind}"
+    return {"idx": idx, "name": str(idx), "path": path, "type": kind}
+
+
 def _write_modules(
-    folder: Path, pooling: dict[str, Any] | None, normalize: bool, sbert_config: dict[str, Any] | None
+    folder: Path,
+    pooling: dict[str, Any] | None,
+    normalize: bool,
+    sbert_config: dict[str, Any] | None,
 ) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
+    modules = [module_entry(0, "", "Transformer"), module_entry(1, "1_Pooling", "Pooling")]
     if normalize:
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        )
+        modules.append(module_entry(2, "2_Normalize", "Normalize"))
     (folder / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
     pooling_config = {"word_embedding_dimension": HIDDEN, "pooling_mode_cls_token": True}
     if pooling is not None:
         pooling_config = {"word_embedding_dimension": HIDDEN, **pooling}
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config), encoding="utf-8")
-    settings = {"max_seq_length": 24, "do_lower_case": False} if sbert_config is None else sbert_config
+    settings = sbert_config if sbert_config is not None else {"max_seq_length": 24}
     (folder / "sentence_bert_config.json").write_text(json.dumps(settings), encoding="utf-8")

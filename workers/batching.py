@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def plan_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], *, max_batch_tokens: int, max_batch_size: int
+) -> list[list[int]]:
     """Groups item indices into batches for the encoder.
 
     Sorts by token length, longest first (so padding is small, and a batch that would not fit
@@ -41,5 +43,5 @@ def plan_batches(lengths: Sequence[int], *, max_batch_tokens: int, max_batch_siz
 
 
 def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
-    """Tokens the encoder processes for ``batches``, padding included (the cost plan_batches bounds)."""
+    """Tokens the encoder processes for ``batches``, padding included (what plan_batches bounds)."""
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)

@@ -10,6 +10,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # few enough not to flood the queue on behalf of a single caller.
 DEFAULT_MAX_IN_FLIGHT = 4
 
+# Responses of big chunks outgrow grpc's 4 MiB receive default; match the
+# server's own default message bound instead.
+DEFAULT_CHANNEL_OPTIONS: dict[str, object] = {"grpc.max_receive_message_length": 64 * 1024 * 1024}
+
 Metadata = Sequence[tuple[str, "str | bytes"]]
 ChannelOptions = Sequence[tuple[str, object]]
 
@@ -38,4 +42,5 @@ class ClientSettings:
         self.chunk_size = chunk_size
         self.max_in_flight = max(1, max_in_flight)
         self._metadata = tuple(metadata) if metadata else None
-        self._channel_options = list(options or ())
+        # Caller options override the defaults key by key.
+        self._channel_options = list({**DEFAULT_CHANNEL_OPTIONS, **dict(options or ())}.items())

@@ -56,15 +56,15 @@ def read_layout(folder: Path) -> ModuleLayout:
 
 
 def _kind(entry: dict[str, Any]) -> str:
-    """Class name of a modules.json entry, e.g. 'Pooling' for 'sentence_transformers.models.Pooling'."""
+    """Class name of a modules.json entry: 'Pooling' for 'sentence_transformers.models.Pooling'."""
     name = str(entry.get("type", "")).rsplit(".", 1)[-1]
     return name if name in _KNOWN else f"unsupported:{entry.get('type')}"
 
 
 def _subfolder(folder: Path, entry: dict[str, Any]) -> Path:
-    """The entry's folder, refusing paths that escape the model folder (as sentence-transformers does)."""
+    """The entry's folder; like sentence-transformers, refuse paths escaping the model folder."""
     relative = str(entry.get("path", ""))
     target = (folder / relative).resolve()
     if folder.resolve() not in (target, *target.parents):
-        raise UnsupportedModelError(f"{folder / MODULES_FILE}: module path {relative!r} escapes the folder")
+        raise UnsupportedModelError(f"{folder / MODULES_FILE}: module path {relative!r} escapes it")
     return target

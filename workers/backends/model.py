@@ -47,7 +47,9 @@ class PooledEncoder:
         self._pooling = pooling
 
     @classmethod
-    def load(cls, spec: str | None = None, *, device: str = "cpu", fp16: bool = False) -> PooledEncoder:
+    def load(
+        cls, spec: str | None = None, *, device: str = "cpu", fp16: bool = False
+    ) -> PooledEncoder:
         """Load by model spec (see resolve_model_source). fp16 applies on CUDA only: CPU half
         precision is slow and partly unsupported, so CPU stays float32 (with a warning)."""
         name, folder = resolve_model_source(spec)
@@ -57,8 +59,10 @@ class PooledEncoder:
             logger.warning("fp16 ignored on %s: running float32", target)
         layout = read_layout(folder)
         transformer = Transformer.load(layout.transformer_dir, target, half)
-        pooling = load_pooling(layout.pooling_dir, transformer.model.config, transformer.hidden_size)
-        return cls(_spec(name, folder, transformer, pooling, layout.normalize, half), transformer, pooling)
+        config, hidden = transformer.model.config, transformer.hidden_size
+        pooling = load_pooling(layout.pooling_dir, config, hidden)
+        spec = _spec(name, folder, transformer, pooling, layout.normalize, half)
+        return cls(spec, transformer, pooling)
 
     @property
     def tokenizer(self) -> object:

@@ -97,7 +97,9 @@ class Pooling:
     def __post_init__(self) -> None:
         unknown = [mode for mode in self.modes if mode not in _MODES]
         if unknown or not self.modes:
-            raise UnsupportedModelError(f"pooling modes {unknown or '[]'} not supported; know {list(_MODES)}")
+            raise UnsupportedModelError(
+                f"pooling modes {unknown or '[]'} not supported; supported: {list(_MODES)}"
+            )
 
     @property
     def name(self) -> str:
@@ -122,7 +124,8 @@ def load_pooling(pooling_dir: Path | None, model_config: Any, hidden_size: int) 
     declared = config.get("embedding_dimension", config.get("word_embedding_dimension"))
     if declared is not None and int(declared) != hidden_size:
         raise UnsupportedModelError(
-            f"{pooling_dir}/config.json: embedding dimension {declared} != encoder hidden size {hidden_size}"
+            f"{pooling_dir}/config.json: embedding dimension {declared} "
+            f"!= encoder hidden size {hidden_size}"
         )
     return pooling
 

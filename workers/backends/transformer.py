@@ -126,8 +126,9 @@ class Transformer:
         """Python-tokenizer path, same result through build_inputs_with_special_tokens."""
         full_length = len(content) + self._n_special
         if len(content) > self._budget:
-            keep_right = self.tokenizer.truncation_side == "right"
-            content = content[: self._budget] if keep_right else content[len(content) - self._budget :]
+            drop = len(content) - self._budget
+            keep_left = self.tokenizer.truncation_side == "right"
+            content = content[: self._budget] if keep_left else content[drop:]
         ids = self.tokenizer.build_inputs_with_special_tokens(content)
         return TokenizedText(ids=list(ids), full_length=full_length)
 
@@ -165,8 +166,9 @@ class Transformer:
         if self.settings.max_seq_length <= _PROBE_LIMIT:
             probes.append(_PROBE_TEXT * (self.settings.max_seq_length // 4 + 2))
         ours = [item.ids for item in self.tokenize(probes)]
+        limit = self.settings.max_seq_length
         reference = self.tokenizer(
-            probes, truncation="longest_first", max_length=self.settings.max_seq_length, verbose=False
+            probes, truncation="longest_first", max_length=limit, verbose=False
         )["input_ids"]
         if ours != [list(ids) for ids in reference]:
             raise UnsupportedModelError(

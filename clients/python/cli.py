@@ -1,0 +1,358 @@
+"""Client subcommands of the `embedq` command line.
+
+``add_client_commands(subparsers)`` registers encode, similarity, rank, info,
+lookup and tokenize; each sets ``func`` to a callable(args) -> exit code.
+``python -m embedq.client`` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO
+
+import grpc
+from tqdm import tqdm
+
+from ._common import DEFAULT_TARGET
+from ._convert import METRICS, Info
+from ._errors import EmbedqError
+from ._io import Writer, open_input, open_output, read_batches
+from .sync import Client
+
+ENV_TARGET = "EMBEDQ_TARGET"
+Command = Callable[[argparse.Namespace], int]
+
+
+def _run_safely(command: Command) -> Command:
+    """Errors become one "error: ..." line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except EmbedqError as error:
+            print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python's
+            # exit-time flush of stdout from raising again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            return 130
+        return 1
+
+    return run
+
+
+def _connection_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target", default=os.environ.get(ENV_TARGET) or DEFAULT_TARGET, metavar="HOST:PORT",
+        help=f"embedq server address (default: ${ENV_TARGET}, else {DEFAULT_TARGET})",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS",
+        help="deadline of each call to the server (default: %(default)s)",
+    )
+    return parser
+
+
+def _model_parser(*, normalize: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="", help="served model name (default: the server's)")
+    if normalize:
+        group.add_argument(
+            "--normalize", action=argparse.BooleanOptionalAction, default=None,
+            help="L2-normalise the vectors (default: as the model says)",
+        )
+    group.add_argument(
+        "--no-truncate", dest="truncate", action="store_false",
+        help="refuse texts longer than the model's max sequence length instead of cutting them",
+    )
+    return parser
+
+
+def _client(args: argparse.Namespace, chunk_size: int = 256) -> Client:
+    return Client(args.target, timeout=args.timeout, chunk_size=chunk_size)
+
+
+def _add(
+    subparsers: argparse._SubParsersAction, name: str, command: Command, summary: str,
+    description: str, parents: Sequence[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help=summary, description=description, parents=list(parents),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=_run_safely(command))
+    return parser
+
+
+# ---- encode ----------------------------------------------------------------
+
+ENCODE_DESCRIPTION = """\
+Embed one text per input line (only the line ending is removed; empty lines
+are empty texts) and write one vector per line, in input order.
+
+The input is read and sent in batches, so big files stream. Output formats:
+  FILE.npy     float32 array (lines, dimension), as numpy.save writes it
+  FILE.jsonl   one {"index": i, "text": ..., "embedding": [...]} per line
+  -            JSON lines on stdout (the default)
+A progress bar (texts/s) goes to stderr when it is a terminal.
+
+examples:
+  embedq encode --input sentences.txt --output vectors.npy
+  printf 'hello\\nworld\\n' | embedq encode --target 10.0.0.5:50051
+"""
+
+
+def _encode(args: argparse.Namespace) -> int:
+    with _client(args, chunk_size=args.batch_size) as client, open_input(args.input) as source:
+        writer = open_output(args.output)
+        try:
+            _encode_into(client, source, writer, args)
+        finally:
+            writer.close()
+    return 0
+
+
+def _encode_into(client: Client, source: IO[str], writer: Writer, args: argparse.Namespace) -> None:
+    # One read block feeds max_in_flight concurrent requests of batch_size texts.
+    block = args.batch_size * client.max_in_flight
+    done = 0
+    with tqdm(unit="text", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        for batch in read_batches(source, block):
+            vectors = client.encode(
+                batch, normalize=args.normalize, truncate=args.truncate, model=args.model
+            )
+            writer.write(done, batch, vectors)
+            done += len(batch)
+            bar.update(len(batch))
+    writer.finish(lambda: _model_dimension(client, args.model))
+
+
+def _model_dimension(client: Client, model: str) -> int:
+    try:
+        return client.info().model(model).dimension
+    except KeyError:
+        raise EmbedqError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served") from None
+
+
+def _add_encode(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parser = _add(
+        subparsers, "encode", _encode, "embed the lines of a file", ENCODE_DESCRIPTION, parents
+    )
+    parser.add_argument(
+        "--input", default="-", metavar="FILE|-",
+        help="UTF-8 text, one text per line (default: stdin)",
+    )
+    parser.add_argument(
+        "--output", default="-", metavar="FILE.npy|FILE.jsonl|-",
+        help="where the vectors go; the format follows the extension "
+        "(default: JSON lines on stdout)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=256, metavar="N",
+        help="texts per request (default: %(default)s)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# ---- similarity / rank ------------------------------------------------------
+
+def _similarity(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        score = client.similarity(
+            args.text_a, args.text_b, metric=args.metric, normalize=args.normalize,
+            truncate=args.truncate, model=args.model,
+        )
+    print(score)
+    return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        matches = client.rank(
+            args.query, args.candidates, top_k=args.top_k, metric=args.metric,
+            normalize=args.normalize, truncate=args.truncate, model=args.model,
+        )
+    for index, score in matches:
+        print(f"{score:.6f}\t{index}\t{args.candidates[index]}")
+    return 0
+
+
+def _metric_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--metric", default="cosine", choices=list(METRICS),
+        help="similarity function; higher is always more similar, distances come "
+        "negated (default: %(default)s)",
+    )
+    return parser
+
+
+def _add_similarity(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parents = [*parents, _metric_parser()]
+    parser = _add(
+        subparsers, "similarity", _similarity, "score two texts",
+        "Print the similarity score of TEXT_A and TEXT_B.\n\n"
+        "example:\n  embedq similarity 'A man is eating.' 'Someone eats food.'",
+        parents,
+    )
+    parser.add_argument("text_a", metavar="TEXT_A")
+    parser.add_argument("text_b", metavar="TEXT_B")
+    parser = _add(
+        subparsers, "rank", _rank, "rank candidates against a query",
+        "Print the candidates best first, one 'score<TAB>index<TAB>text' per line.\n\n"
+        "example:\n  embedq rank --top-k 2 'fruit' 'apple' 'car' 'banana'",
+        parents,
+    )
+    parser.add_argument("query", metavar="QUERY")
+    parser.add_argument("candidates", metavar="CANDIDATE", nargs="+")
+    parser.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="keep the best K only (default: all)"
+    )
+
+
+# ---- info -------------------------------------------------------------------
+
+def _info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.info()
+    print(json.dumps(info.to_dict(), indent=2) if args.json else _describe(info, args.target))
+    return 0
+
+
+def _describe(info: Info, target: str) -> str:
+    lines = [f"embedq {info.version or '?'} at {target}"]
+    for m in info.models:
+        default = " (default)" if m.name == info.default_model else ""
+        lines += [
+            f"model {m.name}{default}",
+            f"  dimension        {m.dimension}",
+            f"  pooling          {m.pooling}",
+            f"  max_seq_length   {m.max_seq_length}",
+            f"  normalize        {str(m.normalize).lower()}",
+            f"  workers alive    {m.workers_alive}",
+            f"  fingerprint      {m.fingerprint}",
+            f"  source           {m.source}",
+        ]
+    limits = info.limits
+    lines += [
+        "limits",
+        f"  max_batch_texts   {limits.max_batch_texts}",
+        f"  max_text_bytes    {limits.max_text_bytes}",
+        f"  max_message_bytes {limits.max_message_bytes}",
+    ]
+    return "\n".join(lines)
+
+
+def _add_info(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parser = _add(
+        subparsers, "info", _info, "describe the served models and limits",
+        "Print each served model (name, dimension, pooling, max sequence length,\n"
+        "default normalisation, live workers, fingerprint, source) and the request limits.",
+        parents,
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+# ---- lookup -----------------------------------------------------------------
+
+def _lookup(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.lookup(
+            args.texts, sha256=args.sha256, normalize=args.normalize, truncate=args.truncate,
+            model=args.model,
+        )
+    keys = [("text", t) for t in args.texts] + [("sha256", h.lower()) for h in args.sha256]
+    for index, ((kind, key), found) in enumerate(zip(keys, result.found.tolist(), strict=True)):
+        vector = result.vectors[index].tolist() if found else None
+        record = {"index": index, kind: key, "found": found, "embedding": vector}
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _add_lookup(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parser = _add(
+        subparsers, "lookup", _lookup, "read cached vectors (never computes)",
+        "Look texts or SHA-256 digests up in the cache; print one JSON line per item\n"
+        '(texts first): {"index", "text"|"sha256", "found", "embedding" or null}.\n'
+        "--normalize/--no-truncate/--model select the cache variant.\n\n"
+        "example:\n  embedq lookup 'hello world' --sha256 $(printf %s hi | sha256sum | cut -c1-64)",
+        parents,
+    )
+    parser.add_argument("texts", metavar="TEXT", nargs="*", help="texts to look up")
+    parser.add_argument(
+        "--sha256", action="append", default=[], metavar="HEX",
+        help="hex SHA-256 of a text's UTF-8 bytes (repeatable)",
+    )
+
+
+# ---- tokenize ---------------------------------------------------------------
+
+def _tokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        results = client.tokenize(args.texts, truncate=args.truncate, model=args.model)
+    for index, (text, tokenized) in enumerate(zip(args.texts, results, strict=True)):
+        if args.json:
+            record = {"index": index, "text": text, **vars(tokenized)}
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        cut = f", truncated from {tokenized.full_length}" if tokenized.truncated else ""
+        print(f"{' '.join(tokenized.tokens)}\t({len(tokenized.ids)} tokens{cut})")
+    return 0
+
+
+def _add_tokenize(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parser = _add(
+        subparsers, "tokenize", _tokenize, "show how the model tokenizes texts",
+        "Print each text's tokens (special tokens included) as the model sees them.",
+        parents,
+    )
+    parser.add_argument("texts", metavar="TEXT", nargs="+")
+    parser.add_argument(
+        "--json", action="store_true",
+        help='one JSON line per text: {"index", "text", "ids", "tokens", "truncated", '
+        '"full_length"}',
+    )
+
+
+# ---- registration -----------------------------------------------------------
+
+def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register the client subcommands on an argparse subparsers object."""
+    connection = _connection_parser()
+    with_model = [connection, _model_parser()]
+    _add_encode(subparsers, with_model)
+    _add_similarity(subparsers, with_model)
+    _add_info(subparsers, [connection])
+    _add_lookup(subparsers, with_model)
+    _add_tokenize(subparsers, [connection, _model_parser(normalize=False)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m embedq.client", description="embedq client commands"
+    )
+    add_client_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

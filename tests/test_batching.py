@@ -1,0 +1,79 @@
+"""plan_batches: a pure policy, tested without Redis or a model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from embedq.workers.batching import padded_tokens, plan_batches
+
+
+def check_plan(lengths: list[int], plan: list[list[int]], max_tokens: int, max_size: int) -> None:
+    """Every index once; each batch within both budgets, or a lone oversized item."""
+    assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
+    for batch in plan:
+        assert 1 <= len(batch) <= max_size
+        cost = len(batch) * max(lengths[i] for i in batch)
+        assert cost <= max_tokens or (len(batch) == 1 and lengths[batch[0]] > max_tokens)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_inputs_respect_budgets(seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(0, 16), rng.randint(2, 256), rng.randint(200, 600)])
+               for _ in range(rng.randint(1, 400))]
+    max_tokens, max_size = rng.choice([256, 1024, 8192]), rng.choice([1, 4, 32, 128])
+    plan = plan_batches(lengths, max_batch_tokens=max_tokens, max_batch_size=max_size)
+    check_plan(lengths, plan, max_tokens, max_size)
+
+
+def test_empty_input() -> None:
+    assert plan_batches([], max_batch_tokens=100, max_batch_size=8) == []
+
+
+def test_single_oversized_item_is_alone() -> None:
+    assert plan_batches([5000], max_batch_tokens=1000, max_batch_size=8) == [[0]]
+    lengths = [10, 5000, 10, 3000, 10]
+    plan = plan_batches(lengths, max_batch_tokens=1000, max_batch_size=8)
+    assert plan == [[1], [3], [0, 2, 4]]
+    check_plan(lengths, plan, 1000, 8)
+
+
+def test_max_batch_size_caps_batches() -> None:
+    plan = plan_batches([3] * 10, max_batch_tokens=10_000, max_batch_size=4)
+    assert plan == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_token_budget_is_padded_cost() -> None:
+    # Three 100-token items cost 300; a fourth would make 400 > 350.
+    plan = plan_batches([100, 100, 100, 100, 1], max_batch_tokens=350, max_batch_size=64)
+    assert plan == [[0, 1, 2], [3, 4]]
+
+
+def test_sorting_reduces_padding_vs_arrival_order() -> None:
+    rng = random.Random(7)
+    lengths = [rng.choice([8, 256]) + rng.randint(0, 8) for _ in range(256)]
+    plan = plan_batches(lengths, max_batch_tokens=8192, max_batch_size=32)
+    arrival = [list(range(i, min(i + 32, len(lengths)))) for i in range(0, len(lengths), 32)]
+    assert padded_tokens(lengths, plan) < 0.75 * padded_tokens(lengths, arrival)
+    assert padded_tokens(lengths, plan) < 1.1 * sum(lengths)
+
+
+def test_deterministic_and_stable_for_ties() -> None:
+    lengths = [4, 9, 4, 9, 4]
+    first = plan_batches(lengths, max_batch_tokens=18, max_batch_size=8)
+    assert first == plan_batches(list(lengths), max_batch_tokens=18, max_batch_size=8)
+    assert first == [[1, 3], [0, 2, 4]]  # longest first, equal lengths in arrival order
+
+
+def test_zero_length_items_fill_up_to_size() -> None:
+    plan = plan_batches([0, 0, 0], max_batch_tokens=1, max_batch_size=2)
+    assert plan == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "tokens", "size"), [([1], 0, 1), ([1], 1, 0), ([-1], 10, 10)]
+)
+def test_invalid_arguments(lengths: list[int], tokens: int, size: int) -> None:
+    with pytest.raises(ValueError):
+        plan_batches(lengths, max_batch_tokens=tokens, max_batch_size=size)

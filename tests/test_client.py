@@ -1,0 +1,427 @@
+"""The Python client library and the client CLI, against a real running embedq
+(the session `service`: real Redis, real worker, bundled all-MiniLM-L6-v2),
+compared with sentence-transformers itself."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from embedq.client import AsyncClient, Client, EmbedqError, LookupResult, text_sha256
+
+ATOL = 1e-5
+DIM = 384
+TOPICS = ["cats", "the stock market", "rain in Paris", "quantum physics", "football", "jazz"]
+TEXTS = [f"Sentence {i} is about {TOPICS[i % len(TOPICS)]}." for i in range(50)]
+CANDIDATES = [
+    "A cat sleeps on the sofa.",
+    "Shares fell sharply on Wall Street.",
+    "Kittens love to play with yarn.",
+    "The orchestra played a symphony.",
+    "My dog chases its tail.",
+]
+LONG_TEXT = "word " * 400  # far past the model's 256-token limit
+
+
+def fresh(text: str) -> str:
+    """A text no other test has sent, so the cache cannot have it yet."""
+    return f"{text} [{uuid.uuid4().hex}]"
+
+
+@pytest.fixture(scope="module")
+def client(service) -> Iterator[Client]:
+    with Client(service.target, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(reference_model):
+    def encode(texts: list[str]) -> np.ndarray:
+        return reference_model.encode(texts, convert_to_numpy=True, batch_size=64)
+
+    return encode
+
+
+@pytest.fixture(scope="module")
+def reference_texts(reference) -> np.ndarray:
+    return reference(TEXTS)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---- encode -------------------------------------------------------------------
+
+
+def test_encode_single_text_is_one_vector(client: Client, reference) -> None:
+    vector = client.encode("A single sentence.")
+    assert vector.shape == (DIM,)
+    assert vector.dtype == np.float32
+    np.testing.assert_allclose(vector, reference(["A single sentence."])[0], atol=ATOL)
+
+
+def test_encode_batch_matches_reference(client: Client, reference_texts: np.ndarray) -> None:
+    vectors = client.encode(TEXTS[:5])
+    assert vectors.shape == (5, DIM)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, reference_texts[:5], atol=ATOL)
+    vectors[0, 0] = 1.0  # callers own (may write to) the array
+
+
+def test_encode_chunked_keeps_order(service, reference_texts: np.ndarray) -> None:
+    with Client(service.target, timeout=120, chunk_size=7, max_in_flight=3) as small:
+        vectors = small.encode(TEXTS)
+    assert vectors.shape == (50, DIM)
+    np.testing.assert_allclose(vectors, reference_texts, atol=ATOL)
+
+
+def test_encode_without_normalisation_keeps_direction(client: Client, reference) -> None:
+    texts = [fresh("Unnormalised vectors"), "A second, much longer sentence about the weather."]
+    raw = client.encode(texts, normalize=False)
+    norms = np.linalg.norm(raw, axis=1)
+    assert not np.allclose(norms, 1.0, atol=1e-3)
+    np.testing.assert_allclose(raw / norms[:, None], reference(texts), atol=ATOL)
+
+
+def test_encode_empty_input_is_invalid_argument(client: Client) -> None:
+    with pytest.raises(EmbedqError) as caught:
+        client.encode([])
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details
+
+
+def test_encode_reject_over_long_text(client: Client) -> None:
+    with pytest.raises(EmbedqError) as caught:
+        client.encode(["short", LONG_TEXT], truncate=False)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(caught.value).startswith("INVALID_ARGUMENT: ")
+
+
+def test_unknown_model_is_not_found(client: Client) -> None:
+    with pytest.raises(EmbedqError) as caught:
+        client.encode(["hello"], model="no-such-model")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# ---- encode_stream ------------------------------------------------------------
+
+
+def test_encode_stream_answers_every_id_once(client: Client, reference_texts) -> None:
+    results = list(client.encode_stream(iter(TEXTS[:20])))
+    ids = [message_id for message_id, _ in results]
+    assert sorted(ids, key=int) == [str(i) for i in range(20)]
+    for message_id, vector in results:
+        np.testing.assert_allclose(vector, reference_texts[int(message_id)], atol=ATOL)
+
+
+def test_encode_stream_uses_given_ids(client: Client, reference_texts) -> None:
+    ids = [f"event-{i}" for i in range(6)]
+    results = dict(client.encode_stream(TEXTS[:6], ids=ids))
+    assert sorted(results) == sorted(ids)
+    np.testing.assert_allclose(results["event-3"], reference_texts[3], atol=ATOL)
+
+
+def test_encode_stream_failed_message_yields_or_raises(client: Client) -> None:
+    texts = ["fine", LONG_TEXT, "also fine"]
+    results = dict(client.encode_stream(texts, truncate=False, on_error="yield"))
+    assert sorted(results) == ["0", "1", "2"]
+    assert isinstance(results["1"], EmbedqError)
+    assert results["1"].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert results["1"].id == "1"
+    assert results["0"].shape == (DIM,)
+
+    with pytest.raises(EmbedqError) as caught:
+        list(client.encode_stream([LONG_TEXT], ids=["bad"], truncate=False))
+    assert caught.value.id == "bad"
+
+
+# ---- similarity / rank --------------------------------------------------------
+
+
+def test_similarity_matches_numpy_cosine(client: Client, reference) -> None:
+    a, b = "A man is eating food.", "Someone is having a meal."
+    va, vb = reference([a, b])
+    assert client.similarity(a, b) == pytest.approx(cosine(va, vb), abs=ATOL)
+
+
+def test_similarity_pairs_all_metrics(client: Client, reference) -> None:
+    pairs = [("The cat sits.", "A cat is sitting."), ("Stocks rose.", "I like jazz.")]
+    left = reference([a for a, _ in pairs])
+    right = reference([b for _, b in pairs])
+    expected = {
+        "cosine": [cosine(x, y) for x, y in zip(left, right, strict=True)],
+        "dot": np.sum(left * right, axis=1),
+        "euclidean": -np.linalg.norm(left - right, axis=1),
+        "manhattan": -np.sum(np.abs(left - right), axis=1),
+    }
+    for metric, want in expected.items():
+        got = client.similarity_pairs(pairs, metric=metric)
+        assert got.shape == (2,)
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=metric)
+    assert expected["cosine"][0] > expected["cosine"][1]
+
+
+def test_unknown_metric_is_value_error(client: Client) -> None:
+    with pytest.raises(ValueError, match="metric"):
+        client.similarity("a", "b", metric="jaccard")
+
+
+def test_rank_orders_and_cuts_top_k(service, client: Client, reference) -> None:
+    query = "pet cats"
+    vectors = reference([query, *CANDIDATES])
+    scores = [cosine(vectors[0], v) for v in vectors[1:]]
+    order = list(np.argsort(scores)[::-1])
+
+    ranked = client.rank(query, CANDIDATES)
+    assert [i for i, _ in ranked] == order
+    np.testing.assert_allclose([s for _, s in ranked], sorted(scores, reverse=True), atol=ATOL)
+    assert client.rank(query, CANDIDATES, top_k=2) == ranked[:2]
+
+    # Split over several requests, the merged ranking is the same.
+    with Client(service.target, timeout=120, chunk_size=3) as small:
+        merged = small.rank(query, CANDIDATES, top_k=3)
+    assert [i for i, _ in merged] == order[:3]
+
+
+def test_rank_negative_top_k_is_invalid(client: Client) -> None:
+    with pytest.raises(EmbedqError) as caught:
+        client.rank("q", ["a", "b"], top_k=-1)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- lookup / hashes ----------------------------------------------------------
+
+
+def test_text_sha256_is_the_utf8_digest() -> None:
+    assert text_sha256("héllo") == hashlib.sha256("héllo".encode()).digest()
+    assert len(text_sha256("")) == 32
+    # No Unicode normalisation: composed and decomposed forms differ.
+    assert text_sha256("\u00e9") != text_sha256("e\u0301")
+
+
+def test_lookup_finds_encoded_texts_by_text_and_hash(client: Client) -> None:
+    texts = [fresh("cached one"), fresh("cached two")]
+    missing = fresh("never encoded")
+    assert not client.lookup(texts).found.any()
+    vectors = client.encode(texts)
+
+    by_text = client.lookup([*texts, missing])
+    assert isinstance(by_text, LookupResult)
+    assert by_text.found.tolist() == [True, True, False]
+    np.testing.assert_allclose(by_text.vectors[:2], vectors, atol=ATOL)
+    assert np.isnan(by_text.vectors[2]).all()
+    np.testing.assert_allclose(by_text.hits, vectors, atol=ATOL)
+
+    by_hash = client.lookup(sha256=[text_sha256(texts[1]), text_sha256(missing).hex()])
+    assert by_hash.found.tolist() == [True, False]
+    np.testing.assert_allclose(by_hash.vectors[0], vectors[1], atol=ATOL)
+
+    # Texts come first, then hashes; the other variant is a separate cache entry.
+    mixed = client.lookup([texts[0]], sha256=[text_sha256(texts[1])])
+    np.testing.assert_allclose(mixed.vectors, vectors, atol=ATOL)
+    assert not client.lookup(texts, normalize=False).found.any()
+
+
+def test_lookup_bad_hash_is_invalid_argument(client: Client) -> None:
+    with pytest.raises(EmbedqError) as caught:
+        client.lookup(sha256=[b"too short"])
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- tokenize / info ----------------------------------------------------------
+
+
+def test_tokenize_matches_model_tokenizer(client: Client, reference_model) -> None:
+    short, = client.tokenize(["Hello embedq world"])
+    want = reference_model.tokenizer("Hello embedq world")["input_ids"]
+    assert short.ids == want
+    assert short.tokens[0] == "[CLS]" and short.tokens[-1] == "[SEP]"
+    assert len(short.tokens) == len(short.ids)
+    assert not short.truncated and short.full_length == len(want)
+
+    long = client.tokenize(LONG_TEXT)[0]
+    assert long.truncated
+    assert len(long.ids) == reference_model.max_seq_length
+    assert long.full_length == 402  # 400 words + [CLS] + [SEP]
+
+
+def test_info_describes_the_bundled_model(client: Client, reference_model) -> None:
+    info = client.info()
+    model = info.model()
+    assert model.name == info.default_model
+    assert model.dimension == DIM
+    assert model.max_seq_length == reference_model.max_seq_length
+    assert model.pooling == "mean"
+    assert model.normalize is True
+    assert model.workers_alive >= 1
+    assert len(model.fingerprint) >= 16
+    assert info.limits.max_batch_texts > 0 and info.limits.max_text_bytes > 0
+    with pytest.raises(KeyError):
+        info.model("no-such-model")
+
+
+# ---- AsyncClient --------------------------------------------------------------
+
+
+async def _async_texts(texts: list[str]) -> AsyncIterator[str]:
+    for text in texts:
+        await asyncio.sleep(0)
+        yield text
+
+
+def test_async_client(service, reference, reference_texts) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(service.target, timeout=120, chunk_size=7) as aclient:
+            vectors = await aclient.encode(TEXTS)
+            np.testing.assert_allclose(vectors, reference_texts, atol=ATOL)
+            single = await aclient.encode(TEXTS[4])
+            np.testing.assert_allclose(single, reference_texts[4], atol=ATOL)
+
+            streamed = [r async for r in aclient.encode_stream(_async_texts(TEXTS[:8]))]
+            assert sorted(i for i, _ in streamed) == sorted(str(i) for i in range(8))
+            for message_id, vector in streamed:
+                np.testing.assert_allclose(vector, reference_texts[int(message_id)], atol=ATOL)
+            lettered = aclient.encode_stream(TEXTS[:3], ids=["a", "b", "c"])
+            from_list = dict([r async for r in lettered])
+            assert sorted(from_list) == ["a", "b", "c"]
+
+            va, vb = reference_texts[0], reference_texts[1]
+            score = await aclient.similarity(TEXTS[0], TEXTS[1])
+            assert score == pytest.approx(cosine(va, vb), abs=ATOL)
+            assert len(await aclient.rank(TEXTS[0], TEXTS[1:6], top_k=2)) == 2
+            assert (await aclient.lookup(TEXTS[:2])).found.all()
+            assert (await aclient.tokenize(["hi"]))[0].tokens == ["[CLS]", "hi", "[SEP]"]
+            assert (await aclient.info()).model().dimension == DIM
+
+            with pytest.raises(EmbedqError) as caught:
+                await aclient.encode([])
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(scenario())
+
+
+# ---- CLI ----------------------------------------------------------------------
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EMBEDQ_LOG_LEVEL": "WARNING"}
+    return subprocess.run(
+        [sys.executable, "-m", "embedq.cli", *args],
+        input=stdin, capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+
+
+def test_cli_encode_file_to_npy(service, tmp_path: Path, reference_texts) -> None:
+    source = tmp_path / "texts.txt"
+    # A lone "\r" is part of its line; only the line ending goes.
+    lines = [*TEXTS[:9], "", "carriage\rreturn inside"]
+    source.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    result = run_cli(
+        "encode", "--target", service.target, "--input", str(source), "--output", str(out),
+        "--batch-size", "4",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+    vectors = np.load(out)
+    assert vectors.shape == (11, DIM) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors[:9], reference_texts[:9], atol=ATOL)
+    with Client(service.target) as c:
+        np.testing.assert_allclose(vectors[9:], c.encode(lines[9:]), atol=ATOL)
+
+
+def test_cli_encode_stdin_to_jsonl_stdout(service, reference_texts) -> None:
+    result = run_cli("encode", "--target", service.target, stdin="\n".join(TEXTS[:3]))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [r["text"] for r in records] == TEXTS[:3]
+    np.testing.assert_allclose([r["embedding"] for r in records], reference_texts[:3], atol=ATOL)
+
+
+def test_cli_encode_error_is_one_line(service, tmp_path: Path) -> None:
+    source = tmp_path / "long.txt"
+    source.write_text(LONG_TEXT + "\n", encoding="utf-8")
+    out = tmp_path / "never.npy"
+    result = run_cli(
+        "encode", "--target", service.target, "--no-truncate", "--input", str(source),
+        "--output", str(out),
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: INVALID_ARGUMENT: ")
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_cli_target_from_environment(service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDQ_TARGET", service.target)
+    result = run_cli("similarity", "--metric", "dot", "A cat.", "A cat.")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_similarity(service, reference) -> None:
+    a, b = "A man is eating food.", "Someone is having a meal."
+    result = run_cli("similarity", "--target", service.target, a, b)
+    assert result.returncode == 0, result.stderr
+    va, vb = reference([a, b])
+    assert float(result.stdout) == pytest.approx(cosine(va, vb), abs=ATOL)
+
+
+def test_cli_info_json(service) -> None:
+    result = run_cli("info", "--target", service.target, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    default = next(m for m in info["models"] if m["name"] == info["default_model"])
+    assert default["dimension"] == DIM
+    assert default["workers_alive"] >= 1
+    assert info["limits"]["max_batch_texts"] > 0
+
+    text = run_cli("info", "--target", service.target)
+    assert text.returncode == 0, text.stderr
+    assert default["fingerprint"] in text.stdout and "max_batch_texts" in text.stdout
+
+
+def test_cli_lookup_and_tokenize(service) -> None:
+    text = fresh("cli lookup")
+    with Client(service.target) as c:
+        vector = c.encode(text)
+    missing = text_sha256(fresh("missing")).hex()
+    result = run_cli("lookup", "--target", service.target, text, "--sha256", missing)
+    assert result.returncode == 0, result.stderr
+    hit, miss = (json.loads(line) for line in result.stdout.splitlines())
+    assert hit["found"] and hit["text"] == text
+    np.testing.assert_allclose(hit["embedding"], vector, atol=ATOL)
+    assert miss == {"index": 1, "sha256": missing, "found": False, "embedding": None}
+
+    tokens = run_cli("tokenize", "--target", service.target, "--json", "hi there")
+    assert tokens.returncode == 0, tokens.stderr
+    assert json.loads(tokens.stdout)["tokens"] == ["[CLS]", "hi", "there", "[SEP]"]
+
+
+def test_cli_unreachable_server_is_one_line_error() -> None:
+    result = run_cli("info", "--target", "127.0.0.1:1", "--timeout", "2")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: UNAVAILABLE: ") or result.stderr.startswith(
+        "error: DEADLINE_EXCEEDED: "
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["encode", "similarity", "rank", "info", "lookup", "tokenize"])
+def test_cli_help(command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"embedq {command}" in result.stdout
+    assert "--target" in result.stdout
