@@ -167,13 +167,16 @@ class AsyncClient(ClientSettings):
         an async or a sync iterable (a sync one is read inside the event loop,
         so it must not block)."""
         stream.check_on_error(on_error)
-        options = encode_options(model=model, normalize=normalize, truncate=truncate)
+        feed = stream.Feed(
+            texts, ids, encode_options(model=model, normalize=normalize, truncate=truncate)
+        )
         call = self.stub.EncodeStream(
-            stream.arequests(texts, ids, options), timeout=timeout, metadata=self._metadata
+            aiter(feed), timeout=timeout, metadata=self._metadata
         )
         try:
-            with rpc_errors():
-                async for response in call:
-                    yield stream.result(response, on_error)
+            async for response in call:
+                yield stream.result(response, on_error)
+        except grpc.RpcError as error:
+            raise feed.failure(error) from error
         finally:
             call.cancel()

@@ -128,7 +128,7 @@ def _encode_into(client: Client, source: IO[str], writer: Writer, args: argparse
     # One read block feeds max_in_flight concurrent requests of batch_size texts.
     block = args.batch_size * client.max_in_flight
     done = 0
-    with tqdm(unit="text", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+    with tqdm(unit=" texts", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         for batch in read_batches(source, block):
             vectors = client.encode(
                 batch, normalize=args.normalize, truncate=args.truncate, model=args.model

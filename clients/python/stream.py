@@ -37,27 +37,49 @@ def _request(text: str, ids: Iterator[str], options: pb.EncodeOptions) -> pb.Enc
     return pb.EncodeStreamRequest(id=str(message_id), texts=[text], options=options)
 
 
-def requests(
-    texts: Iterable[str], ids: Iterable[str] | None, options: pb.EncodeOptions
-) -> Iterator[pb.EncodeStreamRequest]:
-    """One request per text, built lazily as `texts` yields."""
-    id_iter = _ids(ids)
-    for text in texts:
-        yield _request(text, id_iter, options)
+class Feed:
+    """The request side of one EncodeStream call.
 
+    grpc reads the request iterator itself and reports its exceptions only as
+    an opaque UNKNOWN/CANCELLED status; the feed keeps the original exception
+    (a bad text type, too few ids, the caller's own source failing) so that
+    the caller sees that instead.
+    """
 
-async def arequests(
-    texts: AsyncIterable[str] | Iterable[str], ids: Iterable[str] | None,
-    options: pb.EncodeOptions,
-) -> AsyncIterator[pb.EncodeStreamRequest]:
-    """Like `requests`, for an async or a sync iterable of texts."""
-    id_iter = _ids(ids)
-    if isinstance(texts, AsyncIterable):
-        async for text in texts:
-            yield _request(text, id_iter, options)
-    else:
-        for text in texts:
-            yield _request(text, id_iter, options)
+    def __init__(
+        self, texts: AsyncIterable[str] | Iterable[str], ids: Iterable[str] | None,
+        options: pb.EncodeOptions,
+    ) -> None:
+        self._texts = texts
+        self._ids = _ids(ids)
+        self._options = options
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[pb.EncodeStreamRequest]:
+        """One request per text, built lazily as the texts come."""
+        try:
+            for text in self._texts:  # type: ignore[union-attr]
+                yield _request(text, self._ids, self._options)
+        except Exception as error:
+            self.error = error
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[pb.EncodeStreamRequest]:
+        """Like __iter__, for an async or a sync iterable of texts."""
+        try:
+            if isinstance(self._texts, AsyncIterable):
+                async for text in self._texts:
+                    yield _request(text, self._ids, self._options)
+            else:
+                for text in self._texts:
+                    yield _request(text, self._ids, self._options)
+        except Exception as error:
+            self.error = error
+            raise
+
+    def failure(self, error: grpc.RpcError) -> Exception:
+        """What to raise for a failed call: the feed's own error if it caused it."""
+        return self.error or EmbedqError.from_rpc_error(error)
 
 
 def result(response: pb.EncodeStreamResponse, on_error: OnError) -> StreamItem:

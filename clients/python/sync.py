@@ -173,14 +173,17 @@ class Client(ClientSettings):
         Leaving the loop early cancels the stream.
         """
         stream.check_on_error(on_error)
-        options = encode_options(model=model, normalize=normalize, truncate=truncate)
+        feed = stream.Feed(
+            texts, ids, encode_options(model=model, normalize=normalize, truncate=truncate)
+        )
         call = self._stub.EncodeStream(
-            stream.requests(texts, ids, options), timeout=timeout, metadata=self._metadata
+            iter(feed), timeout=timeout, metadata=self._metadata
         )
         try:
-            with rpc_errors():
-                for response in call:
-                    yield stream.result(response, on_error)
+            for response in call:
+                yield stream.result(response, on_error)
+        except grpc.RpcError as error:
+            raise feed.failure(error) from error
         finally:
             call.cancel()
 

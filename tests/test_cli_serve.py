@@ -1,0 +1,163 @@
+"""The operator-facing commands: `embedq serve` (embedded default),
+`embedq worker --model` with a model folder, --help everywhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import Service, log_tail, stop_process, wait_healthy
+from helpers_tiny_model import TINY_TEXTS, write_tiny_bert
+
+from embedq.embedded import free_port
+from embedq.v1 import embedq_pb2 as pb
+from embedq.v1 import embedq_pb2_grpc
+from embedq.workers.cli import parse_devices
+
+COMMANDS = ["serve", "server", "worker", "encode", "similarity", "info"]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "embedq.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: embedq " + command in result.stdout
+
+
+def test_top_level_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_server_without_redis_url_explains():
+    env = {k: v for k, v in os.environ.items() if k != "EMBEDQ_REDIS_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "embedq.cli", "server"], capture_output=True, text=True, env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--redis-url" in result.stderr
+
+
+def test_parse_devices():
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("0,1") == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:3") == ["cuda:3"]
+    with pytest.raises(Exception, match="bad device"):
+        parse_devices("gpu-zero")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(fragment: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline and int(proc.name) != os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+def test_serve_embedded_default_then_ctrl_c(tmp_path, reference_model):
+    """No configuration: private Redis + worker + server; SIGINT stops all."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedq.cli", "serve", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_healthy(target, proc, "serve", timeout=90)
+        with grpc.insecure_channel(target) as channel:
+            stub = embedq_pb2_grpc.EmbedderStub(channel)
+            _wait_for_worker(stub)
+            response = stub.Encode(pb.EncodeRequest(texts=["embedded default"]), timeout=60)
+        vector = np.frombuffer(response.embeddings, "<f4")
+        assert np.abs(vector - reference_model.encode(["embedded default"])[0]).max() <= 1e-5
+        redis_url = re.search(r"on (redis://127\.0\.0\.1:(\d+)/0)", log.read_text()).group(1)
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        assert _port_open(redis_port)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert not _port_open(port) and not _port_open(redis_port)
+        _wait_gone(redis_url)
+    finally:
+        stop_process(proc)
+        print(log.read_text()[-3000:])
+
+
+def _wait_for_worker(stub, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = stub.Info(pb.InfoRequest(), timeout=5)
+        if info.models and info.models[0].workers_alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no worker registered")
+
+
+def _wait_gone(fragment: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while _processes_mentioning(fragment):
+        assert time.monotonic() < deadline, f"left behind: {_processes_mentioning(fragment)}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    "pooling, expected",
+    [
+        ({"pooling_mode_cls_token": True}, "cls"),
+        ({"pooling_mode": "max"}, "max"),
+    ],
+)
+def test_pooling_is_read_from_the_model_folder(redis_server, tmp_path, pooling, expected):
+    """A tiny BERT with CLS (or max) pooling and no Normalize, served end to end."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = write_tiny_bert(tmp_path / "tiny", pooling=pooling, normalize=False)
+    svc = Service(redis_server.url, namespace=f"tiny-{expected}")
+    try:
+        svc.start_worker("--model", f"tiny={folder}")
+        svc.start_server()
+        with grpc.insecure_channel(svc.target) as channel:
+            stub = embedq_pb2_grpc.EmbedderStub(channel)
+            (model,) = stub.Info(pb.InfoRequest()).models
+            assert (model.name, model.pooling, model.normalize) == ("tiny", expected, False)
+            response = stub.Encode(pb.EncodeRequest(texts=TINY_TEXTS), timeout=60)
+        got = np.frombuffer(response.embeddings, "<f4").reshape(response.count, response.dimension)
+        reference = SentenceTransformer(str(folder), device="cpu").encode(TINY_TEXTS)
+        assert np.abs(got - reference).max() <= 1e-5
+        assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)  # no Normalize module
+    except Exception:
+        print(log_tail(f"worker-tiny-{expected}-0"))
+        raise
+    finally:
+        svc.stop()
