@@ -161,3 +161,29 @@ def test_pooling_is_read_from_the_model_folder(redis_server, tmp_path, pooling, 
         raise
     finally:
         svc.stop()
+
+
+def test_worker_devices_starts_one_process_each(redis_server):
+    """`--devices cpu,cpu` takes the one-process-per-device path (as 0,1 does on GPUs)."""
+    import redis
+
+    from embedq.keys import Keys
+
+    namespace = "devices"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedq.cli", "worker", "--redis-url", redis_server.url,
+         "--namespace", namespace, "--devices", "cpu,cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis.from_url(redis_server.url)
+    workers_key = Keys(namespace).workers("all-MiniLM-L6-v2")
+    try:
+        deadline = time.monotonic() + 120
+        while client.zcard(workers_key) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert client.zcard(workers_key) == 0  # both children unregistered on the way out
+    finally:
+        stop_process(proc)

@@ -146,6 +146,14 @@ def test_encode_stream_failed_message_yields_or_raises(client: Client) -> None:
     assert caught.value.id == "bad"
 
 
+def test_encode_stream_reports_the_callers_own_errors(client: Client) -> None:
+    # Raised inside grpc's request reader, yet surfaced as themselves.
+    with pytest.raises(ValueError, match="fewer ids"):
+        list(client.encode_stream(["a", "b"], ids=["only-one"]))
+    with pytest.raises(TypeError):
+        list(client.encode_stream(["a", b"bytes"]))
+
+
 # ---- similarity / rank --------------------------------------------------------
 
 

@@ -178,5 +178,10 @@ class AsyncClient(ClientSettings):
                 yield stream.result(response, on_error)
         except grpc.RpcError as error:
             raise feed.failure(error) from error
+        except asyncio.CancelledError:
+            # grpc.aio cancels the call when the request iterator raises.
+            if feed.error is None:
+                raise
+            raise feed.error from None
         finally:
             call.cancel()

@@ -11,6 +11,7 @@ from embedq.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from embedq.bench import add_bench_command
     from embedq.client.cli import add_client_commands
     from embedq.serve import add_serve_command
     from embedq.server.cli import add_server_command
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_command(subparsers)
     add_worker_command(subparsers)
     add_client_commands(subparsers)
+    add_bench_command(subparsers)
     return parser
 
 

@@ -1,0 +1,356 @@
+"""`embedq bench`: embedq against in-process sentence-transformers, same run.
+
+Scenarios (each repeated, medians reported):
+  R   in-process SentenceTransformer.encode, batch size 32 (the reference)
+  S1  uncached Encode calls of 64 texts (a few in flight, as a batch client does)
+  S2  16 concurrent EncodeStream calls, one text per message
+  S3  the S1 texts again: every one a cache hit
+  latency: single-text Encode p50/p99, cached and uncached, and R's single-text encode
+  memory: peak RSS of the server and worker processes (when bench started them)
+
+Speed is reported, never asserted: targets are printed beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from embedq.v1 import embedq_pb2 as pb
+from embedq.v1 import embedq_pb2_grpc
+
+BATCH = 64
+STREAMS = 16
+IN_FLIGHT = 4
+
+SUBJECTS = "A man|A woman|The child|Two dogs|A group of people|The president|A cat|Our team".split("|")
+VERBS = "is playing|is reading|walks along|is cooking|watches|is riding|paints|talks about".split("|")
+OBJECTS = (
+    "a guitar on the stage|the morning newspaper|a quiet beach at sunset|a bowl of hot soup"
+    "|the football match on television|a red bicycle through the park|a large mural on the wall"
+    "|the new economic policy and its effect on small businesses"
+).split("|")
+
+
+def generated_texts(count: int, seed: int = 0) -> list[str]:
+    """STS-like sentences of realistic length (default benchmark set)."""
+    rng = random.Random(seed)
+    texts = []
+    for i in range(count):
+        sentence = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+        if rng.random() < 0.3:
+            sentence += f", while {rng.choice(SUBJECTS).lower()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+        texts.append(f"{sentence} ({i}).")
+    return texts
+
+
+def read_texts(path: Path, column: str | None, limit: int) -> list[str]:
+    """One text per line, or one TSV column (by header name)."""
+    with open(path, encoding="utf-8") as handle:
+        if column:
+            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            texts = [row[column] for row in reader if row.get(column)]
+        else:
+            texts = [line.rstrip("\n") for line in handle if line.strip()]
+    return texts[:limit]
+
+
+# -- the deployment under test ------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    target: str
+    redis_url: str | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _redis: object = None
+
+    @classmethod
+    def start(cls, args: argparse.Namespace) -> Deployment:
+        from embedq.embedded import EmbeddedRedis, free_port
+
+        redis_server = EmbeddedRedis().start()
+        port = free_port()
+        cli = [sys.executable, "-m", "embedq.cli", "--log-level", "WARNING"]
+        redis_flag = ["--redis-url", redis_server.url]
+        worker = [*cli, "worker", *redis_flag, "--devices", args.devices]
+        worker += (["--model", args.model] if args.model else []) + (["--fp16"] if args.fp16 else [])
+        server = [*cli, "server", *redis_flag, "--port", str(port)]
+        procs = {"worker": subprocess.Popen(worker), "server": subprocess.Popen(server)}
+        deployment = cls(f"127.0.0.1:{port}", redis_server.url, procs, redis_server)
+        deployment.wait_ready()
+        return deployment
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = embedq_pb2_grpc.EmbedderStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    info = stub.Info(pb.InfoRequest(), timeout=2)
+                    if info.models and info.models[0].workers_alive:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise RuntimeError("embedq did not become ready")
+
+    def fresh(self, texts: list[str], run: int) -> list[str]:
+        """Texts no earlier run has cached: flush when we can reach Redis,
+        else make them new by a run prefix."""
+        if self.redis_url:
+            self.flush_cache()
+            return texts
+        return [f"[run {run}] {text}" for text in texts]
+
+    def flush_cache(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match="*:v1:emb:*", count=10000))
+        for start in range(0, len(keys), 10000):
+            client.delete(*keys[start : start + 10000])
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        peaks = {}
+        for name, proc in self.procs.items():
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            line = next(x for x in status.splitlines() if x.startswith("VmHWM"))
+            peaks[name] = int(line.split()[1]) / 1024
+        return peaks
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+        if self._redis is not None:
+            self._redis.stop()
+
+
+# -- scenarios ------------------------------------------------------------------
+
+
+async def encode_batches(stub, texts: list[str], batch: int = BATCH, in_flight: int = IN_FLIGHT) -> None:
+    window = asyncio.Semaphore(in_flight)
+
+    async def one(chunk: list[str]) -> None:
+        async with window:
+            await stub.Encode(pb.EncodeRequest(texts=chunk), timeout=600)
+
+    await asyncio.gather(*(one(texts[i : i + batch]) for i in range(0, len(texts), batch)))
+
+
+async def encode_streams(stub, texts: list[str], streams: int = STREAMS) -> None:
+    async def one_stream(share: list[str]) -> None:
+        def messages():
+            for i, text in enumerate(share):
+                yield pb.EncodeStreamRequest(id=str(i), texts=[text])
+
+        answered = 0
+        async for response in stub.EncodeStream(messages(), timeout=600):
+            if response.HasField("error"):
+                raise RuntimeError(response.error.message)
+            answered += 1
+        assert answered == len(share)
+
+    await asyncio.gather(*(one_stream(texts[i::streams]) for i in range(streams)))
+
+
+async def single_latencies(stub, texts: list[str]) -> list[float]:
+    out = []
+    for text in texts:
+        started = time.perf_counter()
+        await stub.Encode(pb.EncodeRequest(texts=[text]), timeout=60)
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+@dataclass
+class Results:
+    texts: int
+    reps: int
+    throughput: dict[str, list[float]] = field(default_factory=dict)
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.throughput[name])
+
+
+def run_reference(model, texts: list[str], reps: int, results: Results) -> None:
+    model.encode(texts[:64], batch_size=32)  # warm-up
+    results.throughput["R"] = [len(texts) / timed(lambda: model.encode(texts, batch_size=32))
+                               for _ in range(reps)]
+    singles = []
+    for text in texts[:100]:
+        started = time.perf_counter()
+        model.encode([text])
+        singles.append((time.perf_counter() - started) * 1000)
+    results.latency_ms["R single"] = singles
+
+
+async def run_service(deployment: Deployment, texts: list[str], reps: int, results: Results) -> None:
+    async with grpc.aio.insecure_channel(deployment.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        await encode_batches(stub, [f"warm-up {t}" for t in texts[:128]])
+        for name, scenario in (("S1", encode_batches), ("S2", encode_streams)):
+            results.throughput[name] = []
+            for rep in range(reps):
+                batch = deployment.fresh(texts, len(results.throughput) * 100 + rep)
+                started = time.perf_counter()
+                await scenario(stub, batch)
+                results.throughput[name].append(len(texts) / (time.perf_counter() - started))
+        results.throughput["S3"] = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            await encode_batches(stub, texts, in_flight=8)  # all cached by now
+            results.throughput["S3"].append(len(texts) / (time.perf_counter() - started))
+        singles = deployment.fresh(texts[:100], 999)
+        results.latency_ms["uncached single"] = await single_latencies(stub, singles)
+        results.latency_ms["cached single"] = await single_latencies(stub, singles)
+
+
+# -- report ---------------------------------------------------------------------
+
+TARGETS = {"S1": "≥ 0.95 × R", "S2": "≥ 0.85 × R", "S3": "≥ 20,000 texts/s"}
+
+
+def report(results: Results, device: str) -> str:
+    r = results.median("R")
+    lines = [
+        f"embedq bench: {results.texts} texts, {results.reps} reps, device {device}, medians",
+        f"{'scenario':<34}{'texts/s':>10}{'× R':>8}   target",
+    ]
+    names = {"R": "R  sentence-transformers (bs 32)", "S1": "S1 uncached Encode ×64",
+             "S2": f"S2 {STREAMS} streams, 1 text/msg", "S3": "S3 cached Encode ×64"}
+    for key, label in names.items():
+        value = results.median(key)
+        lines.append(f"{label:<34}{value:>10.1f}{value / r:>8.2f}   {TARGETS.get(key, '')}")
+    lines.append(f"{'latency (ms)':<34}{'p50':>10}{'p99':>8}")
+    for key, values in results.latency_ms.items():
+        lines.append(f"{key:<34}{percentile(values, 50):>10.2f}{percentile(values, 99):>8.2f}")
+    for name, mb in results.rss_mb.items():
+        lines.append(f"peak RSS {name:<25}{mb:>10.1f} MB")
+    return "\n".join(lines)
+
+
+def summary(results: Results, device: str, command: str) -> dict:
+    r = results.median("R")
+    return {
+        "command": command,
+        "device": device,
+        "texts": results.texts,
+        "reps": results.reps,
+        "throughput_texts_per_s": {k: {"median": results.median(k), "runs": v, "ratio_to_R":
+                                       results.median(k) / r} for k, v in results.throughput.items()},
+        "latency_ms": {k: {"p50": percentile(v, 50), "p99": percentile(v, 99)}
+                       for k, v in results.latency_ms.items()},
+        "peak_rss_mb": results.rss_mb,
+    }
+
+
+def draw_chart(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(results.throughput)
+    left.bar(names, [results.median(n) for n in names], color=["#888", "#36c", "#3a6", "#c63"][: len(names)])
+    left.set_ylabel("texts/s (median)")
+    left.set_yscale("log")
+    left.set_title("Throughput")
+    labels = list(results.latency_ms)
+    x = np.arange(len(labels))
+    right.bar(x - 0.2, [percentile(results.latency_ms[k], 50) for k in labels], 0.4, label="p50")
+    right.bar(x + 0.2, [percentile(results.latency_ms[k], 99) for k in labels], 0.4, label="p99")
+    right.set_xticks(x, labels, rotation=15)
+    right.set_ylabel("ms")
+    right.set_title("Single-text latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- CLI ------------------------------------------------------------------------
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure embedq against in-process sentence-transformers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", help="bench a running server (default: start a private one)")
+    parser.add_argument("--redis-url", help="with --target: the Redis to flush between uncached runs")
+    parser.add_argument("--input", type=Path, help="texts: one per line, or a TSV with --column")
+    parser.add_argument("--column", help="TSV column to read from --input (e.g. sentence1)")
+    parser.add_argument("--texts", type=int, default=1024, help="how many texts [%(default)s]")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per scenario [%(default)s]")
+    parser.add_argument("--model", help="model for the private deployment and the reference")
+    parser.add_argument("--devices", default="cpu", help="worker device [%(default)s]")
+    parser.add_argument("--fp16", action="store_true", help="fp16 worker and reference (CUDA)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for JSON and PNG")
+    parser.set_defaults(func=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedq.workers.backends import resolve_model_source
+
+    texts = read_texts(args.input, args.column, args.texts) if args.input else generated_texts(args.texts)
+    wants_gpu = args.devices not in ("cpu", "auto") or args.devices == "auto" and torch.cuda.is_available()
+    device = "cuda" if wants_gpu else "cpu"
+    _, folder = resolve_model_source(args.model)
+    model = SentenceTransformer(str(folder), device=device)
+    if args.fp16:
+        model.half()
+    results = Results(texts=len(texts), reps=args.reps)
+    run_reference(model, texts, args.reps, results)
+    deployment = Deployment(args.target, args.redis_url) if args.target else Deployment.start(args)
+    try:
+        asyncio.run(run_service(deployment, texts, args.reps, results))
+        if deployment.procs:
+            results.rss_mb = deployment.peak_rss_mb()
+    finally:
+        if deployment.procs:
+            deployment.stop()
+    if device == "cuda":
+        label = torch.cuda.get_device_name(0)
+    else:
+        label = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    print(report(results, label))
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "embedq " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    (args.out / "bench.json").write_text(json.dumps(summary(results, label, command), indent=2))
+    draw_chart(results, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
