@@ -49,8 +49,8 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         help="run the encoder in float16 on CUDA [EMBEDQ_FP16]",
     )
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=env_int("MAX_BATCH_TOKENS", 16384),
-        help="padded tokens per forward pass [EMBEDQ_MAX_BATCH_TOKENS; %(default)s]",
+        "--max-batch-tokens", type=int, default=env_int("MAX_BATCH_TOKENS", 0),
+        help="padded tokens per forward pass [EMBEDQ_MAX_BATCH_TOKENS; 2048 on CPU, 16384 on GPU]",
     )
     parser.add_argument(
         "--max-batch-size", type=int, default=env_int("MAX_BATCH_SIZE", 256),
@@ -86,7 +86,7 @@ def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
         model=args.model,
         device=device,
         fp16=args.fp16,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=args.max_batch_tokens or None,
         max_batch_size=args.max_batch_size,
         cache_ttl_s=args.cache_ttl,
     )

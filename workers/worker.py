@@ -52,7 +52,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = settings.redis.connect()
         self.jobs_key = self.keys.jobs(self.name)
-        self.limits = BatchLimits(settings.max_batch_tokens, settings.max_batch_size)
+        self.limits = BatchLimits(settings.batch_tokens(), settings.max_batch_size)
         self._stop = threading.Event()
         self._last_claim = 0.0
 
