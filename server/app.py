@@ -26,7 +26,9 @@ SERVICE_NAME = embedq_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 SHUTDOWN_GRACE_S = 10.0
 
 
-async def _track_health(health_servicer: health.aio.HealthServicer, registry: ModelRegistry) -> None:
+async def _track_health(
+    health_servicer: health.aio.HealthServicer, registry: ModelRegistry
+) -> None:
     """SERVING while Redis answers; load balancers route around us otherwise."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -63,8 +65,11 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     address = f"{settings.host}:{settings.port}"
@@ -81,7 +86,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     await server.start()
     log.info(
         "embedq server listening on %s (redis %s, namespace %s)",
-        address, settings.redis.safe_url, settings.redis.namespace,
+        address,
+        settings.redis.safe_url,
+        settings.redis.namespace,
     )
     _install_signal_handlers(stop)
     await stop.wait()

@@ -14,6 +14,7 @@ to the workers once: later callers wait on the ticket already in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -50,7 +51,9 @@ class Variant:
     @property
     def fingerprint(self) -> str:
         reg = self.model.registration
-        return variant_fingerprint(reg.fingerprint, normalize=self.normalize, truncate=self.truncate)
+        return variant_fingerprint(
+            reg.fingerprint, normalize=self.normalize, truncate=self.truncate
+        )
 
 
 @dataclass
@@ -130,10 +133,8 @@ class Dispatcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
+        with contextlib.suppress(RedisError, OSError):  # else it expires on its own
             await self._redis.delete(self.reply_key)
-        except (RedisError, OSError):
-            pass  # it expires on its own
 
     async def encode(
         self, variant: Variant, texts: list[str], timeout_s: float
@@ -154,7 +155,9 @@ class Dispatcher:
 
     # -- calls ------------------------------------------------------------------
 
-    async def _submit(self, kind: int, variant: Variant, texts: list[str], timeout_s: float) -> Call:
+    async def _submit(
+        self, kind: int, variant: Variant, texts: list[str], timeout_s: float
+    ) -> Call:
         loop = asyncio.get_running_loop()
         deadline_ms = int((time.time() + timeout_s) * 1000)
         call = Call(kind, variant, texts, deadline_ms, loop.create_future())
@@ -164,7 +167,8 @@ class Dispatcher:
             return await asyncio.wait_for(asyncio.shield(call.future), timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {timeout_s:.1f}s (worker busy or gone)"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no result within {timeout_s:.1f}s (worker busy or gone)",
             ) from None
         finally:
             self._forget(call)
@@ -348,4 +352,3 @@ class Dispatcher:
             except (RedisError, OSError):
                 pass  # the listener reports Redis trouble
             await asyncio.sleep(5)
-

@@ -44,7 +44,9 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
         except (RedisError, OSError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}"
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -61,7 +63,9 @@ def as_error(exc: BaseException) -> pb.Error:
         code = grpc.StatusCode.UNAVAILABLE.value[0]
         return pb.Error(code=code, message=f"redis unavailable: {type(exc).__name__}")
     log.error("stream message failed", exc_info=exc)
-    return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see the server log)")
+    return pb.Error(
+        code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see the server log)"
+    )
 
 
 class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
@@ -120,16 +124,22 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         variant, vectors, cached = await self._embed(list(request.texts), request.options, context)
         return pb.EncodeResponse(**self._packed(variant, vectors), cached=cached.tolist())
 
-    async def _answer_encode(self, message: pb.EncodeStreamRequest, context) -> pb.EncodeStreamResponse:
+    async def _answer_encode(
+        self, message: pb.EncodeStreamRequest, context
+    ) -> pb.EncodeStreamResponse:
         try:
-            variant, vectors, cached = await self._embed(list(message.texts), message.options, context)
+            variant, vectors, cached = await self._embed(
+                list(message.texts), message.options, context
+            )
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.EncodeStreamResponse(id=message.id, error=as_error(exc))
         return pb.EncodeStreamResponse(
             id=message.id, **self._packed(variant, vectors), cached=cached.tolist()
         )
 
-    async def EncodeStream(self, request_iterator, context) -> AsyncIterator[pb.EncodeStreamResponse]:
+    async def EncodeStream(
+        self, request_iterator, context
+    ) -> AsyncIterator[pb.EncodeStreamResponse]:
         async for response in answer_stream(request_iterator, self._answer_encode, context):
             yield response
 
@@ -143,13 +153,17 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
             texts = [p.a for p in pairs] + [p.b for p in pairs]
             variant, vectors, _ = await self._embed(texts, request.options, context)
             scores = similarity.pairwise(metric, vectors[: len(pairs)], vectors[len(pairs) :])
-            return pb.SimilarityResponse(model=variant.model.name, metric=metric, scores=scores.tolist())
+            return pb.SimilarityResponse(
+                model=variant.model.name, metric=metric, scores=scores.tolist()
+            )
         ranking = request.ranking
         texts = [ranking.query, *ranking.candidates]
         variant, vectors, _ = await self._embed(texts, request.options, context)
         scores = similarity.against_query(metric, vectors[0], vectors[1:])
         order, best = similarity.top_k(scores, request.top_k)
-        matches = [pb.Match(index=i, score=s) for i, s in zip(order.tolist(), best.tolist(), strict=True)]
+        matches = [
+            pb.Match(index=i, score=s) for i, s in zip(order.tolist(), best.tolist(), strict=True)
+        ]
         return pb.SimilarityResponse(model=variant.model.name, metric=metric, matches=matches)
 
     @unary

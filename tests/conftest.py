@@ -123,8 +123,14 @@ class Service:
         self.port = free_port()
         name = f"server-{self.namespace}"
         args = [
-            "server", "--port", str(self.port), "--redis-url", self.redis_url,
-            "--namespace", self.namespace, *extra,
+            "server",
+            "--port",
+            str(self.port),
+            "--redis-url",
+            self.redis_url,
+            "--namespace",
+            self.namespace,
+            *extra,
         ]
         self.server = _spawn(args, name)
         wait_healthy(self.target, self.server, name)

@@ -12,9 +12,37 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "embed",
-    "vector", "search", "cafe", "tokyo", "is", "a", "an", "of", "and", "to", "in", "on", "with",
-    "for", "##s", "##ing", "##ed", "##er", "東", "京",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "hello",
+    "world",
+    "embed",
+    "vector",
+    "search",
+    "cafe",
+    "tokyo",
+    "is",
+    "a",
+    "an",
+    "of",
+    "and",
+    "to",
+    "in",
+    "on",
+    "with",
+    "for",
+    "##s",
+    "##ing",
+    "##ed",
+    "##er",
+    "東",
+    "京",
 ]
 PUNCTUATION = list(".,!?;:'\"()-")
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -57,8 +85,12 @@ def write_tiny_bert(
     # Cased tokenizer, so do_lower_case in sentence_bert_config.json visibly matters.
     BertTokenizer(vocab=str(vocab_file), do_lower_case=False).save_pretrained(folder)
     config = BertConfig(
-        vocab_size=len(VOCAB), hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(VOCAB),
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     torch.manual_seed(seed)
     BertModel(config).eval().save_pretrained(folder)

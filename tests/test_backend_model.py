@@ -31,10 +31,42 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 TOLERANCE = 1e-5
 BUNDLED_MAX_SEQ = 256
 WORDS = [
-    "the", "model", "embeds", "sentences", "into", "vectors", "for", "semantic", "search", "and",
-    "clustering", "while", "a", "queue", "batches", "requests", "from", "many", "clients", "Redis",
-    "stores", "results", "cache", "hits", "skip", "encoder", "naïve", "café", "résumé", "Zürich",
-    "São", "Paulo", "Ångström", "jalapeño", "façade", "coöperate",
+    "the",
+    "model",
+    "embeds",
+    "sentences",
+    "into",
+    "vectors",
+    "for",
+    "semantic",
+    "search",
+    "and",
+    "clustering",
+    "while",
+    "a",
+    "queue",
+    "batches",
+    "requests",
+    "from",
+    "many",
+    "clients",
+    "Redis",
+    "stores",
+    "results",
+    "cache",
+    "hits",
+    "skip",
+    "encoder",
+    "naïve",
+    "café",
+    "résumé",
+    "Zürich",
+    "São",
+    "Paulo",
+    "Ångström",
+    "jalapeño",
+    "façade",
+    "coöperate",
 ]
 
 
@@ -46,15 +78,36 @@ def varied_texts() -> list[str]:
     """Over 300 texts: edge cases, scripts, emoji, long (truncated) and duplicates."""
     rng = random.Random(1234)
     special = [
-        "", " ", "   \n\t  ", "\u200b", "Hello world", "HELLO WORLD", "hello   world",
-        " leading and trailing spaces ", "héllo wörld, café naïve résumé", "e\u0301 vs é",
-        "東京は日本の首都です。", "我喜欢自然语言处理和向量搜索", "한국어 문장도 임베딩합니다",
-        "Привет, мир! Как дела?", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีครับ",
-        "🙂🚀🔥", "family 👩‍👩‍👧 emoji ZWJ", "mixed 東京 Paris Москва 🙂 ok",
+        "",
+        " ",
+        "   \n\t  ",
+        "\u200b",
+        "Hello world",
+        "HELLO WORLD",
+        "hello   world",
+        " leading and trailing spaces ",
+        "héllo wörld, café naïve résumé",
+        "e\u0301 vs é",
+        "東京は日本の首都です。",
+        "我喜欢自然语言处理和向量搜索",
+        "한국어 문장도 임베딩합니다",
+        "Привет, мир! Как дела?",
+        "مرحبا بالعالم",
+        "שלום עולם",
+        "नमस्ते दुनिया",
+        "สวัสดีครับ",
+        "🙂🚀🔥",
+        "family 👩‍👩‍👧 emoji ZWJ",
+        "mixed 東京 Paris Москва 🙂 ok",
         "ǅ İstanbul ΣΊΣΥΦΟΣ straße",
-        "[CLS] [SEP] [MASK] [PAD] literal special tokens", "tabs\tand\nnew\r\nlines",
-        "https://example.com/a?b=c&d=e#frag", "def f(x):\n    return x ** 2  # code",
-        "3.14159 2,718 1e-9 -42 +7 100%", "control \x00\x07 chars", "a" * 1000, "x" * 65536,
+        "[CLS] [SEP] [MASK] [PAD] literal special tokens",
+        "tabs\tand\nnew\r\nlines",
+        "https://example.com/a?b=c&d=e#frag",
+        "def f(x):\n    return x ** 2  # code",
+        "3.14159 2,718 1e-9 -42 +7 100%",
+        "control \x00\x07 chars",
+        "a" * 1000,
+        "x" * 65536,
         _long_text(rng, 12000),  # about 64 KB of words
     ]
     short = [_long_text(rng, rng.randint(1, 40)) for _ in range(215)]
@@ -157,13 +210,19 @@ TINY_VARIANTS = {
     "mean_sqrt": ({"pooling_mode_mean_sqrt_len_tokens": True}, "mean_sqrt_len"),
     # Legacy booleans concatenate in sentence-transformers' fixed order, not the key order here.
     "legacy_combo": (
-        {"pooling_mode_mean_sqrt_len_tokens": True, "pooling_mode_mean_tokens": True,
-         "pooling_mode_max_tokens": True, "pooling_mode_cls_token": True},
+        {
+            "pooling_mode_mean_sqrt_len_tokens": True,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": True,
+            "pooling_mode_cls_token": True,
+        },
         "cls+max+mean+mean_sqrt_len",
     ),
     # The 6.x format keeps the listed order.
-    "new_format": ({"pooling_mode": ["max", "weightedmean", "lasttoken", "cls"]},
-                   "max+weightedmean+lasttoken+cls"),
+    "new_format": (
+        {"pooling_mode": ["max", "weightedmean", "lasttoken", "cls"]},
+        "max+weightedmean+lasttoken+cls",
+    ),
 }
 
 
@@ -253,7 +312,11 @@ def test_fingerprint_follows_content_not_path(tiny_root: Path) -> None:
 
 
 BUNDLED_ALIASES = [
-    None, "", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", " All-MiniLM-L6-v2 "
+    None,
+    "",
+    "all-MiniLM-L6-v2",
+    "sentence-transformers/all-MiniLM-L6-v2",
+    " All-MiniLM-L6-v2 ",
 ]
 
 

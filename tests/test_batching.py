@@ -20,8 +20,10 @@ def check_plan(lengths: list[int], plan: list[list[int]], max_tokens: int, max_s
 @pytest.mark.parametrize("seed", range(20))
 def test_random_inputs_respect_budgets(seed: int) -> None:
     rng = random.Random(seed)
-    lengths = [rng.choice([rng.randint(0, 16), rng.randint(2, 256), rng.randint(200, 600)])
-               for _ in range(rng.randint(1, 400))]
+    lengths = [
+        rng.choice([rng.randint(0, 16), rng.randint(2, 256), rng.randint(200, 600)])
+        for _ in range(rng.randint(1, 400))
+    ]
     max_tokens, max_size = rng.choice([256, 1024, 8192]), rng.choice([1, 4, 32, 128])
     plan = plan_batches(lengths, max_batch_tokens=max_tokens, max_batch_size=max_size)
     check_plan(lengths, plan, max_tokens, max_size)
@@ -71,9 +73,7 @@ def test_zero_length_items_fill_up_to_size() -> None:
     assert plan == [[0, 1], [2]]
 
 
-@pytest.mark.parametrize(
-    ("lengths", "tokens", "size"), [([1], 0, 1), ([1], 1, 0), ([-1], 10, 10)]
-)
+@pytest.mark.parametrize(("lengths", "tokens", "size"), [([1], 0, 1), ([1], 1, 0), ([-1], 10, 10)])
 def test_invalid_arguments(lengths: list[int], tokens: int, size: int) -> None:
     with pytest.raises(ValueError):
         plan_batches(lengths, max_batch_tokens=tokens, max_batch_size=size)

@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import pytest
 from conftest import Service, log_tail, stop_process, wait_healthy
+from embedq.workers.cli import parse_devices
 from helpers_tiny_model import TINY_TEXTS, write_tiny_bert
 
 from embedq.embedded import free_port
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
-from embedq.workers.cli import parse_devices
 
 COMMANDS = ["serve", "server", "worker", "encode", "similarity", "info"]
 
@@ -49,7 +49,10 @@ def test_top_level_help_lists_commands():
 def test_server_without_redis_url_explains():
     env = {k: v for k, v in os.environ.items() if k != "EMBEDQ_REDIS_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "embedq.cli", "server"], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "embedq.cli", "server"],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=60,
     )
     assert result.returncode == 2 and "--redis-url" in result.stderr
@@ -91,7 +94,9 @@ def test_serve_embedded_default_then_ctrl_c(tmp_path, reference_model):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedq.cli", "serve", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         target = f"127.0.0.1:{port}"
@@ -171,9 +176,20 @@ def test_worker_devices_starts_one_process_each(redis_server):
 
     namespace = "devices"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedq.cli", "worker", "--redis-url", redis_server.url,
-         "--namespace", namespace, "--devices", "cpu,cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "embedq.cli",
+            "worker",
+            "--redis-url",
+            redis_server.url,
+            "--namespace",
+            namespace,
+            "--devices",
+            "cpu,cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     client = redis.Redis.from_url(redis_server.url)
     workers_key = Keys(namespace).workers("all-MiniLM-L6-v2")

@@ -251,7 +251,7 @@ def test_lookup_bad_hash_is_invalid_argument(client: Client) -> None:
 
 
 def test_tokenize_matches_model_tokenizer(client: Client, reference_model) -> None:
-    short, = client.tokenize(["Hello embedq world"])
+    (short,) = client.tokenize(["Hello embedq world"])
     want = reference_model.tokenizer("Hello embedq world")["input_ids"]
     assert short.ids == want
     assert short.tokens[0] == "[CLS]" and short.tokens[-1] == "[SEP]"
@@ -326,7 +326,12 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     env = {**os.environ, "EMBEDQ_LOG_LEVEL": "WARNING"}
     return subprocess.run(
         [sys.executable, "-m", "embedq.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=120, env=env, check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
     )
 
 
@@ -337,8 +342,15 @@ def test_cli_encode_file_to_npy(service, tmp_path: Path, reference_texts) -> Non
     source.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     out = tmp_path / "vectors.npy"
     result = run_cli(
-        "encode", "--target", service.target, "--input", str(source), "--output", str(out),
-        "--batch-size", "4",
+        "encode",
+        "--target",
+        service.target,
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
@@ -363,8 +375,14 @@ def test_cli_encode_error_is_one_line(service, tmp_path: Path) -> None:
     source.write_text(LONG_TEXT + "\n", encoding="utf-8")
     out = tmp_path / "never.npy"
     result = run_cli(
-        "encode", "--target", service.target, "--no-truncate", "--input", str(source),
-        "--output", str(out),
+        "encode",
+        "--target",
+        service.target,
+        "--no-truncate",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: ")

@@ -25,7 +25,9 @@ TOLERANCE = 1e-5
 
 
 def rows(response) -> np.ndarray:
-    return np.frombuffer(response.embeddings, dtype="<f4").reshape(response.count, response.dimension)
+    return np.frombuffer(response.embeddings, dtype="<f4").reshape(
+        response.count, response.dimension
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,10 @@ def test_vectors_match_sentence_transformers(stub, reference_model):
     texts = varied_texts(320)
     assert len(texts) >= 300 and len(set(texts)) < len(texts)  # duplicates included
     got = np.concatenate(
-        [rows(stub.Encode(pb.EncodeRequest(texts=texts[i : i + 64]), timeout=120))
-         for i in range(0, len(texts), 64)]
+        [
+            rows(stub.Encode(pb.EncodeRequest(texts=texts[i : i + 64]), timeout=120))
+            for i in range(0, len(texts), 64)
+        ]
     )
     expected = reference_model.encode(texts, batch_size=32, convert_to_numpy=True)
     assert got.shape == expected.shape == (len(texts), 384)
@@ -62,8 +66,11 @@ def test_second_request_is_served_from_cache(stub):
 
 def test_normalize_option_changes_vectors_and_cache_variant(stub, reference_model):
     text = ["normalisation is a per-request option"]
-    plain = rows(stub.Encode(pb.EncodeRequest(
-        texts=text, options=pb.EncodeOptions(normalize=False)), timeout=60))
+    plain = rows(
+        stub.Encode(
+            pb.EncodeRequest(texts=text, options=pb.EncodeOptions(normalize=False)), timeout=60
+        )
+    )
     normed = rows(stub.Encode(pb.EncodeRequest(texts=text), timeout=60))
     assert abs(np.linalg.norm(normed) - 1) < 1e-5
     assert abs(np.linalg.norm(plain) - 1) > 1e-3
@@ -116,32 +123,46 @@ def test_similarity_pairs_and_metrics(stub, reference_model):
     pairs = [("A cat sits.", "A kitten is sitting."), ("I like tea.", "Stocks fell today.")]
     a, b = (reference_model.encode([p[i] for p in pairs]) for i in (0, 1))
     expected = {
-        pb.METRIC_COSINE: np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)),
+        pb.METRIC_COSINE: np.sum(a * b, axis=1)
+        / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)),
         pb.METRIC_DOT: np.sum(a * b, axis=1),
         pb.METRIC_EUCLIDEAN: -np.linalg.norm(a - b, axis=1),
         pb.METRIC_MANHATTAN: -np.abs(a - b).sum(axis=1),
     }
     request_pairs = pb.PairList(pairs=[pb.TextPair(a=x, b=y) for x, y in pairs])
     for metric, want in expected.items():
-        response = stub.Similarity(pb.SimilarityRequest(pairs=request_pairs, metric=metric), timeout=60)
+        response = stub.Similarity(
+            pb.SimilarityRequest(pairs=request_pairs, metric=metric), timeout=60
+        )
         assert np.allclose(response.scores, want, atol=1e-5)
     assert expected[pb.METRIC_COSINE][0] > expected[pb.METRIC_COSINE][1]
 
 
 def test_similarity_ranking_top_k(stub, reference_model):
-    query, candidates = "a fast car", ["a quick automobile", "a slow snail", "fresh bread", "racing"]
+    query, candidates = (
+        "a fast car",
+        ["a quick automobile", "a slow snail", "fresh bread", "racing"],
+    )
     vectors = reference_model.encode([query, *candidates])
     scores = vectors[1:] @ vectors[0]
-    response = stub.Similarity(pb.SimilarityRequest(
-        ranking=pb.QueryCandidates(query=query, candidates=candidates), top_k=2), timeout=60)
+    response = stub.Similarity(
+        pb.SimilarityRequest(
+            ranking=pb.QueryCandidates(query=query, candidates=candidates), top_k=2
+        ),
+        timeout=60,
+    )
     assert [m.index for m in response.matches] == list(np.argsort(-scores)[:2])
     assert np.allclose([m.score for m in response.matches], np.sort(scores)[::-1][:2], atol=1e-5)
 
 
 def test_similarity_stream(stub):
     messages = [
-        pb.SimilarityStreamRequest(id=str(i), request=pb.SimilarityRequest(
-            pairs=pb.PairList(pairs=[pb.TextPair(a=f"text {i}", b=f"text {i}")])))
+        pb.SimilarityStreamRequest(
+            id=str(i),
+            request=pb.SimilarityRequest(
+                pairs=pb.PairList(pairs=[pb.TextPair(a=f"text {i}", b=f"text {i}")])
+            ),
+        )
         for i in range(10)
     ]
     responses = list(stub.SimilarityStream(iter(messages), timeout=60))
@@ -158,8 +179,9 @@ def test_lookup_by_text_and_hash(stub):
     assert response.count == 2
     got = rows(response)
     assert np.array_equal(got, rows(encoded))
-    miss = stub.Lookup(pb.LookupRequest(texts=["lookup target one"],
-                                        options=pb.EncodeOptions(normalize=False)))
+    miss = stub.Lookup(
+        pb.LookupRequest(texts=["lookup target one"], options=pb.EncodeOptions(normalize=False))
+    )
     assert list(miss.found) == [False]  # another variant is another cache entry
 
 
@@ -196,33 +218,62 @@ def test_health_and_reflection(channel):
 BAD_INPUTS = {
     "empty request": ("Encode", pb.EncodeRequest(), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     "batch over limit": (
-        "Encode", pb.EncodeRequest(texts=["x"] * 2049), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        "Encode",
+        pb.EncodeRequest(texts=["x"] * 2049),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "limit",
+    ),
     "text over byte limit": (
-        "Encode", pb.EncodeRequest(texts=["ok", "é" * 40000]),
-        grpc.StatusCode.INVALID_ARGUMENT, "texts[1] is 80000 UTF-8 bytes"),
+        "Encode",
+        pb.EncodeRequest(texts=["ok", "é" * 40000]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "texts[1] is 80000 UTF-8 bytes",
+    ),
     "over-long text, truncation off": (
         "Encode",
-        pb.EncodeRequest(texts=["short", "word " * 300],
-                         options=pb.EncodeOptions(truncation=pb.TRUNCATION_REJECT)),
-        grpc.StatusCode.INVALID_ARGUMENT, "texts[1]: text is 302 tokens"),
+        pb.EncodeRequest(
+            texts=["short", "word " * 300],
+            options=pb.EncodeOptions(truncation=pb.TRUNCATION_REJECT),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "texts[1]: text is 302 tokens",
+    ),
     "unknown truncation": (
-        "Encode", pb.EncodeRequest(texts=["x"], options=pb.EncodeOptions(truncation=7)),
-        grpc.StatusCode.INVALID_ARGUMENT, "truncation"),
+        "Encode",
+        pb.EncodeRequest(texts=["x"], options=pb.EncodeOptions(truncation=7)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "truncation",
+    ),
     "unknown model": (
-        "Encode", pb.EncodeRequest(texts=["x"], options=pb.EncodeOptions(model="no-such-model")),
-        grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        "Encode",
+        pb.EncodeRequest(texts=["x"], options=pb.EncodeOptions(model="no-such-model")),
+        grpc.StatusCode.NOT_FOUND,
+        "no-such-model",
+    ),
     "negative top_k": (
         "Similarity",
         pb.SimilarityRequest(ranking=pb.QueryCandidates(query="q", candidates=["a"]), top_k=-1),
-        grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_k",
+    ),
     "unknown metric": (
         "Similarity",
         pb.SimilarityRequest(pairs=pb.PairList(pairs=[pb.TextPair(a="a", b="b")]), metric=99),
-        grpc.StatusCode.INVALID_ARGUMENT, "metric"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "metric",
+    ),
     "similarity without input": (
-        "Similarity", pb.SimilarityRequest(), grpc.StatusCode.INVALID_ARGUMENT, "pairs or ranking"),
+        "Similarity",
+        pb.SimilarityRequest(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "pairs or ranking",
+    ),
     "bad hash": (
-        "Lookup", pb.LookupRequest(sha256=[b"short"]), grpc.StatusCode.INVALID_ARGUMENT, "32"),
+        "Lookup",
+        pb.LookupRequest(sha256=[b"short"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "32",
+    ),
     "empty lookup": ("Lookup", pb.LookupRequest(), grpc.StatusCode.INVALID_ARGUMENT, "at least"),
 }
 

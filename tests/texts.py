@@ -37,11 +37,63 @@ SHORT = [
     "?",
 ]
 
-WORDS = (
-    "the of and to in is was for on are with as his they be at one have this from or had by "
-    "word but what some we can out other were all there when up use your how said an each she "
-    "embedding vector queue redis server worker batch token model cache stream latency"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "are",
+    "with",
+    "as",
+    "his",
+    "they",
+    "be",
+    "at",
+    "one",
+    "have",
+    "this",
+    "from",
+    "or",
+    "had",
+    "by",
+    "word",
+    "but",
+    "what",
+    "some",
+    "we",
+    "can",
+    "out",
+    "other",
+    "were",
+    "all",
+    "there",
+    "when",
+    "up",
+    "use",
+    "your",
+    "how",
+    "said",
+    "an",
+    "each",
+    "she",
+    "embedding",
+    "vector",
+    "queue",
+    "redis",
+    "server",
+    "worker",
+    "batch",
+    "token",
+    "model",
+    "cache",
+    "stream",
+    "latency",
+]
 
 
 def long_text(rng: random.Random, words: int) -> str:
@@ -60,7 +112,11 @@ def varied_texts(count: int = 320, seed: int = 7) -> list[str]:
         elif kind == 1:
             texts.append(long_text(rng, rng.randint(3, 40)))
         elif kind == 2:
-            texts.append("".join(rng.choice("日本語中文한국어漢字かなカナ") for _ in range(rng.randint(2, 120))))
+            texts.append(
+                "".join(
+                    rng.choice("日本語中文한국어漢字かなカナ") for _ in range(rng.randint(2, 120))
+                )
+            )
         elif kind == 3:
             texts.append(rng.choice(SHORT) + " " + rng.choice("🙂🎉🔥✨🧠") * rng.randint(1, 5))
         elif kind == 4:

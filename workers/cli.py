@@ -35,29 +35,39 @@ def parse_devices(spec: str) -> list[str]:
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `embedq worker` and `embedq serve`."""
     parser.add_argument(
-        "--model", default=env("MODEL"),
+        "--model",
+        default=env("MODEL"),
         help="model folder, NAME=FOLDER, or a model id in the local Hugging Face cache "
         "[EMBEDQ_MODEL; the bundled all-MiniLM-L6-v2]",
     )
     parser.add_argument(
-        "--devices", default=env("DEVICES", "auto"),
+        "--devices",
+        default=env("DEVICES", "auto"),
         help="'auto' (every GPU, else CPU), 'cpu', or GPU indices like 0,1: one process each "
         "[EMBEDQ_DEVICES; %(default)s]",
     )
     parser.add_argument(
-        "--fp16", action="store_true", default=env("FP16", "") == "1",
+        "--fp16",
+        action="store_true",
+        default=env("FP16", "") == "1",
         help="run the encoder in float16 on CUDA [EMBEDQ_FP16]",
     )
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=env_int("MAX_BATCH_TOKENS", 0),
+        "--max-batch-tokens",
+        type=int,
+        default=env_int("MAX_BATCH_TOKENS", 0),
         help="padded tokens per forward pass [EMBEDQ_MAX_BATCH_TOKENS; 2048 on CPU, 16384 on GPU]",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=env_int("MAX_BATCH_SIZE", 256),
+        "--max-batch-size",
+        type=int,
+        default=env_int("MAX_BATCH_SIZE", 256),
         help="texts per forward pass [EMBEDQ_MAX_BATCH_SIZE; %(default)s]",
     )
     parser.add_argument(
-        "--cache-ttl", type=int, default=env_int("CACHE_TTL", 7 * 24 * 3600),
+        "--cache-ttl",
+        type=int,
+        default=env_int("CACHE_TTL", 7 * 24 * 3600),
         help="seconds a cached vector lives [EMBEDQ_CACHE_TTL; %(default)s]",
     )
 
@@ -70,7 +80,9 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         "a consumer group, encodes them in token-budget batches and writes the cache.",
     )
     parser.add_argument(
-        "--redis-url", default=env("REDIS_URL"), required=env("REDIS_URL") is None,
+        "--redis-url",
+        default=env("REDIS_URL"),
+        required=env("REDIS_URL") is None,
         help="redis:// or rediss:// URL; password via EMBEDQ_REDIS_PASSWORD [EMBEDQ_REDIS_URL]",
     )
     parser.add_argument(

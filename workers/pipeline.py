@@ -118,7 +118,9 @@ def _encode_group(
     rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for job, ticket, index in group.waiting:
         if not job.truncate and tokenized[index].truncated:
-            outcome.fail(job, ticket, INVALID_ARGUMENT, _over_length_message(tokenized[index], max_len))
+            outcome.fail(
+                job, ticket, INVALID_ARGUMENT, _over_length_message(tokenized[index], max_len)
+            )
         elif index in errors:
             outcome.fail(job, ticket, INTERNAL, errors[index])
         else:

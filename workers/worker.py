@@ -10,6 +10,7 @@ dead-letter stream and its callers get an error instead of silence.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,7 +20,6 @@ import time
 import uuid
 
 import grpc
-
 from redis.exceptions import RedisError, ResponseError
 
 from embedq.internal.v1 import queue_pb2
@@ -120,16 +120,12 @@ class Worker:
                 raise
 
     def _ensure_group_quietly(self) -> None:
-        try:
+        with contextlib.suppress(RedisError, OSError):
             self.register()
-        except (RedisError, OSError):
-            pass
 
     def _unregister(self) -> None:
-        try:
+        with contextlib.suppress(RedisError, OSError):
             self.redis.zrem(self.keys.workers(self.name), self.worker_id)
-        except (RedisError, OSError):
-            pass
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -198,7 +194,9 @@ class Worker:
 
     def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         job = decode_job(fields)
-        log.error("job %s failed %d deliveries; dead-lettered", entry_id, self.settings.max_deliveries)
+        log.error(
+            "job %s failed %d deliveries; dead-lettered", entry_id, self.settings.max_deliveries
+        )
         outcome = Outcome()
         message = f"job failed on {self.settings.max_deliveries} deliveries and was dead-lettered"
         for item in job.items:
@@ -213,7 +211,9 @@ class Worker:
         outcome = run_jobs(jobs, self.encoder, self.keys, self.limits)
         log.debug(
             "%d jobs, %d texts encoded in %.1f ms",
-            len(jobs), outcome.texts_encoded, (time.perf_counter() - started) * 1000,
+            len(jobs),
+            outcome.texts_encoded,
+            (time.perf_counter() - started) * 1000,
         )
         self._write(outcome, [eid for eid, _ in entries])
 

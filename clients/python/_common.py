@@ -32,8 +32,14 @@ class ClientSettings:
     """Constructor arguments common to both clients."""
 
     def __init__(
-        self, target: str, *, timeout: float | None, chunk_size: int,
-        metadata: Metadata | None, options: ChannelOptions | None, max_in_flight: int,
+        self,
+        target: str,
+        *,
+        timeout: float | None,
+        chunk_size: int,
+        metadata: Metadata | None,
+        options: ChannelOptions | None,
+        max_in_flight: int,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")

@@ -118,8 +118,14 @@ class ModelInfo:
     @classmethod
     def from_proto(cls, m: pb.ModelInfo) -> ModelInfo:
         return cls(
-            m.name, m.fingerprint, m.dimension, m.pooling, m.max_seq_length,
-            m.normalize, m.workers_alive, m.source,
+            m.name,
+            m.fingerprint,
+            m.dimension,
+            m.pooling,
+            m.max_seq_length,
+            m.normalize,
+            m.workers_alive,
+            m.source,
         )
 
 

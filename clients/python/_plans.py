@@ -57,7 +57,11 @@ def _encode_rows(response: pb.EncodeResponse) -> np.ndarray:
 
 
 def encode(
-    texts: Sequence[str] | str, *, chunk_size: int, normalize: bool | None, truncate: bool,
+    texts: Sequence[str] | str,
+    *,
+    chunk_size: int,
+    normalize: bool | None,
+    truncate: bool,
     model: str,
 ) -> Plan[np.ndarray]:
     single = isinstance(texts, str)
@@ -81,8 +85,13 @@ def _scores(response: pb.SimilarityResponse) -> np.ndarray:
 
 
 def similarity_pairs(
-    pairs: Sequence[tuple[str, str]], *, chunk_size: int, metric: str, normalize: bool | None,
-    truncate: bool, model: str,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    chunk_size: int,
+    metric: str,
+    normalize: bool | None,
+    truncate: bool,
+    model: str,
 ) -> Plan[np.ndarray]:
     metric_id = metric_value(metric)
     options = encode_options(model=model, normalize=normalize, truncate=truncate)
@@ -100,8 +109,15 @@ def _matches(response: pb.SimilarityResponse) -> list[tuple[int, float]]:
 
 
 def rank(
-    query: str, candidates: Sequence[str], *, chunk_size: int, top_k: int, metric: str,
-    normalize: bool | None, truncate: bool, model: str,
+    query: str,
+    candidates: Sequence[str],
+    *,
+    chunk_size: int,
+    top_k: int,
+    metric: str,
+    normalize: bool | None,
+    truncate: bool,
+    model: str,
 ) -> Plan[list[tuple[int, float]]]:
     metric_id = metric_value(metric)
     options = encode_options(model=model, normalize=normalize, truncate=truncate)
@@ -109,7 +125,9 @@ def rank(
     requests = [
         pb.SimilarityRequest(
             ranking=pb.QueryCandidates(query=query, candidates=c),
-            metric=metric_id, top_k=top_k, options=options,
+            metric=metric_id,
+            top_k=top_k,
+            options=options,
         )
         for c in chunks
     ]
@@ -144,8 +162,7 @@ def _lookup_combine(parts: list[LookupResult]) -> LookupResult:
     # A part with no hits may come without a dimension; widen it to NaN rows.
     dim = max(p.vectors.shape[1] for p in parts)
     vectors = [
-        p.vectors if p.vectors.shape[1] == dim
-        else np.full((len(p), dim), np.nan, dtype=np.float32)
+        p.vectors if p.vectors.shape[1] == dim else np.full((len(p), dim), np.nan, dtype=np.float32)
         for p in parts
     ]
     model = next((p.model for p in parts if p.model), "")
@@ -157,8 +174,13 @@ def _nonempty(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
 
 
 def lookup(
-    texts: Sequence[str] | str, sha256: Sequence[bytes | str], *, chunk_size: int,
-    normalize: bool | None, truncate: bool, model: str,
+    texts: Sequence[str] | str,
+    sha256: Sequence[bytes | str],
+    *,
+    chunk_size: int,
+    normalize: bool | None,
+    truncate: bool,
+    model: str,
 ) -> Plan[LookupResult]:
     options = encode_options(model=model, normalize=normalize, truncate=truncate)
     texts = [texts] if isinstance(texts, str) else list(texts)

@@ -36,13 +36,22 @@ class AsyncClient(ClientSettings):
     """
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0,
-        chunk_size: int = 256, metadata: Metadata | None = None,
-        options: ChannelOptions | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 60.0,
+        chunk_size: int = 256,
+        metadata: Metadata | None = None,
+        options: ChannelOptions | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         super().__init__(
-            target, timeout=timeout, chunk_size=chunk_size, metadata=metadata,
-            options=options, max_in_flight=max_in_flight,
+            target,
+            timeout=timeout,
+            chunk_size=chunk_size,
+            metadata=metadata,
+            options=options,
+            max_in_flight=max_in_flight,
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EmbedderStub | None = None
@@ -90,17 +99,33 @@ class AsyncClient(ClientSettings):
         return plan.combine(list(parts))
 
     async def encode(
-        self, texts: Sequence[str] | str, *, normalize: bool | None = None, truncate: bool = True,
+        self,
+        texts: Sequence[str] | str,
+        *,
+        normalize: bool | None = None,
+        truncate: bool = True,
         model: str = "",
     ) -> np.ndarray:
         """float32 (n, dim) for a sequence of texts, (dim,) for one str."""
-        return await self._run(_plans.encode(
-            texts, chunk_size=self.chunk_size, normalize=normalize, truncate=truncate, model=model
-        ))
+        return await self._run(
+            _plans.encode(
+                texts,
+                chunk_size=self.chunk_size,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     async def similarity(
-        self, a: str, b: str, *, metric: str = "cosine", normalize: bool | None = None,
-        truncate: bool = True, model: str = "",
+        self,
+        a: str,
+        b: str,
+        *,
+        metric: str = "cosine",
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> float:
         scores = await self.similarity_pairs(
             [(a, b)], metric=metric, normalize=normalize, truncate=truncate, model=model
@@ -108,60 +133,115 @@ class AsyncClient(ClientSettings):
         return float(scores[0])
 
     async def similarity_pairs(
-        self, pairs: Sequence[tuple[str, str]], *, metric: str = "cosine",
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        metric: str = "cosine",
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> np.ndarray:
-        return await self._run(_plans.similarity_pairs(
-            pairs, chunk_size=self.chunk_size, metric=metric, normalize=normalize,
-            truncate=truncate, model=model,
-        ))
+        return await self._run(
+            _plans.similarity_pairs(
+                pairs,
+                chunk_size=self.chunk_size,
+                metric=metric,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     async def rank(
-        self, query: str, candidates: Sequence[str], *, top_k: int = 0, metric: str = "cosine",
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        self,
+        query: str,
+        candidates: Sequence[str],
+        *,
+        top_k: int = 0,
+        metric: str = "cosine",
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> list[tuple[int, float]]:
-        return await self._run(_plans.rank(
-            query, candidates, chunk_size=self.chunk_size, top_k=top_k, metric=metric,
-            normalize=normalize, truncate=truncate, model=model,
-        ))
+        return await self._run(
+            _plans.rank(
+                query,
+                candidates,
+                chunk_size=self.chunk_size,
+                top_k=top_k,
+                metric=metric,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     async def lookup(
-        self, texts: Sequence[str] | str = (), *, sha256: Sequence[bytes | str] = (),
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        self,
+        texts: Sequence[str] | str = (),
+        *,
+        sha256: Sequence[bytes | str] = (),
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> LookupResult:
-        return await self._run(_plans.lookup(
-            texts, sha256, chunk_size=self.chunk_size, normalize=normalize, truncate=truncate,
-            model=model,
-        ))
+        return await self._run(
+            _plans.lookup(
+                texts,
+                sha256,
+                chunk_size=self.chunk_size,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     async def tokenize(
         self, texts: Sequence[str] | str, *, truncate: bool = True, model: str = ""
     ) -> list[TokenizedText]:
-        return await self._run(_plans.tokenize(
-            texts, chunk_size=self.chunk_size, truncate=truncate, model=model
-        ))
+        return await self._run(
+            _plans.tokenize(texts, chunk_size=self.chunk_size, truncate=truncate, model=model)
+        )
 
     async def info(self) -> Info:
         return await self._run(_plans.info())
 
     @overload
     def encode_stream(
-        self, texts: AsyncIterable[str] | Iterable[str], *, ids: Iterable[str] | None = ...,
-        normalize: bool | None = ..., truncate: bool = ..., model: str = ...,
-        on_error: Literal["raise"] = ..., timeout: float | None = ...,
+        self,
+        texts: AsyncIterable[str] | Iterable[str],
+        *,
+        ids: Iterable[str] | None = ...,
+        normalize: bool | None = ...,
+        truncate: bool = ...,
+        model: str = ...,
+        on_error: Literal["raise"] = ...,
+        timeout: float | None = ...,
     ) -> AsyncIterator[tuple[str, np.ndarray]]: ...
 
     @overload
     def encode_stream(
-        self, texts: AsyncIterable[str] | Iterable[str], *, ids: Iterable[str] | None = ...,
-        normalize: bool | None = ..., truncate: bool = ..., model: str = ...,
-        on_error: Literal["yield"], timeout: float | None = ...,
+        self,
+        texts: AsyncIterable[str] | Iterable[str],
+        *,
+        ids: Iterable[str] | None = ...,
+        normalize: bool | None = ...,
+        truncate: bool = ...,
+        model: str = ...,
+        on_error: Literal["yield"],
+        timeout: float | None = ...,
     ) -> AsyncIterator[stream.StreamItem]: ...
 
     async def encode_stream(
-        self, texts: AsyncIterable[str] | Iterable[str], *, ids: Iterable[str] | None = None,
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
-        on_error: stream.OnError = "raise", timeout: float | None = None,
+        self,
+        texts: AsyncIterable[str] | Iterable[str],
+        *,
+        ids: Iterable[str] | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
+        on_error: stream.OnError = "raise",
+        timeout: float | None = None,
     ) -> AsyncIterator[stream.StreamItem]:
         """Async generator form of :meth:`Client.encode_stream`; `texts` may be
         an async or a sync iterable (a sync one is read inside the event loop,
@@ -170,9 +250,7 @@ class AsyncClient(ClientSettings):
         feed = stream.Feed(
             texts, ids, encode_options(model=model, normalize=normalize, truncate=truncate)
         )
-        call = self.stub.EncodeStream(
-            aiter(feed), timeout=timeout, metadata=self._metadata
-        )
+        call = self.stub.EncodeStream(aiter(feed), timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield stream.result(response, on_error)

@@ -54,11 +54,16 @@ def _connection_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("connection")
     group.add_argument(
-        "--target", default=os.environ.get(ENV_TARGET) or DEFAULT_TARGET, metavar="HOST:PORT",
+        "--target",
+        default=os.environ.get(ENV_TARGET) or DEFAULT_TARGET,
+        metavar="HOST:PORT",
         help=f"embedq server address (default: ${ENV_TARGET}, else {DEFAULT_TARGET})",
     )
     group.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
         help="deadline of each call to the server (default: %(default)s)",
     )
     return parser
@@ -70,11 +75,15 @@ def _model_parser(*, normalize: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--model", default="", help="served model name (default: the server's)")
     if normalize:
         group.add_argument(
-            "--normalize", action=argparse.BooleanOptionalAction, default=None,
+            "--normalize",
+            action=argparse.BooleanOptionalAction,
+            default=None,
             help="L2-normalise the vectors (default: as the model says)",
         )
     group.add_argument(
-        "--no-truncate", dest="truncate", action="store_false",
+        "--no-truncate",
+        dest="truncate",
+        action="store_false",
         help="refuse texts longer than the model's max sequence length instead of cutting them",
     )
     return parser
@@ -85,11 +94,18 @@ def _client(args: argparse.Namespace, chunk_size: int = 256) -> Client:
 
 
 def _add(
-    subparsers: argparse._SubParsersAction, name: str, command: Command, summary: str,
-    description: str, parents: Sequence[argparse.ArgumentParser],
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    command: Command,
+    summary: str,
+    description: str,
+    parents: Sequence[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        name, help=summary, description=description, parents=list(parents),
+        name,
+        help=summary,
+        description=description,
+        parents=list(parents),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(func=_run_safely(command))
@@ -151,16 +167,23 @@ def _add_encode(subparsers: argparse._SubParsersAction, parents: list) -> None:
         subparsers, "encode", _encode, "embed the lines of a file", ENCODE_DESCRIPTION, parents
     )
     parser.add_argument(
-        "--input", default="-", metavar="FILE|-",
+        "--input",
+        default="-",
+        metavar="FILE|-",
         help="UTF-8 text, one text per line (default: stdin)",
     )
     parser.add_argument(
-        "--output", default="-", metavar="FILE.npy|FILE.jsonl|-",
+        "--output",
+        default="-",
+        metavar="FILE.npy|FILE.jsonl|-",
         help="where the vectors go; the format follows the extension "
         "(default: JSON lines on stdout)",
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=256, metavar="N",
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
         help="texts per request (default: %(default)s)",
     )
 
@@ -174,11 +197,16 @@ def _positive_int(text: str) -> int:
 
 # ---- similarity / rank ------------------------------------------------------
 
+
 def _similarity(args: argparse.Namespace) -> int:
     with _client(args) as client:
         score = client.similarity(
-            args.text_a, args.text_b, metric=args.metric, normalize=args.normalize,
-            truncate=args.truncate, model=args.model,
+            args.text_a,
+            args.text_b,
+            metric=args.metric,
+            normalize=args.normalize,
+            truncate=args.truncate,
+            model=args.model,
         )
     print(score)
     return 0
@@ -187,8 +215,13 @@ def _similarity(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     with _client(args) as client:
         matches = client.rank(
-            args.query, args.candidates, top_k=args.top_k, metric=args.metric,
-            normalize=args.normalize, truncate=args.truncate, model=args.model,
+            args.query,
+            args.candidates,
+            top_k=args.top_k,
+            metric=args.metric,
+            normalize=args.normalize,
+            truncate=args.truncate,
+            model=args.model,
         )
     for index, score in matches:
         print(f"{score:.6f}\t{index}\t{args.candidates[index]}")
@@ -198,7 +231,9 @@ def _rank(args: argparse.Namespace) -> int:
 def _metric_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
-        "--metric", default="cosine", choices=list(METRICS),
+        "--metric",
+        default="cosine",
+        choices=list(METRICS),
         help="similarity function; higher is always more similar, distances come "
         "negated (default: %(default)s)",
     )
@@ -208,7 +243,10 @@ def _metric_parser() -> argparse.ArgumentParser:
 def _add_similarity(subparsers: argparse._SubParsersAction, parents: list) -> None:
     parents = [*parents, _metric_parser()]
     parser = _add(
-        subparsers, "similarity", _similarity, "score two texts",
+        subparsers,
+        "similarity",
+        _similarity,
+        "score two texts",
         "Print the similarity score of TEXT_A and TEXT_B.\n\n"
         "example:\n  embedq similarity 'A man is eating.' 'Someone eats food.'",
         parents,
@@ -216,7 +254,10 @@ def _add_similarity(subparsers: argparse._SubParsersAction, parents: list) -> No
     parser.add_argument("text_a", metavar="TEXT_A")
     parser.add_argument("text_b", metavar="TEXT_B")
     parser = _add(
-        subparsers, "rank", _rank, "rank candidates against a query",
+        subparsers,
+        "rank",
+        _rank,
+        "rank candidates against a query",
         "Print the candidates best first, one 'score<TAB>index<TAB>text' per line.\n\n"
         "example:\n  embedq rank --top-k 2 'fruit' 'apple' 'car' 'banana'",
         parents,
@@ -229,6 +270,7 @@ def _add_similarity(subparsers: argparse._SubParsersAction, parents: list) -> No
 
 
 # ---- info -------------------------------------------------------------------
+
 
 def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
@@ -263,7 +305,10 @@ def _describe(info: Info, target: str) -> str:
 
 def _add_info(subparsers: argparse._SubParsersAction, parents: list) -> None:
     parser = _add(
-        subparsers, "info", _info, "describe the served models and limits",
+        subparsers,
+        "info",
+        _info,
+        "describe the served models and limits",
         "Print each served model (name, dimension, pooling, max sequence length,\n"
         "default normalisation, live workers, fingerprint, source) and the request limits.",
         parents,
@@ -273,10 +318,14 @@ def _add_info(subparsers: argparse._SubParsersAction, parents: list) -> None:
 
 # ---- lookup -----------------------------------------------------------------
 
+
 def _lookup(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.lookup(
-            args.texts, sha256=args.sha256, normalize=args.normalize, truncate=args.truncate,
+            args.texts,
+            sha256=args.sha256,
+            normalize=args.normalize,
+            truncate=args.truncate,
             model=args.model,
         )
     keys = [("text", t) for t in args.texts] + [("sha256", h.lower()) for h in args.sha256]
@@ -289,7 +338,10 @@ def _lookup(args: argparse.Namespace) -> int:
 
 def _add_lookup(subparsers: argparse._SubParsersAction, parents: list) -> None:
     parser = _add(
-        subparsers, "lookup", _lookup, "read cached vectors (never computes)",
+        subparsers,
+        "lookup",
+        _lookup,
+        "read cached vectors (never computes)",
         "Look texts or SHA-256 digests up in the cache; print one JSON line per item\n"
         '(texts first): {"index", "text"|"sha256", "found", "embedding" or null}.\n'
         "--normalize/--no-truncate/--model select the cache variant.\n\n"
@@ -298,12 +350,16 @@ def _add_lookup(subparsers: argparse._SubParsersAction, parents: list) -> None:
     )
     parser.add_argument("texts", metavar="TEXT", nargs="*", help="texts to look up")
     parser.add_argument(
-        "--sha256", action="append", default=[], metavar="HEX",
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="HEX",
         help="hex SHA-256 of a text's UTF-8 bytes (repeatable)",
     )
 
 
 # ---- tokenize ---------------------------------------------------------------
+
 
 def _tokenize(args: argparse.Namespace) -> int:
     with _client(args) as client:
@@ -320,19 +376,24 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 def _add_tokenize(subparsers: argparse._SubParsersAction, parents: list) -> None:
     parser = _add(
-        subparsers, "tokenize", _tokenize, "show how the model tokenizes texts",
+        subparsers,
+        "tokenize",
+        _tokenize,
+        "show how the model tokenizes texts",
         "Print each text's tokens (special tokens included) as the model sees them.",
         parents,
     )
     parser.add_argument("texts", metavar="TEXT", nargs="+")
     parser.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help='one JSON line per text: {"index", "text", "ids", "tokens", "truncated", '
         '"full_length"}',
     )
 
 
 # ---- registration -----------------------------------------------------------
+
 
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register the client subcommands on an argparse subparsers object."""

@@ -47,7 +47,9 @@ class Feed:
     """
 
     def __init__(
-        self, texts: AsyncIterable[str] | Iterable[str], ids: Iterable[str] | None,
+        self,
+        texts: AsyncIterable[str] | Iterable[str],
+        ids: Iterable[str] | None,
         options: pb.EncodeOptions,
     ) -> None:
         self._texts = texts

@@ -39,13 +39,22 @@ class Client(ClientSettings):
     """
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float | None = 60.0,
-        chunk_size: int = 256, metadata: Metadata | None = None,
-        options: ChannelOptions | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 60.0,
+        chunk_size: int = 256,
+        metadata: Metadata | None = None,
+        options: ChannelOptions | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         super().__init__(
-            target, timeout=timeout, chunk_size=chunk_size, metadata=metadata,
-            options=options, max_in_flight=max_in_flight,
+            target,
+            timeout=timeout,
+            chunk_size=chunk_size,
+            metadata=metadata,
+            options=options,
+            max_in_flight=max_in_flight,
         )
         self.channel = grpc.insecure_channel(target, options=self._channel_options)
         self._stub = pb_grpc.EmbedderStub(self.channel)
@@ -81,17 +90,33 @@ class Client(ClientSettings):
         return plan.combine(parts)
 
     def encode(
-        self, texts: Sequence[str] | str, *, normalize: bool | None = None, truncate: bool = True,
+        self,
+        texts: Sequence[str] | str,
+        *,
+        normalize: bool | None = None,
+        truncate: bool = True,
         model: str = "",
     ) -> np.ndarray:
         """float32 (n, dim) for a sequence of texts, (dim,) for one str."""
-        return self._run(_plans.encode(
-            texts, chunk_size=self.chunk_size, normalize=normalize, truncate=truncate, model=model
-        ))
+        return self._run(
+            _plans.encode(
+                texts,
+                chunk_size=self.chunk_size,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     def similarity(
-        self, a: str, b: str, *, metric: str = "cosine", normalize: bool | None = None,
-        truncate: bool = True, model: str = "",
+        self,
+        a: str,
+        b: str,
+        *,
+        metric: str = "cosine",
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> float:
         """Score of one pair; higher is more similar for every metric."""
         scores = self.similarity_pairs(
@@ -100,46 +125,83 @@ class Client(ClientSettings):
         return float(scores[0])
 
     def similarity_pairs(
-        self, pairs: Sequence[tuple[str, str]], *, metric: str = "cosine",
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        metric: str = "cosine",
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> np.ndarray:
         """float32 scores, one per (a, b) pair, in pair order."""
-        return self._run(_plans.similarity_pairs(
-            pairs, chunk_size=self.chunk_size, metric=metric, normalize=normalize,
-            truncate=truncate, model=model,
-        ))
+        return self._run(
+            _plans.similarity_pairs(
+                pairs,
+                chunk_size=self.chunk_size,
+                metric=metric,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     def rank(
-        self, query: str, candidates: Sequence[str], *, top_k: int = 0, metric: str = "cosine",
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        self,
+        query: str,
+        candidates: Sequence[str],
+        *,
+        top_k: int = 0,
+        metric: str = "cosine",
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> list[tuple[int, float]]:
         """(candidate index, score) best first; the best top_k only when top_k > 0."""
-        return self._run(_plans.rank(
-            query, candidates, chunk_size=self.chunk_size, top_k=top_k, metric=metric,
-            normalize=normalize, truncate=truncate, model=model,
-        ))
+        return self._run(
+            _plans.rank(
+                query,
+                candidates,
+                chunk_size=self.chunk_size,
+                top_k=top_k,
+                metric=metric,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     def lookup(
-        self, texts: Sequence[str] | str = (), *, sha256: Sequence[bytes | str] = (),
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
+        self,
+        texts: Sequence[str] | str = (),
+        *,
+        sha256: Sequence[bytes | str] = (),
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
     ) -> LookupResult:
         """Cached vectors only (misses are not computed): texts first, then hashes.
 
         ``sha256`` items are raw 32-byte digests (see :func:`text_sha256`) or
         64-digit hex strings. ``normalize``/``truncate`` pick the cache variant.
         """
-        return self._run(_plans.lookup(
-            texts, sha256, chunk_size=self.chunk_size, normalize=normalize, truncate=truncate,
-            model=model,
-        ))
+        return self._run(
+            _plans.lookup(
+                texts,
+                sha256,
+                chunk_size=self.chunk_size,
+                normalize=normalize,
+                truncate=truncate,
+                model=model,
+            )
+        )
 
     def tokenize(
         self, texts: Sequence[str] | str, *, truncate: bool = True, model: str = ""
     ) -> list[TokenizedText]:
         """The model tokenizer's view of each text (a str counts as one text)."""
-        return self._run(_plans.tokenize(
-            texts, chunk_size=self.chunk_size, truncate=truncate, model=model
-        ))
+        return self._run(
+            _plans.tokenize(texts, chunk_size=self.chunk_size, truncate=truncate, model=model)
+        )
 
     def info(self) -> Info:
         """Served models and request limits."""
@@ -147,22 +209,40 @@ class Client(ClientSettings):
 
     @overload
     def encode_stream(
-        self, texts: Iterable[str], *, ids: Iterable[str] | None = ...,
-        normalize: bool | None = ..., truncate: bool = ..., model: str = ...,
-        on_error: Literal["raise"] = ..., timeout: float | None = ...,
+        self,
+        texts: Iterable[str],
+        *,
+        ids: Iterable[str] | None = ...,
+        normalize: bool | None = ...,
+        truncate: bool = ...,
+        model: str = ...,
+        on_error: Literal["raise"] = ...,
+        timeout: float | None = ...,
     ) -> Iterator[tuple[str, np.ndarray]]: ...
 
     @overload
     def encode_stream(
-        self, texts: Iterable[str], *, ids: Iterable[str] | None = ...,
-        normalize: bool | None = ..., truncate: bool = ..., model: str = ...,
-        on_error: Literal["yield"], timeout: float | None = ...,
+        self,
+        texts: Iterable[str],
+        *,
+        ids: Iterable[str] | None = ...,
+        normalize: bool | None = ...,
+        truncate: bool = ...,
+        model: str = ...,
+        on_error: Literal["yield"],
+        timeout: float | None = ...,
     ) -> Iterator[stream.StreamItem]: ...
 
     def encode_stream(
-        self, texts: Iterable[str], *, ids: Iterable[str] | None = None,
-        normalize: bool | None = None, truncate: bool = True, model: str = "",
-        on_error: stream.OnError = "raise", timeout: float | None = None,
+        self,
+        texts: Iterable[str],
+        *,
+        ids: Iterable[str] | None = None,
+        normalize: bool | None = None,
+        truncate: bool = True,
+        model: str = "",
+        on_error: stream.OnError = "raise",
+        timeout: float | None = None,
     ) -> Iterator[stream.StreamItem]:
         """Embed texts as `texts` yields them; yield (id, vector) in completion order.
 
@@ -176,9 +256,7 @@ class Client(ClientSettings):
         feed = stream.Feed(
             texts, ids, encode_options(model=model, normalize=normalize, truncate=truncate)
         )
-        call = self._stub.EncodeStream(
-            iter(feed), timeout=timeout, metadata=self._metadata
-        )
+        call = self._stub.EncodeStream(iter(feed), timeout=timeout, metadata=self._metadata)
         try:
             for response in call:
                 yield stream.result(response, on_error)
@@ -186,6 +264,3 @@ class Client(ClientSettings):
             raise feed.failure(error) from error
         finally:
             call.cancel()
-
-
-

@@ -38,13 +38,36 @@ STREAMS = 16
 # Requests a batch client keeps in flight (the Python client's default is 4).
 IN_FLIGHT = 8
 
-SUBJECTS = "A man|A woman|The child|Two dogs|A group of people|The president|A cat|Our team".split("|")
-VERBS = "is playing|is reading|walks along|is cooking|watches|is riding|paints|talks about".split("|")
-OBJECTS = (
-    "a guitar on the stage|the morning newspaper|a quiet beach at sunset|a bowl of hot soup"
-    "|the football match on television|a red bicycle through the park|a large mural on the wall"
-    "|the new economic policy and its effect on small businesses"
-).split("|")
+SUBJECTS = [
+    "A man",
+    "A woman",
+    "The child",
+    "Two dogs",
+    "A group of people",
+    "The president",
+    "A cat",
+    "Our team",
+]
+VERBS = [
+    "is playing",
+    "is reading",
+    "walks along",
+    "is cooking",
+    "watches",
+    "is riding",
+    "paints",
+    "talks about",
+]
+OBJECTS = [
+    "a guitar on the stage",
+    "the morning newspaper",
+    "a quiet beach at sunset",
+    "a bowl of hot soup",
+    "the football match on television",
+    "a red bicycle through the park",
+    "a large mural on the wall",
+    "the new economic policy and its effect on small businesses",
+]
 
 
 def generated_texts(count: int, seed: int = 0) -> list[str]:
@@ -54,7 +77,9 @@ def generated_texts(count: int, seed: int = 0) -> list[str]:
     for i in range(count):
         sentence = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
         if rng.random() < 0.3:
-            sentence += f", while {rng.choice(SUBJECTS).lower()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+            sentence += (
+                f", while {rng.choice(SUBJECTS).lower()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+            )
         texts.append(f"{sentence} ({i}).")
     return texts
 
@@ -89,7 +114,9 @@ class Deployment:
         cli = [sys.executable, "-m", "embedq.cli", "--log-level", "WARNING"]
         redis_flag = ["--redis-url", redis_server.url]
         worker = [*cli, "worker", *redis_flag, "--devices", args.devices]
-        worker += (["--model", args.model] if args.model else []) + (["--fp16"] if args.fp16 else [])
+        worker += (["--model", args.model] if args.model else []) + (
+            ["--fp16"] if args.fp16 else []
+        )
         server = [*cli, "server", *redis_flag, "--port", str(port)]
         procs = {"worker": subprocess.Popen(worker), "server": subprocess.Popen(server)}
         deployment = cls(f"127.0.0.1:{port}", redis_server.url, procs, redis_server)
@@ -146,7 +173,9 @@ class Deployment:
 # -- scenarios ------------------------------------------------------------------
 
 
-async def encode_batches(stub, texts: list[str], batch: int = BATCH, in_flight: int = IN_FLIGHT) -> None:
+async def encode_batches(
+    stub, texts: list[str], batch: int = BATCH, in_flight: int = IN_FLIGHT
+) -> None:
     window = asyncio.Semaphore(in_flight)
 
     async def one(chunk: list[str]) -> None:
@@ -212,7 +241,9 @@ def reference_latencies(model, texts: list[str]) -> list[float]:
     return singles
 
 
-async def run_all(model, deployment: Deployment, texts: list[str], reps: int, results: Results) -> None:
+async def run_all(
+    model, deployment: Deployment, texts: list[str], reps: int, results: Results
+) -> None:
     """Reps interleave R, S1, S2, S3 so that machine noise hits all alike."""
     for name in ("R", "S1", "S2", "S3"):
         results.throughput[name] = []
@@ -248,8 +279,12 @@ def report(results: Results, device: str) -> str:
         f"embedq bench: {results.texts} texts, {results.reps} reps, device {device}, medians",
         f"{'scenario':<34}{'texts/s':>10}{'× R':>8}   target",
     ]
-    names = {"R": "R  sentence-transformers (bs 32)", "S1": "S1 uncached Encode ×64",
-             "S2": f"S2 {STREAMS} streams, 1 text/msg", "S3": "S3 cached Encode ×64"}
+    names = {
+        "R": "R  sentence-transformers (bs 32)",
+        "S1": "S1 uncached Encode ×64",
+        "S2": f"S2 {STREAMS} streams, 1 text/msg",
+        "S3": "S3 cached Encode ×64",
+    }
     for key, label in names.items():
         value = results.median(key)
         lines.append(f"{label:<34}{value:>10.1f}{value / r:>8.2f}   {TARGETS.get(key, '')}")
@@ -268,10 +303,14 @@ def summary(results: Results, device: str, command: str) -> dict:
         "device": device,
         "texts": results.texts,
         "reps": results.reps,
-        "throughput_texts_per_s": {k: {"median": results.median(k), "runs": v, "ratio_to_R":
-                                       results.median(k) / r} for k, v in results.throughput.items()},
-        "latency_ms": {k: {"p50": percentile(v, 50), "p99": percentile(v, 99)}
-                       for k, v in results.latency_ms.items()},
+        "throughput_texts_per_s": {
+            k: {"median": results.median(k), "runs": v, "ratio_to_R": results.median(k) / r}
+            for k, v in results.throughput.items()
+        },
+        "latency_ms": {
+            k: {"p50": percentile(v, 50), "p99": percentile(v, 99)}
+            for k, v in results.latency_ms.items()
+        },
         "peak_rss_mb": results.rss_mb,
     }
 
@@ -284,7 +323,11 @@ def draw_chart(results: Results, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(results.throughput)
-    left.bar(names, [results.median(n) for n in names], color=["#888", "#36c", "#3a6", "#c63"][: len(names)])
+    left.bar(
+        names,
+        [results.median(n) for n in names],
+        color=["#888", "#36c", "#3a6", "#c63"][: len(names)],
+    )
     left.set_ylabel("texts/s (median)")
     left.set_yscale("log")
     left.set_title("Throughput")
@@ -311,15 +354,21 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", help="bench a running server (default: start a private one)")
-    parser.add_argument("--redis-url", help="with --target: the Redis to flush between uncached runs")
+    parser.add_argument(
+        "--redis-url", help="with --target: the Redis to flush between uncached runs"
+    )
     parser.add_argument("--input", type=Path, help="texts: one per line, or a TSV with --column")
     parser.add_argument("--column", help="TSV column to read from --input (e.g. sentence1)")
     parser.add_argument("--texts", type=int, default=1024, help="how many texts [%(default)s]")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per scenario [%(default)s]")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="repetitions per scenario [%(default)s]"
+    )
     parser.add_argument("--model", help="model for the private deployment and the reference")
     parser.add_argument("--devices", default="cpu", help="worker device [%(default)s]")
     parser.add_argument("--fp16", action="store_true", help="fp16 worker and reference (CUDA)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for JSON and PNG")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-out"), help="folder for JSON and PNG"
+    )
     parser.set_defaults(func=run_bench_command)
 
 
@@ -329,8 +378,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     from embedq.workers.backends import resolve_model_source
 
-    texts = read_texts(args.input, args.column, args.texts) if args.input else generated_texts(args.texts)
-    wants_gpu = args.devices not in ("cpu", "auto") or args.devices == "auto" and torch.cuda.is_available()
+    texts = (
+        read_texts(args.input, args.column, args.texts)
+        if args.input
+        else generated_texts(args.texts)
+    )
+    wants_gpu = (
+        args.devices not in ("cpu", "auto") or args.devices == "auto" and torch.cuda.is_available()
+    )
     device = "cuda" if wants_gpu else "cpu"
     _, folder = resolve_model_source(args.model)
     model = SentenceTransformer(str(folder), device=device)

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"embedq {__version__}")
     parser.add_argument(
-        "--log-level", default=os.environ.get("EMBEDQ_LOG_LEVEL", "INFO"),
+        "--log-level",
+        default=os.environ.get("EMBEDQ_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR [EMBEDQ_LOG_LEVEL; %(default)s]",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -66,15 +66,22 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         return [
             self.binary,
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self._dir,
-            "--protected-mode", "yes",
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--protected-mode",
+            "yes",
             # Bound memory like a cache should; LRU over keys with a TTL keeps
             # queues and registrations (which have none) safe from eviction.
-            "--maxmemory-policy", "volatile-lru",
+            "--maxmemory-policy",
+            "volatile-lru",
         ]
 
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:

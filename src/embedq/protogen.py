@@ -21,9 +21,9 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path) -> None:
     """Run protoc (from grpcio-tools) over every .proto into out_dir."""
-    from grpc_tools import protoc  # test/dev dependency only
-
     import importlib.resources
+
+    from grpc_tools import protoc  # test/dev dependency only
 
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     for proto in proto_files():

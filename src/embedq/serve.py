@@ -33,11 +33,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     )
     add_server_options(parser)
     parser.add_argument(
-        "--workers", type=int, default=1,
+        "--workers",
+        type=int,
+        default=1,
         help="worker processes to start (each uses --devices) [%(default)s]",
     )
     parser.add_argument(
-        "--redis-url", default=os.environ.get("EMBEDQ_REDIS_URL"),
+        "--redis-url",
+        default=os.environ.get("EMBEDQ_REDIS_URL"),
         help="use this Redis instead of starting a private one [EMBEDQ_REDIS_URL]",
     )
     add_worker_options(parser)
@@ -46,12 +49,20 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
     argv = [
-        sys.executable, "-m", "embedq.cli", "worker",
-        "--redis-url", redis_url,
-        "--devices", args.devices,
-        "--max-batch-tokens", str(args.max_batch_tokens),
-        "--max-batch-size", str(args.max_batch_size),
-        "--cache-ttl", str(args.cache_ttl),
+        sys.executable,
+        "-m",
+        "embedq.cli",
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--devices",
+        args.devices,
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--cache-ttl",
+        str(args.cache_ttl),
     ]
     if args.namespace:
         argv += ["--namespace", args.namespace]

@@ -125,6 +125,7 @@ class WorkerSettings:
     cache_ttl_s: int = 7 * 24 * 3600
     # Pending jobs idle this long are claimed from a dead worker.
     claim_idle_ms: int = 30000
+
     def batch_tokens(self) -> int:
         if self.max_batch_tokens:
             return self.max_batch_tokens

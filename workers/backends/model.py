@@ -106,7 +106,8 @@ def _warn_on_default_prompt(folder: Path) -> None:
         logger.warning(
             "%s sets default_prompt_name=%r; embedq does not prepend prompts, so vectors equal "
             "sentence-transformers' encode(..., prompt='') rather than encode(...)",
-            folder, config["default_prompt_name"],
+            folder,
+            config["default_prompt_name"],
         )
 
 

@@ -107,8 +107,13 @@ class Transformer:
         if not texts:
             return []
         encoded = self.tokenizer(
-            texts, add_special_tokens=False, truncation=False, padding=False, verbose=False,
-            return_attention_mask=False, return_token_type_ids=False,
+            texts,
+            add_special_tokens=False,
+            truncation=False,
+            padding=False,
+            verbose=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
         )
         if self.tokenizer.is_fast:
             return [self._finish_fast(encoding) for encoding in encoded.encodings]
