@@ -107,7 +107,11 @@ def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
 def run_worker_command(args: argparse.Namespace) -> int:
     devices = parse_devices(args.devices)
     if len(devices) == 1:
+        from transformers.utils import logging as hf_logging
+
         from .worker import Worker
+
+        hf_logging.disable_progress_bar()  # a progress bar is noise in a service log
 
         worker = Worker(worker_settings(args, devices[0]))
         worker.install_signal_handlers()
