@@ -1,5 +1,5 @@
-"""Server bootstrap: wires the stages, health and reflection, runs until
-SIGTERM/SIGINT, then drains in-flight calls before exiting."""
+"""Server bootstrap: wires the stages, health and reflection, TLS and bearer
+tokens, runs until SIGTERM/SIGINT, then drains in-flight calls before exiting."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedq.keys import Keys
-from embedq.settings import ServerSettings
+from embedq.settings import ServerSettings, SettingsError, readable_file
 from embedq.v1 import embedq_pb2, embedq_pb2_grpc
 
+from .auth import BearerTokenInterceptor, TokenSet, token_set
 from .queue import Dispatcher
 from .registry import ModelRegistry
 from .router import EmbedderService
@@ -39,26 +41,112 @@ async def _track_health(
         await asyncio.sleep(0.5)
 
 
-def build_grpc_server(settings: ServerSettings) -> grpc.aio.Server:
-    size = settings.limits.max_message_bytes
-    return grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size),
-        ]
+def _check_tls_files(settings: ServerSettings) -> None:
+    """Missing, unreadable, non-PEM or mismatched files fail here, by name, not at handshake."""
+    cert = readable_file(settings.tls_cert, "TLS certificate (--tls-cert)")
+    key = readable_file(settings.tls_key, "TLS key (--tls-key)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets an empty password (and fails) instead of a prompt.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"TLS certificate {cert!r} / key {key!r} unusable (PEM certificate chain and its "
+            f"unencrypted private key expected): {exc.reason or type(exc).__name__}"
+        ) from None
+    if settings.tls_client_ca:
+        ca = readable_file(settings.tls_client_ca, "client CA (--tls-client-ca)")
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise SettingsError(
+                f"client CA {ca!r} unusable (PEM certificates expected): "
+                f"{exc.reason or type(exc).__name__}"
+            ) from None
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files, or None for plaintext."""
+    if not (settings.tls_cert or settings.tls_key):
+        if settings.tls_client_ca:
+            raise SettingsError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise SettingsError("--tls-cert and --tls-key go together: set both")
+    _check_tls_files(settings)
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    client_ca = read(settings.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
     )
 
 
-async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
-    """Run one server instance until `stop` is set (or a signal arrives)."""
+Security = tuple[grpc.ServerCredentials | None, TokenSet | None]
+
+
+def check_security(settings: ServerSettings) -> Security:
+    """TLS credentials and tokens; SettingsError (naming files, never contents) if unusable."""
+    return server_credentials(settings), token_set(settings)
+
+
+def build_grpc_server(
+    settings: ServerSettings, tokens: TokenSet | None = None
+) -> grpc.aio.Server:
+    size = settings.limits.max_message_bytes
+    return grpc.aio.server(
+        interceptors=[BearerTokenInterceptor(tokens)] if tokens is not None else None,
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+        ],
+    )
+
+
+def _describe_security(settings: ServerSettings, tokens: TokenSet | None) -> str:
+    if settings.tls_client_ca:
+        transport = "mutual TLS"
+    elif settings.tls_cert:
+        transport = "TLS"
+    else:
+        transport = "plaintext"
+    if tokens is None:
+        return f"{transport}, no auth"
+    sources = [s for s in (settings.auth_token_file, settings.auth_tokens and "env") if s]
+    return f"{transport}, bearer tokens: {len(tokens)} ({', '.join(sources)})"
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+async def serve(
+    settings: ServerSettings, stop: asyncio.Event | None = None, security: Security | None = None
+) -> None:
+    """Run one server instance until `stop` is set (or a signal arrives).
+
+    `security` is what :func:`check_security` returned, if the caller checked first.
+    """
     stop = stop or asyncio.Event()
+    credentials, tokens = security or check_security(settings)
+    if tokens is not None and credentials is None and not _is_loopback(settings.host):
+        log.warning(
+            "bearer tokens will cross the network in clear text: add --tls-cert and --tls-key"
+        )
     redis = settings.redis.connect_async()
     keys = Keys(settings.redis.namespace)
     registry = ModelRegistry(
         redis, keys, default_model=settings.default_model, worker_stale_s=settings.worker_stale_s
     )
     dispatcher = Dispatcher(redis, keys)
-    server = build_grpc_server(settings)
+    server = build_grpc_server(settings, tokens)
     embedq_pb2_grpc.add_EmbedderServicer_to_server(
         EmbedderService(settings, dispatcher, registry, redis, keys), server
     )
@@ -73,11 +161,21 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
         raise OSError(f"cannot listen on {address}")
-    with contextlib.suppress(Exception):
+    try:
         await registry.refresh()
         registry.redis_ok = True
+    except Exception as exc:  # noqa: BLE001 - reported, retried by registry.run()
+        log.warning(
+            "redis at %s not usable yet (%s); health is NOT_SERVING until it is",
+            settings.redis.safe_url,
+            settings.redis.describe_error(exc),
+        )
     await dispatcher.start()
     background = [
         asyncio.create_task(registry.run()),
@@ -85,8 +183,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     ]
     await server.start()
     log.info(
-        "embedq server listening on %s (redis %s, namespace %s)",
+        "embedq server listening on %s (%s; redis %s, namespace %s)",
         address,
+        _describe_security(settings, tokens),
         settings.redis.safe_url,
         settings.redis.namespace,
     )

@@ -15,6 +15,8 @@ from embedq.settings import (
     env_int,
 )
 
+from .auth import env_tokens
+
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `embedq server` and `embedq serve`."""
@@ -59,6 +61,42 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         help="seconds a call waits for workers when the client set no deadline "
         "[EMBEDQ_REQUEST_TIMEOUT; %(default)s]",
     )
+    add_security_options(parser)
+
+
+def add_security_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "security",
+        "TLS and bearer tokens; health checking and reflection need no token. "
+        "Never put a token on the command line: use a file or EMBEDQ_AUTH_TOKENS.",
+    )
+    group.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=env("TLS_CERT") or None,
+        help="PEM certificate chain: serve gRPC over TLS [EMBEDQ_TLS_CERT; plaintext]",
+    )
+    group.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=env("TLS_KEY") or None,
+        help="PEM private key of --tls-cert (unencrypted) [EMBEDQ_TLS_KEY]",
+    )
+    group.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        default=env("TLS_CLIENT_CA") or None,
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS) "
+        "[EMBEDQ_TLS_CLIENT_CA; off]",
+    )
+    group.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        default=env("AUTH_TOKEN_FILE") or None,
+        help="accepted bearer tokens, one per line ('#' comments); re-read when it changes, "
+        "so tokens rotate without a restart [EMBEDQ_AUTH_TOKEN_FILE; EMBEDQ_AUTH_TOKENS "
+        "(comma-separated) adds more; neither: no auth]",
+    )
 
 
 def server_settings(args: argparse.Namespace, redis_url: str | None) -> ServerSettings:
@@ -73,6 +111,11 @@ def server_settings(args: argparse.Namespace, redis_url: str | None) -> ServerSe
         ),
         default_model=args.default_model,
         default_timeout_s=args.request_timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+        auth_tokens=env_tokens(env("AUTH_TOKENS")),
     )
 
 
@@ -96,5 +139,6 @@ def add_server_command(subparsers: argparse._SubParsersAction) -> None:
 def run_server_command(args: argparse.Namespace) -> int:
     from .app import serve
 
+    # Unusable TLS files or tokens raise SettingsError first thing: one line, exit 2.
     asyncio.run(serve(server_settings(args, args.redis_url)))
     return 0

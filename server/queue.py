@@ -104,11 +104,33 @@ class Ticket:
 
     waiters: list[tuple[Call, int]]
     dedupe_key: tuple[str, str] | None
+    chars: int = 0
+
+
+@dataclass(frozen=True)
+class QueueBounds:
+    """Past these, new work is refused at once (RESOURCE_EXHAUSTED) rather
+    than queued behind a growing latency."""
+
+    # Jobs waiting in one model's stream, all servers together (XLEN).
+    max_queued_jobs: int = 10_000
+    # Texts this server waits for.
+    max_pending_texts: int = 100_000
+    # Characters of those texts: a cheap stand-in for tokens (about 4 per token).
+    max_pending_chars: int = 50_000_000
 
 
 class Dispatcher:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, server_id: str | None = None) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        server_id: str | None = None,
+        bounds: QueueBounds = QueueBounds(),
+    ) -> None:
         self._redis = redis
+        self.bounds = bounds
         self._keys = keys
         self.server_id = server_id or uuid.uuid4().hex[:12]
         self.reply_key = keys.replies(self.server_id)
@@ -119,10 +141,16 @@ class Dispatcher:
         self._in_flight: dict[tuple[str, str], int] = {}
         self._last_reply_id = "0-0"
         self._tasks: list[asyncio.Task] = []
+        self._pending_chars = 0
+        # Tickets whose callers left; workers are told to skip them.
+        self._abandoned: list[int] = []
+        self._redis_run_id: str | None = None
 
     # -- public API -----------------------------------------------------------
 
     async def start(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            self._redis_run_id = await self._run_id()
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="flush"),
             asyncio.create_task(self._listen_loop(), name="replies"),
@@ -182,13 +210,28 @@ class Dispatcher:
             ticket.waiters = [(c, row) for c, row in ticket.waiters if c is not call]
             if not ticket.waiters:
                 self._drop_ticket(ticket_id)
+                self._abandoned.append(ticket_id)
         call.tickets.clear()
+        if self._abandoned:
+            self._wakeup.set()
 
     def _drop_ticket(self, ticket_id: int) -> Ticket | None:
         ticket = self._tickets.pop(ticket_id, None)
-        if ticket is not None and ticket.dedupe_key is not None:
-            self._in_flight.pop(ticket.dedupe_key, None)
+        if ticket is not None:
+            self._pending_chars -= ticket.chars
+            if ticket.dedupe_key is not None:
+                self._in_flight.pop(ticket.dedupe_key, None)
         return ticket
+
+    def _fail_all(self, error: RequestError) -> None:
+        """Fail every waiting call: their work is gone (Redis restarted empty)."""
+        for ticket in list(self._tickets.values()):
+            for call, _row in ticket.waiters:
+                call.fail(error)
+        self._tickets.clear()
+        self._in_flight.clear()
+        self._pending_chars = 0
+        self._last_reply_id = "0-0"
 
     # -- flushing: cache look-up and enqueue ---------------------------------
 
@@ -196,7 +239,7 @@ class Dispatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._inbox:
+            while self._inbox or self._abandoned:
                 calls, self._inbox = self._inbox, []
                 calls = [call for call in calls if not call.future.done()]
                 try:
@@ -207,21 +250,36 @@ class Dispatcher:
                         call.fail(error)
                         self._forget(call)
 
+    def _send_cancellations(self, pipe) -> None:
+        """Tell workers which tickets nobody waits for any more (queued in `pipe`)."""
+        if not self._abandoned:
+            return
+        key = self._keys.cancelled(self.reply_key)
+        abandoned, self._abandoned = self._abandoned, []
+        pipe.sadd(key, *abandoned)
+        pipe.expire(key, REPLY_TTL_S)
+
     async def _flush(self, calls: list[Call]) -> None:
+        """One round trip to look up, one to enqueue (and pass on cancellations)."""
         encode_calls = [call for call in calls if call.kind == ENCODE]
         hashes = {id(call): [text_sha256(text) for text in call.texts] for call in encode_calls}
-        cached = await self._lookup(encode_calls, hashes)
+        cached, queued = await self._lookup(calls, hashes) if calls else ({}, {})
         jobs: dict[tuple, queue_pb2.Job] = {}
         for call in calls:
-            self._route(call, hashes.get(id(call)), cached, jobs)
-        if jobs:
-            await self._enqueue(jobs)
+            self._route(call, hashes.get(id(call)), cached, queued, jobs)
+        if jobs or self._abandoned:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for (_kind, model, _norm, _trunc), job in jobs.items():
+                    pipe.xadd(self._keys.jobs(model), encode_message(job))
+                self._send_cancellations(pipe)
+                await pipe.execute()
 
     def _route(
         self,
         call: Call,
         call_hashes: list[str] | None,
         cached: dict[tuple[str, str], np.ndarray],
+        queued: dict[str, int],
         jobs: dict[tuple, queue_pb2.Job],
     ) -> None:
         """Fill a call's cache hits; queue (or join) work for the rest."""
@@ -231,33 +289,64 @@ class Dispatcher:
             vector = cached.get(key) if key is not None else None
             if vector is not None:
                 call.set_vector(row, vector, cached=True)
-            elif call.variant.model.workers_alive == 0:
-                call.fail(unavailable(f"no worker alive for model {call.variant.model.name!r}"))
+                continue
+            refusal = self._refusal(call, queued, joins=key in self._in_flight)
+            if refusal is not None:
+                call.fail(refusal)
                 self._forget(call)
                 return
-            else:
-                self._wait_for(call, row, text, key, jobs)
+            self._wait_for(call, row, text, key, jobs)
+
+    def _refusal(self, call: Call, queued: dict[str, int], *, joins: bool) -> RequestError | None:
+        """Why a miss cannot be queued now, if it cannot."""
+        model = call.variant.model
+        if model.workers_alive == 0:
+            return unavailable(f"no worker alive for model {model.name!r}")
+        if joins:
+            return None  # already in flight: costs the queue nothing
+        if queued.get(model.name, 0) >= self.bounds.max_queued_jobs:
+            return RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue for model {model.name!r} is full ({queued[model.name]} jobs waiting); "
+                "retry with backoff",
+            )
+        if (
+            len(self._tickets) >= self.bounds.max_pending_texts
+            or self._pending_chars >= self.bounds.max_pending_chars
+        ):
+            return RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is waiting for {len(self._tickets)} texts already; retry with backoff",
+            )
+        return None
 
     async def _lookup(
         self, calls: list[Call], hashes: dict[int, list[str]]
-    ) -> dict[tuple[str, str], np.ndarray]:
-        """All cache hits of all calls, in one MGET."""
+    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, int]]:
+        """All cache hits of all calls (one MGET) and the queue length of each
+        model involved, in one round trip."""
         wanted: list[tuple[str, str]] = []
         dims: list[int] = []
         for call in calls:
             fingerprint = call.variant.fingerprint
-            for sha in hashes[id(call)]:
+            for sha in hashes.get(id(call), ()):
                 wanted.append((fingerprint, sha))
                 dims.append(call.variant.model.registration.dimension)
-        if not wanted:
-            return {}
-        values = await self._redis.mget([self._keys.cache(fp, sha) for fp, sha in wanted])
+        models = sorted({call.variant.model.name for call in calls})
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if wanted:
+                pipe.mget([self._keys.cache(fp, sha) for fp, sha in wanted])
+            for model in models:
+                pipe.xlen(self._keys.jobs(model))
+            results = await pipe.execute()
+        values = results[0] if wanted else []
+        queued = dict(zip(models, results[1 if wanted else 0 :], strict=True))
         hits: dict[tuple[str, str], np.ndarray] = {}
         for key, dim, value in zip(wanted, dims, values, strict=True):
             # A value of the wrong size is treated as a miss, never served.
             if value is not None and len(value) == dim * 4:
                 hits[key] = np.frombuffer(value, dtype="<f4")
-        return hits
+        return hits, queued
 
     def _wait_for(
         self,
@@ -271,7 +360,8 @@ class Dispatcher:
         ticket_id = self._in_flight.get(dedupe_key) if dedupe_key else None
         if ticket_id is None:
             ticket_id = next(self._next_ticket)
-            self._tickets[ticket_id] = Ticket([], dedupe_key)
+            self._tickets[ticket_id] = Ticket([], dedupe_key, len(text))
+            self._pending_chars += len(text)
             if dedupe_key is not None:
                 self._in_flight[dedupe_key] = ticket_id
             job = self._job_for(call, jobs)
@@ -296,12 +386,6 @@ class Dispatcher:
             jobs[key] = job
         return job
 
-    async def _enqueue(self, jobs: dict[tuple, queue_pb2.Job]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for (_kind, model, _norm, _trunc), job in jobs.items():
-                pipe.xadd(self._keys.jobs(model), encode_message(job))
-            await pipe.execute()
-
     # -- replies --------------------------------------------------------------
 
     async def _listen_loop(self) -> None:
@@ -311,14 +395,31 @@ class Dispatcher:
                     {self.reply_key: self._last_reply_id}, count=512, block=1000
                 )
             except (RedisError, OSError) as exc:
-                # Replies wait in the stream; we resume from the last id read.
+                # Replies wait in the stream; we resume from the last id read,
+                # unless Redis came back empty.
                 log.warning("reply stream read failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(0.5)
+                await self._check_restart()
                 continue
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
                     self._on_reply(decode_reply(fields))
                     self._last_reply_id = entry_id
+
+    async def _run_id(self) -> str:
+        return (await self._redis.info("server"))["run_id"]
+
+    async def _check_restart(self) -> None:
+        """A new Redis run id means queued jobs and replies are gone: fail the
+        waiting calls now (UNAVAILABLE, retryable) instead of at their deadline."""
+        try:
+            run_id = await self._run_id()
+        except (RedisError, OSError):
+            return
+        if self._redis_run_id is not None and run_id != self._redis_run_id:
+            log.warning("redis restarted: failing %d in-flight texts", len(self._tickets))
+            self._fail_all(unavailable("redis restarted and lost the queued work; retry"))
+        self._redis_run_id = run_id
 
     def _on_reply(self, reply: queue_pb2.Reply) -> None:
         if reply.tickets:

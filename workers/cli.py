@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import subprocess
@@ -89,6 +90,14 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         "--namespace", default=None, help="prefix of every Redis key [EMBEDQ_NAMESPACE; embedq]"
     )
     add_worker_options(parser)
+    parser.add_argument(
+        "--claim-idle-ms", type=int, default=env_int("CLAIM_IDLE_MS", 30000),
+        help="claim jobs another worker left pending this long [EMBEDQ_CLAIM_IDLE_MS; %(default)s]",
+    )
+    parser.add_argument(
+        "--max-deliveries", type=int, default=env_int("MAX_DELIVERIES", 3),
+        help="deliveries before a job is dead-lettered [EMBEDQ_MAX_DELIVERIES; %(default)s]",
+    )
     parser.set_defaults(func=run_worker_command)
 
 
@@ -113,7 +122,12 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()  # a progress bar is noise in a service log
 
-        worker = Worker(worker_settings(args, devices[0]))
+        settings = dataclasses.replace(
+            worker_settings(args, devices[0]),
+            claim_idle_ms=args.claim_idle_ms,
+            max_deliveries=args.max_deliveries,
+        )
+        worker = Worker(settings)
         worker.install_signal_handlers()
         worker.run()
         return 0

@@ -20,6 +20,7 @@ import numpy as np
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys, text_sha256, variant_fingerprint
 
+from . import faults
 from .backends import PooledEncoder, TokenizedText
 from .batching import plan_batches
 
@@ -112,7 +113,7 @@ def _encode_group(
     outcome: Outcome,
 ) -> None:
     tokenized = encoder.tokenize(group.texts)
-    vectors, errors = _embed_all(tokenized, normalize, encoder, limits)
+    vectors, errors = _embed_all(tokenized, group.texts, normalize, encoder, limits)
     outcome.texts_encoded += len(group.texts)
     max_len = encoder.spec.max_seq_length
     rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -135,7 +136,11 @@ def _encode_group(
 
 
 def _embed_all(
-    tokenized: list[TokenizedText], normalize: bool, encoder: PooledEncoder, limits: BatchLimits
+    tokenized: list[TokenizedText],
+    texts: list[str],
+    normalize: bool,
+    encoder: PooledEncoder,
+    limits: BatchLimits,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Rows for every text; a batch that raises fails only its own texts."""
     vectors = np.zeros((len(tokenized), encoder.spec.dimension), dtype=np.float32)
@@ -147,6 +152,7 @@ def _embed_all(
     )
     for batch in batches:
         try:
+            faults.check(texts[i] for i in batch)
             vectors[batch] = encoder.embed([tokenized[i].ids for i in batch], normalize=normalize)
         except Exception as exc:  # noqa: BLE001 - reported to the callers, worker goes on
             log.exception("encoder failed on a batch of %d texts", len(batch))

@@ -20,12 +20,14 @@ import time
 import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import CONSUMER_GROUP, Keys, decode_job, encode_message
 from embedq.settings import WorkerSettings
 
+from . import faults
 from .backends import PooledEncoder
 from .pipeline import BatchLimits, Outcome, run_jobs
 
@@ -206,7 +208,17 @@ class Worker:
     # -- processing ---------------------------------------------------------------
 
     def handle(self, entries: list[Entry]) -> None:
-        jobs = [decode_job(fields) for _id, fields in entries]
+        jobs, entry_ids = [], []
+        for entry_id, fields in entries:
+            try:
+                jobs.append(decode_job(fields))
+                entry_ids.append(entry_id)
+            except (KeyError, DecodeError):
+                # Nobody can be answered for bytes we cannot read; keep them for a human.
+                log.error("malformed job %s dead-lettered", entry_id)
+                self._write(Outcome(), [entry_id], dead_letter=fields)
+        self._drop_cancelled(jobs)
+        faults.check(item.text for job in jobs for item in job.items)
         started = time.perf_counter()
         outcome = run_jobs(jobs, self.encoder, self.keys, self.limits)
         log.debug(
@@ -215,7 +227,22 @@ class Worker:
             outcome.texts_encoded,
             (time.perf_counter() - started) * 1000,
         )
-        self._write(outcome, [eid for eid, _ in entries])
+        self._write(outcome, entry_ids)
+
+    def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:
+        """Remove items whose caller cancelled or gave up (one round trip)."""
+        asked = [(job, self.keys.cancelled(job.reply_to)) for job in jobs if job.items]
+        if not asked:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job, key in asked:
+            pipe.smismember(key, [item.ticket for item in job.items])
+        for (job, _key), flags in zip(asked, pipe.execute(), strict=True):
+            if any(flags):
+                kept = [item for item, gone in zip(job.items, flags, strict=True) if not gone]
+                log.debug("skipping %d cancelled items", len(job.items) - len(kept))
+                del job.items[:]
+                job.items.extend(kept)
 
     def _write(
         self, outcome: Outcome, entry_ids: list[bytes], dead_letter: dict | None = None
@@ -238,6 +265,11 @@ class Worker:
             pipe.xdel(self.jobs_key, *entry_ids)
             try:
                 pipe.execute()
+                return
+            except ResponseError as exc:
+                # A command was refused (say, NOGROUP after a Redis restart); the
+                # others ran. Retrying would repeat the refusal forever.
+                log.warning("redis refused part of a result write: %s", exc)
                 return
             except (RedisError, OSError) as exc:
                 if self._stop.is_set():

@@ -8,6 +8,7 @@ import sys
 
 from embedq import __version__
 from embedq.logs import configure_logging
+from embedq.settings import SettingsError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        # A setting that cannot work: one line naming it (never a secret), no traceback.
+        parser.exit(2, f"embedq {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

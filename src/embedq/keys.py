@@ -58,6 +58,12 @@ class Keys:
         """Stream of Reply messages for one server instance; expires with it."""
         return f"{self.namespace}:v1:{{reply-{server_id}}}:replies"
 
+    @staticmethod
+    def cancelled(reply_key: str) -> str:
+        """Set of ticket ids whose callers gave up; beside (same slot as) the
+        reply stream they would have been answered on, and expiring with it."""
+        return f"{reply_key}:cancelled"
+
     def cache_prefix(self, variant: str) -> str:
         return f"{self.namespace}:v1:emb:{variant}:"
 

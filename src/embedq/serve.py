@@ -18,6 +18,7 @@ import sys
 
 from embedq.embedded import EmbeddedRedis
 from embedq.server.cli import add_server_options, server_settings
+from embedq.settings import redact_url
 from embedq.workers.cli import add_worker_options
 
 log = logging.getLogger("embedq.serve")
@@ -48,13 +49,15 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
+    """The worker command line; a URL with a password goes in worker_env() instead,
+    out of process listings."""
+    url_flag = ["--redis-url", redis_url] if redact_url(redis_url) == redis_url else []
     argv = [
         sys.executable,
         "-m",
         "embedq.cli",
         "worker",
-        "--redis-url",
-        redis_url,
+        *url_flag,
         "--devices",
         args.devices,
         "--max-batch-tokens",
@@ -73,16 +76,24 @@ def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
     return argv
 
 
+def worker_env(redis_url: str) -> dict[str, str]:
+    """Our environment for a worker: the Redis URL set, the server's secrets left out."""
+    environ = {k: v for k, v in os.environ.items() if k != "EMBEDQ_AUTH_TOKENS"}
+    environ["EMBEDQ_REDIS_URL"] = redis_url
+    return environ
+
+
 class WorkerPool:
     """Keeps N worker processes running until stopped."""
 
-    def __init__(self, argv: list[str], count: int) -> None:
+    def __init__(self, argv: list[str], count: int, env: dict[str, str] | None = None) -> None:
         self.argv = argv
+        self.env = env
         self.procs: list[subprocess.Popen] = [self._spawn() for _ in range(count)]
 
     def _spawn(self) -> subprocess.Popen:
         # A worker ignores the terminal's Ctrl-C (own process group); we stop it.
-        return subprocess.Popen(self.argv, start_new_session=True)
+        return subprocess.Popen(self.argv, start_new_session=True, env=self.env)
 
     async def supervise(self) -> None:
         while True:
@@ -104,19 +115,21 @@ class WorkerPool:
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
-    from embedq.server.app import serve
+    from embedq.server.app import check_security, serve
 
+    # Unusable TLS files, tokens or Redis settings fail before anything starts.
+    security = check_security(server_settings(args, args.redis_url or "redis://unused"))
     redis_server = None if args.redis_url else EmbeddedRedis().start()
     redis_url = args.redis_url or redis_server.url
     if redis_server is not None:
         log.info("private redis (%s) on %s", os.path.basename(redis_server.binary), redis_url)
-    pool = WorkerPool(worker_argv(args, redis_url), args.workers)
+    pool = WorkerPool(worker_argv(args, redis_url), args.workers, worker_env(redis_url))
     settings = server_settings(args, redis_url)
 
     async def main() -> None:
         supervisor = asyncio.create_task(pool.supervise())
         try:
-            await serve(settings)
+            await serve(settings, security=security)
         finally:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

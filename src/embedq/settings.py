@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -31,43 +31,100 @@ def env_int(name: str, default: int) -> int:
     return int(raw) if raw not in (None, "") else default
 
 
+class SettingsError(ValueError):
+    """A setting that cannot work (a missing file, a contradiction): reported at
+    start-up as one line, without the contents of any file."""
+
+
+# Query parameters redis-py accepts that carry a secret.
+SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe for logs and error messages."""
+    """The URL with any password (userinfo or query) replaced, safe for logs and errors."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key in SECRET_QUERY_KEYS for key, _ in pairs):
+            query = urlencode([(k, "***" if k in SECRET_QUERY_KEYS else v) for k, v in pairs])
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}" if user else f":***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def readable_file(path: str, what: str) -> str:
+    """`path` if it names a readable file, else a SettingsError naming it (never its contents)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise SettingsError(f"{what} {path!r}: {exc.strerror or exc}") from None
+    return path
 
 
 @dataclass(frozen=True)
 class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
-    # A password kept out of the URL (EMBEDQ_REDIS_PASSWORD) so it never
-    # shows up in process listings.
-    password: str | None = None
+    # Credentials kept out of the URL (EMBEDQ_REDIS_PASSWORD, and the ACL
+    # user EMBEDQ_REDIS_USERNAME) so they never show up in process listings.
+    # Credentials in the URL win over these.
+    password: str | None = field(default=None, repr=False)
     namespace: str = "embedq"
+    username: str | None = None
+    # CA bundle that verifies a rediss:// server (EMBEDQ_REDIS_CA_CERT);
+    # None: the system's trust store.
+    ca_cert: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ca_cert and urlsplit(self.url).scheme != "rediss":
+            raise SettingsError(
+                f"EMBEDQ_REDIS_CA_CERT is set but the Redis URL {self.safe_url} is not rediss://"
+            )
 
     @classmethod
     def from_env(cls, url: str | None = None, namespace: str | None = None) -> RedisSettings:
+        ca_cert = env("REDIS_CA_CERT") or None
         return cls(
             url=url or env("REDIS_URL") or cls.url,
             password=env("REDIS_PASSWORD") or None,
             namespace=namespace or env("NAMESPACE") or cls.namespace,
+            username=env("REDIS_USERNAME") or None,
+            ca_cert=readable_file(ca_cert, "EMBEDQ_REDIS_CA_CERT") if ca_cert else None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisSettings(url={self.safe_url!r}, namespace={self.namespace!r}, "
+            f"username={self.username!r}, password={'***' if self.password else None}, "
+            f"ca_cert={self.ca_cert!r})"
         )
 
     @property
     def safe_url(self) -> str:
         return redact_url(self.url)
 
+    def describe_error(self, exc: BaseException) -> str:
+        """`ClassName: message` of a Redis error with any secret blanked out."""
+        message = str(exc)
+        in_url = urlsplit(self.url).password
+        secrets = [self.url, self.password, in_url, unquote(in_url or "")]
+        for secret in filter(None, secrets):
+            message = message.replace(secret, "***")
+        return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
     def _kwargs(self) -> dict[str, object]:
         kwargs: dict[str, object] = {"health_check_interval": 15, "socket_keepalive": True}
         if self.password:
             kwargs["password"] = self.password
+        if self.username:
+            kwargs["username"] = self.username
+        if self.ca_cert:
+            kwargs["ssl_ca_certs"] = self.ca_cert
         return kwargs
 
     def connect(self) -> redis.Redis:
@@ -108,6 +165,19 @@ class ServerSettings:
     default_timeout_s: float = 120.0
     # A worker whose heartbeat is older than this counts as gone.
     worker_stale_s: float = 15.0
+    # TLS (PEM files): certificate chain and key; with client_ca, clients
+    # must present a certificate signed by it (mutual TLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Bearer tokens: a file of one token per line (re-read when it changes)
+    # and/or EMBEDQ_AUTH_TOKENS; none of either: no authentication.
+    auth_token_file: str | None = None
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_token_file or self.auth_tokens)
 
 
 @dataclass(frozen=True)
@@ -125,11 +195,10 @@ class WorkerSettings:
     cache_ttl_s: int = 7 * 24 * 3600
     # Pending jobs idle this long are claimed from a dead worker.
     claim_idle_ms: int = 30000
+    # Deliveries after which a job goes to the dead-letter stream.
+    max_deliveries: int = 3
 
     def batch_tokens(self) -> int:
         if self.max_batch_tokens:
             return self.max_batch_tokens
         return CPU_BATCH_TOKENS if self.device == "cpu" else GPU_BATCH_TOKENS
-
-    # Deliveries after which a job goes to the dead-letter stream.
-    max_deliveries: int = 3
