@@ -18,7 +18,7 @@ from embedq.settings import ServerSettings, SettingsError, readable_file
 from embedq.v1 import embedq_pb2, embedq_pb2_grpc
 
 from .auth import BearerTokenInterceptor, TokenSet, token_set
-from .queue import Dispatcher
+from .queue import Dispatcher, QueueBounds
 from .registry import ModelRegistry
 from .router import EmbedderService
 
@@ -97,9 +97,7 @@ def check_security(settings: ServerSettings) -> Security:
     return server_credentials(settings), token_set(settings)
 
 
-def build_grpc_server(
-    settings: ServerSettings, tokens: TokenSet | None = None
-) -> grpc.aio.Server:
+def build_grpc_server(settings: ServerSettings, tokens: TokenSet | None = None) -> grpc.aio.Server:
     size = settings.limits.max_message_bytes
     return grpc.aio.server(
         interceptors=[BearerTokenInterceptor(tokens)] if tokens is not None else None,
@@ -145,7 +143,7 @@ async def serve(
     registry = ModelRegistry(
         redis, keys, default_model=settings.default_model, worker_stale_s=settings.worker_stale_s
     )
-    dispatcher = Dispatcher(redis, keys)
+    dispatcher = Dispatcher(redis, keys, bounds=QueueBounds.from_env())
     server = build_grpc_server(settings, tokens)
     embedq_pb2_grpc.add_EmbedderServicer_to_server(
         EmbedderService(settings, dispatcher, registry, redis, keys), server

@@ -111,12 +111,19 @@ def server_settings(args: argparse.Namespace, redis_url: str | None) -> ServerSe
         ),
         default_model=args.default_model,
         default_timeout_s=args.request_timeout,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_token_file=args.auth_token_file,
-        auth_tokens=env_tokens(env("AUTH_TOKENS")),
+        **security_settings(args),
     )
+
+
+def security_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The ServerSettings fields of TLS and bearer-token auth."""
+    return {
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "auth_token_file": args.auth_token_file,
+        "auth_tokens": env_tokens(env("AUTH_TOKENS")),
+    }
 
 
 def add_server_command(subparsers: argparse._SubParsersAction) -> None:

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys, decode_reply, encode_message, text_sha256, variant_fingerprint
+from embedq.settings import env_int
 
 from .errors import CODE_BY_NUMBER, RequestError, unavailable
 from .registry import ServedModel
@@ -118,6 +119,14 @@ class QueueBounds:
     max_pending_texts: int = 100_000
     # Characters of those texts: a cheap stand-in for tokens (about 4 per token).
     max_pending_chars: int = 50_000_000
+
+    @classmethod
+    def from_env(cls) -> QueueBounds:
+        return cls(
+            max_queued_jobs=env_int("MAX_QUEUED_JOBS", cls.max_queued_jobs),
+            max_pending_texts=env_int("MAX_PENDING_TEXTS", cls.max_pending_texts),
+            max_pending_chars=env_int("MAX_PENDING_CHARS", cls.max_pending_chars),
+        )
 
 
 class Dispatcher:

@@ -15,14 +15,20 @@ ENV = "EMBEDQ_FAULT_INJECT"
 CRASH_EXIT_CODE = 70
 
 
-def check(texts: Iterable[str]) -> None:
-    spec = os.environ.get(ENV)
-    if not spec or ":" not in spec:
-        return
-    mode, marker = spec.split(":", 1)
-    if not any(marker in text for text in texts):
-        return
-    if mode == "crash":
+def _marked(mode: str, texts: Iterable[str]) -> str | None:
+    spec = os.environ.get(ENV, "")
+    wanted, _, marker = spec.partition(":")
+    if wanted != mode or not marker:
+        return None
+    return marker if any(marker in text for text in texts) else None
+
+
+def crash_if_marked(texts: Iterable[str]) -> None:
+    if _marked("crash", texts):
         os._exit(CRASH_EXIT_CODE)
-    if mode == "raise":
+
+
+def raise_if_marked(texts: Iterable[str]) -> None:
+    marker = _marked("raise", texts)
+    if marker:
         raise RuntimeError(f"injected fault on a text containing {marker!r}")

@@ -152,7 +152,7 @@ def _embed_all(
     )
     for batch in batches:
         try:
-            faults.check(texts[i] for i in batch)
+            faults.raise_if_marked(texts[i] for i in batch)
             vectors[batch] = encoder.embed([tokenized[i].ids for i in batch], normalize=normalize)
         except Exception as exc:  # noqa: BLE001 - reported to the callers, worker goes on
             log.exception("encoder failed on a batch of %d texts", len(batch))

@@ -90,6 +90,11 @@ class Worker:
             log.warning("redis trouble (%s); retrying", type(exc).__name__)
             self._stop.wait(0.5)
             self._ensure_group_quietly()
+        except Exception:
+            # A bug must not kill the worker; the jobs stay pending, are
+            # redelivered and end in the dead-letter stream if they keep failing.
+            log.exception("processing a read failed; its jobs stay pending")
+            self._stop.wait(0.5)
 
     # -- registration -----------------------------------------------------------
 
@@ -218,7 +223,7 @@ class Worker:
                 log.error("malformed job %s dead-lettered", entry_id)
                 self._write(Outcome(), [entry_id], dead_letter=fields)
         self._drop_cancelled(jobs)
-        faults.check(item.text for job in jobs for item in job.items)
+        faults.crash_if_marked(item.text for job in jobs for item in job.items)
         started = time.perf_counter()
         outcome = run_jobs(jobs, self.encoder, self.keys, self.limits)
         log.debug(

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -50,26 +51,73 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    """Starts and stops one private server process."""
+    """Starts and stops one private server process.
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    ``password`` sets ``requirepass`` (the default user's password; it stays
+    out of :attr:`url`). ``tls_cert``/``tls_key`` (PEM files) make it speak TLS
+    only, on the same port (:attr:`url` is then ``rediss://``); ``tls_ca``
+    verifies client certificates if a client sends one (default: the cert).
+    ``extra_args`` are appended to the server's command line.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        password: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if password is not None and ("\n" in password or "\r" in password or not password):
+            raise ValueError("password must be non-empty and on one line")
         self.host = host
         self.port = port or free_port(host)
+        self.password = password
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.tls_ca = tls_ca or tls_cert
+        self.extra_args = list(extra_args)
         self.binary = find_redis_binary()
         self._dir = tempfile.mkdtemp(prefix="embedq-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        scheme = "rediss" if self.tls_cert else "redis"
+        return f"{scheme}://{self.host}:{self.port}/0"
+
+    def _port_args(self) -> list[str]:
+        if not self.tls_cert:
+            return ["--port", str(self.port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            self.tls_cert,
+            "--tls-key-file",
+            self.tls_key or "",
+            "--tls-ca-cert-file",
+            self.tls_ca or "",
+            "--tls-auth-clients",
+            "optional",
+        ]
 
     def command(self) -> list[str]:
+        # The password goes in through stdin (a config file read from "-"),
+        # never on the command line where `ps` shows it.
         return [
             self.binary,
+            *(["-"] if self.password else []),
             "--bind",
             self.host,
-            "--port",
-            str(self.port),
+            *self._port_args(),
             "--save",
             "",
             "--appendonly",
@@ -82,16 +130,32 @@ class EmbeddedRedis:
             # queues and registrations (which have none) safe from eviction.
             "--maxmemory-policy",
             "volatile-lru",
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         log = open(os.path.join(self._dir, "server.log"), "wb")  # noqa: SIM115 - owned by proc
-        self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.PIPE if self.password else subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        if self.password:
+            assert self._proc.stdin is not None
+            quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            self._proc.stdin.write(f'requirepass "{quoted}"\n'.encode())
+            self._proc.stdin.close()
         self._wait_ready(timeout)
         return self
 
+    def client(self, **kwargs: object) -> redis.Redis:
+        """A client of this server as its default user (with the password, over TLS if on)."""
+        tls = {"ssl_ca_certs": self.tls_ca} if self.tls_cert else {}
+        return redis.Redis.from_url(self.url, password=self.password, **tls, **kwargs)
+
     def _wait_ready(self, timeout: float) -> None:
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+        client = self.client(socket_timeout=1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:

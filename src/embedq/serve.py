@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 from embedq.embedded import EmbeddedRedis
-from embedq.server.cli import add_server_options, server_settings
-from embedq.settings import redact_url
+from embedq.server.cli import add_server_options, security_settings, server_settings
+from embedq.settings import ServerSettings, redact_url
 from embedq.workers.cli import add_worker_options
 
 log = logging.getLogger("embedq.serve")
@@ -117,8 +117,8 @@ class WorkerPool:
 def run_serve_command(args: argparse.Namespace) -> int:
     from embedq.server.app import check_security, serve
 
-    # Unusable TLS files, tokens or Redis settings fail before anything starts.
-    security = check_security(server_settings(args, args.redis_url or "redis://unused"))
+    # Unusable TLS files or tokens fail before anything starts.
+    security = check_security(ServerSettings(**security_settings(args)))
     redis_server = None if args.redis_url else EmbeddedRedis().start()
     redis_url = args.redis_url or redis_server.url
     if redis_server is not None:

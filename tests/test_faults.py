@@ -1,0 +1,320 @@
+"""Nothing lost under faults: real faults injected into real processes.
+
+Each test builds its own small deployment (Redis, server, workers) so that
+killing or pausing a process affects nobody else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from conftest import Service, log_tail
+
+from embedq.embedded import EmbeddedRedis
+from embedq.keys import CONSUMER_GROUP, Keys
+from embedq.v1 import embedq_pb2 as pb
+from embedq.v1 import embedq_pb2_grpc
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+def rows(response) -> np.ndarray:
+    return np.frombuffer(response.embeddings, "<f4").reshape(response.count, response.dimension)
+
+
+def stub_for(service: Service) -> tuple[grpc.Channel, embedq_pb2_grpc.EmbedderStub]:
+    channel = grpc.insecure_channel(service.target)
+    return channel, embedq_pb2_grpc.EmbedderStub(channel)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def pending_count(client: redis.Redis, keys: Keys) -> int:
+    try:
+        return client.xpending(keys.jobs(MODEL), CONSUMER_GROUP)["pending"]
+    except redis.ResponseError:
+        return 0
+
+
+def cached(client: redis.Redis, keys: Keys, text: str) -> bool:
+    return any(True for _ in client.scan_iter(match=keys.cache("*", _sha(text))))
+
+
+def _sha(text: str) -> str:
+    from embedq.keys import text_sha256
+
+    return text_sha256(text)
+
+
+@pytest.fixture
+def deployment(redis_server):
+    services: list[Service] = []
+
+    def make() -> Service:
+        svc = Service(redis_server.url, namespace=f"f{uuid.uuid4().hex[:8]}")
+        services.append(svc)
+        return svc
+
+    yield make
+    for svc in services:
+        svc.stop()
+
+
+def test_sigkilled_worker_loses_nothing(deployment, reference_model):
+    """A worker killed mid-batch: another claims its jobs; every text arrives once."""
+    svc = deployment()
+    svc.start_worker("--claim-idle-ms", "1500")
+    svc.start_server()
+    keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
+    texts = [f"kill test sentence number {i} with a few more words" for i in range(600)]
+    channel, stub = stub_for(svc)
+    with channel, ThreadPoolExecutor(8) as pool:
+        futures = [
+            pool.submit(stub.Encode, pb.EncodeRequest(texts=texts[i : i + 50]), timeout=120)
+            for i in range(0, len(texts), 50)
+        ]
+        wait_until(lambda: pending_count(client, keys) > 0, what="worker mid-batch")
+        victim = svc.workers.pop()
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        assert pending_count(client, keys) > 0  # the dead worker's jobs are still pending
+        svc.start_worker("--claim-idle-ms", "1500")
+        got = np.concatenate([rows(future.result()) for future in futures])
+    assert got.shape == (600, 384)
+    assert np.abs(got - reference_model.encode(texts)).max() <= 1e-5
+    assert pending_count(client, keys) == 0
+
+
+def test_streams_survive_a_worker_kill_exactly_once(deployment):
+    svc = deployment()
+    svc.start_worker("--claim-idle-ms", "1500")
+    svc.start_worker("--claim-idle-ms", "1500")
+    svc.start_server()
+    keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
+    channel, stub = stub_for(svc)
+    results: dict[int, list[str]] = {}
+
+    def run(stream_no: int) -> None:
+        messages = (
+            pb.EncodeStreamRequest(id=f"{stream_no}-{i}", texts=[f"stream {stream_no} text {i}"])
+            for i in range(80)
+        )
+        results[stream_no] = [r.id for r in stub.EncodeStream(messages, timeout=120)
+                              if not r.HasField("error")]
+
+    with channel:
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: pending_count(client, keys) > 0, what="work pending")
+        svc.workers[0].send_signal(signal.SIGKILL)
+        for thread in threads:
+            thread.join()
+    for stream_no, ids in results.items():
+        assert sorted(ids) == sorted(f"{stream_no}-{i}" for i in range(80))
+
+
+def test_poison_text_fails_its_caller_only(deployment, monkeypatch):
+    """The encoder raising on a text: that request gets INTERNAL naming it; the worker goes on."""
+    monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "raise:POISON")
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(texts=["fine", "POISON pill"]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "injected fault" in info.value.details()
+        assert stub.Encode(pb.EncodeRequest(texts=["still serving"]), timeout=60).count == 1
+    assert svc.workers[0].poll() is None
+
+
+def test_job_that_kills_workers_is_dead_lettered(deployment, monkeypatch):
+    """A text that crashes every worker that takes it: after N deliveries it goes
+    to the dead-letter stream and the caller gets an error, not silence."""
+    monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "crash:KILLER")
+    svc = deployment()
+    for _ in range(3):
+        svc.start_worker("--claim-idle-ms", "1000", "--max-deliveries", "2")
+    svc.start_server()
+    keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
+    channel, stub = stub_for(svc)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(texts=["KILLER text"]), timeout=90)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "dead-letter" in info.value.details()
+        assert client.xlen(keys.dead_letters(MODEL)) == 1
+        survivors = [w for w in svc.workers if w.poll() is None]
+        assert len(survivors) == 1
+        assert stub.Encode(pb.EncodeRequest(texts=["harmless"]), timeout=60).count == 1
+
+
+def test_redis_restart_nothing_hangs_and_service_recovers(tmp_path):
+    redis_server = EmbeddedRedis().start()
+    svc = Service(redis_server.url, namespace="restart")
+    try:
+        svc.start_worker()
+        svc.start_server()
+        channel, stub = stub_for(svc)
+        outcomes: list[tuple[str, float]] = []
+        deadline_s = 20.0
+
+        def call(i: int) -> None:
+            started = time.monotonic()
+            try:
+                stub.Encode(pb.EncodeRequest(texts=[f"restart {i} {j}" for j in range(40)]),
+                            timeout=deadline_s)
+                outcomes.append(("OK", time.monotonic() - started))
+            except grpc.RpcError as exc:
+                outcomes.append((exc.code().name, time.monotonic() - started))
+
+        with channel, ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(call, i) for i in range(30)]
+            time.sleep(0.5)
+            port = redis_server.port
+            redis_server.stop()
+            time.sleep(0.5)
+            redis_server = EmbeddedRedis(port=port).start()
+            for future in futures:
+                future.result()
+            assert {code for code, _ in outcomes} <= {"OK", "UNAVAILABLE"}, outcomes
+            assert all(elapsed < deadline_s for _, elapsed in outcomes)
+
+            def serves() -> bool:
+                try:
+                    return stub.Encode(pb.EncodeRequest(texts=["after restart"]), timeout=5).count == 1
+                except grpc.RpcError:
+                    return False
+
+            wait_until(serves, timeout=30, what="service back after redis restart")
+    except Exception:
+        print(log_tail("server-restart"), log_tail("worker-restart-0"))
+        raise
+    finally:
+        svc.stop()
+        redis_server.stop()
+
+
+def test_killed_server_leaves_nothing_forever(deployment):
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    other = Service(svc.redis_url, namespace=svc.namespace)
+    other.start_server()
+    client = redis.Redis.from_url(svc.redis_url)
+    try:
+        channel, stub = stub_for(svc)
+        with channel:
+            stub.Encode(pb.EncodeRequest(texts=["make a reply stream"]), timeout=60)
+        reply_keys = list(client.scan_iter(match=f"{svc.namespace}:v1:{{reply-*}}:replies"))
+        assert reply_keys
+        svc.server.send_signal(signal.SIGKILL)
+        svc.server.wait()
+        for key in reply_keys:
+            assert 0 < client.ttl(key) <= 300  # it expires: nothing lives forever
+        channel, stub = stub_for(other)
+        with channel:
+            assert stub.Encode(pb.EncodeRequest(texts=["other server"]), timeout=60).count == 1
+    finally:
+        other.stop()
+
+
+def test_graceful_server_shutdown_finishes_in_flight_calls(deployment):
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    texts = [f"graceful server {i} with some words to encode" for i in range(400)]
+    with channel, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(stub.Encode, pb.EncodeRequest(texts=texts), timeout=60)
+        time.sleep(0.3)
+        svc.server.send_signal(signal.SIGTERM)
+        assert future.result().count == 400
+        assert svc.server.wait(timeout=30) == 0
+
+
+def test_graceful_worker_shutdown_acks_its_batch(deployment):
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
+    channel, stub = stub_for(svc)
+    texts = [f"graceful worker {i} with some words to encode" for i in range(300)]
+    with channel, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(stub.Encode, pb.EncodeRequest(texts=texts), timeout=60)
+        wait_until(lambda: pending_count(client, keys) > 0, what="worker mid-batch")
+        svc.workers[0].send_signal(signal.SIGTERM)
+        assert future.result().count == 300
+        assert svc.workers[0].wait(timeout=30) == 0
+    assert pending_count(client, keys) == 0
+
+
+@pytest.fixture
+def paused_worker(deployment, monkeypatch):
+    """A deployment whose single worker can be frozen (SIGSTOP) and thawed."""
+    monkeypatch.setenv("EMBEDQ_MAX_QUEUED_JOBS", "2")
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    worker = svc.workers[0]
+    yield svc, worker
+    if worker.poll() is None:
+        os.kill(worker.pid, signal.SIGCONT)
+
+
+def test_full_queue_is_refused_at_once(paused_worker):
+    svc, worker = paused_worker
+    channel, stub = stub_for(svc)
+    with channel:
+        os.kill(worker.pid, signal.SIGSTOP)
+        first = [stub.Encode.future(pb.EncodeRequest(texts=[f"queued {i}"]), timeout=60)
+                 for i in range(2)]
+        client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
+        wait_until(lambda: client.xlen(keys.jobs(MODEL)) >= 2, what="two jobs queued")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(texts=["one too many"]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 5  # refused at once, not after a wait
+        os.kill(worker.pid, signal.SIGCONT)
+        assert all(f.result().count == 1 for f in first)
+
+
+def test_expired_and_cancelled_work_is_skipped(paused_worker):
+    svc, worker = paused_worker
+    client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
+    channel, stub = stub_for(svc)
+    with channel:
+        os.kill(worker.pid, signal.SIGSTOP)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(texts=["expires while queued"]), timeout=1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        messages = iter([pb.EncodeStreamRequest(id="c", texts=["cancelled while queued"])])
+        call = stub.EncodeStream(messages, timeout=60)
+        wait_until(lambda: client.xlen(keys.jobs(MODEL)) >= 2, what="both jobs queued")
+        call.cancel()
+        time.sleep(0.5)  # the server marks the cancelled ticket
+        os.kill(worker.pid, signal.SIGCONT)
+        wait_until(lambda: client.xlen(keys.jobs(MODEL)) == 0, what="queue drained")
+        assert stub.Encode(pb.EncodeRequest(texts=["after the thaw"]), timeout=60).count == 1
+    assert not cached(client, keys, "expires while queued")
+    assert not cached(client, keys, "cancelled while queued")
+    assert cached(client, keys, "after the thaw")
