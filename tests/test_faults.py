@@ -115,8 +115,9 @@ def test_streams_survive_a_worker_kill_exactly_once(deployment):
             pb.EncodeStreamRequest(id=f"{stream_no}-{i}", texts=[f"stream {stream_no} text {i}"])
             for i in range(80)
         )
-        results[stream_no] = [r.id for r in stub.EncodeStream(messages, timeout=120)
-                              if not r.HasField("error")]
+        results[stream_no] = [
+            r.id for r in stub.EncodeStream(messages, timeout=120) if not r.HasField("error")
+        ]
 
     with channel:
         threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
@@ -180,8 +181,10 @@ def test_redis_restart_nothing_hangs_and_service_recovers(tmp_path):
         def call(i: int) -> None:
             started = time.monotonic()
             try:
-                stub.Encode(pb.EncodeRequest(texts=[f"restart {i} {j}" for j in range(40)]),
-                            timeout=deadline_s)
+                stub.Encode(
+                    pb.EncodeRequest(texts=[f"restart {i} {j}" for j in range(40)]),
+                    timeout=deadline_s,
+                )
                 outcomes.append(("OK", time.monotonic() - started))
             except grpc.RpcError as exc:
                 outcomes.append((exc.code().name, time.monotonic() - started))
@@ -200,7 +203,9 @@ def test_redis_restart_nothing_hangs_and_service_recovers(tmp_path):
 
             def serves() -> bool:
                 try:
-                    return stub.Encode(pb.EncodeRequest(texts=["after restart"]), timeout=5).count == 1
+                    return (
+                        stub.Encode(pb.EncodeRequest(texts=["after restart"]), timeout=5).count == 1
+                    )
                 except grpc.RpcError:
                     return False
 
@@ -285,8 +290,10 @@ def test_full_queue_is_refused_at_once(paused_worker):
     channel, stub = stub_for(svc)
     with channel:
         os.kill(worker.pid, signal.SIGSTOP)
-        first = [stub.Encode.future(pb.EncodeRequest(texts=[f"queued {i}"]), timeout=60)
-                 for i in range(2)]
+        first = [
+            stub.Encode.future(pb.EncodeRequest(texts=[f"queued {i}"]), timeout=60)
+            for i in range(2)
+        ]
         client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
         wait_until(lambda: client.xlen(keys.jobs(MODEL)) >= 2, what="two jobs queued")
         started = time.monotonic()

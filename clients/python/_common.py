@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+
+import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # Chunks of one call in flight at once: enough to keep a few workers busy,
@@ -16,6 +19,8 @@ DEFAULT_CHANNEL_OPTIONS: dict[str, object] = {"grpc.max_receive_message_length":
 
 Metadata = Sequence[tuple[str, "str | bytes"]]
 ChannelOptions = Sequence[tuple[str, object]]
+# A PEM file: its path, or its contents as bytes.
+Pem = str | os.PathLike[str] | bytes
 
 
 def deadline(timeout: float | None) -> float | None:
@@ -26,6 +31,43 @@ def deadline(timeout: float | None) -> float | None:
 def remaining(deadline_at: float | None) -> float | None:
     """Per-RPC timeout left until the call's deadline (0 makes grpc fail at once)."""
     return None if deadline_at is None else max(0.0, deadline_at - time.monotonic())
+
+
+def read_pem(value: Pem | None) -> bytes | None:
+    """PEM bytes as given, or read from a path; None stays None."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as handle:
+        return handle.read()
+
+
+def check_token(token: str) -> str:
+    """A bearer token fit for gRPC metadata (errors never echo it)."""
+    token = token.strip()
+    if not token:
+        raise ValueError("token is empty")
+    if any(ch.isspace() for ch in token) or not token.isascii() or not token.isprintable():
+        raise ValueError("token must be printable ASCII without whitespace")
+    return token
+
+
+def channel_credentials(
+    *,
+    tls: bool,
+    tls_ca: Pem | None,
+    tls_cert: Pem | None,
+    tls_key: Pem | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when TLS is asked for (tls=True or any PEM given), else None."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: pass both for a client certificate")
+    if not (tls or tls_ca is not None or tls_cert is not None):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca),  # None: grpc's default roots
+        private_key=read_pem(tls_key),
+        certificate_chain=read_pem(tls_cert),
+    )
 
 
 class ClientSettings:
@@ -40,6 +82,11 @@ class ClientSettings:
         metadata: Metadata | None,
         options: ChannelOptions | None,
         max_in_flight: int,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        token: str | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -47,6 +94,25 @@ class ClientSettings:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.max_in_flight = max(1, max_in_flight)
+        metadata = list(metadata or ())
+        if token is not None:
+            if any(key.lower() == "authorization" for key, _ in metadata):
+                raise ValueError("pass token or an authorization metadata entry, not both")
+            # Plain metadata rather than call credentials: it works on an
+            # insecure channel too (a server on loopback, or behind a TLS proxy).
+            metadata.insert(0, ("authorization", f"Bearer {check_token(token)}"))
         self._metadata = tuple(metadata) if metadata else None
+        self._credentials = channel_credentials(
+            tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
         # Caller options override the defaults key by key.
         self._channel_options = list({**DEFAULT_CHANNEL_OPTIONS, **dict(options or ())}.items())
+
+    @property
+    def secure(self) -> bool:
+        """Whether the channel uses TLS."""
+        return self._credentials is not None
+
+    def __repr__(self) -> str:
+        # Never shows the token (or any metadata).
+        return f"{type(self).__name__}({self.target!r}, tls={self.secure})"

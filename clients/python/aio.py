@@ -18,6 +18,7 @@ from ._common import (
     ChannelOptions,
     ClientSettings,
     Metadata,
+    Pem,
     deadline,
     remaining,
 )
@@ -30,9 +31,10 @@ T = TypeVar("T")
 class AsyncClient(ClientSettings):
     """The :class:`~embedq.client.Client` API as coroutines (same arguments, same results).
 
-    The channel is opened on first use, inside the running event loop (a
-    grpc.aio channel belongs to the loop it was created in). Use
-    ``async with AsyncClient(...)`` or ``await client.close()``.
+    TLS and token arguments as for Client. The channel is opened on first
+    use, inside the running event loop (a grpc.aio channel belongs to the loop
+    it was created in). Use ``async with AsyncClient(...)`` or ``await
+    client.close()``.
     """
 
     def __init__(
@@ -44,6 +46,11 @@ class AsyncClient(ClientSettings):
         metadata: Metadata | None = None,
         options: ChannelOptions | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -52,6 +59,11 @@ class AsyncClient(ClientSettings):
             metadata=metadata,
             options=options,
             max_in_flight=max_in_flight,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            token=token,
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EmbedderStub | None = None
@@ -59,7 +71,14 @@ class AsyncClient(ClientSettings):
     @property
     def stub(self) -> pb_grpc.EmbedderStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._channel_options
+                )
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._channel_options
+                )
             self._stub = pb_grpc.EmbedderStub(self._channel)
         return self._stub
 

@@ -25,6 +25,7 @@ from ._io import Writer, open_input, open_output, read_batches
 from .sync import Client
 
 ENV_TARGET = "EMBEDQ_TARGET"
+ENV_TOKEN = "EMBEDQ_TOKEN"
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -66,7 +67,55 @@ def _connection_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="deadline of each call to the server (default: %(default)s)",
     )
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("EMBEDQ_TLS", "") == "1",
+        help="connect over TLS, verified with the system's roots (implied by --tls-ca) "
+        "(default: $EMBEDQ_TLS=1, else plaintext)",
+    )
+    security.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get("EMBEDQ_TLS_CA") or None,
+        help="PEM CA bundle that verifies the server: connect over TLS (default: $EMBEDQ_TLS_CA)",
+    )
+    security.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=os.environ.get("EMBEDQ_CLIENT_CERT") or None,
+        help="PEM client certificate, for a server that requires one (mutual TLS) "
+        "(default: $EMBEDQ_CLIENT_CERT)",
+    )
+    security.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("EMBEDQ_CLIENT_KEY") or None,
+        help="PEM private key of --tls-cert (default: $EMBEDQ_CLIENT_KEY)",
+    )
+    security.add_argument(
+        "--token",
+        default=os.environ.get(ENV_TOKEN) or None,
+        help=f"bearer token sent with every call; other users can see a command line, so "
+        f"prefer ${ENV_TOKEN} or --token-file (default: ${ENV_TOKEN})",
+    )
+    security.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help="read the bearer token from FILE (its first line that is not blank or a # comment)",
+    )
     return parser
+
+
+def read_token_file(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            token = line.strip()
+            if token and not token.startswith("#"):
+                return token
+    raise ValueError(f"--token-file {path!r} holds no token")
 
 
 def _model_parser(*, normalize: bool = True) -> argparse.ArgumentParser:
@@ -90,7 +139,17 @@ def _model_parser(*, normalize: bool = True) -> argparse.ArgumentParser:
 
 
 def _client(args: argparse.Namespace, chunk_size: int = 256) -> Client:
-    return Client(args.target, timeout=args.timeout, chunk_size=chunk_size)
+    token = read_token_file(args.token_file) if args.token_file else args.token
+    return Client(
+        args.target,
+        timeout=args.timeout,
+        chunk_size=chunk_size,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=token,
+    )
 
 
 def _add(

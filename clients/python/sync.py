@@ -18,6 +18,7 @@ from ._common import (
     ChannelOptions,
     ClientSettings,
     Metadata,
+    Pem,
     deadline,
     remaining,
 )
@@ -36,6 +37,11 @@ class Client(ClientSettings):
     once; results keep input order. Every failure raises :class:`EmbedqError`.
     ``normalize=None`` means the model's own default; ``truncate=False`` makes
     the server refuse over-long texts (INVALID_ARGUMENT) instead of cutting them.
+
+    Security: ``tls_ca`` (a PEM path or bytes) verifies a TLS server (``tls=True``
+    alone: TLS with grpc's default roots); ``tls_cert``/``tls_key`` present a
+    client certificate (mutual TLS); ``token`` sends ``authorization: Bearer
+    <token>`` with every call, over TLS or not.
     """
 
     def __init__(
@@ -47,6 +53,11 @@ class Client(ClientSettings):
         metadata: Metadata | None = None,
         options: ChannelOptions | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -55,8 +66,18 @@ class Client(ClientSettings):
             metadata=metadata,
             options=options,
             max_in_flight=max_in_flight,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            token=token,
         )
-        self.channel = grpc.insecure_channel(target, options=self._channel_options)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(target, options=self._channel_options)
+        else:
+            self.channel = grpc.secure_channel(
+                target, self._credentials, options=self._channel_options
+            )
         self._stub = pb_grpc.EmbedderStub(self.channel)
 
     def close(self) -> None:

@@ -1,0 +1,39 @@
+/**
+ * Node.js client for embedq, the Sentence-BERT embedding service.
+ *
+ *     import { EmbedqClient } from "@embedq/client";
+ *     const client = new EmbedqClient("127.0.0.1:50051");
+ *     const [a, b] = await client.encode(["first sentence", "second one"]); // Float32Array(384) each
+ *     client.close();
+ */
+export {
+  type ClientOptions,
+  DEFAULT_CHUNK_SIZE,
+  DEFAULT_MAX_IN_FLIGHT,
+  DEFAULT_TARGET,
+  DEFAULT_TIMEOUT_MS,
+  EmbedqClient,
+  type EncodeResult,
+  type Info,
+  type Limits,
+  type LookupRequest,
+  type LookupResult,
+  type Match,
+  type ModelInfo,
+  type RankOptions,
+  type SimilarityOptions,
+  type TokenizedText,
+} from "./client";
+export { EmbedqError, STATUS_NAMES } from "./errors";
+export {
+  cacheKey,
+  DEFAULT_NAMESPACE,
+  textSha256,
+  textSha256Hex,
+  type VariantOptions,
+  variantFingerprint,
+} from "./hash";
+export { type CallOptions, type EncodeOptions, METRIC_NAMES, type MetricName } from "./options";
+export { PROTO_FILE, resolveProtoRoot } from "./proto";
+export { EncodeStream, type StreamResult } from "./stream";
+export { type Matrix, packFloat32, rows, unpackFloat32 } from "./vectors";
