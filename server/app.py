@@ -15,12 +15,12 @@ from grpc_reflection.v1alpha import reflection
 
 from embedq.keys import Keys
 from embedq.settings import ServerSettings, SettingsError, readable_file
-from embedq.v1 import embedq_pb2, embedq_pb2_grpc
+from embedq.v1 import embedq_pb2
 
 from .auth import BearerTokenInterceptor, TokenSet, token_set
 from .queue import Dispatcher, QueueBounds
 from .registry import ModelRegistry
-from .router import EmbedderService
+from .router import EmbedderService, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,7 @@ async def serve(
     )
     dispatcher = Dispatcher(redis, keys, bounds=QueueBounds.from_env())
     server = build_grpc_server(settings, tokens)
-    embedq_pb2_grpc.add_EmbedderServicer_to_server(
-        EmbedderService(settings, dispatcher, registry, redis, keys), server
-    )
+    add_to_server(EmbedderService(settings, dispatcher, registry, redis, keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

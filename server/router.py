@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import numpy as np
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from embedq import __version__
@@ -24,7 +25,7 @@ from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
 from . import similarity, validation
-from .errors import RequestError, unavailable
+from .errors import RequestError, invalid, unavailable
 from .queue import Dispatcher, Variant
 from .registry import ModelRegistry
 
@@ -34,12 +35,62 @@ log = logging.getLogger(__name__)
 STREAM_WINDOW = 1024
 
 
+class Undecodable:
+    """Stands in for request bytes that do not parse (say, invalid UTF-8 in a
+    string field), so that the caller gets INVALID_ARGUMENT, not UNKNOWN."""
+
+    id = ""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> RequestError:
+        return invalid(
+            f"request is not a valid {self.type_name} message (strings must be valid UTF-8)"
+        )
+
+
+def tolerant_parser(message_class: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Undecodable(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def add_to_server(servicer: EmbedderService, server: grpc.aio.Server) -> None:
+    """Register the Embedder handlers (as the generated helper would, but
+    with parsers that turn undecodable requests into a clear status)."""
+    service = pb.DESCRIPTOR.services_by_name["Embedder"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
 def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     """Turn RequestError into its status; anything unexpected into INTERNAL."""
 
     @functools.wraps(handler)
     async def wrapped(self, request, context: grpc.aio.ServicerContext):
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await handler(self, request, context)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
@@ -128,6 +179,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         self, message: pb.EncodeStreamRequest, context
     ) -> pb.EncodeStreamResponse:
         try:
+            if isinstance(message, Undecodable):
+                raise message.error()
             variant, vectors, cached = await self._embed(
                 list(message.texts), message.options, context
             )
@@ -172,6 +225,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
 
     async def _answer_similarity(self, message: pb.SimilarityStreamRequest, context):
         try:
+            if isinstance(message, Undecodable):
+                raise message.error()
             response = await self._similarity(message.request, context)
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.SimilarityStreamResponse(id=message.id, error=as_error(exc))

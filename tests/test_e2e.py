@@ -322,3 +322,23 @@ def _wait_until(predicate, timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached in time")
+
+
+def test_undecodable_request_is_invalid_argument(channel, stub):
+    """Invalid UTF-8 in a string field (sent raw): a clear status, not UNKNOWN."""
+    bad_text = b"\x0a\x02\xff\xfe"  # field 1 (texts), length 2, not UTF-8
+    raw_encode = channel.unary_unary("/embedq.v1.Embedder/Encode")
+    with pytest.raises(grpc.RpcError) as info:
+        raw_encode(bad_text, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request is not a valid embedq.v1.EncodeRequest")
+    raw_stream = channel.stream_stream(
+        "/embedq.v1.Embedder/EncodeStream", response_deserializer=pb.EncodeStreamResponse.FromString
+    )
+    good = pb.EncodeStreamRequest(id="good", texts=["fine"]).SerializeToString()
+    bad = b"\x12\x02\xff\xfe"  # field 2 (texts) of a stream message
+    responses = list(raw_stream(iter([bad, good]), timeout=30))
+    assert len(responses) == 2
+    by_id = {r.id: r for r in responses}
+    assert by_id[""].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert by_id["good"].count == 1
