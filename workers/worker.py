@@ -69,6 +69,8 @@ class Worker:
 
     def run(self) -> None:
         self._wait_for_redis()
+        if self._stop.is_set():
+            return
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
@@ -152,8 +154,9 @@ class Worker:
             try:
                 self.redis.ping()
                 return
-            except (RedisError, OSError):
-                log.warning("waiting for redis at %s", self.settings.redis.safe_url)
+            except (RedisError, OSError) as exc:
+                reason = self.settings.redis.describe_error(exc)
+                log.warning("waiting for redis at %s: %s", self.settings.redis.safe_url, reason)
                 self._stop.wait(1.0)
 
     # -- reading ------------------------------------------------------------------
