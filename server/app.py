@@ -18,6 +18,7 @@ from embedq.settings import ServerSettings, SettingsError, readable_file
 from embedq.v1 import embedq_pb2
 
 from .auth import BearerTokenInterceptor, TokenSet, token_set
+from .metrics import ObservabilityInterceptor, start_metrics_server, track_gauges
 from .queue import Dispatcher, QueueBounds
 from .registry import ModelRegistry
 from .router import EmbedderService, add_to_server
@@ -99,8 +100,12 @@ def check_security(settings: ServerSettings) -> Security:
 
 def build_grpc_server(settings: ServerSettings, tokens: TokenSet | None = None) -> grpc.aio.Server:
     size = settings.limits.max_message_bytes
+    # Observability first: it sees (counts, logs, tags) calls the token check refuses.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor()]
+    if tokens is not None:
+        interceptors.append(BearerTokenInterceptor(tokens))
     return grpc.aio.server(
-        interceptors=[BearerTokenInterceptor(tokens)] if tokens is not None else None,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -163,6 +168,9 @@ async def serve(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    metrics_http = None
+    if settings.metrics_port:
+        metrics_http = start_metrics_server(settings.metrics_port, settings.metrics_host)
     try:
         await registry.refresh()
         registry.redis_ok = True
@@ -176,6 +184,7 @@ async def serve(
     background = [
         asyncio.create_task(registry.run()),
         asyncio.create_task(_track_health(health_servicer, registry)),
+        asyncio.create_task(track_gauges(redis, keys, registry)),
     ]
     await server.start()
     log.info(
@@ -194,6 +203,9 @@ async def serve(
         task.cancel()
     await dispatcher.stop()
     await redis.aclose()
+    if metrics_http is not None:
+        metrics_http.shutdown()
+        metrics_http.server_close()
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

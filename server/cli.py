@@ -61,7 +61,24 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         help="seconds a call waits for workers when the client set no deadline "
         "[EMBEDQ_REQUEST_TIMEOUT; %(default)s]",
     )
+    add_metrics_options(parser, "embedq serve: the server's; its workers' on the ports after it")
     add_security_options(parser)
+
+
+def add_metrics_options(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--metrics-port / --metrics-host (servers and workers alike)."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_int("METRICS_PORT", 0),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0: off "
+        f"{'(' + note + ') ' if note else ''}[EMBEDQ_METRICS_PORT; %(default)s]",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env("METRICS_HOST", DEFAULT_HOST),
+        help="address the metrics endpoint listens on [EMBEDQ_METRICS_HOST; %(default)s]",
+    )
 
 
 def add_security_options(parser: argparse.ArgumentParser) -> None:
@@ -108,9 +125,12 @@ def server_settings(args: argparse.Namespace, redis_url: str | None) -> ServerSe
             max_batch_texts=args.max_batch_texts,
             max_text_bytes=args.max_text_bytes,
             max_message_bytes=Limits.from_env().max_message_bytes,
+            max_candidates=Limits.from_env().max_candidates,
         ),
         default_model=args.default_model,
         default_timeout_s=args.request_timeout,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         **security_settings(args),
     )
 

@@ -30,6 +30,7 @@ from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys, decode_reply, encode_message, text_sha256, variant_fingerprint
 from embedq.settings import env_int
 
+from . import metrics
 from .errors import CODE_BY_NUMBER, RequestError, unavailable
 from .registry import ServedModel
 
@@ -48,12 +49,13 @@ class Variant:
     model: ServedModel
     normalize: bool
     truncate: bool
+    prompt: str = ""
 
     @property
     def fingerprint(self) -> str:
         reg = self.model.registration
         return variant_fingerprint(
-            reg.fingerprint, normalize=self.normalize, truncate=self.truncate
+            reg.fingerprint, normalize=self.normalize, truncate=self.truncate, prompt=self.prompt
         )
 
 
@@ -278,7 +280,7 @@ class Dispatcher:
             self._route(call, hashes.get(id(call)), cached, queued, jobs)
         if jobs or self._abandoned:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for (_kind, model, _norm, _trunc), job in jobs.items():
+                for (_kind, model, *_options), job in jobs.items():
                     pipe.xadd(self._keys.jobs(model), encode_message(job))
                 self._send_cancellations(pipe)
                 await pipe.execute()
@@ -355,6 +357,7 @@ class Dispatcher:
             # A value of the wrong size is treated as a miss, never served.
             if value is not None and len(value) == dim * 4:
                 hits[key] = np.frombuffer(value, dtype="<f4")
+        metrics.record_cache_lookup(sum(key in hits for key in wanted), len(wanted))
         return hits, queued
 
     def _wait_for(
@@ -381,7 +384,7 @@ class Dispatcher:
 
     def _job_for(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> queue_pb2.Job:
         variant = call.variant
-        key = (call.kind, variant.model.name, variant.normalize, variant.truncate)
+        key = (call.kind, variant.model.name, variant.normalize, variant.truncate, variant.prompt)
         job = jobs.get(key)
         if job is None:
             job = queue_pb2.Job(
@@ -391,6 +394,7 @@ class Dispatcher:
                 truncate=variant.truncate,
                 variant=variant.fingerprint,
                 fingerprint=variant.model.registration.fingerprint,
+                prompt=variant.prompt,
             )
             jobs[key] = job
         return job

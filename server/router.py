@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -26,6 +27,7 @@ from embedq.v1 import embedq_pb2_grpc
 
 from . import similarity, validation
 from .errors import RequestError, invalid, unavailable
+from .output import OutputSpec, output_spec, ranking_vectors, shape
 from .queue import Dispatcher, Variant
 from .registry import ModelRegistry
 
@@ -119,6 +121,16 @@ def as_error(exc: BaseException) -> pb.Error:
     )
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """Full float32 vectors of a request, and how to answer with them."""
+
+    variant: Variant
+    spec: OutputSpec
+    vectors: np.ndarray
+    cached: np.ndarray
+
+
 class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     def __init__(
         self,
@@ -140,10 +152,16 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     def _variant(self, options: pb.EncodeOptions) -> Variant:
         validation.check_options(options)
         model = self.registry.resolve(options.model)
-        normalize = (
-            options.normalize if options.HasField("normalize") else model.registration.normalize
-        )
-        return Variant(model, normalize, validation.truncate_flag(options))
+        reg = model.registration
+        normalize = options.normalize if options.HasField("normalize") else reg.normalize
+        prompt = validation.resolve_prompt(options, reg.prompts, reg.default_prompt_name)
+        return Variant(model, normalize, validation.truncate_flag(options), prompt)
+
+    def _resolve(self, options: pb.EncodeOptions) -> tuple[Variant, OutputSpec]:
+        """The variant to compute or look up, and the shape of the answer."""
+        variant = self._variant(options)
+        dimension = variant.model.registration.dimension
+        return variant, output_spec(options, dimension, variant.normalize)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -151,29 +169,34 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         return default if remaining is None else max(0.0, min(remaining, default))
 
     async def _embed(
-        self, texts: list[str], options: pb.EncodeOptions, context: grpc.aio.ServicerContext
-    ) -> tuple[Variant, np.ndarray, np.ndarray]:
-        validation.check_texts(texts, self.limits)
-        variant = self._variant(options)
+        self,
+        texts: list[str],
+        options: pb.EncodeOptions,
+        context: grpc.aio.ServicerContext,
+        max_texts: int | None = None,
+    ) -> Embedded:
+        validation.check_texts(texts, self.limits, max_texts=max_texts)
+        variant, spec = self._resolve(options)
         vectors, cached = await self.dispatcher.encode(variant, texts, self._timeout(context))
-        return variant, vectors, cached
+        return Embedded(variant, spec, vectors, cached)
 
     @staticmethod
-    def _packed(variant: Variant, vectors: np.ndarray) -> dict:
+    def _packed(done: Embedded) -> dict:
         return {
-            "model": variant.model.name,
-            "dimension": vectors.shape[1],
-            "dtype": pb.DTYPE_FLOAT32,
-            "count": vectors.shape[0],
-            "embeddings": vectors.astype("<f4", copy=False).tobytes(),
+            "model": done.variant.model.name,
+            "dimension": done.spec.dimension,
+            "dtype": done.spec.dtype,
+            "count": done.vectors.shape[0],
+            "embeddings": shape(done.vectors, done.spec),
+            "cached": done.cached.tolist(),
         }
 
     # -- Encode -----------------------------------------------------------------
 
     @unary
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
-        variant, vectors, cached = await self._embed(list(request.texts), request.options, context)
-        return pb.EncodeResponse(**self._packed(variant, vectors), cached=cached.tolist())
+        done = await self._embed(list(request.texts), request.options, context)
+        return pb.EncodeResponse(**self._packed(done))
 
     async def _answer_encode(
         self, message: pb.EncodeStreamRequest, context
@@ -181,14 +204,11 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         try:
             if isinstance(message, Undecodable):
                 raise message.error()
-            variant, vectors, cached = await self._embed(
-                list(message.texts), message.options, context
-            )
+            done = await self._embed(list(message.texts), message.options, context)
+            packed = self._packed(done)
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.EncodeStreamResponse(id=message.id, error=as_error(exc))
-        return pb.EncodeStreamResponse(
-            id=message.id, **self._packed(variant, vectors), cached=cached.tolist()
-        )
+        return pb.EncodeStreamResponse(id=message.id, **packed)
 
     async def EncodeStream(
         self, request_iterator, context
@@ -204,20 +224,22 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         if request.WhichOneof("input") == "pairs":
             pairs = request.pairs.pairs
             texts = [p.a for p in pairs] + [p.b for p in pairs]
-            variant, vectors, _ = await self._embed(texts, request.options, context)
+            done = await self._embed(texts, request.options, context)
+            vectors = ranking_vectors(done.vectors, done.spec)
             scores = similarity.pairwise(metric, vectors[: len(pairs)], vectors[len(pairs) :])
             return pb.SimilarityResponse(
-                model=variant.model.name, metric=metric, scores=scores.tolist()
+                model=done.variant.model.name, metric=metric, scores=scores.tolist()
             )
         ranking = request.ranking
         texts = [ranking.query, *ranking.candidates]
-        variant, vectors, _ = await self._embed(texts, request.options, context)
+        done = await self._embed(texts, request.options, context, self.limits.max_candidates + 1)
+        vectors = ranking_vectors(done.vectors, done.spec)
         scores = similarity.against_query(metric, vectors[0], vectors[1:])
         order, best = similarity.top_k(scores, request.top_k)
         matches = [
             pb.Match(index=i, score=s) for i, s in zip(order.tolist(), best.tolist(), strict=True)
         ]
-        return pb.SimilarityResponse(model=variant.model.name, metric=metric, matches=matches)
+        return pb.SimilarityResponse(model=done.variant.model.name, metric=metric, matches=matches)
 
     @unary
     async def Similarity(self, request: pb.SimilarityRequest, context) -> pb.SimilarityResponse:
@@ -248,19 +270,20 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
                 f"{items} items, over the limit of {self.limits.max_batch_texts} per request"
             )
         validation.check_hashes(request.sha256)
-        variant = self._variant(request.options)
+        variant, spec = self._resolve(request.options)
         hashes = [text_sha256(t) for t in request.texts] + [h.hex() for h in request.sha256]
         values = await self.redis.mget([self.keys.cache(variant.fingerprint, h) for h in hashes])
         size = variant.model.registration.dimension * 4
         found = [value is not None and len(value) == size for value in values]
-        rows = b"".join(value for value, hit in zip(values, found, strict=True) if hit)
+        hits = [value for value, hit in zip(values, found, strict=True) if hit]
+        vectors = np.frombuffer(b"".join(hits), dtype="<f4").reshape(len(hits), size // 4)
         return pb.LookupResponse(
             model=variant.model.name,
-            dimension=variant.model.registration.dimension,
-            dtype=pb.DTYPE_FLOAT32,
+            dimension=spec.dimension,
+            dtype=spec.dtype,
             found=found,
-            embeddings=rows,
-            count=sum(found),
+            embeddings=shape(vectors, spec) if hits else b"",
+            count=len(hits),
         )
 
     @unary
@@ -293,6 +316,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
                 normalize=m.registration.normalize,
                 workers_alive=m.workers_alive,
                 source=m.registration.source,
+                prompts=dict(m.registration.prompts),
+                default_prompt_name=m.registration.default_prompt_name,
             )
             for m in self.registry.models.values()
         ]
@@ -303,6 +328,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
                 max_batch_texts=self.limits.max_batch_texts,
                 max_text_bytes=self.limits.max_text_bytes,
                 max_message_bytes=self.limits.max_message_bytes,
+                max_candidates=self.limits.max_candidates,
             ),
             version=__version__,
         )

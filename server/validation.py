@@ -5,7 +5,7 @@ Pure functions over the protobuf messages; they raise RequestError.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from embedq.settings import Limits
 from embedq.v1 import embedq_pb2 as pb
@@ -16,12 +16,15 @@ KNOWN_TRUNCATIONS = set(pb.Truncation.values())
 KNOWN_METRICS = set(pb.Metric.values())
 
 
-def check_texts(texts: Sequence[str], limits: Limits, field: str = "texts") -> None:
+def check_texts(
+    texts: Sequence[str], limits: Limits, field: str = "texts", max_texts: int | None = None
+) -> None:
+    most = max_texts or limits.max_batch_texts
     if not texts:
         raise invalid(f"{field} is empty: send at least one text")
-    if len(texts) > limits.max_batch_texts:
+    if len(texts) > most:
         raise invalid(
-            f"{field} has {len(texts)} entries, over the limit of {limits.max_batch_texts} "
+            f"{field} has {len(texts)} entries, over the limit of {most} "
             "per request: split it into several requests"
         )
     # A str of n characters has at most 4n UTF-8 bytes: only long texts pay
@@ -40,6 +43,21 @@ def check_texts(texts: Sequence[str], limits: Limits, field: str = "texts") -> N
 def check_options(options: pb.EncodeOptions) -> None:
     if options.truncation not in KNOWN_TRUNCATIONS:
         raise invalid(f"options.truncation: unknown value {options.truncation}")
+
+
+def resolve_prompt(options: pb.EncodeOptions, prompts: Mapping[str, str], default_name: str) -> str:
+    """The prompt text a request asks for (explicit, named, or the model's default)."""
+    if options.HasField("prompt"):
+        if options.prompt_name:
+            raise invalid("set options.prompt or options.prompt_name, not both")
+        return options.prompt
+    name = options.prompt_name or default_name
+    if not name:
+        return ""
+    if name not in prompts:
+        known = ", ".join(sorted(prompts)) or "none"
+        raise invalid(f"options.prompt_name {name!r} is not one of the model's prompts ({known})")
+    return prompts[name]
 
 
 def truncate_flag(options: pb.EncodeOptions) -> bool:
@@ -70,6 +88,7 @@ def check_similarity(request: pb.SimilarityRequest, limits: Limits) -> None:
             [request.ranking.query, *request.ranking.candidates],
             limits,
             field="ranking (query and candidates)",
+            max_texts=limits.max_candidates + 1,
         )
 
 

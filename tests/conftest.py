@@ -64,20 +64,26 @@ def wait_healthy(target: str, proc: subprocess.Popen, name: str, timeout: float 
     raise RuntimeError(f"{name} not healthy after {timeout}s:\n{log_tail(name)}")
 
 
-def wait_worker_registered(redis_url: str, namespace: str, proc, name: str, timeout=90.0) -> None:
+def registered_workers(redis_url: str, namespace: str) -> int:
+    """Workers with a heartbeat entry, all models together."""
     import redis
 
     from embedq.keys import Keys
 
     client = redis.Redis.from_url(redis_url)
     keys = Keys(namespace)
+    return sum(client.zcard(keys.workers(m.decode())) for m in client.hkeys(keys.models()))
+
+
+def wait_worker_registered(
+    redis_url: str, namespace: str, proc, name: str, before: int = 0, timeout=90.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited {proc.returncode}:\n{log_tail(name)}")
-        for model_key in client.hkeys(keys.models()):
-            if client.zcard(keys.workers(model_key.decode())) > 0:
-                return
+        if registered_workers(redis_url, namespace) > before:
+            return
         time.sleep(0.1)
     raise RuntimeError(f"{name} did not register after {timeout}s:\n{log_tail(name)}")
 
@@ -109,8 +115,9 @@ class Service:
     def start_worker(self, *extra: str) -> subprocess.Popen:
         name = f"worker-{self.namespace}-{len(self.workers)}"
         args = ["worker", "--redis-url", self.redis_url, "--namespace", self.namespace, *extra]
+        before = registered_workers(self.redis_url, self.namespace)
         proc = _spawn(args, name)
-        wait_worker_registered(self.redis_url, self.namespace, proc, name)
+        wait_worker_registered(self.redis_url, self.namespace, proc, name, before)
         self.workers.append(proc)
         return proc
 

@@ -9,9 +9,14 @@ import signal
 import subprocess
 import sys
 
+from embedq.server.cli import add_metrics_options
+
 from embedq.settings import RedisSettings, WorkerSettings, env, env_int
 
 log = logging.getLogger(__name__)
+
+# Mirrors embedq.workers.backends.BACKENDS (not imported here: that would load torch for --help).
+BACKEND_CHOICES = ("torch", "torch-int8", "onnx", "onnx-int8")
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -34,13 +39,8 @@ def parse_devices(spec: str) -> list[str]:
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by `embedq worker` and `embedq serve`."""
-    parser.add_argument(
-        "--model",
-        default=env("MODEL"),
-        help="model folder, NAME=FOLDER, or a model id in the local Hugging Face cache "
-        "[EMBEDQ_MODEL; the bundled all-MiniLM-L6-v2]",
-    )
+    """Flags shared by `embedq worker` and `embedq serve` (--model differs: one
+    model per worker process, several for serve)."""
     parser.add_argument(
         "--devices",
         default=env("DEVICES", "auto"),
@@ -52,6 +52,14 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=env("FP16", "") == "1",
         help="run the encoder in float16 on CUDA [EMBEDQ_FP16]",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=env("BACKEND", "torch"),
+        help="what runs the encoder: torch (exact float32); or, opt-in and CPU only, faster "
+        "torch-int8, onnx or onnx-int8 whose vectors differ slightly (onnx*: pip install "
+        "'embedq[fast]') [EMBEDQ_BACKEND; %(default)s]",
     )
     parser.add_argument(
         "--max-batch-tokens",
@@ -89,15 +97,26 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--namespace", default=None, help="prefix of every Redis key [EMBEDQ_NAMESPACE; embedq]"
     )
+    parser.add_argument(
+        "--model",
+        default=env("MODEL"),
+        help="model folder, NAME=FOLDER, or a model id in the local Hugging Face cache "
+        "[EMBEDQ_MODEL; the bundled all-MiniLM-L6-v2]",
+    )
     add_worker_options(parser)
     parser.add_argument(
-        "--claim-idle-ms", type=int, default=env_int("CLAIM_IDLE_MS", 30000),
+        "--claim-idle-ms",
+        type=int,
+        default=env_int("CLAIM_IDLE_MS", 30000),
         help="claim jobs another worker left pending this long [EMBEDQ_CLAIM_IDLE_MS; %(default)s]",
     )
     parser.add_argument(
-        "--max-deliveries", type=int, default=env_int("MAX_DELIVERIES", 3),
+        "--max-deliveries",
+        type=int,
+        default=env_int("MAX_DELIVERIES", 3),
         help="deliveries before a job is dead-lettered [EMBEDQ_MAX_DELIVERIES; %(default)s]",
     )
+    add_metrics_options(parser, "several devices: device i on PORT+i")
     parser.set_defaults(func=run_worker_command)
 
 
@@ -107,6 +126,7 @@ def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
         model=args.model,
         device=device,
         fp16=args.fp16,
+        backend=args.backend,
         max_batch_tokens=args.max_batch_tokens or None,
         max_batch_size=args.max_batch_size,
         cache_ttl_s=args.cache_ttl,
@@ -115,13 +135,23 @@ def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
 
 def run_worker_command(args: argparse.Namespace) -> int:
     devices = parse_devices(args.devices)
+    from .backends import BackendUnavailableError, check_backend
+
+    try:  # before loading any weights: a missing package or a GPU fails right here
+        for device in devices:
+            check_backend(args.backend, device)
+    except BackendUnavailableError as exc:
+        print(f"embedq worker: {exc}", file=sys.stderr)
+        return 2
     if len(devices) == 1:
         from transformers.utils import logging as hf_logging
 
+        from .metrics import start_metrics_server
         from .worker import Worker
 
         hf_logging.disable_progress_bar()  # a progress bar is noise in a service log
-
+        if args.metrics_port:
+            start_metrics_server(args.metrics_port, args.metrics_host)
         settings = dataclasses.replace(
             worker_settings(args, devices[0]),
             claim_idle_ms=args.claim_idle_ms,
@@ -131,15 +161,18 @@ def run_worker_command(args: argparse.Namespace) -> int:
         worker.install_signal_handlers()
         worker.run()
         return 0
-    return supervise_devices(devices)
+    return supervise_devices(devices, args.metrics_port)
 
 
-def supervise_devices(devices: list[str]) -> int:
-    """One child process per device; signals are passed on to all of them."""
+def supervise_devices(devices: list[str], metrics_port: int = 0) -> int:
+    """One child process per device (device i's metrics on metrics_port + i);
+    signals are passed on to all of them."""
     base = [a for a in sys.argv[1:]]
     children = []
-    for device in devices:
+    for index, device in enumerate(devices):
         argv = _replace_flag(base, "--devices", device)
+        port = metrics_port + index if metrics_port else 0
+        argv = _replace_flag(argv, "--metrics-port", str(port))
         children.append(subprocess.Popen([sys.executable, "-m", "embedq.cli", *argv]))
         log.info("started worker on %s (pid %d)", device, children[-1].pid)
 

@@ -79,7 +79,8 @@ def run_jobs(
 ) -> Outcome:
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     outcome = Outcome()
-    work: dict[bool, _Work] = defaultdict(_Work)
+    # Texts are shared across jobs only when they become the same vectors.
+    work: dict[tuple[bool, str], _Work] = defaultdict(_Work)
     tokenize_jobs = []
     for job in jobs:
         if job.deadline_unix_ms and job.deadline_unix_ms < now_ms:
@@ -89,9 +90,9 @@ def run_jobs(
             tokenize_jobs.append(job)
         else:
             for item in job.items:
-                work[job.normalize].add(job, item.ticket, item.text)
-    for normalize, group in work.items():
-        _encode_group(group, normalize, encoder, keys, limits, outcome)
+                work[job.normalize, job.prompt].add(job, item.ticket, item.text)
+    for (normalize, prompt), group in work.items():
+        _encode_group(group, normalize, prompt, encoder, keys, limits, outcome)
     for job in tokenize_jobs:
         _tokenize_job(job, encoder, outcome)
     return outcome
@@ -107,12 +108,15 @@ def _over_length_message(tokens: TokenizedText, max_len: int) -> str:
 def _encode_group(
     group: _Work,
     normalize: bool,
+    prompt: str,
     encoder: PooledEncoder,
     keys: Keys,
     limits: BatchLimits,
     outcome: Outcome,
 ) -> None:
-    tokenized = encoder.tokenize(group.texts)
+    # The prompt is part of the text the model reads (and counts toward
+    # max_seq_length), as in sentence-transformers.
+    tokenized = encoder.tokenize([prompt + text for text in group.texts])
     vectors, errors = _embed_all(tokenized, group.texts, normalize, encoder, limits)
     outcome.texts_encoded += len(group.texts)
     max_len = encoder.spec.max_seq_length
@@ -172,13 +176,13 @@ def _cache_vector(
     # Keyed by this worker's own fingerprint: if a server's view of the model
     # is stale, it misses the cache rather than read another model's vectors.
     variant = variant_fingerprint(
-        encoder.spec.fingerprint, normalize=job.normalize, truncate=job.truncate
+        encoder.spec.fingerprint, normalize=job.normalize, truncate=job.truncate, prompt=job.prompt
     )
     outcome.cache[keys.cache(variant, text_sha256(text))] = vector.astype("<f4").tobytes()
 
 
 def _tokenize_job(job: queue_pb2.Job, encoder: PooledEncoder, outcome: Outcome) -> None:
-    texts = [item.text for item in job.items]
+    texts = [job.prompt + item.text for item in job.items]
     max_len = encoder.spec.max_seq_length
     for item, tokens in zip(job.items, encoder.tokenize(texts), strict=True):
         if not job.truncate and tokens.truncated:

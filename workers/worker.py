@@ -27,9 +27,10 @@ from embedq.internal.v1 import queue_pb2
 from embedq.keys import CONSUMER_GROUP, Keys, decode_job, encode_message
 from embedq.settings import WorkerSettings
 
-from . import faults
+from . import faults, metrics
 from .backends import PooledEncoder
 from .pipeline import BatchLimits, Outcome, run_jobs
+from .prompts import read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Worker:
         self.settings = settings
         self.keys = Keys(settings.redis.namespace)
         self.encoder = encoder or PooledEncoder.load(
-            settings.model, device=settings.device, fp16=settings.fp16
+            settings.model, device=settings.device, fp16=settings.fp16, backend=settings.backend
         )
         self.name = self.encoder.spec.name
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -74,7 +75,9 @@ class Worker:
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
-        log.info("worker %s serving model %s on %s", self.worker_id, self.name, self.encoder.device)
+        spec = self.encoder.spec
+        where = f"{self.encoder.device} ({spec.backend} backend)"
+        log.info("worker %s serving model %s on %s", self.worker_id, self.name, where)
         try:
             while not self._stop.is_set():
                 self.step()
@@ -102,7 +105,10 @@ class Worker:
 
     def registration(self) -> queue_pb2.ModelRegistration:
         spec = self.encoder.spec
+        prompts, default_prompt = read_prompts(spec.source)
         return queue_pb2.ModelRegistration(
+            prompts=prompts,
+            default_prompt_name=default_prompt,
             name=spec.name,
             fingerprint=spec.fingerprint,
             dimension=spec.dimension,
@@ -212,10 +218,12 @@ class Worker:
         for item in job.items:
             outcome.fail(job, item.ticket, INTERNAL, message)
         self._write(outcome, [entry_id], dead_letter=fields)
+        metrics.dead_lettered()
 
     # -- processing ---------------------------------------------------------------
 
     def handle(self, entries: list[Entry]) -> None:
+        begun = time.perf_counter()
         jobs, entry_ids = [], []
         for entry_id, fields in entries:
             try:
@@ -225,10 +233,11 @@ class Worker:
                 # Nobody can be answered for bytes we cannot read; keep them for a human.
                 log.error("malformed job %s dead-lettered", entry_id)
                 self._write(Outcome(), [entry_id], dead_letter=fields)
+                metrics.dead_lettered()
         self._drop_cancelled(jobs)
         faults.crash_if_marked(item.text for job in jobs for item in job.items)
         started = time.perf_counter()
-        outcome = run_jobs(jobs, self.encoder, self.keys, self.limits)
+        outcome = run_jobs(jobs, metrics.measured(self.encoder), self.keys, self.limits)
         log.debug(
             "%d jobs, %d texts encoded in %.1f ms",
             len(jobs),
@@ -236,6 +245,7 @@ class Worker:
             (time.perf_counter() - started) * 1000,
         )
         self._write(outcome, entry_ids)
+        metrics.record_jobs(jobs, outcome.replies, time.perf_counter() - begun)
 
     def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:
         """Remove items whose caller cancelled or gave up (one round trip)."""

@@ -117,6 +117,7 @@ class Deployment:
         worker += (["--model", args.model] if args.model else []) + (
             ["--fp16"] if args.fp16 else []
         )
+        worker += ["--backend", args.backend]
         server = [*cli, "server", *redis_flag, "--port", str(port)]
         procs = {"worker": subprocess.Popen(worker), "server": subprocess.Popen(server)}
         deployment = cls(f"127.0.0.1:{port}", redis_server.url, procs, redis_server)
@@ -367,6 +368,13 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--devices", default="cpu", help="worker device [%(default)s]")
     parser.add_argument("--fp16", action="store_true", help="fp16 worker and reference (CUDA)")
     parser.add_argument(
+        "--backend",
+        choices=("torch", "torch-int8", "onnx", "onnx-int8"),
+        default="torch",
+        help="the worker's encoder backend; the reference R stays sentence-transformers "
+        "float32 [%(default)s]",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("bench-out"), help="folder for JSON and PNG"
     )
     parser.set_defaults(func=run_bench_command)
@@ -376,7 +384,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedq.workers.backends import resolve_model_source
+    from embedq.workers.backends import BackendUnavailableError, check_backend, resolve_model_source
 
     texts = (
         read_texts(args.input, args.column, args.texts)
@@ -387,6 +395,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
         args.devices not in ("cpu", "auto") or args.devices == "auto" and torch.cuda.is_available()
     )
     device = "cuda" if wants_gpu else "cpu"
+    if not args.target:
+        try:  # fail now, not after the deployment's 180 s readiness wait
+            check_backend(args.backend, device)
+        except BackendUnavailableError as exc:
+            print(f"embedq bench: {exc}", file=sys.stderr)
+            return 2
     _, folder = resolve_model_source(args.model)
     model = SentenceTransformer(str(folder), device=device)
     model.encode = functools.partial(model.encode, show_progress_bar=False)
@@ -405,6 +419,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         label = torch.cuda.get_device_name(0)
     else:
         label = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    if args.backend != "torch" and not args.target:
+        label += f", worker backend {args.backend}"
     print(report(results, label))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "embedq " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])

@@ -7,7 +7,7 @@ import os
 import sys
 
 from embedq import __version__
-from embedq.logs import configure_logging
+from embedq.logs import FORMATS, configure_logging
 from embedq.settings import SettingsError
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from embedq.client.cli import add_client_commands
     from embedq.serve import add_serve_command
     from embedq.server.cli import add_server_command
+    from embedq.status import add_status_command
     from embedq.workers.cli import add_worker_command
 
     parser = argparse.ArgumentParser(
@@ -28,11 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("EMBEDQ_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR [EMBEDQ_LOG_LEVEL; %(default)s]",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        type=str.lower,
+        default=(os.environ.get("EMBEDQ_LOG_FORMAT") or "text").lower(),
+        help="text lines, or JSON lines (time, level, logger, message, request_id, extra "
+        "fields) [EMBEDQ_LOG_FORMAT; %(default)s]",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve_command(subparsers)
     add_server_command(subparsers)
     add_worker_command(subparsers)
     add_client_commands(subparsers)
+    add_status_command(subparsers)
     add_bench_command(subparsers)
     return parser
 
@@ -46,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    configure_logging(args.log_level)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:  # a bad EMBEDQ_LOG_LEVEL / EMBEDQ_LOG_FORMAT
+        parser.exit(2, f"embedq: error: {exc}\n")
     try:
         return args.func(args)
     except SettingsError as exc:

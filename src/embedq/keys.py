@@ -26,9 +26,13 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def variant_fingerprint(model_fingerprint: str, *, normalize: bool, truncate: bool) -> str:
+def variant_fingerprint(
+    model_fingerprint: str, *, normalize: bool, truncate: bool, prompt: str = ""
+) -> str:
     """Fingerprint of one output variant of a model (see the .proto hash rule)."""
     material = f"{model_fingerprint}|normalize={int(normalize)}|truncate={int(truncate)}"
+    if prompt:
+        material += f"|prompt={text_sha256(prompt)}"
     return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
 
 
@@ -70,6 +74,15 @@ class Keys:
     def cache(self, variant: str, sha256_hex: str) -> str:
         """Cache entry: raw little-endian float32 vector bytes."""
         return f"{self.namespace}:v1:emb:{variant}:{sha256_hex}"
+
+    def cache_pattern(self) -> str:
+        """SCAN MATCH pattern of every cache entry of this namespace (all variants)."""
+        return f"{_glob_escape(self.namespace)}:v1:emb:*"
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis glob pattern."""
+    return "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in text)
 
 
 def encode_message(message: object) -> dict[bytes, bytes]:

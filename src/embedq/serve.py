@@ -18,7 +18,7 @@ import sys
 
 from embedq.embedded import EmbeddedRedis
 from embedq.server.cli import add_server_options, security_settings, server_settings
-from embedq.settings import ServerSettings, redact_url
+from embedq.settings import ServerSettings, env_int, redact_url
 from embedq.workers.cli import add_worker_options
 
 log = logging.getLogger("embedq.serve")
@@ -36,19 +36,27 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="worker processes to start (each uses --devices) [%(default)s]",
+        default=env_int("WORKERS", 1),
+        help="worker processes to start (each uses --devices) [EMBEDQ_WORKERS; %(default)s]",
     )
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("EMBEDQ_REDIS_URL"),
         help="use this Redis instead of starting a private one [EMBEDQ_REDIS_URL]",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder, NAME=FOLDER or model id; repeat to serve several models, each with "
+        "its own --workers workers (the first is the default) [EMBEDQ_MODEL, comma-separated; "
+        "the bundled all-MiniLM-L6-v2]",
+    )
     add_worker_options(parser)
     parser.set_defaults(func=run_serve_command)
 
 
-def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
+def worker_argv(args: argparse.Namespace, redis_url: str, model: str | None) -> list[str]:
     """The worker command line; a URL with a password goes in worker_env() instead,
     out of process listings."""
     url_flag = ["--redis-url", redis_url] if redact_url(redis_url) == redis_url else []
@@ -69,10 +77,12 @@ def worker_argv(args: argparse.Namespace, redis_url: str) -> list[str]:
     ]
     if args.namespace:
         argv += ["--namespace", args.namespace]
-    if args.model:
-        argv += ["--model", args.model]
+    if model:
+        argv += ["--model", model]
     if args.fp16:
         argv.append("--fp16")
+    if args.backend != "torch":
+        argv += ["--backend", args.backend]
     return argv
 
 
@@ -86,14 +96,14 @@ def worker_env(redis_url: str) -> dict[str, str]:
 class WorkerPool:
     """Keeps N worker processes running until stopped."""
 
-    def __init__(self, argv: list[str], count: int, env: dict[str, str] | None = None) -> None:
-        self.argv = argv
+    def __init__(self, argvs: list[list[str]], env: dict[str, str] | None = None) -> None:
+        self.argvs = argvs
         self.env = env
-        self.procs: list[subprocess.Popen] = [self._spawn() for _ in range(count)]
+        self.procs: list[subprocess.Popen] = [self._spawn(i) for i in range(len(argvs))]
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self, index: int) -> subprocess.Popen:
         # A worker ignores the terminal's Ctrl-C (own process group); we stop it.
-        return subprocess.Popen(self.argv, start_new_session=True, env=self.env)
+        return subprocess.Popen(self.argvs[index], start_new_session=True, env=self.env)
 
     async def supervise(self) -> None:
         while True:
@@ -101,7 +111,7 @@ class WorkerPool:
             for index, proc in enumerate(self.procs):
                 if proc.poll() is not None:
                     log.error("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
-                    self.procs[index] = self._spawn()
+                    self.procs[index] = self._spawn(index)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -114,6 +124,35 @@ class WorkerPool:
                 proc.kill()
 
 
+def with_observability(args: argparse.Namespace, argvs: list[list[str]]) -> list[list[str]]:
+    """Worker command lines with serve's --log-level/--log-format, and metrics ports:
+    with --metrics-port P, worker k serves on P + 1 + k * (devices per worker), so a
+    worker running several devices (device i on its port + i) collides with none."""
+    stride = 1
+    if args.metrics_port:
+        from embedq.workers.cli import parse_devices
+
+        stride = len(parse_devices(args.devices))
+    logging_flags = []  # top-level options: before the command name
+    if getattr(args, "log_level", None):
+        logging_flags += ["--log-level", args.log_level]
+    if getattr(args, "log_format", None):
+        logging_flags += ["--log-format", args.log_format]
+    out = []
+    for index, argv in enumerate(argvs):
+        port = args.metrics_port + 1 + index * stride if args.metrics_port else 0
+        at = argv.index("worker")
+        metrics = ["--metrics-port", str(port), "--metrics-host", args.metrics_host]
+        out.append([*argv[:at], *logging_flags, *argv[at:], *metrics])
+    return out
+
+
+def default_model_name(spec: str) -> str:
+    """The served name of `NAME=FOLDER` (other forms: the server picks, or asks)."""
+    name, sep, _where = spec.partition("=")
+    return name if sep else ""
+
+
 def run_serve_command(args: argparse.Namespace) -> int:
     from embedq.server.app import check_security, serve
 
@@ -123,7 +162,12 @@ def run_serve_command(args: argparse.Namespace) -> int:
     redis_url = args.redis_url or redis_server.url
     if redis_server is not None:
         log.info("private redis (%s) on %s", os.path.basename(redis_server.binary), redis_url)
-    pool = WorkerPool(worker_argv(args, redis_url), args.workers, worker_env(redis_url))
+    from_env = [m for m in (os.environ.get("EMBEDQ_MODEL") or "").split(",") if m]
+    models = args.model or from_env or [None]
+    argvs = [worker_argv(args, redis_url, model) for model in models for _ in range(args.workers)]
+    pool = WorkerPool(with_observability(args, argvs), worker_env(redis_url))
+    if len(models) > 1 and not args.default_model:
+        args.default_model = default_model_name(models[0])
     settings = server_settings(args, redis_url)
 
     async def main() -> None:

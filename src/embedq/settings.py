@@ -143,6 +143,8 @@ class Limits:
     # gRPC message cap, both directions: 2048 texts x 384 floats x 4 bytes
     # is 3 MiB, far below it.
     max_message_bytes: int = 64 * 1024 * 1024
+    # Candidates of one ranking call: scored in one vectorised pass.
+    max_candidates: int = 10_000
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -150,6 +152,7 @@ class Limits:
             max_batch_texts=env_int("MAX_BATCH_TEXTS", cls.max_batch_texts),
             max_text_bytes=env_int("MAX_TEXT_BYTES", cls.max_text_bytes),
             max_message_bytes=env_int("MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            max_candidates=env_int("MAX_CANDIDATES", cls.max_candidates),
         )
 
 
@@ -174,6 +177,9 @@ class ServerSettings:
     # and/or EMBEDQ_AUTH_TOKENS; none of either: no authentication.
     auth_token_file: str | None = None
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Prometheus /metrics over HTTP on metrics_host:metrics_port; 0: off.
+    metrics_port: int = 0
+    metrics_host: str = DEFAULT_HOST
 
     @property
     def auth_enabled(self) -> bool:
@@ -186,6 +192,9 @@ class WorkerSettings:
     model: str | None = None
     device: str = "cpu"
     fp16: bool = False
+    # What runs the encoder: "torch" (exact) or an opt-in faster CPU backend
+    # (torch-int8, onnx, onnx-int8; see workers/backends/runtime.py).
+    backend: str = "torch"
     # Padded tokens per forward pass (TEI's max_batch_tokens); None picks
     # by device: small batches keep a CPU's caches warm, a GPU wants big ones.
     max_batch_tokens: int | None = None

@@ -1,6 +1,7 @@
 """Model backends: the pooled Sentence-BERT encoder and where models come from."""
 
 from .model import ModelSpec, PooledEncoder
+from .runtime import BACKENDS, BackendUnavailableError, check_backend
 from .source import (
     BUNDLED_NAME,
     ModelNotFoundError,
@@ -11,12 +12,15 @@ from .source import (
 from .transformer import TokenizedText
 
 __all__ = [
+    "BACKENDS",
     "BUNDLED_NAME",
+    "BackendUnavailableError",
     "ModelNotFoundError",
     "ModelSpec",
     "PooledEncoder",
     "TokenizedText",
     "UnsupportedModelError",
     "bundled_model_path",
+    "check_backend",
     "resolve_model_source",
 ]

@@ -19,6 +19,7 @@ from .fingerprint import model_fingerprint
 from .layout import read_layout
 from .normalize import l2_normalize
 from .pooling import Pooling, load_pooling
+from .runtime import apply_backend, backend_settings, check_backend
 from .source import resolve_model_source
 from .transformer import TokenizedText, Transformer
 
@@ -36,6 +37,7 @@ class ModelSpec:
     max_seq_length: int  # tokens incl. special tokens
     normalize: bool  # modules.json has a Normalize module
     fingerprint: str  # sha256 hex of files + settings that change a vector
+    backend: str = "torch"  # what runs the Transformer forward (runtime.BACKENDS)
 
 
 class PooledEncoder:
@@ -49,12 +51,20 @@ class PooledEncoder:
 
     @classmethod
     def load(
-        cls, spec: str | None = None, *, device: str = "cpu", fp16: bool = False
+        cls,
+        spec: str | None = None,
+        *,
+        device: str = "cpu",
+        fp16: bool = False,
+        backend: str = "torch",
     ) -> PooledEncoder:
         """Load by model spec (see resolve_model_source). fp16 applies on CUDA only: CPU half
-        precision is slow and partly unsupported, so CPU stays float32 (with a warning)."""
+        precision is slow and partly unsupported, so CPU stays float32 (with a warning).
+        backend: "torch" (exact), or an opt-in faster CPU runtime (see runtime.py); raises
+        BackendUnavailableError before loading anything when it cannot run here."""
         name, folder = resolve_model_source(spec)
         target = _device(device)
+        check_backend(backend, target)
         half = fp16 and target.type == "cuda"
         if fp16 and not half:
             logger.warning("fp16 ignored on %s: running float32", target)
@@ -63,7 +73,8 @@ class PooledEncoder:
         transformer = Transformer.load(layout.transformer_dir, target, half)
         config, hidden = transformer.model.config, transformer.hidden_size
         pooling = load_pooling(layout.pooling_dir, config, hidden)
-        spec = _spec(name, folder, transformer, pooling, layout.normalize, half)
+        spec = _spec(name, folder, transformer, pooling, layout.normalize, half, backend)
+        apply_backend(backend, transformer, spec.fingerprint)
         return cls(spec, transformer, pooling)
 
     @property
@@ -119,20 +130,26 @@ def _device(device: str) -> torch.device:
 
 
 def _spec(
-    name: str, folder: Path, transformer: Transformer, pooling: Pooling, normalize: bool, half: bool
+    name: str,
+    folder: Path,
+    transformer: Transformer,
+    pooling: Pooling,
+    normalize: bool,
+    half: bool,
+    backend: str,
 ) -> ModelSpec:
     settings = transformer.settings
-    fingerprint = model_fingerprint(
-        folder,
-        {
-            "pooling": list(pooling.modes),
-            "normalize": normalize,
-            "max_seq_length": settings.max_seq_length,
-            "do_lower_case": settings.do_lower_case,
-            # fp16 vectors differ from fp32 ones in the 3rd-4th digit: never mix them in a cache.
-            "dtype": "float16" if half else "float32",
-        },
-    )
+    hashed = {
+        "pooling": list(pooling.modes),
+        "normalize": normalize,
+        "max_seq_length": settings.max_seq_length,
+        "do_lower_case": settings.do_lower_case,
+        # fp16 vectors differ from fp32 ones in the 3rd-4th digit: never mix them in a cache.
+        "dtype": "float16" if half else "float32",
+    }
+    # int8 (and ONNX's float rounding) change vectors: never mix them in a cache.
+    hashed.update(backend_settings(backend))
+    fingerprint = model_fingerprint(folder, hashed)
     return ModelSpec(
         name=name,
         source=str(folder),
@@ -141,4 +158,5 @@ def _spec(
         max_seq_length=settings.max_seq_length,
         normalize=normalize,
         fingerprint=fingerprint,
+        backend=backend,
     )

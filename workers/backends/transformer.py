@@ -96,6 +96,12 @@ class Transformer:
         return transformer
 
     @property
+    def input_names(self) -> list[str]:
+        """The keyword inputs forward() passes to the model, in order."""
+        names = ["input_ids", "attention_mask"]
+        return [*names, "token_type_ids"] if self._token_types else names
+
+    @property
     def hidden_size(self) -> int:
         config = self.model.config
         return int(getattr(config, "hidden_size", None) or config.d_model)

@@ -11,6 +11,21 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_BINARY: _ClassVar[DType]
+    DTYPE_UBINARY: _ClassVar[DType]
+
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_UNSPECIFIED: _ClassVar[Precision]
+    PRECISION_FLOAT32: _ClassVar[Precision]
+    PRECISION_FLOAT16: _ClassVar[Precision]
+    PRECISION_INT8: _ClassVar[Precision]
+    PRECISION_UINT8: _ClassVar[Precision]
+    PRECISION_BINARY: _ClassVar[Precision]
+    PRECISION_UBINARY: _ClassVar[Precision]
 
 class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +42,18 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_MANHATTAN: _ClassVar[Metric]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_INT8: DType
+DTYPE_UINT8: DType
+DTYPE_BINARY: DType
+DTYPE_UBINARY: DType
+PRECISION_UNSPECIFIED: Precision
+PRECISION_FLOAT32: Precision
+PRECISION_FLOAT16: Precision
+PRECISION_INT8: Precision
+PRECISION_UINT8: Precision
+PRECISION_BINARY: Precision
+PRECISION_UBINARY: Precision
 TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_END: Truncation
 TRUNCATION_REJECT: Truncation
@@ -37,14 +64,24 @@ METRIC_EUCLIDEAN: Metric
 METRIC_MANHATTAN: Metric
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("model", "normalize", "truncation")
+    __slots__ = ("model", "normalize", "truncation", "dimension", "precision", "prompt", "prompt_name", "ranges")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     normalize: bool
     truncation: Truncation
-    def __init__(self, model: _Optional[str] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    dimension: int
+    precision: Precision
+    prompt: str
+    prompt_name: str
+    ranges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., dimension: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., prompt: _Optional[str] = ..., prompt_name: _Optional[str] = ..., ranges: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("texts", "options")
@@ -241,7 +278,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "dimension", "pooling", "max_seq_length", "normalize", "workers_alive", "source")
+    __slots__ = ("name", "fingerprint", "dimension", "pooling", "max_seq_length", "normalize", "workers_alive", "source", "prompts", "default_prompt_name")
+    class PromptsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +294,8 @@ class ModelInfo(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_ALIVE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     dimension: int
@@ -258,17 +304,21 @@ class ModelInfo(_message.Message):
     normalize: bool
     workers_alive: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., workers_alive: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    prompts: _containers.ScalarMap[str, str]
+    default_prompt_name: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., workers_alive: _Optional[int] = ..., source: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch_texts", "max_text_bytes", "max_message_bytes")
+    __slots__ = ("max_batch_texts", "max_text_bytes", "max_message_bytes", "max_candidates")
     MAX_BATCH_TEXTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     max_batch_texts: int
     max_text_bytes: int
     max_message_bytes: int
-    def __init__(self, max_batch_texts: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_candidates: int
+    def __init__(self, max_batch_texts: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits", "version")

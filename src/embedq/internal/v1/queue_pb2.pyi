@@ -25,7 +25,7 @@ class Item(_message.Message):
     def __init__(self, ticket: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("kind", "reply_to", "items", "normalize", "truncate", "variant", "deadline_unix_ms", "fingerprint")
+    __slots__ = ("kind", "reply_to", "items", "normalize", "truncate", "variant", "deadline_unix_ms", "fingerprint", "prompt")
     KIND_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Job(_message.Message):
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     kind: JobKind
     reply_to: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
@@ -42,7 +43,8 @@ class Job(_message.Message):
     variant: str
     deadline_unix_ms: int
     fingerprint: str
-    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., reply_to: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., variant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    prompt: str
+    def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., reply_to: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., variant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., fingerprint: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("ticket", "code", "message")
@@ -83,7 +85,14 @@ class Reply(_message.Message):
     def __init__(self, tickets: _Optional[_Iterable[int]] = ..., vectors: _Optional[bytes] = ..., dimension: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[Failure, _Mapping]]] = ..., tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ...) -> None: ...
 
 class ModelRegistration(_message.Message):
-    __slots__ = ("name", "fingerprint", "dimension", "pooling", "max_seq_length", "normalize", "source", "registered_unix_ms")
+    __slots__ = ("name", "fingerprint", "dimension", "pooling", "max_seq_length", "normalize", "source", "registered_unix_ms", "prompts", "default_prompt_name")
+    class PromptsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +101,8 @@ class ModelRegistration(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     dimension: int
@@ -100,4 +111,6 @@ class ModelRegistration(_message.Message):
     normalize: bool
     source: str
     registered_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., source: _Optional[str] = ..., registered_unix_ms: _Optional[int] = ...) -> None: ...
+    prompts: _containers.ScalarMap[str, str]
+    default_prompt_name: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., source: _Optional[str] = ..., registered_unix_ms: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ...) -> None: ...
