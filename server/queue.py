@@ -189,6 +189,16 @@ class Dispatcher:
         return [tokens for tokens in call.tokens if tokens is not None]
 
     @property
+    def cluster(self) -> bool:
+        return isinstance(self._redis, aioredis.RedisCluster)
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        """MGET that also works when the keys live in several cluster slots."""
+        if self.cluster:
+            return await self._redis.mget_nonatomic(keys)
+        return await self._redis.mget(keys)
+
+    @property
     def in_flight(self) -> int:
         return len(self._tickets)
 
@@ -344,14 +354,21 @@ class Dispatcher:
                 wanted.append((fingerprint, sha))
                 dims.append(call.variant.model.registration.dimension)
         models = sorted({call.variant.model.name for call in calls})
-        async with self._redis.pipeline(transaction=False) as pipe:
-            if wanted:
-                pipe.mget([self._keys.cache(fp, sha) for fp, sha in wanted])
-            for model in models:
-                pipe.xlen(self._keys.jobs(model))
-            results = await pipe.execute()
-        values = results[0] if wanted else []
-        queued = dict(zip(models, results[1 if wanted else 0 :], strict=True))
+        cache_keys = [self._keys.cache(fp, sha) for fp, sha in wanted]
+        if self.cluster:
+            # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
+            values = await self.mget(cache_keys) if cache_keys else []
+            lengths = [await self._redis.xlen(self._keys.jobs(model)) for model in models]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if cache_keys:
+                    pipe.mget(cache_keys)
+                for model in models:
+                    pipe.xlen(self._keys.jobs(model))
+                results = await pipe.execute()
+            values = results[0] if cache_keys else []
+            lengths = results[1 if cache_keys else 0 :]
+        queued = dict(zip(models, lengths, strict=True))
         hits: dict[tuple[str, str], np.ndarray] = {}
         for key, dim, value in zip(wanted, dims, values, strict=True):
             # A value of the wrong size is treated as a miss, never served.
@@ -420,7 +437,11 @@ class Dispatcher:
                     self._last_reply_id = entry_id
 
     async def _run_id(self) -> str:
-        return (await self._redis.info("server"))["run_id"]
+        info = await self._redis.info("server")
+        if "run_id" in info:
+            return info["run_id"]
+        # A cluster answers per node: any node restarting empty changes this.
+        return ",".join(sorted(str(node.get("run_id")) for node in info.values()))
 
     async def _check_restart(self) -> None:
         """A new Redis run id means queued jobs and replies are gone: fail the

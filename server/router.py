@@ -272,7 +272,9 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         validation.check_hashes(request.sha256)
         variant, spec = self._resolve(request.options)
         hashes = [text_sha256(t) for t in request.texts] + [h.hex() for h in request.sha256]
-        values = await self.redis.mget([self.keys.cache(variant.fingerprint, h) for h in hashes])
+        values = await self.dispatcher.mget(
+            [self.keys.cache(variant.fingerprint, h) for h in hashes]
+        )
         size = variant.model.registration.dimension * 4
         found = [value is not None and len(value) == size for value in values]
         hits = [value for value, hit in zip(values, found, strict=True) if hit]

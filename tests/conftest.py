@@ -66,11 +66,10 @@ def wait_healthy(target: str, proc: subprocess.Popen, name: str, timeout: float 
 
 def registered_workers(redis_url: str, namespace: str) -> int:
     """Workers with a heartbeat entry, all models together."""
-    import redis
-
     from embedq.keys import Keys
+    from embedq.settings import RedisSettings
 
-    client = redis.Redis.from_url(redis_url)
+    client = RedisSettings(url=redis_url).connect()  # a cluster client when it is one
     keys = Keys(namespace)
     return sum(client.zcard(keys.workers(m.decode())) for m in client.hkeys(keys.models()))
 

@@ -51,17 +51,31 @@ def test_apidoc_check_mode(tmp_path: Path) -> None:
     assert apidoc.main(["--out", str(out), "--check"]) == 0
 
 
+def markdown(path: Path) -> str:
+    """A page without its fenced code blocks (not Markdown: no links or headings there)."""
+    return re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a page, plus its explicit <a name> anchors."""
+    text = markdown(path)
+    found = set(re.findall(r'<a name="([^"]+)"></a>', text))
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", text, flags=re.MULTILINE):
+        found.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return found
+
+
 @pytest.mark.parametrize("page", LINKED_PAGES)
 def test_relative_links_resolve(page: str) -> None:
     path = ROOT / page
-    text = path.read_text(encoding="utf-8")
-    # Fenced code is not Markdown: skip it.
-    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
-    for target in LINK.findall(text):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+    for target in LINK.findall(markdown(path)):
+        if re.match(r"^[a-z]+:", target):
             continue
-        file_part = target.split("#", 1)[0]
-        assert (path.parent / file_part).exists(), f"{page}: broken link {target}"
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part) if file_part else path
+        assert linked.exists(), f"{page}: broken link {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page}: no anchor #{anchor} in {linked.name}"
 
 
 def test_architecture_names_the_real_keys() -> None:
@@ -78,3 +92,13 @@ def test_architecture_names_the_real_keys() -> None:
     ]
     for key in expected:
         assert f"`{key}`" in text, f"docs/architecture.md does not show the key {key}"
+
+
+def test_clients_cache_key_vector_is_right() -> None:
+    """docs/clients.md gives a worked cache key for checking ports of the hash rule."""
+    from embedq.keys import text_sha256, variant_fingerprint
+
+    text = (DOCS / "clients.md").read_text(encoding="utf-8")
+    variant = variant_fingerprint("abc", normalize=True, truncate=True)
+    key = Keys("embedq").cache(variant, text_sha256("héllo wörld"))
+    assert f"`{key}`" in text

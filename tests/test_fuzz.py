@@ -555,7 +555,7 @@ def similarity_requests(draw) -> pb.SimilarityRequest:
             pb.TextPair(a=TINY[i % len(TINY)], b=TINY[(i + 1) % len(TINY)]) for i in range(count)
         )
     top_k = draw(st.integers(0, 9))
-    if top_k < 5 or (shape != "ranking" and top_k < 9):
+    if top_k < 5 or ("ranking" not in shape and top_k < 9):
         request.top_k = 0
     elif top_k < 8:
         request.top_k = draw(st.integers(1, 8))

@@ -28,13 +28,12 @@ LIST = "grpcurl -plaintext 127.0.0.1:50051 list"
 DESCRIBE = "grpcurl -plaintext 127.0.0.1:50051 describe embedq.v1.Embedder"
 HEALTH = "grpcurl -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check"
 HEALTH_EMBEDDER = (
-    "grpcurl -plaintext -d '{\"service\": \"embedq.v1.Embedder\"}' 127.0.0.1:50051 "
+    'grpcurl -plaintext -d \'{"service": "embedq.v1.Embedder"}\' 127.0.0.1:50051 '
     "grpc.health.v1.Health/Check"
 )
 INFO = "grpcurl -plaintext 127.0.0.1:50051 embedq.v1.Embedder/Info"
 ENCODE = (
-    "grpcurl -plaintext -d '{\"texts\": [\"hello world\"]}' 127.0.0.1:50051 "
-    "embedq.v1.Embedder/Encode"
+    'grpcurl -plaintext -d \'{"texts": ["hello world"]}\' 127.0.0.1:50051 embedq.v1.Embedder/Encode'
 )
 HASH_XXD = "HASH=$(printf %s 'hello world' | sha256sum | xxd -r -p | base64)"
 HASH_PYTHON = (

@@ -87,13 +87,20 @@ class ClientSettings:
         tls_cert: Pem | None = None,
         tls_key: Pem | None = None,
         token: str | None = None,
+        max_candidates: int | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
+        if max_candidates is not None and max_candidates < 1:
+            raise ValueError("max_candidates must be at least 1 (None: the server's limit)")
         self.target = target
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.max_in_flight = max(1, max_in_flight)
+        # Candidates per ranking request: the caller's cap, else the server's
+        # Limits.max_candidates, asked once (see candidates_per_request).
+        self.max_candidates = max_candidates
+        self._server_max_candidates: int | None = None
         metadata = list(metadata or ())
         if token is not None:
             if any(key.lower() == "authorization" for key, _ in metadata):
@@ -107,6 +114,26 @@ class ClientSettings:
         )
         # Caller options override the defaults key by key.
         self._channel_options = list({**DEFAULT_CHANNEL_OPTIONS, **dict(options or ())}.items())
+
+    def _known_candidate_limit(self, count: int) -> int | None:
+        """Candidates per ranking request when known without asking the server.
+
+        A ranking of up to chunk_size - 1 candidates goes out as one request
+        without asking (it fits any limit chunk_size was chosen to respect);
+        bigger ones need the server's Limits.max_candidates (None here).
+        """
+        if self.max_candidates is not None:
+            return self.max_candidates
+        if self._server_max_candidates is not None:
+            return self._server_max_candidates
+        if count <= self.chunk_size - 1:
+            return max(1, count)
+        return None
+
+    def _remember_candidate_limit(self, max_candidates: int) -> int:
+        # 0: a server that predates the field ranks at most max_batch_texts - 1.
+        self._server_max_candidates = max_candidates or max(1, self.chunk_size - 1)
+        return self._server_max_candidates
 
     @property
     def secure(self) -> bool:

@@ -9,7 +9,7 @@ folds the parsed responses, kept in request order, into the method's result.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any, Generic, TypeVar
 
@@ -19,12 +19,15 @@ import numpy as np
 from embedq.v1 import embedq_pb2 as pb
 
 from ._convert import (
+    PLAIN,
     Info,
     LookupResult,
+    OutputOptions,
     TokenizedText,
     encode_options,
     hash_bytes,
     metric_value,
+    quantize_calibrated,
     unpack,
 )
 from ._errors import EmbedqError
@@ -56,6 +59,20 @@ def _encode_rows(response: pb.EncodeResponse) -> np.ndarray:
     return unpack(response.embeddings, response.count, response.dimension, response.dtype)
 
 
+def _sent(output: OutputOptions, requests: int) -> tuple[OutputOptions, bool]:
+    """The output options to send, and whether to calibrate INT8/UINT8 here.
+
+    INT8/UINT8 without ranges calibrates on each request's own vectors. Split
+    over several requests, every chunk would get its own ranges, so the codes
+    would depend on chunk_size. Instead the client asks for float32 (at the
+    requested dimension) and quantises once over the whole input, with the
+    same formula: the result is what one request for all of it would give.
+    """
+    if output.self_calibrated and requests > 1:
+        return replace(output, precision=pb.PRECISION_FLOAT32), True
+    return output, False
+
+
 def encode(
     texts: Sequence[str] | str,
     *,
@@ -63,11 +80,14 @@ def encode(
     normalize: bool | None,
     truncate: bool,
     model: str,
+    output: OutputOptions = PLAIN,
 ) -> Plan[np.ndarray]:
     single = isinstance(texts, str)
     batch = [texts] if single else list(texts)
-    options = encode_options(model=model, normalize=normalize, truncate=truncate)
-    requests = [pb.EncodeRequest(texts=c, options=options) for c in chunked(batch, chunk_size)]
+    chunks = chunked(batch, chunk_size)
+    sent, calibrate_here = _sent(output, len(chunks))
+    options = encode_options(model=model, normalize=normalize, truncate=truncate, output=sent)
+    requests = [pb.EncodeRequest(texts=c, options=options) for c in chunks]
 
     def combine(parts: list[np.ndarray]) -> np.ndarray:
         rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -75,6 +95,8 @@ def encode(
             raise EmbedqError(
                 grpc.StatusCode.INTERNAL, f"got {rows.shape[0]} vectors for {len(batch)} texts"
             )
+        if calibrate_here:
+            rows = quantize_calibrated(rows, output.precision)
         return rows[0] if single else rows
 
     return Plan("Encode", requests, _encode_rows, combine)
@@ -92,9 +114,10 @@ def similarity_pairs(
     normalize: bool | None,
     truncate: bool,
     model: str,
+    output: OutputOptions = PLAIN,
 ) -> Plan[np.ndarray]:
     metric_id = metric_value(metric)
-    options = encode_options(model=model, normalize=normalize, truncate=truncate)
+    options = encode_options(model=model, normalize=normalize, truncate=truncate, output=output)
     text_pairs = [pb.TextPair(a=a, b=b) for a, b in pairs]
     # Two texts per pair: keep each request near chunk_size texts.
     requests = [
@@ -112,16 +135,18 @@ def rank(
     query: str,
     candidates: Sequence[str],
     *,
-    chunk_size: int,
+    per_request: int,
     top_k: int,
     metric: str,
     normalize: bool | None,
     truncate: bool,
     model: str,
+    output: OutputOptions = PLAIN,
 ) -> Plan[list[tuple[int, float]]]:
+    """`per_request`: most candidates in one request (the server's Limits.max_candidates)."""
     metric_id = metric_value(metric)
-    options = encode_options(model=model, normalize=normalize, truncate=truncate)
-    chunks = chunked(list(candidates), chunk_size - 1)  # the query is one more text
+    options = encode_options(model=model, normalize=normalize, truncate=truncate, output=output)
+    chunks = chunked(list(candidates), per_request)
     requests = [
         pb.SimilarityRequest(
             ranking=pb.QueryCandidates(query=query, candidates=c),
@@ -144,6 +169,12 @@ def rank(
     return Plan("Similarity", requests, _matches, combine)
 
 
+def _misses(rows: int, width: int, dtype: np.dtype) -> np.ndarray:
+    """Rows for misses: NaN for float dtypes, 0 for the integer ones (no NaN there)."""
+    fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+    return np.full((rows, width), fill, dtype=dtype)
+
+
 def _lookup_part(response: pb.LookupResponse) -> LookupResult:
     found = np.asarray(response.found, dtype=bool)
     rows = unpack(response.embeddings, response.count, response.dimension, response.dtype)
@@ -151,7 +182,7 @@ def _lookup_part(response: pb.LookupResponse) -> LookupResult:
         raise EmbedqError(
             grpc.StatusCode.INTERNAL, f"{rows.shape[0]} vectors for {int(found.sum())} hits"
         )
-    vectors = np.full((len(found), response.dimension), np.nan, dtype=np.float32)
+    vectors = _misses(len(found), rows.shape[1], rows.dtype)
     vectors[found] = rows
     return LookupResult(response.model, found, vectors)
 
@@ -159,11 +190,11 @@ def _lookup_part(response: pb.LookupResponse) -> LookupResult:
 def _lookup_combine(parts: list[LookupResult]) -> LookupResult:
     if len(parts) == 1:
         return parts[0]
-    # A part with no hits may come without a dimension; widen it to NaN rows.
-    dim = max(p.vectors.shape[1] for p in parts)
+    # A part with no hits may come without a dimension (an older server); widen it.
+    widest = max(parts, key=lambda p: p.vectors.shape[1])
+    width, dtype = widest.vectors.shape[1], widest.vectors.dtype
     vectors = [
-        p.vectors if p.vectors.shape[1] == dim else np.full((len(p), dim), np.nan, dtype=np.float32)
-        for p in parts
+        p.vectors if p.vectors.shape[1] == width else _misses(len(p), width, dtype) for p in parts
     ]
     model = next((p.model for p in parts if p.model), "")
     return LookupResult(model, np.concatenate([p.found for p in parts]), np.concatenate(vectors))
@@ -181,17 +212,34 @@ def lookup(
     normalize: bool | None,
     truncate: bool,
     model: str,
+    output: OutputOptions = PLAIN,
 ) -> Plan[LookupResult]:
-    options = encode_options(model=model, normalize=normalize, truncate=truncate)
     texts = [texts] if isinstance(texts, str) else list(texts)
     hashes = [hash_bytes(h) for h in sha256]
     # Texts-only requests, then hashes-only ones: concatenated in request order
     # that is the response's own "texts first, then hashes" order.
-    requests = [pb.LookupRequest(texts=c, options=options) for c in _nonempty(texts, chunk_size)]
-    requests += [pb.LookupRequest(sha256=c, options=options) for c in _nonempty(hashes, chunk_size)]
+    text_chunks, hash_chunks = _nonempty(texts, chunk_size), _nonempty(hashes, chunk_size)
+    sent, calibrate_here = _sent(output, len(text_chunks) + len(hash_chunks))
+    options = encode_options(model=model, normalize=normalize, truncate=truncate, output=sent)
+    requests = [pb.LookupRequest(texts=c, options=options) for c in text_chunks]
+    requests += [pb.LookupRequest(sha256=c, options=options) for c in hash_chunks]
     if not requests:  # nothing asked: let the server answer INVALID_ARGUMENT
         requests = [pb.LookupRequest(options=options)]
-    return Plan("Lookup", requests, _lookup_part, _lookup_combine)
+
+    def combine(parts: list[LookupResult]) -> LookupResult:
+        result = _lookup_combine(parts)
+        if not calibrate_here:
+            return result
+        # As the server does: calibrate on the hits (none: nothing to quantise).
+        hits = result.vectors[result.found]
+        codes = quantize_calibrated(hits, output.precision) if len(hits) else None
+        dtype = np.dtype(np.uint8 if output.precision == pb.PRECISION_UINT8 else np.int8)
+        vectors = _misses(len(result), result.vectors.shape[1], dtype)
+        if codes is not None:
+            vectors[result.found] = codes
+        return LookupResult(result.model, result.found, vectors)
+
+    return Plan("Lookup", requests, _lookup_part, combine)
 
 
 def _tokenized(response: pb.TokenizeResponse) -> list[TokenizedText]:

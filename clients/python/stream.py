@@ -15,7 +15,7 @@ import numpy as np
 
 from embedq.v1 import embedq_pb2 as pb
 
-from ._convert import unpack
+from ._convert import OutputOptions, unpack
 from ._errors import EmbedqError
 
 # "raise": a failed message raises EmbedqError (and ends the stream);
@@ -102,3 +102,13 @@ def result(response: pb.EncodeStreamResponse, on_error: OnError) -> StreamItem:
 def check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "yield"):
         raise ValueError(f"on_error must be 'raise' or 'yield', not {on_error!r}")
+
+
+def check_output(output: OutputOptions) -> None:
+    """One text per message: INT8/UINT8 has nothing to calibrate on without ranges."""
+    if output.self_calibrated:
+        raise ValueError(
+            "encode_stream sends one text per message, and int8/uint8 without ranges "
+            "calibrates on a message's own vectors (it needs at least 2): pass ranges, "
+            "or use encode() for a batch"
+        )

@@ -22,7 +22,15 @@ from ._common import (
     deadline,
     remaining,
 )
-from ._convert import Info, LookupResult, TokenizedText, encode_options
+from ._convert import (
+    Info,
+    LookupResult,
+    Precision,
+    Ranges,
+    TokenizedText,
+    encode_options,
+    output_options,
+)
 from ._errors import rpc_errors
 
 T = TypeVar("T")
@@ -34,7 +42,10 @@ class Client(ClientSettings):
     ``timeout`` bounds each method call as a whole (all its chunks), None for
     no deadline. Inputs longer than ``chunk_size`` texts are split into
     requests of ``chunk_size`` texts, at most ``max_in_flight`` of them sent at
-    once; results keep input order. Every failure raises :class:`EmbedqError`.
+    once; results keep input order. A ranking is split only past the server's
+    ``Limits.max_candidates`` (asked once, for rankings of more than
+    ``chunk_size - 1`` candidates) or the ``max_candidates`` given here. Every
+    failure raises :class:`EmbedqError`.
     ``normalize=None`` means the model's own default; ``truncate=False`` makes
     the server refuse over-long texts (INVALID_ARGUMENT) instead of cutting them.
 
@@ -58,6 +69,7 @@ class Client(ClientSettings):
         tls_cert: Pem | None = None,
         tls_key: Pem | None = None,
         token: str | None = None,
+        max_candidates: int | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -71,6 +83,7 @@ class Client(ClientSettings):
             tls_cert=tls_cert,
             tls_key=tls_key,
             token=token,
+            max_candidates=max_candidates,
         )
         if self._credentials is None:
             self.channel = grpc.insecure_channel(target, options=self._channel_options)
@@ -117,8 +130,25 @@ class Client(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        precision: Precision = "float32",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        ranges: Ranges | None = None,
     ) -> np.ndarray:
-        """float32 (n, dim) for a sequence of texts, (dim,) for one str."""
+        """(n, dim) for a sequence of texts, (dim,) for one str.
+
+        ``dimension``: keep the first N values (Matryoshka), re-normalised when
+        normalisation is on; None/0: the model's. ``precision``: "float32"
+        (default), "float16", "int8", "uint8" (arrays of that dtype), "binary"
+        or "ubinary" (int8/uint8 rows of ceil(dim / 8) packed bits), as
+        sentence-transformers' ``quantize_embeddings``. ``ranges`` calibrates
+        int8/uint8: (2, dim) per-dimension minimums and maximums; without it the
+        input's own vectors calibrate (at least 2 texts), over the whole input
+        even when it is split into chunks. ``prompt`` is prepended to every text
+        ("" turns off the model's default prompt); ``prompt_name`` picks one of
+        the model's prompts (``info().model().prompts``).
+        """
         return self._run(
             _plans.encode(
                 texts,
@@ -126,6 +156,13 @@ class Client(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output_options(
+                    dimension=dimension,
+                    precision=precision,
+                    prompt=prompt,
+                    prompt_name=prompt_name,
+                    ranges=ranges,
+                ),
             )
         )
 
@@ -138,10 +175,20 @@ class Client(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ) -> float:
         """Score of one pair; higher is more similar for every metric."""
         scores = self.similarity_pairs(
-            [(a, b)], metric=metric, normalize=normalize, truncate=truncate, model=model
+            [(a, b)],
+            metric=metric,
+            normalize=normalize,
+            truncate=truncate,
+            model=model,
+            dimension=dimension,
+            prompt=prompt,
+            prompt_name=prompt_name,
         )
         return float(scores[0])
 
@@ -153,8 +200,15 @@ class Client(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
-        """float32 scores, one per (a, b) pair, in pair order."""
+        """float32 scores, one per (a, b) pair, in pair order.
+
+        ``dimension``/``prompt``/``prompt_name`` as in :meth:`encode`; scoring
+        always uses float32 vectors (there is no precision here).
+        """
         return self._run(
             _plans.similarity_pairs(
                 pairs,
@@ -163,6 +217,9 @@ class Client(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output_options(
+                    dimension=dimension, prompt=prompt, prompt_name=prompt_name
+                ),
             )
         )
 
@@ -176,20 +233,35 @@ class Client(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ) -> list[tuple[int, float]]:
-        """(candidate index, score) best first; the best top_k only when top_k > 0."""
+        """(candidate index, score) best first; the best top_k only when top_k > 0.
+
+        Up to the server's ``Limits.max_candidates`` candidates (10,000 by
+        default) go in one request; more are split and the rankings merged.
+        """
+        output = output_options(dimension=dimension, prompt=prompt, prompt_name=prompt_name)
         return self._run(
             _plans.rank(
                 query,
                 candidates,
-                chunk_size=self.chunk_size,
+                per_request=self._candidates_per_request(len(candidates)),
                 top_k=top_k,
                 metric=metric,
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output,
             )
         )
+
+    def _candidates_per_request(self, count: int) -> int:
+        known = self._known_candidate_limit(count)
+        if known is not None:
+            return known
+        return self._remember_candidate_limit(self.info().limits.max_candidates)
 
     def lookup(
         self,
@@ -199,11 +271,18 @@ class Client(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        precision: Precision = "float32",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        ranges: Ranges | None = None,
     ) -> LookupResult:
         """Cached vectors only (misses are not computed): texts first, then hashes.
 
         ``sha256`` items are raw 32-byte digests (see :func:`text_sha256`) or
-        64-digit hex strings. ``normalize``/``truncate`` pick the cache variant.
+        64-digit hex strings. ``normalize``/``truncate``/``prompt``/``prompt_name``
+        pick the cache variant; ``dimension``/``precision``/``ranges`` shape the
+        answer as in :meth:`encode` (int8/uint8 without ranges calibrate on the hits).
         """
         return self._run(
             _plans.lookup(
@@ -213,6 +292,13 @@ class Client(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output_options(
+                    dimension=dimension,
+                    precision=precision,
+                    prompt=prompt,
+                    prompt_name=prompt_name,
+                    ranges=ranges,
+                ),
             )
         )
 
@@ -237,6 +323,11 @@ class Client(ClientSettings):
         normalize: bool | None = ...,
         truncate: bool = ...,
         model: str = ...,
+        dimension: int | None = ...,
+        precision: Precision = ...,
+        prompt: str | None = ...,
+        prompt_name: str | None = ...,
+        ranges: Ranges | None = ...,
         on_error: Literal["raise"] = ...,
         timeout: float | None = ...,
     ) -> Iterator[tuple[str, np.ndarray]]: ...
@@ -250,6 +341,11 @@ class Client(ClientSettings):
         normalize: bool | None = ...,
         truncate: bool = ...,
         model: str = ...,
+        dimension: int | None = ...,
+        precision: Precision = ...,
+        prompt: str | None = ...,
+        prompt_name: str | None = ...,
+        ranges: Ranges | None = ...,
         on_error: Literal["yield"],
         timeout: float | None = ...,
     ) -> Iterator[stream.StreamItem]: ...
@@ -262,6 +358,11 @@ class Client(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        precision: Precision = "float32",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        ranges: Ranges | None = None,
         on_error: stream.OnError = "raise",
         timeout: float | None = None,
     ) -> Iterator[stream.StreamItem]:
@@ -271,12 +372,21 @@ class Client(ClientSettings):
         A failed message raises EmbedqError (``.id`` names it) and ends the
         stream, or with ``on_error="yield"`` comes out as ``(id, EmbedqError)``.
         ``timeout`` bounds the whole stream (default none: streams are long-lived).
-        Leaving the loop early cancels the stream.
+        Leaving the loop early cancels the stream. The output options are those
+        of :meth:`encode`; "int8"/"uint8" need ``ranges`` here (one text per
+        message has nothing to calibrate on), else ValueError.
         """
         stream.check_on_error(on_error)
-        feed = stream.Feed(
-            texts, ids, encode_options(model=model, normalize=normalize, truncate=truncate)
+        output = output_options(
+            dimension=dimension,
+            precision=precision,
+            prompt=prompt,
+            prompt_name=prompt_name,
+            ranges=ranges,
         )
+        stream.check_output(output)
+        options = encode_options(model=model, normalize=normalize, truncate=truncate, output=output)
+        feed = stream.Feed(texts, ids, options)
         call = self._stub.EncodeStream(iter(feed), timeout=timeout, metadata=self._metadata)
         try:
             for response in call:

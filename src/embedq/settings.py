@@ -79,6 +79,9 @@ class RedisSettings:
     # CA bundle that verifies a rediss:// server (EMBEDQ_REDIS_CA_CERT);
     # None: the system's trust store.
     ca_cert: str | None = None
+    # Redis Cluster? None: ask the server (INFO cluster) when connecting;
+    # EMBEDQ_REDIS_CLUSTER=1/0 says so up front.
+    cluster: bool | None = None
 
     def __post_init__(self) -> None:
         if self.ca_cert and urlsplit(self.url).scheme != "rediss":
@@ -95,6 +98,7 @@ class RedisSettings:
             namespace=namespace or env("NAMESPACE") or cls.namespace,
             username=env("REDIS_USERNAME") or None,
             ca_cert=readable_file(ca_cert, "EMBEDQ_REDIS_CA_CERT") if ca_cert else None,
+            cluster=_tri_state(env("REDIS_CLUSTER")),
         )
 
     def __repr__(self) -> str:
@@ -127,11 +131,37 @@ class RedisSettings:
             kwargs["ssl_ca_certs"] = self.ca_cert
         return kwargs
 
+    def is_cluster(self) -> bool:
+        """Whether the URL points at a Redis Cluster (asked once, at start-up)."""
+        if self.cluster is not None:
+            return self.cluster
+        try:
+            probe = redis.Redis.from_url(self.url, socket_timeout=3, **self._kwargs())
+            with probe:
+                return bool(probe.info("cluster").get("cluster_enabled"))
+        except (redis.RedisError, OSError):
+            return False  # unreachable now: a plain client that reconnects later
+
+    def _cluster_url(self) -> str:
+        # A cluster has no numbered databases: drop any /N from the URL.
+        parts = urlsplit(self.url)
+        return urlunsplit((parts.scheme, parts.netloc, "", parts.query, parts.fragment))
+
     def connect(self) -> redis.Redis:
+        if self.is_cluster():
+            return redis.RedisCluster.from_url(self._cluster_url(), **self._kwargs())
         return redis.Redis.from_url(self.url, **self._kwargs())
 
     def connect_async(self, **extra: object) -> aioredis.Redis:
+        if self.is_cluster():
+            return aioredis.RedisCluster.from_url(self._cluster_url(), **self._kwargs(), **extra)
         return aioredis.Redis.from_url(self.url, **self._kwargs(), **extra)
+
+
+def _tri_state(raw: str | None) -> bool | None:
+    if raw in (None, ""):
+        return None
+    return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
