@@ -109,6 +109,8 @@ def build_grpc_server(settings: ServerSettings, tokens: TokenSet | None = None) 
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
+            # A second server on a busy port must fail, not quietly share it.
+            ("grpc.so_reuseport", 0),
         ],
     )
 

@@ -90,6 +90,8 @@ class ModelRegistry:
     def resolve(self, name: str) -> ServedModel:
         """The served model a request names (or the default), or a clear error."""
         wanted = name or self.default_name
+        if not self._models and not self.redis_ok:
+            raise unavailable("redis unavailable (the server log says why)")
         if not self._models:
             raise unavailable("no model is registered yet: start a worker (embedq worker)")
         if not wanted:
@@ -105,10 +107,3 @@ class ModelRegistry:
                 grpc.StatusCode.NOT_FOUND, f"unknown model {wanted!r}; served: {served}"
             )
         return model
-
-    def require_worker(self, model: ServedModel) -> None:
-        if model.workers_alive == 0:
-            raise unavailable(
-                f"no worker alive for model {model.name!r} (none sent a heartbeat in "
-                f"{self._stale_s:.0f}s)"
-            )

@@ -157,7 +157,11 @@ def run_worker_command(args: argparse.Namespace) -> int:
             claim_idle_ms=args.claim_idle_ms,
             max_deliveries=args.max_deliveries,
         )
-        worker = Worker(settings)
+        try:
+            worker = Worker(settings)
+        except ValueError as exc:  # an unknown or unsupported model: say which, no traceback
+            print(f"embedq worker: {exc}", file=sys.stderr)
+            return 2
         worker.install_signal_handlers()
         worker.run()
         return 0
