@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from embedq.client import AsyncClient, Client, EmbedqError, LookupResult, text_sha256
+from sentence_transformers.util.quantization import quantize_embeddings
 
 ATOL = 1e-5
 DIM = 384
@@ -196,16 +197,169 @@ def test_rank_orders_and_cuts_top_k(service, client: Client, reference) -> None:
     np.testing.assert_allclose([s for _, s in ranked], sorted(scores, reverse=True), atol=ATOL)
     assert client.rank(query, CANDIDATES, top_k=2) == ranked[:2]
 
-    # Split over several requests, the merged ranking is the same.
-    with Client(service.target, timeout=120, chunk_size=3) as small:
+    # Split over several requests (a cap below the server's), the merged ranking is the same.
+    with Client(service.target, timeout=120, max_candidates=2) as small:
         merged = small.rank(query, CANDIDATES, top_k=3)
     assert [i for i, _ in merged] == order[:3]
+
+
+def test_rank_sends_up_to_max_candidates_in_one_request(service, client: Client) -> None:
+    # More candidates than chunk_size - 1: the client asks Info once for
+    # Limits.max_candidates and still sends a single request.
+    with Client(service.target, timeout=120, chunk_size=3) as small:
+        assert small.rank("pet cats", CANDIDATES, top_k=2) == client.rank(
+            "pet cats", CANDIDATES, top_k=2
+        )
+        assert small._server_max_candidates == client.info().limits.max_candidates == 10_000
 
 
 def test_rank_negative_top_k_is_invalid(client: Client) -> None:
     with pytest.raises(EmbedqError) as caught:
         client.rank("q", ["a", "b"], top_k=-1)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- per-request options: precision, dimension, prompts -----------------------
+
+
+def fresh_batch(count: int, tag: str) -> list[str]:
+    """Texts no other test sent: computed in one batch, as the reference computes them."""
+    marker = uuid.uuid4().hex[:8]
+    return [f"{tag} {marker}: {TEXTS[i]}" for i in range(count)]
+
+
+@pytest.mark.parametrize("precision", ["binary", "ubinary", "int8", "uint8"])
+def test_precision_equals_quantize_embeddings(client: Client, reference, precision: str) -> None:
+    texts = fresh_batch(8, precision)
+    got = client.encode(texts, precision=precision)
+    expected = quantize_embeddings(reference(texts), precision)
+    width = DIM // 8 if precision.endswith("binary") else DIM
+    assert got.shape == (8, width) and got.dtype == expected.dtype
+    assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
+    # One text: the same row of the same batch (binary has no calibration).
+    if precision.endswith("binary"):
+        single = client.encode(texts[3], precision=precision)
+        assert single.shape == (width,) and single.tobytes() == expected[3].tobytes()
+
+
+def test_float16_and_explicit_float32(client: Client, reference_texts: np.ndarray) -> None:
+    half = client.encode(TEXTS[:6], precision="float16")
+    assert half.dtype == np.float16 and half.shape == (6, DIM)
+    np.testing.assert_allclose(half.astype(np.float32), reference_texts[:6], atol=1e-3)
+    full = client.encode(TEXTS[:6], precision="FLOAT32")
+    assert full.dtype == np.float32
+    np.testing.assert_allclose(full, reference_texts[:6], atol=ATOL)
+
+
+def test_int8_split_into_chunks_is_calibrated_once(service, client: Client) -> None:
+    # Without ranges, int8 calibrates on all of the input's vectors, whatever the chunking.
+    floats = client.encode(TEXTS)
+    whole = client.encode(TEXTS, precision="int8")  # one request: the server calibrates
+    with Client(service.target, timeout=120, chunk_size=7) as small:
+        chunked = small.encode(TEXTS, precision="int8")  # 8 requests: calibrated here
+        chunked_u8 = small.encode(TEXTS, precision="uint8")
+    assert chunked.dtype == np.int8 and chunked.tobytes() == whole.tobytes()
+    assert chunked.tobytes() == quantize_embeddings(floats, "int8").tobytes()
+    assert chunked_u8.tobytes() == quantize_embeddings(floats, "uint8").tobytes()
+
+
+def test_int8_with_ranges(service, client: Client) -> None:
+    calibration = client.encode(TEXTS)
+    ranges = np.vstack([calibration.min(axis=0), calibration.max(axis=0)])
+    floats = client.encode(TEXTS[:3])
+    expected = quantize_embeddings(floats, "int8", ranges=ranges)
+    assert client.encode(TEXTS[:3], precision="int8", ranges=ranges).tobytes() == expected.tobytes()
+    single = client.encode(TEXTS[1], precision="int8", ranges=ranges.ravel().tolist())
+    assert single.tobytes() == expected[1].tobytes()
+    with Client(service.target, timeout=120, chunk_size=2) as small:
+        chunked = small.encode(TEXTS[:3], precision="int8", ranges=ranges)
+    assert chunked.tobytes() == expected.tobytes()
+    # One text and no ranges: nothing to calibrate on, the server refuses.
+    with pytest.raises(EmbedqError) as caught:
+        client.encode(["alone"], precision="int8")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_matryoshka_dimension(client: Client, reference_model) -> None:
+    texts = TEXTS[:6]
+    got = client.encode(texts, dimension=128)
+    expected = reference_model.encode(texts, truncate_dim=128, normalize_embeddings=True)
+    assert got.shape == (6, 128) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+    bits = client.encode(texts, dimension=64, precision="ubinary")
+    assert bits.shape == (6, 8) and bits.dtype == np.uint8
+    assert client.encode(texts[0], dimension=0).shape == (DIM,)
+    with pytest.raises(EmbedqError) as caught:
+        client.encode(["x"], dimension=DIM + 1)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_prompt(client: Client, reference_model) -> None:
+    texts = TEXTS[:5]
+    got = client.encode(texts, prompt="query: ")
+    np.testing.assert_allclose(got, reference_model.encode(texts, prompt="query: "), atol=ATOL)
+    # "" is an explicit empty prompt: the plain vectors for a model without a default.
+    np.testing.assert_allclose(client.encode(texts, prompt=""), client.encode(texts), atol=ATOL)
+    with pytest.raises(EmbedqError) as caught:
+        client.encode(texts, prompt_name="no-such-prompt")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_similarity_and_rank_with_prompt_and_dimension(client: Client, reference_model) -> None:
+    a, b = "A man is eating food.", "Someone is having a meal."
+    va, vb = reference_model.encode([a, b], truncate_dim=64, normalize_embeddings=True)
+    assert client.similarity(a, b, dimension=64) == pytest.approx(cosine(va, vb), abs=ATOL)
+    qa, qb = reference_model.encode([a, b], prompt="query: ")
+    score = client.similarity_pairs([(a, b)], prompt="query: ")[0]
+    assert score == pytest.approx(cosine(qa, qb), abs=ATOL)
+    vectors = reference_model.encode(["pet cats", *CANDIDATES], prompt="query: ")
+    scores = [cosine(vectors[0], v) for v in vectors[1:]]
+    ranked = client.rank("pet cats", CANDIDATES, prompt="query: ")
+    assert [i for i, _ in ranked] == list(np.argsort(scores)[::-1])
+
+
+def test_options_refused_by_the_client(client: Client) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        client.encode(["a"], precision="int4")
+    with pytest.raises(ValueError, match="not both"):
+        client.encode(["a"], prompt="q: ", prompt_name="query")
+    with pytest.raises(ValueError, match="ranges"):
+        client.encode(["a"], ranges=np.zeros((2, DIM)))
+    with pytest.raises(ValueError, match="dimension"):
+        client.encode(["a"], dimension=-1)
+    with pytest.raises(ValueError, match="ranges"):
+        list(client.encode_stream(["a", "b"], precision="int8"))
+
+
+def test_encode_stream_and_lookup_with_options(client: Client) -> None:
+    texts = [fresh("streamed bits"), fresh("streamed bits, second")]
+    bits = client.encode(texts, precision="ubinary", dimension=128)
+    streamed = dict(client.encode_stream(texts, precision="ubinary", dimension=128))
+    assert streamed["0"].dtype == np.uint8 and streamed["0"].shape == (16,)
+    np.testing.assert_array_equal(np.stack([streamed["0"], streamed["1"]]), bits)
+
+    missing = fresh("never encoded")
+    found = client.lookup([*texts, missing], precision="ubinary", dimension=128)
+    assert found.found.tolist() == [True, True, False]
+    assert found.vectors.dtype == np.uint8 and found.vectors.shape == (3, 16)
+    np.testing.assert_array_equal(found.hits, bits)
+    assert not found.vectors[2].any()  # integer misses are zero rows
+    half = client.lookup(texts, precision="float16", dimension=32)
+    assert half.vectors.dtype == np.float16 and half.vectors.shape == (2, 32)
+    # int8 over texts and hashes (two requests): calibrated once, on all the hits.
+    floats = client.encode(texts)
+    mixed = client.lookup([texts[0]], sha256=[text_sha256(texts[1])], precision="int8")
+    assert mixed.vectors.tobytes() == quantize_embeddings(floats, "int8").tobytes()
+    # Prompts select another cache variant.
+    assert not client.lookup(texts, prompt="query: ").found.any()
+
+
+def test_info_exposes_prompts_and_max_candidates(client: Client) -> None:
+    info = client.info()
+    model = info.model()
+    assert model.prompts == {} and model.default_prompt_name == ""
+    assert info.limits.max_candidates == 10_000
+    assert info.to_dict()["limits"]["max_candidates"] == 10_000
 
 
 # ---- lookup / hashes ----------------------------------------------------------
@@ -312,6 +466,15 @@ def test_async_client(service, reference, reference_texts) -> None:
             assert (await aclient.tokenize(["hi"]))[0].tokens == ["[CLS]", "hi", "[SEP]"]
             assert (await aclient.info()).model().dimension == DIM
 
+            bits = await aclient.encode(TEXTS[:3], precision="binary", dimension=64)
+            assert bits.dtype == np.int8 and bits.shape == (3, 8)
+            int8 = await aclient.encode(TEXTS, precision="int8")  # chunked: calibrated once
+            assert int8.tobytes() == quantize_embeddings(vectors, "int8").tobytes()
+            prompted = await aclient.encode(TEXTS[:2], prompt="query: ")
+            assert not np.allclose(prompted, reference_texts[:2], atol=1e-3)
+            ranked = await aclient.rank(TEXTS[0], TEXTS[1:20], top_k=3, dimension=128)
+            assert len(ranked) == 3
+
             with pytest.raises(EmbedqError) as caught:
                 await aclient.encode([])
             assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -359,6 +522,61 @@ def test_cli_encode_file_to_npy(service, tmp_path: Path, reference_texts) -> Non
     np.testing.assert_allclose(vectors[:9], reference_texts[:9], atol=ATOL)
     with Client(service.target) as c:
         np.testing.assert_allclose(vectors[9:], c.encode(lines[9:]), atol=ATOL)
+
+
+def test_cli_encode_precision_dimension_prompt(service, tmp_path: Path, reference_model) -> None:
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(f"{line}\n" for line in TEXTS[:10]), encoding="utf-8")
+    target = ["--target", service.target, "--input", str(source)]
+    with Client(service.target) as c:
+        floats = c.encode(TEXTS[:10])
+        bits = c.encode(TEXTS[:10], precision="ubinary")
+
+    out = tmp_path / "bits.npy"
+    result = run_cli("encode", *target, "--precision", "ubinary", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    got = np.load(out)
+    assert got.dtype == np.uint8 and got.shape == (10, 48)
+    np.testing.assert_array_equal(got, bits)
+
+    # int8 over several batches: calibrated once over the whole file.
+    out = tmp_path / "int8.npy"
+    result = run_cli(
+        "encode", *target, "--precision", "int8", "--batch-size", "3", "--output", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    got = np.load(out)
+    assert got.dtype == np.int8 and got.tobytes() == quantize_embeddings(floats, "int8").tobytes()
+
+    out = tmp_path / "small.jsonl"
+    result = run_cli(
+        "encode", *target, "--dimension", "64", "--prompt", "query: ", "--output", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    expected = reference_model.encode(
+        TEXTS[:10], prompt="query: ", truncate_dim=64, normalize_embeddings=True
+    )
+    np.testing.assert_allclose([r["embedding"] for r in records], expected, atol=ATOL)
+
+    result = run_cli("encode", *target, "--precision", "binary", "--dimension", "16")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line)["embedding"] for line in result.stdout.splitlines()]
+    assert all(len(row) == 2 and all(isinstance(x, int) for x in row) for row in rows)
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    out = tmp_path / "empty.npy"
+    result = run_cli(
+        "encode", "--target", service.target, "--input", str(empty), "--output", str(out),
+        "--precision", "binary", "--dimension", "100",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    got = np.load(out)
+    assert got.shape == (0, 13) and got.dtype == np.int8
+
+    bad = run_cli("encode", *target, "--prompt", "q", "--prompt-name", "query")
+    assert bad.returncode == 2 and "not allowed with" in bad.stderr
 
 
 def test_cli_encode_stdin_to_jsonl_stdout(service, reference_texts) -> None:

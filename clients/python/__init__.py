@@ -4,13 +4,23 @@
 
     with Client("127.0.0.1:50051") as client:
         vectors = client.encode(["a sentence", "another one"])   # float32 (2, dim)
+        bits = client.encode(["a sentence"], precision="ubinary")  # uint8 (1, dim / 8)
 
 :class:`AsyncClient` offers the same methods as coroutines. Every failure is
 an :class:`EmbedqError` carrying the gRPC ``code`` and ``details``.
 """
 
 from ._common import DEFAULT_TARGET
-from ._convert import METRICS, Info, Limits, LookupResult, ModelInfo, TokenizedText, text_sha256
+from ._convert import (
+    METRICS,
+    PRECISIONS,
+    Info,
+    Limits,
+    LookupResult,
+    ModelInfo,
+    TokenizedText,
+    text_sha256,
+)
 from ._errors import EmbedqError
 from .aio import AsyncClient
 from .sync import Client
@@ -18,6 +28,7 @@ from .sync import Client
 __all__ = [
     "DEFAULT_TARGET",
     "METRICS",
+    "PRECISIONS",
     "AsyncClient",
     "Client",
     "EmbedqError",

@@ -189,24 +189,35 @@ def unpack(data: bytes, count: int, dimension: int, dtype: int) -> np.ndarray:
     return values.astype(np.dtype(element).newbyteorder("="))
 
 
-def quantize_calibrated(vectors: np.ndarray, precision: int) -> np.ndarray:
-    """INT8/UINT8 codes of float32 rows calibrated on those rows (per-dimension min
-    and max), byte for byte what the server (and sentence-transformers'
-    quantize_embeddings without ranges) computes for the same rows in one request."""
-    if len(vectors) < 2:
-        raise EmbedqError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INT8/UINT8 without ranges calibrates on the vectors themselves and needs at "
-            "least 2: pass ranges",
-        )
+def quantize_int8(
+    vectors: np.ndarray, minimums: np.ndarray, maximums: np.ndarray, precision: int
+) -> np.ndarray:
+    """INT8/UINT8 codes of float32 rows for per-dimension ranges, with
+    sentence-transformers' quantize_embeddings formula (float32 arithmetic),
+    byte for byte what the server sends."""
     vectors = vectors.astype(np.float32, copy=False)
-    starts = vectors.min(axis=0)
-    steps = (vectors.max(axis=0) - starts) / np.float32(255)
+    starts = minimums.astype(np.float32, copy=False)
+    steps = (maximums.astype(np.float32, copy=False) - starts) / np.float32(255)
     steps = np.where(steps == 0, np.float32(1), steps)
     codes = np.clip(np.floor((vectors - starts) / steps), 0, 255)
     if precision == pb.PRECISION_UINT8:
         return codes.astype(np.uint8)
     return (codes - 128).astype(np.int8)
+
+
+def quantize_calibrated(vectors: np.ndarray, precision: int) -> np.ndarray:
+    """INT8/UINT8 codes calibrated on the rows themselves (per-dimension min and
+    max), as the server (and quantize_embeddings without ranges) does for the
+    rows of one request."""
+    if len(vectors) < 2:
+        raise EmbedqError(grpc.StatusCode.INVALID_ARGUMENT, CALIBRATION_NEEDS_TWO)
+    return quantize_int8(vectors, vectors.min(axis=0), vectors.max(axis=0), precision)
+
+
+CALIBRATION_NEEDS_TWO = (
+    "INT8/UINT8 without ranges calibrates on the vectors themselves and needs at least 2: "
+    "pass ranges"
+)
 
 
 def hash_bytes(value: bytes | str) -> bytes:

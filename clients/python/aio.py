@@ -22,7 +22,15 @@ from ._common import (
     deadline,
     remaining,
 )
-from ._convert import Info, LookupResult, TokenizedText, encode_options
+from ._convert import (
+    Info,
+    LookupResult,
+    Precision,
+    Ranges,
+    TokenizedText,
+    encode_options,
+    output_options,
+)
 from ._errors import rpc_errors
 
 T = TypeVar("T")
@@ -51,6 +59,7 @@ class AsyncClient(ClientSettings):
         tls_cert: Pem | None = None,
         tls_key: Pem | None = None,
         token: str | None = None,
+        max_candidates: int | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -64,6 +73,7 @@ class AsyncClient(ClientSettings):
             tls_cert=tls_cert,
             tls_key=tls_key,
             token=token,
+            max_candidates=max_candidates,
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.EmbedderStub | None = None
@@ -124,8 +134,14 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        precision: Precision = "float32",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        ranges: Ranges | None = None,
     ) -> np.ndarray:
-        """float32 (n, dim) for a sequence of texts, (dim,) for one str."""
+        """(n, dim) for a sequence of texts, (dim,) for one str; options as in
+        :meth:`Client.encode <embedq.client.Client.encode>`."""
         return await self._run(
             _plans.encode(
                 texts,
@@ -133,6 +149,13 @@ class AsyncClient(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output_options(
+                    dimension=dimension,
+                    precision=precision,
+                    prompt=prompt,
+                    prompt_name=prompt_name,
+                    ranges=ranges,
+                ),
             )
         )
 
@@ -145,9 +168,19 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ) -> float:
         scores = await self.similarity_pairs(
-            [(a, b)], metric=metric, normalize=normalize, truncate=truncate, model=model
+            [(a, b)],
+            metric=metric,
+            normalize=normalize,
+            truncate=truncate,
+            model=model,
+            dimension=dimension,
+            prompt=prompt,
+            prompt_name=prompt_name,
         )
         return float(scores[0])
 
@@ -159,6 +192,9 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         return await self._run(
             _plans.similarity_pairs(
@@ -168,6 +204,7 @@ class AsyncClient(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output_options(dimension=dimension, prompt=prompt, prompt_name=prompt_name),
             )
         )
 
@@ -181,19 +218,30 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ) -> list[tuple[int, float]]:
+        output = output_options(dimension=dimension, prompt=prompt, prompt_name=prompt_name)
         return await self._run(
             _plans.rank(
                 query,
                 candidates,
-                chunk_size=self.chunk_size,
+                per_request=await self._candidates_per_request(len(candidates)),
                 top_k=top_k,
                 metric=metric,
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output,
             )
         )
+
+    async def _candidates_per_request(self, count: int) -> int:
+        known = self._known_candidate_limit(count)
+        if known is not None:
+            return known
+        return self._remember_candidate_limit((await self.info()).limits.max_candidates)
 
     async def lookup(
         self,
@@ -203,6 +251,11 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        precision: Precision = "float32",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        ranges: Ranges | None = None,
     ) -> LookupResult:
         return await self._run(
             _plans.lookup(
@@ -212,6 +265,13 @@ class AsyncClient(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
+                output=output_options(
+                    dimension=dimension,
+                    precision=precision,
+                    prompt=prompt,
+                    prompt_name=prompt_name,
+                    ranges=ranges,
+                ),
             )
         )
 
@@ -234,6 +294,11 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = ...,
         truncate: bool = ...,
         model: str = ...,
+        dimension: int | None = ...,
+        precision: Precision = ...,
+        prompt: str | None = ...,
+        prompt_name: str | None = ...,
+        ranges: Ranges | None = ...,
         on_error: Literal["raise"] = ...,
         timeout: float | None = ...,
     ) -> AsyncIterator[tuple[str, np.ndarray]]: ...
@@ -247,6 +312,11 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = ...,
         truncate: bool = ...,
         model: str = ...,
+        dimension: int | None = ...,
+        precision: Precision = ...,
+        prompt: str | None = ...,
+        prompt_name: str | None = ...,
+        ranges: Ranges | None = ...,
         on_error: Literal["yield"],
         timeout: float | None = ...,
     ) -> AsyncIterator[stream.StreamItem]: ...
@@ -259,6 +329,11 @@ class AsyncClient(ClientSettings):
         normalize: bool | None = None,
         truncate: bool = True,
         model: str = "",
+        dimension: int | None = None,
+        precision: Precision = "float32",
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        ranges: Ranges | None = None,
         on_error: stream.OnError = "raise",
         timeout: float | None = None,
     ) -> AsyncIterator[stream.StreamItem]:
@@ -266,9 +341,16 @@ class AsyncClient(ClientSettings):
         an async or a sync iterable (a sync one is read inside the event loop,
         so it must not block)."""
         stream.check_on_error(on_error)
-        feed = stream.Feed(
-            texts, ids, encode_options(model=model, normalize=normalize, truncate=truncate)
+        output = output_options(
+            dimension=dimension,
+            precision=precision,
+            prompt=prompt,
+            prompt_name=prompt_name,
+            ranges=ranges,
         )
+        stream.check_output(output)
+        options = encode_options(model=model, normalize=normalize, truncate=truncate, output=output)
+        feed = stream.Feed(texts, ids, options)
         call = self.stub.EncodeStream(aiter(feed), timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:

@@ -19,9 +19,17 @@ import grpc
 from tqdm import tqdm
 
 from ._common import DEFAULT_TARGET
-from ._convert import METRICS, Info
+from ._convert import (
+    CALIBRATED,
+    METRICS,
+    PRECISIONS,
+    Info,
+    numpy_dtype,
+    quantize_int8,
+    row_width,
+)
 from ._errors import EmbedqError
-from ._io import Writer, open_input, open_output, read_batches
+from ._io import CalibratingWriter, Writer, open_input, open_output, read_batches
 from .sync import Client
 
 ENV_TARGET = "EMBEDQ_TARGET"
@@ -138,6 +146,51 @@ def _model_parser(*, normalize: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _prompt_parser() -> argparse.ArgumentParser:
+    """--dimension, --prompt, --prompt-name: what every embedding command takes."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("output and prompts")
+    group.add_argument(
+        "--dimension",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="keep the first N dimensions (Matryoshka), re-normalised when normalising "
+        "(default: the model's dimension)",
+    )
+    prompts = group.add_mutually_exclusive_group()
+    prompts.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help="prepend TEXT to every text; '' turns off the model's default prompt",
+    )
+    prompts.add_argument(
+        "--prompt-name",
+        default=None,
+        metavar="NAME",
+        help="use the model's named prompt NAME (see `embedq info`)",
+    )
+    return parser
+
+
+def _precision_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=list(PRECISIONS),
+        help="element type of the vectors, as sentence-transformers' quantize_embeddings; "
+        "binary/ubinary rows are ceil(dimension / 8) packed bytes; int8/uint8 are "
+        "calibrated on all of the input's vectors (default: %(default)s)",
+    )
+    return parser
+
+
+def _prompt_args(args: argparse.Namespace) -> dict:
+    return {"dimension": args.dimension, "prompt": args.prompt, "prompt_name": args.prompt_name}
+
+
 def _client(args: argparse.Namespace, chunk_size: int = 256) -> Client:
     token = read_token_file(args.token_file) if args.token_file else args.token
     return Client(
@@ -178,40 +231,66 @@ Embed one text per input line (only the line ending is removed; empty lines
 are empty texts) and write one vector per line, in input order.
 
 The input is read and sent in batches, so big files stream. Output formats:
-  FILE.npy     float32 array (lines, dimension), as numpy.save writes it
+  FILE.npy     array (lines, dimension), as numpy.save writes it; its dtype is
+               the precision's: float32, float16, int8, uint8 (binary: int8 and
+               ubinary: uint8, with ceil(dimension / 8) packed bytes a row)
   FILE.jsonl   one {"index": i, "text": ..., "embedding": [...]} per line
   -            JSON lines on stdout (the default)
+--precision int8/uint8 calibrate on the vectors of the whole input (as
+quantize_embeddings does without ranges): those rows are written at the end.
 A progress bar (texts/s) goes to stderr when it is a terminal.
 
 examples:
   embedq encode --input sentences.txt --output vectors.npy
-  printf 'hello\\nworld\\n' | embedq encode --target 10.0.0.5:50051
+  embedq encode --input docs.txt --output bits.npy --precision ubinary --dimension 256
+  printf 'hello\\nworld\\n' | embedq encode --target 10.0.0.5:50051 --prompt 'query: '
 """
 
 
 def _encode(args: argparse.Namespace) -> int:
+    precision = PRECISIONS[args.precision]
     with _client(args, chunk_size=args.batch_size) as client, open_input(args.input) as source:
-        writer = open_output(args.output)
+        writer = open_output(args.output, numpy_dtype(precision))
+        sent = args.precision
+        if precision in CALIBRATED:
+            # Every block would calibrate on its own rows: ask for float32 and
+            # quantise once, over all of the input, at the end.
+            writer = CalibratingWriter(
+                writer, lambda rows, low, high: quantize_int8(rows, low, high, precision)
+            )
+            sent = "float32"
         try:
-            _encode_into(client, source, writer, args)
+            _encode_into(client, source, writer, args, sent)
         finally:
             writer.close()
     return 0
 
 
-def _encode_into(client: Client, source: IO[str], writer: Writer, args: argparse.Namespace) -> None:
+def _encode_into(
+    client: Client, source: IO[str], writer: Writer, args: argparse.Namespace, precision: str
+) -> None:
     # One read block feeds max_in_flight concurrent requests of batch_size texts.
     block = args.batch_size * client.max_in_flight
     done = 0
     with tqdm(unit=" texts", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         for batch in read_batches(source, block):
             vectors = client.encode(
-                batch, normalize=args.normalize, truncate=args.truncate, model=args.model
+                batch,
+                normalize=args.normalize,
+                truncate=args.truncate,
+                model=args.model,
+                precision=precision,
+                **_prompt_args(args),
             )
             writer.write(done, batch, vectors)
             done += len(batch)
             bar.update(len(batch))
-    writer.finish(lambda: _model_dimension(client, args.model))
+
+    def width() -> int:
+        dimension = args.dimension or _model_dimension(client, args.model)
+        return row_width(PRECISIONS[args.precision], dimension)
+
+    writer.finish(width)
 
 
 def _model_dimension(client: Client, model: str) -> int:
@@ -222,6 +301,7 @@ def _model_dimension(client: Client, model: str) -> int:
 
 
 def _add_encode(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parents = [*parents, _precision_parser()]
     parser = _add(
         subparsers, "encode", _encode, "embed the lines of a file", ENCODE_DESCRIPTION, parents
     )
@@ -254,6 +334,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 # ---- similarity / rank ------------------------------------------------------
 
 
@@ -266,6 +353,7 @@ def _similarity(args: argparse.Namespace) -> int:
             normalize=args.normalize,
             truncate=args.truncate,
             model=args.model,
+            **_prompt_args(args),
         )
     print(score)
     return 0
@@ -281,6 +369,7 @@ def _rank(args: argparse.Namespace) -> int:
             normalize=args.normalize,
             truncate=args.truncate,
             model=args.model,
+            **_prompt_args(args),
         )
     for index, score in matches:
         print(f"{score:.6f}\t{index}\t{args.candidates[index]}")
@@ -352,12 +441,16 @@ def _describe(info: Info, target: str) -> str:
             f"  fingerprint      {m.fingerprint}",
             f"  source           {m.source}",
         ]
+        for name, prompt in m.prompts.items():
+            default = " (default)" if name == m.default_prompt_name else ""
+            lines.append(f"  prompt {name!r}{default}: {prompt!r}")
     limits = info.limits
     lines += [
         "limits",
         f"  max_batch_texts   {limits.max_batch_texts}",
         f"  max_text_bytes    {limits.max_text_bytes}",
         f"  max_message_bytes {limits.max_message_bytes}",
+        f"  max_candidates    {limits.max_candidates}",
     ]
     return "\n".join(lines)
 
@@ -369,7 +462,8 @@ def _add_info(subparsers: argparse._SubParsersAction, parents: list) -> None:
         _info,
         "describe the served models and limits",
         "Print each served model (name, dimension, pooling, max sequence length,\n"
-        "default normalisation, live workers, fingerprint, source) and the request limits.",
+        "default normalisation, live workers, fingerprint, source, named prompts) and the\n"
+        "request limits.",
         parents,
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -386,6 +480,8 @@ def _lookup(args: argparse.Namespace) -> int:
             normalize=args.normalize,
             truncate=args.truncate,
             model=args.model,
+            precision=args.precision,
+            **_prompt_args(args),
         )
     keys = [("text", t) for t in args.texts] + [("sha256", h.lower()) for h in args.sha256]
     for index, ((kind, key), found) in enumerate(zip(keys, result.found.tolist(), strict=True)):
@@ -396,6 +492,7 @@ def _lookup(args: argparse.Namespace) -> int:
 
 
 def _add_lookup(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    parents = [*parents, _precision_parser()]
     parser = _add(
         subparsers,
         "lookup",
@@ -403,7 +500,8 @@ def _add_lookup(subparsers: argparse._SubParsersAction, parents: list) -> None:
         "read cached vectors (never computes)",
         "Look texts or SHA-256 digests up in the cache; print one JSON line per item\n"
         '(texts first): {"index", "text"|"sha256", "found", "embedding" or null}.\n'
-        "--normalize/--no-truncate/--model select the cache variant.\n\n"
+        "--normalize/--no-truncate/--model/--prompt/--prompt-name select the cache variant;\n"
+        "--dimension/--precision shape the answer (int8/uint8: calibrated on the hits).\n\n"
         "example:\n  embedq lookup 'hello world' --sha256 $(printf %s hi | sha256sum | cut -c1-64)",
         parents,
     )
@@ -457,7 +555,7 @@ def _add_tokenize(subparsers: argparse._SubParsersAction, parents: list) -> None
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register the client subcommands on an argparse subparsers object."""
     connection = _connection_parser()
-    with_model = [connection, _model_parser()]
+    with_model = [connection, _model_parser(), _prompt_parser()]
     _add_encode(subparsers, with_model)
     _add_similarity(subparsers, with_model)
     _add_info(subparsers, [connection])

@@ -217,9 +217,7 @@ class Client(ClientSettings):
                 normalize=normalize,
                 truncate=truncate,
                 model=model,
-                output=output_options(
-                    dimension=dimension, prompt=prompt, prompt_name=prompt_name
-                ),
+                output=output_options(dimension=dimension, prompt=prompt, prompt_name=prompt_name),
             )
         )
 

@@ -20,6 +20,7 @@ import torch
 from .transformer import Transformer
 
 BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8")
+RECIPE = 1
 _PACKAGES = {"onnx": ("onnxruntime", "onnx"), "onnx-int8": ("onnxruntime", "onnx")}
 
 
@@ -52,11 +53,13 @@ def backend_settings(backend: str) -> dict[str, object]:
     and every cache key, stays what it was before backends existed)."""
     if backend == "torch":
         return {}
+    # Bump the recipe when an export or quantization choice changes: the vectors change too.
+    settings: dict[str, object] = {"backend": backend, "recipe": RECIPE}
     if backend == "torch-int8":
         from .quantized import activation_bits
 
-        return {"backend": backend, "activation_bits": activation_bits()}
-    return {"backend": backend}
+        settings["activation_bits"] = activation_bits()
+    return settings
 
 
 def apply_backend(backend: str, transformer: Transformer, fingerprint: str) -> None:

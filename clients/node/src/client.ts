@@ -5,13 +5,24 @@ import {
   checkText,
   type EncodeOptions,
   type MetricName,
+  toPrecision,
   toRawMetric,
   toRawOptions,
   toTexts,
 } from "./options";
 import { embedderClient } from "./proto";
 import { EncodeStream } from "./stream";
-import { type Matrix, rows, unpackFloat32 } from "./vectors";
+import {
+  dtypeName,
+  type Matrix,
+  type Precision,
+  quantizeCalibrated,
+  rows,
+  rowWidth,
+  unpackVectors,
+  type Vector,
+  type VectorOf,
+} from "./vectors";
 
 export const DEFAULT_TARGET = "127.0.0.1:50051";
 /** Per-call deadline when none is given (the server's own default is 120 s too). */
@@ -41,13 +52,18 @@ export interface ClientOptions {
 }
 
 /** encode() result in packed form, plus where it came from. */
-export interface EncodeResult extends Matrix {
+export interface EncodeResult<V extends Vector = Float32Array> extends Matrix<V> {
   model: string;
+  /** Element type of `data` (the requested precision). */
+  dtype: Precision;
+  /** Values (bytes for binary/ubinary) per row in `data`. */
+  width: number;
   /** Per text: the vector came from the cache. */
   cached: boolean[];
 }
 
-export interface SimilarityOptions extends EncodeOptions, CallOptions {
+/** Similarity scores float32 vectors: every encode option but precision/ranges applies. */
+export interface SimilarityOptions extends Omit<EncodeOptions, "precision" | "ranges">, CallOptions {
   /** Default "cosine". Higher is more similar for every metric (distances are negated). */
   metric?: MetricName;
 }
@@ -63,20 +79,22 @@ export interface Match {
   score: number;
 }
 
-export interface LookupRequest extends EncodeOptions, CallOptions {
+export interface LookupRequest<P extends Precision = Precision> extends EncodeOptions<P>, CallOptions {
   /** Texts to look up. */
   texts?: readonly string[];
   /** Raw 32-byte SHA-256 digests of texts' UTF-8 bytes (see textSha256), or 64-digit hex strings. */
   sha256?: readonly (Uint8Array | string)[];
 }
 
-export interface LookupResult {
+export interface LookupResult<V extends Vector = Float32Array> {
   model: string;
   dimension: number;
+  /** Element type of the vectors (the requested precision). */
+  dtype: Precision;
   /** One flag per item: texts first, then hashes, in request order. */
   found: boolean[];
   /** Aligned with `found`: the cached vector, or null for a miss. */
-  vectors: (Float32Array | null)[];
+  vectors: (V | null)[];
 }
 
 export interface TokenizedText {
@@ -95,12 +113,18 @@ export interface ModelInfo {
   normalize: boolean;
   workersAlive: number;
   source: string;
+  /** Named prompts of the model (config_sentence_transformers.json): name -> prompt text. */
+  prompts: Record<string, string>;
+  /** The prompt applied when a request names none ("" when there is none). */
+  defaultPromptName: string;
 }
 
 export interface Limits {
   maxBatchTexts: number;
   maxTextBytes: number;
   maxMessageBytes: number;
+  /** Most candidates in one rank() call (10,000 by default). */
+  maxCandidates: number;
 }
 
 export interface Info {
@@ -170,67 +194,77 @@ export class EmbedqClient {
   }
 
   /**
-   * Embeds texts; one Float32Array per text, in input order. The rows are
-   * views into one aligned Float32Array (use `encodeMatrix` for that packed
-   * form directly). Inputs over `chunkSize` texts are sent as several requests.
+   * Embeds texts; one vector per text, in input order: a Float32Array, or for
+   * another `precision` the typed array {@link VectorOf} names (float16: raw
+   * half bits in a Uint16Array; binary/ubinary: ceil(dimension / 8) packed
+   * bytes). The rows are views into one aligned array per response (use
+   * `encodeMatrix` for the packed form directly). Inputs over `chunkSize`
+   * texts are sent as several requests.
    */
-  async encode(
+  async encode<P extends Precision = "float32">(
     texts: string | readonly string[],
-    options: EncodeOptions & CallOptions = {},
-  ): Promise<Float32Array[]> {
+    options: EncodeOptions<P> & CallOptions = {},
+  ): Promise<VectorOf<P>[]> {
     const parts = await this.encodeParts(toTexts(texts), options);
-    return parts.flatMap((part) => rows(part));
+    return parts.flatMap((part) => rows(part)) as VectorOf<P>[];
   }
 
-  /** Like encode(), as one packed row-major `count` x `dimension` matrix. */
-  async encodeMatrix(
+  /** Like encode(), as one packed row-major `count` x `width` matrix. */
+  async encodeMatrix<P extends Precision = "float32">(
     texts: string | readonly string[],
-    options: EncodeOptions & CallOptions = {},
-  ): Promise<EncodeResult> {
+    options: EncodeOptions<P> & CallOptions = {},
+  ): Promise<EncodeResult<VectorOf<P>>> {
     const parts = await this.encodeParts(toTexts(texts), options);
-    if (parts.length === 1) return parts[0];
-    const count = parts.reduce((n, p) => n + p.count, 0);
-    const dimension = parts[0].dimension;
-    const data = new Float32Array(count * dimension);
-    let offset = 0;
-    for (const part of parts) {
-      data.set(part.data, offset);
-      offset += part.data.length;
-    }
-    return { count, dimension, data, model: parts[0].model, cached: parts.flatMap((p) => p.cached) };
+    return concatParts(parts) as EncodeResult<VectorOf<P>>;
   }
 
-  private async encodeParts(texts: string[], options: EncodeOptions & CallOptions): Promise<EncodeResult[]> {
+  private async encodeParts(texts: string[], options: EncodeOptions & CallOptions): Promise<EncodeResult<Vector>[]> {
     const deadline = this.deadline(options);
-    const rawOptions = toRawOptions(options);
     const chunks: string[][] = [];
     for (let i = 0; i < texts.length; i += this.chunkSize) chunks.push(texts.slice(i, i + this.chunkSize));
     if (chunks.length === 0) chunks.push([]); // the server answers INVALID_ARGUMENT
-    return this.limited(chunks, async (chunk) => {
+    // int8/uint8 without ranges calibrates on each request's own vectors: split
+    // over several requests, every chunk would get its own ranges. Ask for
+    // float32 instead and quantise here, once, over the whole input, with the
+    // same formula: the codes one request for all of it would give.
+    const precision = toPrecision(options.precision);
+    const calibrateHere =
+      chunks.length > 1 && (precision === "int8" || precision === "uint8") && options.ranges === undefined;
+    const rawOptions = toRawOptions(calibrateHere ? { ...options, precision: "float32" } : options);
+    const parts = await this.limited(chunks, async (chunk) => {
       const raw = await this.unary<RawEncodeResponse>("Encode", { texts: chunk, options: rawOptions }, deadline);
+      const dtype = dtypeName(raw.dtype);
       return {
         model: raw.model,
         count: raw.count,
         dimension: raw.dimension,
-        data: unpackFloat32(raw.embeddings, raw.count, raw.dimension, raw.dtype),
+        dtype,
+        width: rowWidth(dtype, raw.dimension),
+        data: unpackVectors(raw.embeddings, raw.count, raw.dimension, raw.dtype),
         cached: raw.cached,
       };
     });
+    if (!calibrateHere) return parts;
+    const merged = concatParts(parts) as EncodeResult<Float32Array>;
+    const data = quantizeCalibrated(merged.data, merged.dimension, precision as "int8" | "uint8");
+    return [{ ...merged, data, dtype: precision, width: merged.dimension }];
   }
 
   /**
    * Opens a bidirectional EncodeStream. `options` apply to every message
    * (write() can override them per message). No deadline unless
-   * `options.timeoutMs` is given: streams are meant to stay open.
+   * `options.timeoutMs` is given: streams are meant to stay open. int8/uint8
+   * without ranges calibrate on each message's own texts.
    */
-  encodeStream(options: EncodeOptions & CallOptions = {}): EncodeStream {
+  encodeStream<P extends Precision = "float32">(options: EncodeOptions<P> & CallOptions = {}): EncodeStream<P> {
+    const rawOptions = toRawOptions(options); // refuse bad options before opening the call
     const callOptions: grpc.CallOptions = {};
     if (options.timeoutMs !== undefined && Number.isFinite(options.timeoutMs)) {
       callOptions.deadline = Date.now() + options.timeoutMs;
     }
     const method = (this.stub as unknown as Record<string, Function>).EncodeStream;
     const call = method.call(this.stub, this.metadata, callOptions) as grpc.ClientDuplexStream<unknown, never>;
-    return new EncodeStream(call, toRawOptions(options));
+    return new EncodeStream<P>(call, rawOptions);
   }
 
   /** Similarity of two texts (default metric: cosine). */
@@ -255,14 +289,18 @@ export class EmbedqClient {
           })),
         },
         metric: toRawMetric(options.metric),
-        options: toRawOptions(options),
+        options: toRawOptions(scoringOptions(options)),
       },
       this.deadline(options),
     );
     return raw.scores;
   }
 
-  /** Candidates ranked against the query, best first (the best `topK` when topK > 0). */
+  /**
+   * Candidates ranked against the query, best first (the best `topK` when
+   * topK > 0). One request: up to `info().limits.maxCandidates` candidates
+   * (10,000 by default).
+   */
   async rank(query: string, candidates: readonly string[], options: RankOptions = {}): Promise<Match[]> {
     const raw = await this.unary<RawSimilarityResponse>(
       "Similarity",
@@ -270,7 +308,7 @@ export class EmbedqClient {
         ranking: { query: checkText(query, "query"), candidates: toTexts(candidates, "candidates") },
         metric: toRawMetric(options.metric),
         topK: options.topK ?? 0,
-        options: toRawOptions(options),
+        options: toRawOptions(scoringOptions(options)),
       },
       this.deadline(options),
     );
@@ -279,10 +317,11 @@ export class EmbedqClient {
 
   /**
    * Cache only: vectors already stored for texts and/or SHA-256 digests
-   * (misses are reported, never computed). normalize/truncate/model select the
-   * cache variant, as in encode().
+   * (misses are reported, never computed). normalize/truncate/model/prompt/
+   * promptName select the cache variant, as in encode(); dimension/precision/
+   * ranges shape the answer (int8/uint8 without ranges: calibrated on the hits).
    */
-  async lookup(request: LookupRequest): Promise<LookupResult> {
+  async lookup<P extends Precision = "float32">(request: LookupRequest<P>): Promise<LookupResult<VectorOf<P>>> {
     const texts = toTexts(request.texts ?? []);
     const hashes = (request.sha256 ?? []).map(toDigest);
     const raw = await this.unary<RawLookupResponse>(
@@ -290,11 +329,11 @@ export class EmbedqClient {
       { texts, sha256: hashes, options: toRawOptions(request) },
       this.deadline(request),
     );
-    const data = unpackFloat32(raw.embeddings, raw.count, raw.dimension, raw.dtype);
-    const hits = rows({ count: raw.count, dimension: raw.dimension, data });
+    const data = unpackVectors(raw.embeddings, raw.count, raw.dimension, raw.dtype);
+    const hits = rows({ count: raw.count, dimension: raw.dimension, data }) as VectorOf<P>[];
     let next = 0;
     const vectors = raw.found.map((found) => (found ? (hits[next++] ?? null) : null));
-    return { model: raw.model, dimension: raw.dimension, found: raw.found, vectors };
+    return { model: raw.model, dimension: raw.dimension, dtype: dtypeName(raw.dtype), found: raw.found, vectors };
   }
 
   /** Token ids and strings, as the model's own tokenizer sees each text. */
@@ -328,12 +367,15 @@ export class EmbedqClient {
         normalize: m.normalize,
         workersAlive: m.workersAlive,
         source: m.source,
+        prompts: { ...(m.prompts ?? {}) },
+        defaultPromptName: m.defaultPromptName ?? "",
       })),
       defaultModel: raw.defaultModel,
       limits: {
         maxBatchTexts: raw.limits?.maxBatchTexts ?? 0,
         maxTextBytes: raw.limits?.maxTextBytes ?? 0,
         maxMessageBytes: raw.limits?.maxMessageBytes ?? 0,
+        maxCandidates: raw.limits?.maxCandidates ?? 0,
       },
       version: raw.version,
     };
@@ -373,6 +415,35 @@ export class EmbedqClient {
     await Promise.all(Array.from({ length: Math.min(this.maxInFlight, items.length) }, runner));
     return out;
   }
+}
+
+/** Similarity always scores float32 vectors: precision and ranges never go out. */
+function scoringOptions(options: SimilarityOptions): EncodeOptions {
+  const { precision: _precision, ranges: _ranges, ...rest } = options as EncodeOptions & SimilarityOptions;
+  return rest;
+}
+
+/** One matrix from consecutive parts (same dtype and width), in order. */
+function concatParts(parts: EncodeResult<Vector>[]): EncodeResult<Vector> {
+  if (parts.length === 1) return parts[0];
+  const first = parts[0];
+  const length = parts.reduce((n, p) => n + p.data.length, 0);
+  const Kind = first.data.constructor as new (length: number) => Vector;
+  const data = new Kind(length);
+  let offset = 0;
+  for (const part of parts) {
+    (data as Float32Array).set(part.data as ArrayLike<number>, offset);
+    offset += part.data.length;
+  }
+  return {
+    count: parts.reduce((n, p) => n + p.count, 0),
+    dimension: first.dimension,
+    dtype: first.dtype,
+    width: first.width,
+    data,
+    model: first.model,
+    cached: parts.flatMap((p) => p.cached),
+  };
 }
 
 const HEX_DIGEST = /^[0-9a-fA-F]{64}$/;

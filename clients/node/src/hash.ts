@@ -24,16 +24,24 @@ export interface VariantOptions {
   normalize: boolean;
   /** Truncation END (true) or REJECT (false); unset truncation means END. */
   truncate: boolean;
+  /**
+   * The prompt text that applied (the explicit one, the named one's text, or
+   * the model's default prompt); unset or "": none.
+   */
+  prompt?: string;
 }
 
 /**
  * First 16 lowercase hex digits of
- * SHA-256("<model fingerprint>|normalize=<0|1>|truncate=<0|1>").
+ * SHA-256("<model fingerprint>|normalize=<0|1>|truncate=<0|1>"), with
+ * "|prompt=<sha256 hex of the prompt's UTF-8 bytes>" appended when a prompt
+ * applies. Output dimension and precision do not change it.
  */
 export function variantFingerprint(modelFingerprint: string, options: VariantOptions): string {
-  const material = `${modelFingerprint}|normalize=${options.normalize ? 1 : 0}|truncate=${
+  let material = `${modelFingerprint}|normalize=${options.normalize ? 1 : 0}|truncate=${
     options.truncate ? 1 : 0
   }`;
+  if (options.prompt) material += `|prompt=${textSha256Hex(options.prompt)}`;
   return createHash("sha256").update(material, "utf8").digest("hex").slice(0, 16);
 }
 

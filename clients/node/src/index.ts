@@ -4,6 +4,7 @@
  *     import { EmbedqClient } from "@embedq/client";
  *     const client = new EmbedqClient("127.0.0.1:50051");
  *     const [a, b] = await client.encode(["first sentence", "second one"]); // Float32Array(384) each
+ *     const [bits] = await client.encode("one", { precision: "ubinary" }); // Uint8Array(48)
  *     client.close();
  */
 export {
@@ -36,4 +37,18 @@ export {
 export { type CallOptions, type EncodeOptions, METRIC_NAMES, type MetricName } from "./options";
 export { PROTO_FILE, resolveProtoRoot } from "./proto";
 export { EncodeStream, type StreamResult } from "./stream";
-export { type Matrix, packFloat32, rows, unpackFloat32 } from "./vectors";
+export {
+  float16ToFloat32,
+  type Matrix,
+  PRECISIONS,
+  type Precision,
+  packFloat32,
+  quantizeCalibrated,
+  quantizeInt8,
+  rows,
+  rowWidth,
+  unpackFloat32,
+  unpackVectors,
+  type Vector,
+  type VectorOf,
+} from "./vectors";

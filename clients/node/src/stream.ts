@@ -2,18 +2,20 @@ import type { ClientDuplexStream } from "@grpc/grpc-js";
 import { status } from "@grpc/grpc-js";
 import { EmbedqError, toEmbedqError } from "./errors";
 import { type EncodeOptions, type RawEncodeOptions, toRawOptions, toTexts } from "./options";
-import { rows, unpackFloat32 } from "./vectors";
+import { dtypeName, type Precision, rows, unpackVectors, type VectorOf } from "./vectors";
 
 /** The answer to one streamed message. */
-export interface StreamResult {
+export interface StreamResult<P extends Precision = "float32"> {
   /** The id given to write(). */
   id: string;
-  /** One vector per text of the message; empty when `error` is set. */
-  vectors: Float32Array[];
+  /** One vector per text of the message (typed by `dtype`); empty when `error` is set. */
+  vectors: VectorOf<P>[];
   /** Per text: the vector came from the cache. */
   cached: boolean[];
   model: string;
   dimension: number;
+  /** Element type of `vectors` (the message's precision; "float32" when `error` is set). */
+  dtype: Precision;
   /** Set when this message failed (the stream goes on). */
   error: EmbedqError | null;
 }
@@ -41,8 +43,8 @@ const HIGH_WATER = 256;
  * server gone) is thrown from the iteration as an EmbedqError, after the
  * answers received before it.
  */
-export class EncodeStream implements AsyncIterable<StreamResult> {
-  private readonly queue: StreamResult[] = [];
+export class EncodeStream<P extends Precision = "float32"> implements AsyncIterable<StreamResult<P>> {
+  private readonly queue: StreamResult<P>[] = [];
   private failure: EmbedqError | null = null;
   private done = false;
   private cancelled = false;
@@ -54,11 +56,11 @@ export class EncodeStream implements AsyncIterable<StreamResult> {
     private readonly defaults: RawEncodeOptions,
   ) {
     call.on("data", (raw: RawStreamResponse) => {
-      let result: StreamResult;
+      let result: StreamResult<P>;
       try {
-        result = convert(raw);
+        result = convert<P>(raw);
       } catch (err) {
-        result = emptyResult(raw, toEmbedqError(err));
+        result = emptyResult<P>(raw, toEmbedqError(err));
       }
       this.queue.push(result);
       if (this.queue.length >= HIGH_WATER) call.pause();
@@ -78,10 +80,11 @@ export class EncodeStream implements AsyncIterable<StreamResult> {
 
   /**
    * Sends one message: `texts` is one text or a few, `options` override the
-   * stream's options for this message. Returns false when the send buffer is
-   * full (await `drain()` before writing more, for backpressure).
+   * stream's options for this message (keep the stream's precision: the
+   * result type assumes it). Returns false when the send buffer is full
+   * (await `drain()` before writing more, for backpressure).
    */
-  write(id: string, texts: string | readonly string[], options?: EncodeOptions): boolean {
+  write(id: string, texts: string | readonly string[], options?: EncodeOptions<P>): boolean {
     return this.call.write({
       id,
       texts: toTexts(texts),
@@ -106,7 +109,7 @@ export class EncodeStream implements AsyncIterable<StreamResult> {
     this.call.cancel();
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<StreamResult> {
+  async *[Symbol.asyncIterator](): AsyncIterator<StreamResult<P>> {
     if (this.iterating) throw new Error("an EncodeStream can be iterated only once");
     this.iterating = true;
     try {
@@ -140,21 +143,30 @@ export class EncodeStream implements AsyncIterable<StreamResult> {
   }
 }
 
-function emptyResult(raw: RawStreamResponse, error: EmbedqError): StreamResult {
-  return { id: raw.id, vectors: [], cached: [], model: raw.model, dimension: raw.dimension, error };
-}
-
-function convert(raw: RawStreamResponse): StreamResult {
-  if (raw.error) {
-    return emptyResult(raw, new EmbedqError(raw.error.code, raw.error.message));
-  }
-  const data = unpackFloat32(raw.embeddings, raw.count, raw.dimension, raw.dtype);
+function emptyResult<P extends Precision>(raw: RawStreamResponse, error: EmbedqError): StreamResult<P> {
   return {
     id: raw.id,
-    vectors: rows({ count: raw.count, dimension: raw.dimension, data }),
+    vectors: [],
+    cached: [],
+    model: raw.model,
+    dimension: raw.dimension,
+    dtype: "float32",
+    error,
+  };
+}
+
+function convert<P extends Precision>(raw: RawStreamResponse): StreamResult<P> {
+  if (raw.error) {
+    return emptyResult<P>(raw, new EmbedqError(raw.error.code, raw.error.message));
+  }
+  const data = unpackVectors(raw.embeddings, raw.count, raw.dimension, raw.dtype);
+  return {
+    id: raw.id,
+    vectors: rows({ count: raw.count, dimension: raw.dimension, data }) as VectorOf<P>[],
     cached: raw.cached,
     model: raw.model,
     dimension: raw.dimension,
+    dtype: dtypeName(raw.dtype),
     error: null,
   };
 }

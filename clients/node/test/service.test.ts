@@ -11,6 +11,7 @@ import {
   DEFAULT_NAMESPACE,
   EmbedqClient,
   EmbedqError,
+  float16ToFloat32,
   type Info,
   packFloat32,
   textSha256,
@@ -85,6 +86,9 @@ describe("info", () => {
     assert.equal(info.limits.maxBatchTexts, 2048);
     assert.equal(info.limits.maxTextBytes, 65536);
     assert.ok(info.limits.maxMessageBytes > 0);
+    assert.equal(info.limits.maxCandidates, 10_000);
+    assert.deepEqual(model.prompts, {});
+    assert.equal(model.defaultPromptName, "");
     assert.match(info.version, /^\d+\.\d+/);
   });
 });
@@ -238,6 +242,120 @@ describe("similarity and rank", () => {
     const top = await client.rank("cats", candidates, { topK: 2, metric: "cosine" });
     assert.deepEqual(top, all.slice(0, 2));
     await assert.rejects(client.rank("cats", candidates, { topK: -1 }), isEmbedqError(3, /top_k/));
+  });
+});
+
+describe("per-request options", () => {
+  const texts = ["A man is playing a guitar.", "A woman is slicing onions.", "Stocks fell sharply today."];
+
+  test("ubinary: 48 bytes a row for 384 dimensions, the Python client's bytes", async () => {
+    const batch = texts.map(fresh);
+    const bits = await client.encode(batch, { precision: "ubinary" });
+    assert.equal(bits.length, batch.length);
+    for (const row of bits) {
+      assert.ok(row instanceof Uint8Array);
+      assert.equal(row.length, 48);
+    }
+    const matrix = await client.encodeMatrix(batch, { precision: "ubinary", dimension: DIM });
+    assert.equal(matrix.dtype, "ubinary");
+    assert.equal(matrix.dimension, DIM);
+    assert.equal(matrix.width, 48);
+    assert.equal(matrix.data.length, batch.length * 48);
+    const python = await pythonReference({
+      target: service!.target,
+      namespace: DEFAULT_NAMESPACE,
+      encode: [],
+      keys: [],
+      packed: [
+        [batch, { precision: "ubinary" }],
+        [batch, { precision: "binary", dimension: 64 }],
+      ],
+    });
+    assert.equal(python.packed[0].dtype, "uint8");
+    assert.deepEqual(python.packed[0].shape, [batch.length, 48]);
+    assert.equal(Buffer.from(matrix.data).toString("hex"), python.packed[0].hex);
+    const signed = await client.encodeMatrix(batch, { precision: "binary", dimension: 64 });
+    assert.ok(signed.data instanceof Int8Array);
+    assert.equal(signed.width, 8);
+    const signedBytes = Buffer.from(signed.data.buffer, signed.data.byteOffset, signed.data.byteLength);
+    assert.equal(signedBytes.toString("hex"), python.packed[1].hex);
+    // The bits are the signs of the float32 vector, big-endian within each byte.
+    const [floats] = await client.encode([batch[0]]);
+    for (let j = 0; j < DIM; j++) {
+      assert.equal((bits[0][j >> 3] >> (7 - (j & 7))) & 1, floats[j] > 0 ? 1 : 0);
+    }
+  });
+
+  test("dimension: 64 rows are unit length and the re-normalised prefix", async () => {
+    const short = await client.encode(texts, { dimension: 64 });
+    const full = await client.encode(texts);
+    for (let i = 0; i < texts.length; i++) {
+      assert.equal(short[i].length, 64);
+      assert.ok(Math.abs(norm(short[i]) - 1) < 1e-5, `norm ${norm(short[i])}`);
+      const prefix = full[i].slice(0, 64);
+      const scale = norm(prefix);
+      assert.ok(maxAbsDiff(short[i], prefix.map((x) => x / scale)) < 1e-6);
+    }
+    const close = await client.similarity(texts[0], texts[1], { dimension: 64 });
+    assert.ok(Math.abs(close - cosine(short[0], short[1])) < 1e-4);
+  });
+
+  test("prompt changes the vector; an empty prompt is no prompt", async () => {
+    const [plain] = await client.encode([texts[0]]);
+    const [prompted] = await client.encode([texts[0]], { prompt: "query: " });
+    const [empty] = await client.encode([texts[0]], { prompt: "" });
+    assert.ok(maxAbsDiff(plain, prompted) > 1e-3, "the prompt changed nothing");
+    assert.ok(Math.abs(norm(prompted) - 1) < 1e-4);
+    assert.ok(maxAbsDiff(plain, empty) <= ATOL);
+    const python = await pythonReference({
+      target: service!.target,
+      namespace: DEFAULT_NAMESPACE,
+      encode: [],
+      keys: [],
+      packed: [[[texts[0]], { prompt: "query: " }]],
+    });
+    assert.equal(Buffer.from(prompted.buffer, prompted.byteOffset, prompted.byteLength).toString("hex"), python.packed[0].hex);
+    const ranked = await client.rank("query", texts, { prompt: "query: ", topK: 1 });
+    assert.equal(ranked.length, 1);
+    await assert.rejects(client.encode(["x"], { promptName: "nope" }), isEmbedqError(3, /prompt/));
+  });
+
+  test("float16 halves, int8 calibrated once over a chunked input, lookup and stream", async () => {
+    const [half] = await client.encode([texts[0]], { precision: "float16" });
+    const [floats] = await client.encode([texts[0]]);
+    assert.ok(half instanceof Uint16Array);
+    assert.ok(maxAbsDiff(float16ToFloat32(half), floats) < 1e-3);
+
+    const many = Array.from({ length: 20 }, (_, i) => `calibration text ${i} ${texts[i % 3]}`);
+    const whole = await client.encodeMatrix(many, { precision: "int8" }); // one request: the server calibrates
+    const small = new EmbedqClient(service!.target, { chunkSize: 6 });
+    try {
+      const chunked = await small.encodeMatrix(many, { precision: "int8" }); // 4 requests: calibrated here
+      assert.ok(chunked.data instanceof Int8Array);
+      assert.deepEqual(Array.from(chunked.data), Array.from(whole.data));
+      const unsigned = await small.encodeMatrix(many, { precision: "uint8" });
+      assert.deepEqual(Array.from(unsigned.data), Array.from(whole.data, (x) => x + 128));
+    } finally {
+      small.close();
+    }
+    await assert.rejects(client.encode(["alone"], { precision: "int8" }), isEmbedqError(3, /ranges/));
+
+    const hit = await client.lookup({ texts: [many[0], fresh("missing")], precision: "ubinary", dimension: 128 });
+    assert.equal(hit.dtype, "ubinary");
+    assert.ok(hit.vectors[0] instanceof Uint8Array);
+    assert.equal(hit.vectors[0]!.length, 16);
+    assert.equal(hit.vectors[1], null);
+
+    const stream = client.encodeStream({ precision: "binary" });
+    stream.write("one", texts[0]);
+    stream.end();
+    for await (const result of stream) {
+      assert.equal(result.error, null);
+      assert.equal(result.dtype, "binary");
+      assert.ok(result.vectors[0] instanceof Int8Array);
+      assert.equal(result.vectors[0].length, 48);
+    }
+    assert.throws(() => client.encodeStream({ precision: "int4" as never }), isEmbedqError(3, /precision/));
   });
 });
 

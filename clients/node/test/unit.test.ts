@@ -7,12 +7,17 @@ import {
   cacheKey,
   EmbedqClient,
   EmbedqError,
+  float16ToFloat32,
   packFloat32,
+  quantizeCalibrated,
+  quantizeInt8,
   resolveProtoRoot,
   rows,
+  rowWidth,
   textSha256,
   textSha256Hex,
   unpackFloat32,
+  unpackVectors,
   variantFingerprint,
 } from "../src";
 import { toEmbedqError } from "../src/errors";
@@ -54,6 +59,9 @@ describe("hash rule", () => {
     for (const [normalize, truncate, variant] of expected) {
       assert.equal(variantFingerprint(FINGERPRINT, { normalize, truncate }), variant);
     }
+    // A prompt that applies is part of the variant; "" is no prompt.
+    assert.equal(variantFingerprint(FINGERPRINT, { normalize: true, truncate: true, prompt: "query: " }), "069d8bfdd1e8446a");
+    assert.equal(variantFingerprint(FINGERPRINT, { normalize: true, truncate: true, prompt: "" }), "8d947603bbb3b92b");
     const material = `${FINGERPRINT}|normalize=1|truncate=1`;
     assert.equal(
       variantFingerprint(FINGERPRINT, { normalize: true, truncate: true }),
@@ -100,6 +108,67 @@ describe("packed vectors", () => {
     );
     assert.throws(() => unpackFloat32(Buffer.alloc(12), 1, 3, "DTYPE_UNSPECIFIED"), EmbedqError);
     assert.equal(unpackFloat32(Buffer.alloc(0), 0, 384).length, 0);
+  });
+});
+
+describe("precisions", () => {
+  test("unpackVectors gives the dtype's typed array, aligned and owned", () => {
+    const backing = Buffer.from([0, 0x00, 0x3e, 0x08, 0x88, 0xff, 0x7b, 0xf8]); // odd offset
+    const halves = unpackVectors(backing.subarray(1, 5), 1, 2, "DTYPE_FLOAT16");
+    assert.ok(halves instanceof Uint16Array);
+    assert.deepEqual(Array.from(halves), [15872, 34824]);
+    const signed = unpackVectors(backing.subarray(1, 7), 2, 3, "DTYPE_INT8");
+    assert.ok(signed instanceof Int8Array);
+    assert.deepEqual(Array.from(signed), [0, 62, 8, -120, -1, 123]);
+    const bits = unpackVectors(backing.subarray(1, 7), 2, 20, "DTYPE_UBINARY"); // ceil(20 / 8) = 3 bytes a row
+    assert.ok(bits instanceof Uint8Array);
+    const [first, second] = rows({ count: 2, dimension: 20, data: bits });
+    assert.deepEqual(Array.from(first), [0x00, 0x3e, 0x08]);
+    assert.deepEqual(Array.from(second), [0x88, 0xff, 0x7b]);
+    assert.ok(unpackVectors(backing.subarray(1, 3), 2, 8, "DTYPE_BINARY") instanceof Int8Array);
+    assert.ok(unpackVectors(Buffer.alloc(8), 2, 1, 1) instanceof Float32Array);
+    backing.fill(0);
+    assert.equal(halves[0], 15872);
+    assert.throws(() => unpackVectors(Buffer.alloc(5), 2, 20, "DTYPE_UBINARY"), { code: 13 });
+    assert.throws(() => unpackVectors(Buffer.alloc(4), 1, 4, "DTYPE_INT4"), { code: 13 });
+    assert.equal(rowWidth("binary", 384), 48);
+    assert.equal(rowWidth("int8", 384), 384);
+  });
+
+  test("float16ToFloat32 is exact (values from numpy)", () => {
+    const halves = Uint16Array.from([15872, 34824, 31743, 13652, 0, 0x7c00, 0x0001]);
+    assert.deepEqual(Array.from(float16ToFloat32(halves)), [
+      1.5, -0.00012302398681640625, 65504, 0.3330078125, 0, Infinity, 2 ** -24,
+    ]);
+  });
+
+  test("int8/uint8 codes equal sentence-transformers' quantize_embeddings", () => {
+    const x = Float32Array.from([0.1, -0.5, 0.3, 0.0, 0.7, 0.2, -0.9, 0.0, -0.3, 0.25, 0.05, 0.0]);
+    assert.deepEqual(
+      Array.from(quantizeCalibrated(x, 4, "int8")),
+      [-27, -128, 127, -128, 126, 109, -128, -128, -128, 127, 73, -128],
+    );
+    assert.deepEqual(
+      Array.from(quantizeCalibrated(x, 4, "uint8")),
+      [101, 0, 255, 0, 254, 237, 0, 0, 0, 255, 201, 0],
+    );
+    // Given ranges; values outside them clip.
+    const codes = quantizeInt8(Float32Array.from([-2, 0, 2]), 3, [-1, -1, -1], [1, 1, 1], "uint8");
+    assert.deepEqual(Array.from(codes), [0, 127, 255]);
+    assert.throws(() => quantizeCalibrated(x.subarray(0, 4), 4, "int8"), { code: 3 });
+  });
+
+  test("bad output options are refused before anything is sent", async () => {
+    const client = new EmbedqClient("127.0.0.1:1");
+    try {
+      await assert.rejects(client.encode(["a"], { precision: "int4" as never }), { code: 3, details: /precision/ });
+      await assert.rejects(client.encode(["a"], { prompt: "q: ", promptName: "query" }), { code: 3 });
+      await assert.rejects(client.encode(["a"], { dimension: -1 }), { code: 3, details: /dimension/ });
+      await assert.rejects(client.encode(["a"], { ranges: [0, 1] }), { code: 3, details: /ranges/ });
+      await assert.rejects(client.encode(["a"], { precision: "int8", ranges: [0, 1, 2] }), { code: 3 });
+    } finally {
+      client.close();
+    }
   });
 });
 

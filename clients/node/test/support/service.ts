@@ -270,11 +270,14 @@ from embedq.client import Client
 from embedq.keys import Keys, text_sha256, variant_fingerprint
 
 job = json.load(sys.stdin)
-out = {"vectors": [], "keys": [], "sha256": []}
+out = {"vectors": [], "keys": [], "sha256": [], "packed": []}
 with Client(job["target"], timeout=120) as client:
     for text in job["encode"]:
         vector = client.encode([text])
         out["vectors"].append([float(x) for x in vector[0]])
+    for texts, options in job.get("packed", []):
+        rows = client.encode(texts, **options)
+        out["packed"].append({"hex": rows.tobytes().hex(), "dtype": str(rows.dtype), "shape": list(rows.shape)})
 for fingerprint, normalize, truncate, text in job["keys"]:
     variant = variant_fingerprint(fingerprint, normalize=normalize, truncate=truncate)
     out["keys"].append(Keys(job["namespace"]).cache(variant, text_sha256(text)))
@@ -289,12 +292,16 @@ export interface PythonJob {
   encode: string[];
   /** [fingerprint, normalize, truncate, text]: cache keys by embedq.keys. */
   keys: [string, boolean, boolean, string][];
+  /** [texts, Python encode() keyword options]: one request each; the packed bytes come back. */
+  packed?: [string[], Record<string, unknown>][];
 }
 
 export interface PythonAnswer {
   vectors: number[][];
   keys: string[];
   sha256: string[];
+  /** Per `packed` job: the numpy array's bytes (hex), dtype name and shape. */
+  packed: { hex: string; dtype: string; shape: number[] }[];
 }
 
 /** Runs the embedq Python client / key functions in a `python -c` child. */
