@@ -290,12 +290,11 @@ def test_full_queue_is_refused_at_once(paused_worker):
     channel, stub = stub_for(svc)
     with channel:
         os.kill(worker.pid, signal.SIGSTOP)
-        first = [
-            stub.Encode.future(pb.EncodeRequest(texts=[f"queued {i}"]), timeout=60)
-            for i in range(2)
-        ]
         client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
-        wait_until(lambda: client.xlen(keys.jobs(MODEL)) >= 2, what="two jobs queued")
+        first = []
+        for i in range(2):  # one at a time: requests arriving together share one job
+            first.append(stub.Encode.future(pb.EncodeRequest(texts=[f"queued {i}"]), timeout=60))
+            wait_until(lambda n=i: client.xlen(keys.jobs(MODEL)) > n, what=f"job {i} queued")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             stub.Encode(pb.EncodeRequest(texts=["one too many"]), timeout=60)

@@ -13,7 +13,7 @@ def generated_files(root: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(root)): path.read_bytes()
         for path in root.rglob("*")
-        if path.is_file() and ("_pb2" in path.name)
+        if path.is_file() and "_pb2" in path.name and path.suffix in (".py", ".pyi")
     }
 
 
