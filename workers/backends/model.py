@@ -6,7 +6,6 @@ batches of token ids. Vectors match sentence-transformers' ``encode`` to float r
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +68,6 @@ class PooledEncoder:
         if fp16 and not half:
             logger.warning("fp16 ignored on %s: running float32", target)
         layout = read_layout(folder)
-        _warn_on_default_prompt(folder)
         transformer = Transformer.load(layout.transformer_dir, target, half)
         config, hidden = transformer.model.config, transformer.hidden_size
         pooling = load_pooling(layout.pooling_dir, config, hidden)
@@ -106,20 +104,6 @@ class PooledEncoder:
     def encode(self, texts: Sequence[str], normalize: bool | None = None) -> np.ndarray:
         """tokenize + embed in one padded batch: convenience for small inputs and tests."""
         return self.embed([item.ids for item in self.tokenize(texts)], normalize=normalize)
-
-
-def _warn_on_default_prompt(folder: Path) -> None:
-    """sentence-transformers prepends a configured default prompt in encode(); we never add
-    prompts (clients send the exact text), so such a model's vectors would differ: say so."""
-    path = folder / "config_sentence_transformers.json"
-    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if config.get("default_prompt_name"):
-        logger.warning(
-            "%s sets default_prompt_name=%r; embedq does not prepend prompts, so vectors equal "
-            "sentence-transformers' encode(..., prompt='') rather than encode(...)",
-            folder,
-            config["default_prompt_name"],
-        )
 
 
 def _device(device: str) -> torch.device:
