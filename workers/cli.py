@@ -42,6 +42,14 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `embedq worker` and `embedq serve` (--model differs: one
     model per worker process, several for serve)."""
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=env_int("THREADS", 0),
+        help="CPU threads per worker process; several CPU workers on one machine should split "
+        "the cores between them [EMBEDQ_THREADS; torch's default, or cores/N for serve "
+        "--workers N on CPU]",
+    )
+    parser.add_argument(
         "--devices",
         default=env("DEVICES", "auto"),
         help="'auto' (every GPU, else CPU), 'cpu', or GPU indices like 0,1: one process each "
@@ -144,7 +152,11 @@ def run_worker_command(args: argparse.Namespace) -> int:
         print(f"embedq worker: {exc}", file=sys.stderr)
         return 2
     if len(devices) == 1:
+        import torch
         from transformers.utils import logging as hf_logging
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)  # two workers on two cores: one each, no thrash
 
         from .metrics import start_metrics_server
         from .worker import Worker

@@ -68,6 +68,8 @@ def worker_argv(args: argparse.Namespace, redis_url: str, model: str | None) -> 
         *url_flag,
         "--devices",
         args.devices,
+        "--threads",
+        str(cpu_threads(args)),
         "--max-batch-tokens",
         str(args.max_batch_tokens),
         "--max-batch-size",
@@ -145,6 +147,18 @@ def with_observability(args: argparse.Namespace, argvs: list[list[str]]) -> list
         metrics = ["--metrics-port", str(port), "--metrics-host", args.metrics_host]
         out.append([*argv[:at], *logging_flags, *argv[at:], *metrics])
     return out
+
+
+def cpu_threads(args: argparse.Namespace) -> int:
+    """Threads per worker: CPU workers on one machine share its cores instead of
+    each taking all of them (measured: two 2-thread workers on 2 cores halve
+    throughput, docs/deployment.md)."""
+    if args.threads:
+        return args.threads
+    workers = args.workers * max(1, len(args.model or []))
+    if args.devices not in ("cpu", "auto") or workers <= 1:
+        return 0
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def default_model_name(spec: str) -> str:
