@@ -11,7 +11,8 @@ texts; each is, with probability F, one of a small pool of texts encoded
 before the clock starts (a cache hit), else a sentence never sent before.
 
 Every ~5 s and at the end it prints messages/s, texts/s, p50/p99 latency per
-message, errors by status code and, for a deployment it started, the
+message (at the end also split: messages answered wholly from the cache, and
+the others), errors by status code and, for a deployment it started, the
 resident memory of the server and the worker. Traffic goes to loopback only.
 Exit status: 0 when every message was answered correctly, 1 if any error
 occurred (an error response, a failed call, a wrong id or row count, a
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -116,17 +118,30 @@ class Stats:
     messages: int = 0
     texts: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    # Messages answered entirely from the cache, and the others.
+    cached_ms: list[float] = field(default_factory=list)
+    computed_ms: list[float] = field(default_factory=list)
     errors: collections.Counter = field(default_factory=collections.Counter)
     # Since the last report.
     window_messages: int = 0
     window_texts: int = 0
     window_latencies_ms: list[float] = field(default_factory=list)
     window_started: float = field(default_factory=time.monotonic)
+    stop_at: float = float("inf")
+    interrupted_by: int | None = None
 
-    def answered(self, texts: int, latency_ms: float) -> None:
+    def interrupt(self, signum: int) -> None:
+        """Streams stop after their current message."""
+        if self.interrupted_by is None:
+            print(f"signal {signum}: stopping after the messages in flight", flush=True)
+        self.interrupted_by = signum
+        self.stop_at = min(self.stop_at, time.monotonic())
+
+    def answered(self, texts: int, latency_ms: float, all_cached: bool) -> None:
         self.messages += 1
         self.texts += texts
         self.latencies_ms.append(latency_ms)
+        (self.cached_ms if all_cached else self.computed_ms).append(latency_ms)
         self.window_messages += 1
         self.window_texts += texts
         self.window_latencies_ms.append(latency_ms)
@@ -149,19 +164,19 @@ async def one_stream(
     number: int,
     texts: Texts,
     per_message: int,
-    stop_at: float,
     stats: Stats,
     message_timeout: float,
 ) -> None:
-    """Send one message, wait for its answer, repeat until stop_at. A failed
-    call is counted and a new one opened."""
+    """Send one message, wait for its answer, repeat until stats.stop_at. A
+    failed call is counted and a new one opened."""
     attempt = 0
-    while time.monotonic() < stop_at:
+    while time.monotonic() < stats.stop_at:
         attempt += 1
-        call = stub.EncodeStream(timeout=max(1.0, stop_at - time.monotonic()) + message_timeout)
+        remaining = max(1.0, stats.stop_at - time.monotonic())
+        call = stub.EncodeStream(timeout=remaining + message_timeout)
         try:
             prefix = f"{number}.{attempt}"  # ids unique across this stream's calls
-            if await exchange(call, prefix, texts, per_message, stop_at, stats, message_timeout):
+            if await exchange(call, prefix, texts, per_message, stats, message_timeout):
                 await call.done_writing()
                 extra = await asyncio.wait_for(call.read(), message_timeout)
                 if extra is not grpc.aio.EOF:
@@ -180,14 +195,13 @@ async def exchange(
     prefix: str,
     texts: Texts,
     per_message: int,
-    stop_at: float,
     stats: Stats,
     message_timeout: float,
 ) -> bool:
-    """One message at a time on `call` until stop_at (True), or until a
+    """One message at a time on `call` until stats.stop_at (True), or until a
     message goes wrong in a way that leaves the call unusable (False)."""
     sequence = 0
-    while time.monotonic() < stop_at:
+    while time.monotonic() < stats.stop_at:
         sequence += 1
         message_id = f"{prefix}-{sequence}"
         batch = [texts.next() for _ in range(per_message)]
@@ -215,7 +229,7 @@ async def exchange(
         ):
             stats.error("WRONG_ROWS", f"{message_id}: {response.count} rows")
         else:
-            stats.answered(per_message, latency_ms)
+            stats.answered(per_message, latency_ms, all(response.cached))
     return True
 
 
@@ -251,7 +265,10 @@ async def soak(args: argparse.Namespace, target: str, deployment: Deployment | N
             await stub.Encode(pb.EncodeRequest(texts=texts.pool[start : start + 64]), timeout=120)
         rss_warm = memory(deployment)
         stats = Stats()
-        stop_at = stats.started + args.seconds
+        stats.stop_at = stats.started + args.seconds
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # stop early, still report
+            loop.add_signal_handler(sig, stats.interrupt, sig)
         tasks = [
             asyncio.create_task(
                 one_stream(
@@ -259,7 +276,6 @@ async def soak(args: argparse.Namespace, target: str, deployment: Deployment | N
                     number,
                     texts,
                     args.texts_per_message,
-                    stop_at,
                     stats,
                     args.message_timeout,
                 )
@@ -291,6 +307,9 @@ async def soak(args: argparse.Namespace, target: str, deployment: Deployment | N
             "p99": round(p99, 2),
             "max": round(max(stats.latencies_ms, default=float("nan")), 2),
         },
+        "latency_ms_all_cached": latency_summary(stats.cached_ms),
+        "latency_ms_computed": latency_summary(stats.computed_ms),
+        "interrupted_by_signal": stats.interrupted_by,
         "errors": dict(stats.errors),
         "error_count": sum(stats.errors.values()),
         "fresh_texts_sent": texts.counter,
@@ -312,6 +331,11 @@ async def soak(args: argparse.Namespace, target: str, deployment: Deployment | N
             for name, proc in deployment.procs.items()
         }
     return result
+
+
+def latency_summary(values: list[float]) -> dict:
+    p50, p99 = percentiles(values)
+    return {"messages": len(values), "p50": round(p50, 2), "p99": round(p99, 2)}
 
 
 def _round(value: float | None) -> float | None:
@@ -356,6 +380,11 @@ def summary(result: dict) -> str:
         f"{result['messages_per_s']} msg/s, {result['texts_per_s']} texts/s",
         f"  latency per message: p50 {result['latency_ms']['p50']} ms, "
         f"p99 {result['latency_ms']['p99']} ms, max {result['latency_ms']['max']} ms",
+        f"    answered from the cache: p50 {result['latency_ms_all_cached']['p50']} ms, "
+        f"p99 {result['latency_ms_all_cached']['p99']} ms "
+        f"({result['latency_ms_all_cached']['messages']} messages); "
+        f"computed: p50 {result['latency_ms_computed']['p50']} ms, "
+        f"p99 {result['latency_ms_computed']['p99']} ms",
         f"  errors: {result['error_count']} {result['errors'] or ''}".rstrip(),
     ]
     for name, rss in result.get("rss_mb", {}).items():
@@ -429,6 +458,13 @@ class Deployment:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+
+    def terminate(signum: int, _frame: object) -> None:
+        # Before the run (while the deployment starts): unwind through its
+        # cleanup. During the run the event loop handles the signal instead.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -449,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if result["error_count"] or not result["messages"]:
         return 1
+    if result["interrupted_by_signal"]:
+        return 128 + result["interrupted_by_signal"]
     return 0
 
 

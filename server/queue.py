@@ -108,6 +108,8 @@ class Ticket:
     waiters: list[tuple[Call, int]]
     dedupe_key: tuple[str, str] | None
     chars: int = 0
+    # Deadline of the job that carries it: workers skip the item after it.
+    deadline_unix_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -240,9 +242,20 @@ class Dispatcher:
         ticket = self._tickets.pop(ticket_id, None)
         if ticket is not None:
             self._pending_chars -= ticket.chars
-            if ticket.dedupe_key is not None:
-                self._in_flight.pop(ticket.dedupe_key, None)
+            if self._in_flight.get(ticket.dedupe_key) == ticket_id:
+                del self._in_flight[ticket.dedupe_key]
         return ticket
+
+    def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
+        """The in-flight ticket this call can wait on: same text and variant, and
+        queued with a deadline no earlier than the call's own (else the worker
+        could skip it while this caller still waits)."""
+        ticket_id = self._in_flight.get(dedupe_key) if dedupe_key else None
+        if ticket_id is None:
+            return None
+        if self._tickets[ticket_id].deadline_unix_ms < call.deadline_unix_ms:
+            return None
+        return ticket_id
 
     def _fail_all(self, error: RequestError) -> None:
         """Fail every waiting call: their work is gone (Redis restarted empty)."""
@@ -311,7 +324,7 @@ class Dispatcher:
             if vector is not None:
                 call.set_vector(row, vector, cached=True)
                 continue
-            refusal = self._refusal(call, queued, joins=key in self._in_flight)
+            refusal = self._refusal(call, queued, joins=self._joinable(key, call) is not None)
             if refusal is not None:
                 call.fail(refusal)
                 self._forget(call)
@@ -386,10 +399,10 @@ class Dispatcher:
         jobs: dict[tuple, queue_pb2.Job],
     ) -> None:
         """Attach (call, row) to the ticket in flight for this text, or a new one."""
-        ticket_id = self._in_flight.get(dedupe_key) if dedupe_key else None
+        ticket_id = self._joinable(dedupe_key, call)
         if ticket_id is None:
             ticket_id = next(self._next_ticket)
-            self._tickets[ticket_id] = Ticket([], dedupe_key, len(text))
+            self._tickets[ticket_id] = Ticket([], dedupe_key, len(text), call.deadline_unix_ms)
             self._pending_chars += len(text)
             if dedupe_key is not None:
                 self._in_flight[dedupe_key] = ticket_id

@@ -155,6 +155,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         reg = model.registration
         normalize = options.normalize if options.HasField("normalize") else reg.normalize
         prompt = validation.resolve_prompt(options, reg.prompts, reg.default_prompt_name)
+        validation.check_prompt(prompt, self.limits)
         return Variant(model, normalize, validation.truncate_flag(options), prompt)
 
     def _resolve(self, options: pb.EncodeOptions) -> tuple[Variant, OutputSpec]:

@@ -60,6 +60,15 @@ def resolve_prompt(options: pb.EncodeOptions, prompts: Mapping[str, str], defaul
     return prompts[name]
 
 
+def check_prompt(prompt: str, limits: Limits) -> None:
+    """A prompt is read with every text: it gets the same byte limit as one."""
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size > limits.max_text_bytes:
+        raise invalid(
+            f"options.prompt is {size} UTF-8 bytes, over the limit of {limits.max_text_bytes}"
+        )
+
+
 def truncate_flag(options: pb.EncodeOptions) -> bool:
     return options.truncation != pb.TRUNCATION_REJECT
 

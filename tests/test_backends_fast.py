@@ -27,7 +27,7 @@ from embedq.workers.backends import (  # noqa: E402
     BackendUnavailableError,
     PooledEncoder,
     check_backend,
-    quantized,  # noqa: E402
+    quantized,
 )
 from texts import varied_texts  # noqa: E402
 
