@@ -382,7 +382,12 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     import torch
-    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        print("embedq bench: the reference needs `pip install 'embedq[bench]'`", file=sys.stderr)
+        return 2
 
     from embedq.workers.backends import BackendUnavailableError, check_backend, resolve_model_source
 
