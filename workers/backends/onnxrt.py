@@ -54,6 +54,9 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: the server and Redis share these cores
+        # (2-core bench: +3-5% throughput, p99 single-text latency 13.5 -> 8.8 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [item.name for item in self.session.get_inputs()]
         self.config = config

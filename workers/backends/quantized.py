@@ -1,12 +1,16 @@
 """The ``torch-int8`` backend: dynamic int8 quantization of the encoder's Linear layers (CPU).
 
-Weights are int8 per output channel; activations are quantized per batch on the fly, to 8 bits
-where the CPU multiplies uint8 x int8 without 16-bit saturation (AVX512-VNNI or AMX on the x86
-engine), else to torch's portable 7 bits (``reduce_range``), which halves the precision: per
-text, cosine to float32 is ~0.993 (median) with 8 bits and ~0.977 with 7. One layer stays
-float32: the first feed-forward down-projection (intermediate -> hidden), whose input carries
-the outlier activations BERT-style encoders are known for. Quantizing it too costs
-all-MiniLM-L6-v2 0.4 STS-B Spearman points; keeping it costs none (scripts/stsb_eval.py).
+Weights are int8 per output channel; activations are quantized to uint8 per batch on the fly,
+over their full 8-bit range. That needs a CPU that multiplies uint8 x int8 without 16-bit
+saturation (AVX512-VNNI or AMX, x86 quantized engine); elsewhere torch falls back to 7-bit
+activations (``reduce_range``), which we measured too lossy (all-MiniLM-L6-v2 STS-B test
+Spearman -0.9 points; per text, cosine to float32 ~0.977 instead of ~0.993), so there the
+backend is refused. One layer stays float32: the first feed-forward down-projection
+(intermediate -> hidden), whose input carries the outlier activations BERT-style encoders are
+known for; quantizing it too costs 0.4 STS-B dev points (scripts/stsb_eval.py).
+
+Activation scales are per batch, so a text's vector depends slightly on its batch-mates
+(cosine ~0.99 between the same text alone and in a batch of 64).
 """
 
 from __future__ import annotations
@@ -29,17 +33,25 @@ def first_down_projection(model: torch.nn.Module) -> str | None:
     return None
 
 
+def unsupported_reason() -> str | None:
+    """Why torch-int8 cannot run here (see the module docstring), or None."""
+    engine = torch.backends.quantized.engine
+    if engine not in ("x86", "fbgemm"):
+        return f"torch's quantized engine here is {engine!r}, not x86/fbgemm"
+    if not _SATURATION_FREE & cpu_flags():
+        return "this CPU has neither AVX512-VNNI nor AMX (8-bit activations would saturate)"
+    return None
+
+
 @functools.cache
-def activation_bits() -> int:
-    """8 where full-range uint8 activations are safe on this CPU and engine, else 7."""
-    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        return 7
+def cpu_flags() -> frozenset[str]:
+    """The CPU flags of /proc/cpuinfo (empty where there is none)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return 7
-    flags = next((line.split(":", 1)[-1].split() for line in lines if line.startswith("flags")), [])
-    return 8 if _SATURATION_FREE & set(flags) else 7
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,21 +74,19 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
             for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and name != keep
         }
-        mapping = None
-        if activation_bits() == 8:
-            from torch.ao.quantization.quantization_mappings import (
-                get_default_dynamic_quant_module_mappings,
-            )
+        from torch.ao.quantization.quantization_mappings import (
+            get_default_dynamic_quant_module_mappings,
+        )
 
-            mapping = {**get_default_dynamic_quant_module_mappings()}
-            mapping[torch.nn.Linear] = _full_range_linear()
+        mapping = {**get_default_dynamic_quant_module_mappings()}
+        mapping[torch.nn.Linear] = _full_range_linear()
         return quantize_dynamic(model, spec, mapping=mapping, inplace=True)
 
 
 @functools.cache
 def _full_range_linear() -> type:
-    """torch's dynamic int8 Linear, but with 8-bit activations (its forward hard-codes
-    reduce_range=True, the safe choice for CPUs without VNNI)."""
+    """torch's dynamic int8 Linear with 8-bit activations (its own forward hard-codes
+    reduce_range=True: 7 bits, the safe choice for CPUs without VNNI)."""
     from torch.ao.nn.quantized.dynamic import Linear
 
     class FullRangeLinear(Linear):

@@ -1,14 +1,18 @@
 """Which runtime runs the Transformer forward: exact float32 torch (the default) or an opt-in
 faster CPU one. Tokenisation, pooling and normalisation never change.
 
-| backend      | forward                                            | STS-B dev (MiniLM-L6) |
-| ------------ | -------------------------------------------------- | --------------------- |
-| torch        | torch, float32 (float16 with --fp16 on CUDA)       | exact                 |
-| torch-int8   | torch dynamic int8 Linear layers (quantized.py)    | not exact, see README |
-| onnx         | ONNX Runtime, float32 export (onnxrt.py)           | ~1e-6 from torch      |
-| onnx-int8    | ONNX Runtime, dynamic int8 weight MatMuls          | not exact             |
+Measured on all-MiniLM-L6-v2, 2-core AVX512-VNNI CPU (scripts/stsb_eval.py, `embedq bench`):
 
-Every backend but torch goes into the model fingerprint: their vectors never share cache keys.
+| backend    | forward                                     | STS-B dev / test | S1 vs R |
+| ---------- | ------------------------------------------- | ---------------- | ------- |
+| torch      | torch float32 (float16 with --fp16 on CUDA) | 86.72 / 82.03    | 0.98x   |
+| torch-int8 | torch dynamic int8 Linear (quantized.py)    | 86.62 / 81.64    | 1.51x   |
+| onnx       | ONNX Runtime, float32 export (onnxrt.py)    | 86.72 / -        | 0.88x   |
+| onnx-int8  | ONNX Runtime, dynamic int8 weight MatMuls   | 86.70 / 81.83    | 1.47x   |
+
+(R: in-process sentence-transformers float32. onnx is exact to ~1e-6 but slower than torch
+here.) Every backend but torch goes into the model fingerprint: their vectors never share
+cache keys, and the torch fingerprint is what it was before backends existed.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ def check_backend(backend: str, device: str | torch.device = "cpu") -> None:
             f"backend {backend!r} needs the Python package(s) {' and '.join(missing)}: "
             f"pip install {' '.join(missing)}  (or: pip install 'embedq[fast]')"
         )
+    if backend == "torch-int8":
+        from .quantized import unsupported_reason
+
+        reason = unsupported_reason()
+        if reason:
+            raise BackendUnavailableError(
+                f"backend 'torch-int8' is refused here: {reason}; use onnx-int8 or torch"
+            )
     if backend != "torch" and torch.device(device).type != "cpu":
         raise BackendUnavailableError(
             f"backend {backend!r} runs on the CPU only, not {device}: use --devices cpu, "
@@ -54,12 +66,7 @@ def backend_settings(backend: str) -> dict[str, object]:
     if backend == "torch":
         return {}
     # Bump the recipe when an export or quantization choice changes: the vectors change too.
-    settings: dict[str, object] = {"backend": backend, "recipe": RECIPE}
-    if backend == "torch-int8":
-        from .quantized import activation_bits
-
-        settings["activation_bits"] = activation_bits()
-    return settings
+    return {"backend": backend, "recipe": RECIPE}
 
 
 def apply_backend(backend: str, transformer: Transformer, fingerprint: str) -> None:
