@@ -13,12 +13,8 @@ from embedq.v1 import embedq_pb2_grpc as pb_grpc
 
 from . import _plans, stream
 from ._common import (
-    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_TARGET,
-    ChannelOptions,
     ClientSettings,
-    Metadata,
-    Pem,
     deadline,
     remaining,
 )
@@ -55,36 +51,9 @@ class Client(ClientSettings):
     <token>`` with every call, over TLS or not.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = 60.0,
-        chunk_size: int = 256,
-        metadata: Metadata | None = None,
-        options: ChannelOptions | None = None,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        tls: bool = False,
-        tls_ca: Pem | None = None,
-        tls_cert: Pem | None = None,
-        tls_key: Pem | None = None,
-        token: str | None = None,
-        max_candidates: int | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            timeout=timeout,
-            chunk_size=chunk_size,
-            metadata=metadata,
-            options=options,
-            max_in_flight=max_in_flight,
-            tls=tls,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            token=token,
-            max_candidates=max_candidates,
-        )
+    def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
+        # Arguments as ClientSettings declares them (one signature for both clients).
+        super().__init__(target, **settings)
         if self._credentials is None:
             self.channel = grpc.insecure_channel(target, options=self._channel_options)
         else:
