@@ -200,10 +200,6 @@ class Dispatcher:
             return await self._redis.mget_nonatomic(keys)
         return await self._redis.mget(keys)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tickets)
-
     # -- calls ------------------------------------------------------------------
 
     async def _submit(

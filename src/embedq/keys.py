@@ -68,9 +68,6 @@ class Keys:
         reply stream they would have been answered on, and expiring with it."""
         return f"{reply_key}:cancelled"
 
-    def cache_prefix(self, variant: str) -> str:
-        return f"{self.namespace}:v1:emb:{variant}:"
-
     def cache(self, variant: str, sha256_hex: str) -> str:
         """Cache entry: raw little-endian float32 vector bytes."""
         return f"{self.namespace}:v1:emb:{variant}:{sha256_hex}"
