@@ -152,7 +152,8 @@ async def serve(
     )
     dispatcher = Dispatcher(redis, keys, bounds=QueueBounds.from_env())
     server = build_grpc_server(settings, tokens)
-    add_to_server(EmbedderService(settings, dispatcher, registry, redis, keys), server)
+    service = EmbedderService(settings, dispatcher, registry, redis, keys)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -189,6 +190,13 @@ async def serve(
         asyncio.create_task(track_gauges(redis, keys, registry)),
     ]
     await server.start()
+    http_runner = None
+    if settings.http_port:
+        from .http import start_http
+
+        http_runner = await start_http(
+            settings, service, health_servicer, tokens, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
     log.info(
         "embedq server listening on %s (%s; redis %s, namespace %s)",
         address,
@@ -200,7 +208,10 @@ async def serve(
     await stop.wait()
     log.info("shutting down: draining in-flight calls (up to %.0fs)", SHUTDOWN_GRACE_S)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(SHUTDOWN_GRACE_S)
+    if http_runner is not None:  # drains in-flight HTTP requests beside the gRPC ones
+        await asyncio.gather(server.stop(SHUTDOWN_GRACE_S), http_runner.cleanup())
+    else:
+        await server.stop(SHUTDOWN_GRACE_S)
     for task in background:
         task.cancel()
     await dispatcher.stop()

@@ -61,6 +61,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         help="seconds a call waits for workers when the client set no deadline "
         "[EMBEDQ_REQUEST_TIMEOUT; %(default)s]",
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=env_int("HTTP_PORT", 0),
+        help="also serve the HTTP/JSON API (OpenAI-compatible /v1/embeddings) on this port of "
+        "--host, with the same TLS, tokens and limits; 0: off [EMBEDQ_HTTP_PORT; %(default)s]",
+    )
     add_metrics_options(parser, "embedq serve: the server's; its workers' on the ports after it")
     add_security_options(parser)
 
@@ -131,6 +138,7 @@ def server_settings(args: argparse.Namespace, redis_url: str | None) -> ServerSe
         default_timeout_s=args.request_timeout,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
         **security_settings(args),
     )
 

@@ -8,10 +8,12 @@ import grpc
 class RequestError(Exception):
     """A request failed with a specific status; `message` is safe to show."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # With RESOURCE_EXHAUSTED: when the same work would likely be admitted.
+        self.retry_after_ms = retry_after_ms
 
     @property
     def code_number(self) -> int:
@@ -25,6 +27,10 @@ def invalid(message: str) -> RequestError:
 
 def unavailable(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def overloaded(message: str, retry_after_ms: int = 0) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_ms)
 
 
 # google.rpc.Code number -> grpc.StatusCode, for codes that workers send.

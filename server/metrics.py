@@ -56,7 +56,9 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 
 REQUESTS = Counter(
-    "embedq_requests", "gRPC calls finished, by method and status code", ["method", "code"]
+    "embedq_requests",
+    "Calls finished, by method (gRPC method or HTTP route) and status code",
+    ["method", "code"],
 )
 REQUEST_DURATION = Histogram(
     "embedq_request_duration_seconds",

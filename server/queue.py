@@ -9,6 +9,12 @@ task reads this server's reply stream and fills the waiting calls.
 
 The same text requested twice at once (within or across requests) is sent
 to the workers once: later callers wait on the ticket already in flight.
+
+Admission is by time: a request whose misses cannot be encoded before its
+deadline, given the texts queued for the model (all servers) and the
+workers' measured rate, is refused at once with RESOURCE_EXHAUSTED and a
+retry-after hint. A large request is queued a window of texts at a time, so
+that smaller requests arriving meanwhile are not queued behind all of it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +38,7 @@ from embedq.keys import Keys, decode_reply, encode_message, text_sha256, variant
 from embedq.settings import env_int
 
 from . import metrics
-from .errors import CODE_BY_NUMBER, RequestError, unavailable
+from .errors import CODE_BY_NUMBER, RequestError, overloaded, unavailable
 from .registry import ServedModel
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,14 @@ ENCODE = queue_pb2.JOB_KIND_ENCODE
 TOKENIZE = queue_pb2.JOB_KIND_TOKENIZE
 # A reply stream outlives its server by this much, then Redis drops it.
 REPLY_TTL_S = 300
+# Texts of one call queued at once; the rest follow as these are answered,
+# so a huge request shares the workers with the requests that come after it.
+CALL_WINDOW = 256
+# Admit only what the estimate says finishes within this share of the time
+# left: the estimate is an average, batches and replies add some latency.
+ADMIT_SHARE = 0.9
+# Shortest retry-after hint: sooner would only be refused again.
+MIN_RETRY_AFTER_MS = 50
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,10 @@ class Call:
     tokens: list[queue_pb2.Tokens | None] = field(init=False)
     remaining: int = field(init=False)
     tickets: list[int] = field(default_factory=list)
+    # Cache-key hashes of the texts (encode calls), and the missed rows not
+    # queued yet (popped from the end: kept in reverse order).
+    hashes: list[str] | None = None
+    unrouted: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -99,6 +118,14 @@ class Call:
     def fail(self, error: RequestError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+    @property
+    def queued(self) -> int:
+        """Rows queued and not answered yet (not counting those still to queue)."""
+        return self.remaining - len(self.unrouted)
+
+    def seconds_left(self) -> float:
+        return self.deadline_unix_ms / 1000 - time.time()
 
 
 @dataclass
@@ -133,6 +160,45 @@ class QueueBounds:
         )
 
 
+@dataclass
+class ModelLoad:
+    """Work queued for one model, as one flush sees it."""
+
+    jobs: int  # stream entries (XLEN), all servers
+    texts: int  # texts queued or being encoded, all servers (the backlog counter)
+    admitted: int = 0  # texts this flush admitted so far (not counted in `texts` yet)
+
+    @property
+    def ahead(self) -> int:
+        return self.texts + self.admitted
+
+
+def late_refusal(
+    model: str, capacity: float, queued: int, new: int, seconds_left: float
+) -> RequestError | None:
+    """RESOURCE_EXHAUSTED when `new` texts behind `queued` ones cannot be encoded
+    within `seconds_left` at `capacity` texts/s (0: not measured, admit)."""
+    if capacity <= 0:
+        return None
+    budget = seconds_left * ADMIT_SHARE
+    if (queued + new) / capacity <= budget:
+        return None
+    if new / capacity > budget:
+        return overloaded(
+            f"{new} new texts need about {new / capacity:.1f}s at model {model!r}'s measured "
+            f"{capacity:.0f} texts/s, more than the {seconds_left:.1f}s left before the "
+            "deadline: split the request or allow more time"
+        )
+    # When enough of the queue will have drained for this request to fit.
+    wait_s = (queued + new) / capacity - budget
+    retry_after_ms = max(MIN_RETRY_AFTER_MS, math.ceil(wait_s * 1000))
+    return overloaded(
+        f"model {model!r} is busy: {queued} texts queued at {capacity:.0f} texts/s would not "
+        f"finish within the {seconds_left:.1f}s left; retry in {retry_after_ms} ms",
+        retry_after_ms=retry_after_ms,
+    )
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -157,6 +223,8 @@ class Dispatcher:
         self._pending_chars = 0
         # Tickets whose callers left; workers are told to skip them.
         self._abandoned: list[int] = []
+        # Windowed calls ready for their next texts.
+        self._refills: dict[int, Call] = {}
         self._redis_run_id: str | None = None
 
     # -- public API -----------------------------------------------------------
@@ -222,6 +290,8 @@ class Dispatcher:
 
     def _forget(self, call: Call) -> None:
         """Drop a finished, failed or abandoned call's interest in its tickets."""
+        call.unrouted.clear()
+        self._refills.pop(id(call), None)
         for ticket_id in call.tickets:
             ticket = self._tickets.get(ticket_id)
             if ticket is None:
@@ -260,6 +330,7 @@ class Dispatcher:
                 call.fail(error)
         self._tickets.clear()
         self._in_flight.clear()
+        self._refills.clear()
         self._pending_chars = 0
         self._last_reply_id = "0-0"
 
@@ -269,14 +340,16 @@ class Dispatcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._inbox or self._abandoned:
+            while self._inbox or self._abandoned or self._refills:
                 calls, self._inbox = self._inbox, []
                 calls = [call for call in calls if not call.future.done()]
+                refills = [c for c in self._refills.values() if not c.future.done()]
+                self._refills = {}
                 try:
-                    await self._flush(calls)
+                    await self._flush(calls, refills)
                 except (RedisError, OSError) as exc:
                     error = unavailable(f"redis unavailable: {type(exc).__name__}")
-                    for call in calls:
+                    for call in calls + refills:
                         call.fail(error)
                         self._forget(call)
 
@@ -289,77 +362,99 @@ class Dispatcher:
         pipe.sadd(key, *abandoned)
         pipe.expire(key, REPLY_TTL_S)
 
-    async def _flush(self, calls: list[Call]) -> None:
+    async def _flush(self, calls: list[Call], refills: list[Call] = ()) -> None:
         """One round trip to look up, one to enqueue (and pass on cancellations)."""
-        encode_calls = [call for call in calls if call.kind == ENCODE]
-        hashes = {id(call): [text_sha256(text) for text in call.texts] for call in encode_calls}
-        cached, queued = await self._lookup(calls, hashes) if calls else ({}, {})
-        jobs: dict[tuple, queue_pb2.Job] = {}
         for call in calls:
-            self._route(call, hashes.get(id(call)), cached, queued, jobs)
+            if call.kind == ENCODE:
+                call.hashes = [text_sha256(text) for text in call.texts]
+        cached, load = await self._lookup(calls) if calls else ({}, {})
+        jobs: dict[tuple, queue_pb2.Job] = {}
+        for call in refills:
+            self._queue_window(call, jobs)
+        for call in calls:
+            self._route(call, cached, load, jobs)
         if jobs or self._abandoned:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for (_kind, model, *_options), job in jobs.items():
                     pipe.xadd(self._keys.jobs(model), encode_message(job))
+                    pipe.incrby(self._keys.backlog(model), len(job.items))
                 self._send_cancellations(pipe)
                 await pipe.execute()
+
+    def _dedupe_key(self, call: Call, row: int) -> tuple[str, str] | None:
+        return (call.variant.fingerprint, call.hashes[row]) if call.hashes is not None else None
 
     def _route(
         self,
         call: Call,
-        call_hashes: list[str] | None,
         cached: dict[tuple[str, str], np.ndarray],
-        queued: dict[str, int],
+        load: dict[str, ModelLoad],
         jobs: dict[tuple, queue_pb2.Job],
     ) -> None:
-        """Fill a call's cache hits; queue (or join) work for the rest."""
-        fingerprint = call.variant.fingerprint
-        for row, text in enumerate(call.texts):
-            key = (fingerprint, call_hashes[row]) if call_hashes is not None else None
+        """Fill a call's cache hits; admit the rest or refuse the call, then queue
+        (or join) the first window of its misses."""
+        misses = []
+        for row in range(len(call.texts)):
+            key = self._dedupe_key(call, row)
             vector = cached.get(key) if key is not None else None
             if vector is not None:
                 call.set_vector(row, vector, cached=True)
-                continue
-            refusal = self._refusal(call, queued, joins=self._joinable(key, call) is not None)
-            if refusal is not None:
-                call.fail(refusal)
-                self._forget(call)
-                return
-            self._wait_for(call, row, text, key, jobs)
+            else:
+                misses.append(row)
+        if not misses:
+            return
+        new = [row for row in misses if self._joinable(self._dedupe_key(call, row), call) is None]
+        refusal = self._refusal(call, len(misses), len(new), load)
+        if refusal is not None:
+            call.fail(refusal)
+            self._forget(call)
+            return
+        load[call.variant.model.name].admitted += len(new)
+        call.unrouted = misses[::-1]
+        self._queue_window(call, jobs)
 
-    def _refusal(self, call: Call, queued: dict[str, int], *, joins: bool) -> RequestError | None:
-        """Why a miss cannot be queued now, if it cannot."""
+    def _queue_window(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> None:
+        """Queue the call's next missed rows, up to CALL_WINDOW of them in flight."""
+        while call.unrouted and call.queued < CALL_WINDOW:
+            row = call.unrouted.pop()
+            self._wait_for(call, row, call.texts[row], self._dedupe_key(call, row), jobs)
+
+    def _refusal(
+        self, call: Call, misses: int, new: int, load: dict[str, ModelLoad]
+    ) -> RequestError | None:
+        """Why a call's misses cannot be queued now, if they cannot."""
         model = call.variant.model
         if model.workers_alive == 0:
             return unavailable(f"no worker alive for model {model.name!r}")
-        if joins:
-            return None  # already in flight: costs the queue nothing
-        if queued.get(model.name, 0) >= self.bounds.max_queued_jobs:
-            return RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"queue for model {model.name!r} is full ({queued[model.name]} jobs waiting); "
+        if new == 0:
+            return None  # all already in flight: costs the queue nothing
+        model_load = load[model.name]
+        if model_load.jobs >= self.bounds.max_queued_jobs:
+            return overloaded(
+                f"queue for model {model.name!r} is full ({model_load.jobs} jobs waiting); "
                 "retry with backoff",
+                retry_after_ms=1000,
             )
         if (
             len(self._tickets) >= self.bounds.max_pending_texts
             or self._pending_chars >= self.bounds.max_pending_chars
         ):
-            return RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            return overloaded(
                 f"server is waiting for {len(self._tickets)} texts already; retry with backoff",
+                retry_after_ms=1000,
             )
-        return None
+        return late_refusal(model.name, model.capacity, model_load.ahead, new, call.seconds_left())
 
     async def _lookup(
-        self, calls: list[Call], hashes: dict[int, list[str]]
-    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, int]]:
-        """All cache hits of all calls (one MGET) and the queue length of each
+        self, calls: list[Call]
+    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, ModelLoad]]:
+        """All cache hits of all calls (one MGET) and the queued work of each
         model involved, in one round trip."""
         wanted: list[tuple[str, str]] = []
         dims: list[int] = []
         for call in calls:
             fingerprint = call.variant.fingerprint
-            for sha in hashes.get(id(call), ()):
+            for sha in call.hashes or ():
                 wanted.append((fingerprint, sha))
                 dims.append(call.variant.model.registration.dimension)
         models = sorted({call.variant.model.name for call in calls})
@@ -367,24 +462,31 @@ class Dispatcher:
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
             values = await self.mget(cache_keys) if cache_keys else []
-            lengths = [await self._redis.xlen(self._keys.jobs(model)) for model in models]
+            counts = []
+            for model in models:
+                counts.append(await self._redis.xlen(self._keys.jobs(model)))
+                counts.append(await self._redis.get(self._keys.backlog(model)))
         else:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if cache_keys:
                     pipe.mget(cache_keys)
                 for model in models:
                     pipe.xlen(self._keys.jobs(model))
+                    pipe.get(self._keys.backlog(model))
                 results = await pipe.execute()
             values = results[0] if cache_keys else []
-            lengths = results[1 if cache_keys else 0 :]
-        queued = dict(zip(models, lengths, strict=True))
+            counts = results[1 if cache_keys else 0 :]
+        load = {
+            model: ModelLoad(int(jobs), max(0, int(texts or 0)))
+            for model, jobs, texts in zip(models, counts[::2], counts[1::2], strict=True)
+        }
         hits: dict[tuple[str, str], np.ndarray] = {}
         for key, dim, value in zip(wanted, dims, values, strict=True):
             # A value of the wrong size is treated as a miss, never served.
             if value is not None and len(value) == dim * 4:
                 hits[key] = np.frombuffer(value, dtype="<f4")
         metrics.record_cache_lookup(sum(key in hits for key in wanted), len(wanted))
-        return hits, queued
+        return hits, load
 
     def _wait_for(
         self,
@@ -483,7 +585,14 @@ class Dispatcher:
 
     def _take_waiters(self, ticket_id: int) -> list[tuple[Call, int]]:
         ticket = self._drop_ticket(ticket_id)
-        return ticket.waiters if ticket is not None else []
+        if ticket is None:
+            return []
+        for call, _row in ticket.waiters:
+            # Half the window answered: queue the next texts of a windowed call.
+            if call.unrouted and call.queued <= CALL_WINDOW // 2 + 1:
+                self._refills[id(call)] = call
+                self._wakeup.set()
+        return ticket.waiters
 
     async def _keepalive_loop(self) -> None:
         """Keep this server's reply stream alive and trimmed to unread entries."""

@@ -8,6 +8,7 @@ a Redis round trip for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -28,10 +29,23 @@ log = logging.getLogger(__name__)
 class ServedModel:
     registration: queue_pb2.ModelRegistration
     workers_alive: int
+    # Texts per second the live workers measured (0: not measured yet).
+    capacity: float = 0.0
 
     @property
     def name(self) -> str:
         return self.registration.name
+
+
+def _served(reg: queue_pb2.ModelRegistration, live: list, rates: dict) -> ServedModel:
+    """A model with its live workers and their measured capacity (workers not
+    measured yet, say just started, count as the average of the others)."""
+    measured = []
+    for worker in live:
+        with contextlib.suppress(KeyError, ValueError):
+            measured.append(float(rates[worker]))
+    capacity = sum(measured) / len(measured) * len(live) if measured else 0.0
+    return ServedModel(reg, len(live), capacity)
 
 
 class ModelRegistry:
@@ -68,11 +82,12 @@ class ModelRegistry:
         since = time.time() - self._stale_s
         async with self._redis.pipeline(transaction=False) as pipe:
             for reg in registrations:
-                pipe.zcount(self._keys.workers(reg.name), since, "+inf")
-            counts = await pipe.execute()
+                pipe.zrangebyscore(self._keys.workers(reg.name), since, "+inf")
+                pipe.hgetall(self._keys.rates(reg.name))
+            results = await pipe.execute()
         self._models = {
-            reg.name: ServedModel(reg, int(count))
-            for reg, count in zip(registrations, counts, strict=True)
+            reg.name: _served(reg, live, rates)
+            for reg, live, rates in zip(registrations, results[::2], results[1::2], strict=True)
         }
 
     async def run(self, interval_s: float = 1.0) -> None:

@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import grpc
 import numpy as np
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from embedq import __version__
-from embedq.keys import Keys, text_sha256
+from embedq.keys import RETRY_AFTER_MS_KEY, Keys, text_sha256
 from embedq.settings import ServerSettings
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
@@ -33,8 +34,12 @@ from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-# Messages of one stream being worked on at once; reading pauses beyond it.
+# Messages of one stream being worked on or waiting to be sent; reading the
+# stream pauses beyond it (and HTTP/2 flow control then holds the client).
 STREAM_WINDOW = 1024
+# Texts of those messages: bounds the memory a stream holds whatever it sends,
+# and how much of the workers' queue one stream can take ahead of other callers.
+STREAM_TEXT_WINDOW = 512
 
 
 class Undecodable:
@@ -95,7 +100,8 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
                 raise request.error()
             return await handler(self, request, context)
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            hint = ((RETRY_AFTER_MS_KEY, str(exc.retry_after_ms)),) if exc.retry_after_ms else ()
+            await context.abort(exc.code, exc.message, trailing_metadata=hint)
         except (RedisError, OSError) as exc:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}"
@@ -111,7 +117,9 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
 
 def as_error(exc: BaseException) -> pb.Error:
     if isinstance(exc, RequestError):
-        return pb.Error(code=exc.code_number, message=exc.message)
+        return pb.Error(
+            code=exc.code_number, message=exc.message, retry_after_ms=exc.retry_after_ms
+        )
     if isinstance(exc, (RedisError, OSError)):
         code = grpc.StatusCode.UNAVAILABLE.value[0]
         return pb.Error(code=code, message=f"redis unavailable: {type(exc).__name__}")
@@ -318,7 +326,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
                 max_seq_length=m.registration.max_seq_length,
                 normalize=m.registration.normalize,
                 workers_alive=m.workers_alive,
-                source=m.registration.source,
+                source=public_source(m.registration.source),
+                capacity_texts_per_s=m.capacity,
                 prompts=dict(m.registration.prompts),
                 default_prompt_name=m.registration.default_prompt_name,
             )
@@ -337,29 +346,77 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         )
 
 
+def public_source(source: str) -> str:
+    """A model id as it is; a folder by its last part only: any caller may ask
+    Info, and a worker's file system layout is not theirs to see."""
+    looks_like_path = source.startswith(("/", "./", "../", "~", "\\")) or ":\\" in source
+    return PurePath(source).name if looks_like_path else source
+
+
+def message_texts(message: object) -> int:
+    """Texts a stream message asks to encode (0 for an undecodable one)."""
+    if isinstance(message, pb.EncodeStreamRequest):
+        return len(message.texts)
+    if isinstance(message, pb.SimilarityStreamRequest):
+        request = message.request
+        return 2 * len(request.pairs.pairs) + len(request.ranking.candidates) + 1
+    return 0
+
+
+class Credits:
+    """A budget of messages and texts; a message holds its share until its
+    response has been handed to gRPC (not merely computed), so a client that
+    stops reading stops the reading of its requests."""
+
+    def __init__(self, messages: int, texts: int) -> None:
+        self._messages = messages
+        self._texts = texts
+        self._max_texts = texts
+        self._freed = asyncio.Condition()
+
+    def _cost(self, message: object) -> int:
+        # A message bigger than the whole budget still goes, alone.
+        return min(max(1, message_texts(message)), self._max_texts)
+
+    async def acquire(self, message: object) -> int:
+        cost = self._cost(message)
+        async with self._freed:
+            await self._freed.wait_for(lambda: self._messages > 0 and self._texts >= cost)
+            self._messages -= 1
+            self._texts -= cost
+        return cost
+
+    async def release(self, cost: int) -> None:
+        async with self._freed:
+            self._messages += 1
+            self._texts += cost
+            self._freed.notify_all()
+
+
 async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
     """Answer each message of a bidirectional stream as soon as it is ready.
 
     A reader task takes messages as they come and starts one answer per
-    message (at most STREAM_WINDOW at once); responses go out in completion
-    order. Every message gets exactly one response, and when the client
-    cancels, the outstanding work is cancelled with it.
+    message; responses go out in completion order. A message holds credits
+    (STREAM_WINDOW messages, STREAM_TEXT_WINDOW texts) from when it is read
+    until its response is sent: a client that sends without reading is held
+    by HTTP/2 flow control once they run out, so a stream's memory is bounded.
+    Every message gets exactly one response, and when the client cancels,
+    the outstanding work is cancelled with it.
     """
     responses: asyncio.Queue = asyncio.Queue()
-    window = asyncio.Semaphore(STREAM_WINDOW)
+    credits = Credits(STREAM_WINDOW, STREAM_TEXT_WINDOW)
     tasks: set[asyncio.Task] = set()
 
-    async def answer_one(message) -> None:
-        try:
-            await responses.put(await answer(message, context))
-        finally:
-            window.release()
+    async def answer_one(message, cost: int) -> None:
+        response = await answer(message, context)
+        await responses.put((response, cost))
 
     async def read_all() -> None:
         try:
             async for message in request_iterator:
-                await window.acquire()
-                task = asyncio.create_task(answer_one(message))
+                cost = await credits.acquire(message)
+                task = asyncio.create_task(answer_one(message, cost))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             while tasks:
@@ -369,8 +426,11 @@ async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
 
     reader = asyncio.create_task(read_all())
     try:
-        while (response := await responses.get()) is not None:
+        while (item := await responses.get()) is not None:
+            response, cost = item
             yield response
+            # Resumed: gRPC has taken the response, so its credits come back.
+            await credits.release(cost)
         await reader
     finally:
         reader.cancel()

@@ -8,8 +8,13 @@ import asyncio
 import hashlib
 import json
 import os
+import pickle
+import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +22,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from embedq.client import AsyncClient, Client, EmbedqError, LookupResult, text_sha256
+from conftest import Service
+from embedq.client import (
+    AsyncClient,
+    Client,
+    EmbedqError,
+    LookupResult,
+    RetryPolicy,
+    text_sha256,
+)
+from embedq.client._retry import NO_RETRY, retry_after, retryable
 from sentence_transformers.util.quantization import quantize_embeddings
 
 ATOL = 1e-5
@@ -669,3 +683,246 @@ def test_cli_help(command: str) -> None:
     assert result.returncode == 0, result.stderr
     assert f"embedq {command}" in result.stdout
     assert "--target" in result.stdout
+
+
+# ---- README console examples ---------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_console(command: str) -> list[tuple[list[str], str]]:
+    """(argv after `embedq`, the output lines shown) of each `$ embedq COMMAND` line."""
+    lines = README.read_text().splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if not line.startswith(f"$ embedq {command} "):
+            continue
+        output = []
+        for after in lines[i + 1 :]:
+            if after.startswith(("$ ", "```")):
+                break
+            output.append(after)
+        found.append((shlex.split(line[2:].split("  #")[0])[1:], "\n".join(output)))
+    return found
+
+
+@pytest.mark.parametrize("command", ["similarity", "rank"])
+def test_readme_console_examples_print_what_the_cli_prints(service, command: str) -> None:
+    examples = readme_console(command)
+    assert examples, f"README shows no `$ embedq {command}` example"
+    for argv, shown in examples:
+        result = run_cli(*argv, "--target", service.target)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip("\n") == shown, (argv, result.stdout)
+
+
+# ---- retries ----------------------------------------------------------------------
+
+
+def test_embedq_error_is_a_grpc_rpc_error() -> None:
+    error = EmbedqError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "queue is full",
+        trailing_metadata=(("retry-after-ms", "1500"),),
+    )
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == "queue is full"
+    assert error.trailing_metadata() == (("retry-after-ms", "1500"),)
+    # The attribute forms of 0.1 still work.
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.code.name == "RESOURCE_EXHAUSTED"
+    assert "full" in error.details and error.details == "queue is full"
+    assert error.retry_after == 1.5 and error.retryable and error.attempts == 1
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.code(), again.details(), again.retry_after) == (error.code(), error.details, 1.5)
+
+
+def test_errors_from_the_server_are_rpc_errors_with_metadata(client: Client) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        client.encode([])
+    error = caught.value
+    assert isinstance(error, EmbedqError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details()
+    assert isinstance(error.trailing_metadata(), tuple)
+    assert not error.retryable and error.attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("metadata", "seconds"),
+    [
+        ((("retry-after-ms", "250"),), 0.25),
+        ((("Retry-After-Ms", b" 40 "),), 0.04),
+        ((("other", "1"), ("retry-after-ms", "0")), 0.0),
+        ((("retry-after-ms", "-5"),), None),
+        ((("retry-after-ms", "1.5"),), None),
+        ((("retry-after-ms", "soon"),), None),
+        ((("retry-after-ms", str(10**12)),), None),  # absurd: not believed
+        ((), None),
+        (None, None),
+    ],
+)
+def test_retry_after_hint_parsing(metadata, seconds) -> None:
+    assert retry_after(metadata) == seconds
+
+
+def test_backoff_schedule_and_jitter() -> None:
+    policy = RetryPolicy()  # the documented default
+    assert (policy.max_attempts, policy.initial_backoff, policy.multiplier) == (5, 0.2, 2.0)
+    assert (policy.max_backoff, policy.jitter) == (5.0, 0.2)
+    middle = [policy.backoff(n, rand=lambda: 0.5) for n in range(2, 10)]
+    assert middle == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0])
+    assert policy.backoff(3, rand=lambda: 0.0) == pytest.approx(0.4 * 0.8)
+    assert policy.backoff(3, rand=lambda: 1.0) == pytest.approx(0.4 * 1.2)
+
+
+def unavailable(hint_ms: str | None = None) -> EmbedqError:
+    metadata = (("retry-after-ms", hint_ms),) if hint_ms is not None else ()
+    return EmbedqError(grpc.StatusCode.UNAVAILABLE, "no worker alive", trailing_metadata=metadata)
+
+
+def test_pause_honours_the_hint_the_deadline_and_max_attempts() -> None:
+    policy = RetryPolicy(jitter=0.2)
+    half = lambda: 0.5  # noqa: E731
+    assert policy.pause(2, unavailable(), None, half) == pytest.approx(0.2)
+    # The hint replaces the backoff; jitter only lengthens it.
+    assert policy.pause(2, unavailable("3000"), None, lambda: 0.0) == pytest.approx(3.0)
+    assert policy.pause(2, unavailable("3000"), None, half) == pytest.approx(3.3)
+    # Never past the deadline: a pause that would end after it gives up at once.
+    assert policy.pause(2, unavailable("3000"), 2.0, half) is None
+    assert policy.pause(4, unavailable(), 0.5, half) is None
+    assert policy.pause(4, unavailable(), 0.9, half) == pytest.approx(0.8)
+    # At most max_attempts attempts in all.
+    assert policy.pause(5, unavailable(), None, half) is not None
+    assert policy.pause(6, unavailable(), None, half) is None
+    assert NO_RETRY.pause(2, unavailable(), None, half) is None
+    # Only UNAVAILABLE and RESOURCE_EXHAUSTED, never a client-side size error.
+    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+        assert policy.pause(2, EmbedqError(code, "x"), None, half) is None
+    too_big = EmbedqError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9 vs. 4)"
+    )
+    assert not retryable(too_big)
+    assert retryable(EmbedqError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full"))
+
+
+def test_retry_argument_is_checked() -> None:
+    assert Client("127.0.0.1:1", retry=False).retry.max_attempts == 1
+    assert Client("127.0.0.1:1").retry == RetryPolicy()
+    custom = RetryPolicy(max_attempts=9, initial_backoff=0.05)
+    assert Client("127.0.0.1:1", retry=custom).retry is custom
+    with pytest.raises(TypeError):
+        Client("127.0.0.1:1", retry=3)
+    for bad in ({"max_attempts": 0}, {"multiplier": 0.5}, {"jitter": 2}, {"max_backoff": -1}):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+
+
+PATIENT = RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.5)
+
+
+@pytest.fixture(scope="module")
+def lonely(redis_server) -> Iterator:
+    """A server with no worker yet, refusing new misses past 1 pending text."""
+    svc = Service(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    old = os.environ.get("EMBEDQ_MAX_PENDING_TEXTS")
+    os.environ["EMBEDQ_MAX_PENDING_TEXTS"] = "1"
+    try:
+        svc.start_server()
+    finally:
+        if old is None:
+            del os.environ["EMBEDQ_MAX_PENDING_TEXTS"]
+        else:
+            os.environ["EMBEDQ_MAX_PENDING_TEXTS"] = old
+    yield svc
+    svc.stop()
+
+
+def test_unavailable_is_retried_until_a_worker_comes(lonely) -> None:
+    # Retries off: the first UNAVAILABLE raises at once.
+    started = time.monotonic()
+    with Client(lonely.target, timeout=30, retry=False) as c, pytest.raises(EmbedqError) as off:
+        c.encode(fresh("no worker yet"))
+    assert off.value.code() == grpc.StatusCode.UNAVAILABLE and off.value.attempts == 1
+    assert time.monotonic() - started < 2
+    # The CLI alike, with --no-retry.
+    cli = run_cli("similarity", "--target", lonely.target, "--no-retry", fresh("a"), fresh("b"))
+    assert cli.returncode == 1 and cli.stderr.startswith("error: UNAVAILABLE: "), cli.stderr
+
+    # Retries on, but a deadline too short: gives up no later than the deadline.
+    started = time.monotonic()
+    with Client(lonely.target, timeout=1.5) as c, pytest.raises(EmbedqError) as short:
+        c.encode(fresh("still no worker"))
+    assert short.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert short.value.attempts > 1
+    assert time.monotonic() - started < 1.5 + 0.5
+
+    # Retries on: a worker started a second later answers the very same call.
+    def start_worker() -> None:
+        time.sleep(1)
+        lonely.start_worker()
+
+    starter = threading.Thread(target=start_worker)
+    starter.start()
+    try:
+        with Client(lonely.target, timeout=180, retry=PATIENT) as c:
+            vector = c.encode(fresh("worth the wait"))
+    finally:
+        starter.join()
+    assert vector.shape == (DIM,)
+
+    async def later() -> np.ndarray:  # and the asyncio client
+        async with AsyncClient(lonely.target, timeout=60, retry=PATIENT) as c:
+            return await c.encode([fresh("async")])
+
+    assert asyncio.run(later()).shape == (1, DIM)
+
+
+def test_resource_exhausted_is_retried_and_its_hint_read(lonely) -> None:
+    """A stopped (but registered) worker keeps one text pending, so with
+    EMBEDQ_MAX_PENDING_TEXTS=1 the next miss is refused: RESOURCE_EXHAUSTED."""
+    if not lonely.workers:
+        lonely.start_worker()
+    worker = lonely.workers[0]
+    results: dict[str, object] = {}
+
+    def encode(name: str, text: str) -> None:
+        try:
+            with Client(lonely.target, timeout=60, retry=PATIENT) as c:
+                results[name] = c.encode(text)
+        except Exception as error:  # reported by the asserts below
+            results[name] = error
+
+    worker.send_signal(signal.SIGSTOP)
+    threads = []
+    try:
+        threads.append(threading.Thread(target=encode, args=("first", fresh("held"))))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        refused = None
+        while refused is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first call gets queued
+            try:
+                with Client(lonely.target, timeout=10, retry=False) as c:
+                    c.encode(fresh("refused"))
+            except EmbedqError as error:
+                refused = error
+        assert refused is not None, "never refused"
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert refused.attempts == 1 and refused.retryable
+        hint = refused.retry_after  # the server's retry-after-ms, when it sends one
+        assert hint is None or 0 <= hint <= 3600
+        if hint is not None:
+            policy = RetryPolicy(jitter=0.0)
+            assert policy.pause(2, refused, None) == pytest.approx(hint)
+
+        threads.append(threading.Thread(target=encode, args=("second", fresh("retried"))))
+        threads[-1].start()
+        time.sleep(1.0)  # refused at least once meanwhile
+    finally:
+        worker.send_signal(signal.SIGCONT)
+        for thread in threads:
+            thread.join(timeout=90)
+    for name in ("first", "second"):
+        assert isinstance(results.get(name), np.ndarray), (name, results.get(name))
+        assert results[name].shape == (DIM,)

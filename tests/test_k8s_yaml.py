@@ -41,14 +41,41 @@ ENV_VAR = {
         },
     },
 }
-PROBE = {
+# Readiness: grpc.health.v1 for "" (this server can talk to Redis).
+READINESS = {
     "type": "object",
     "required": ["grpc"],
     "properties": {
         "grpc": {
             "type": "object",
             "required": ["port"],
-            "properties": {"port": {"const": GRPC_PORT}},
+            "properties": {"port": {"const": GRPC_PORT}, "service": {"const": ""}},
+        }
+    },
+}
+# Liveness (and start-up): never anything that follows Redis or the workers,
+# so a Redis outage restarts no server: a TCP check of the gRPC port.
+LIVENESS = {
+    "type": "object",
+    "required": ["tcpSocket"],
+    "not": {"anyOf": [{"required": ["grpc"]}, {"required": ["exec"]}]},
+    "properties": {
+        "tcpSocket": {
+            "type": "object",
+            "required": ["port"],
+            "properties": {"port": {"enum": ["grpc", GRPC_PORT]}},
+        }
+    },
+}
+# Workers: the Prometheus endpoint on the metrics port.
+METRICS_PROBE = {
+    "type": "object",
+    "required": ["httpGet"],
+    "properties": {
+        "httpGet": {
+            "type": "object",
+            "required": ["path", "port"],
+            "properties": {"path": {"const": "/metrics"}, "port": {"enum": ["metrics", 9100]}},
         }
     },
 }
@@ -84,7 +111,10 @@ OBJECT = {
     "required": ["apiVersion", "kind", "metadata"],
     "properties": {
         "apiVersion": {"type": "string", "minLength": 1},
-        "kind": {"type": "string", "enum": ["ConfigMap", "Deployment", "Service"]},
+        "kind": {
+            "type": "string",
+            "enum": ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"],
+        },
         "metadata": {
             "type": "object",
             "required": ["name"],
@@ -129,12 +159,18 @@ OBJECT = {
 SERVER = {
     "type": "object",
     "required": ["readinessProbe", "livenessProbe"],
-    "properties": {"readinessProbe": PROBE, "livenessProbe": PROBE},
+    "properties": {
+        "readinessProbe": READINESS,
+        "livenessProbe": LIVENESS,
+        "startupProbe": LIVENESS,
+    },
 }
 WORKER = {
     "type": "object",
-    "required": ["resources"],
+    "required": ["resources", "startupProbe", "livenessProbe"],
     "properties": {
+        "startupProbe": METRICS_PROBE,
+        "livenessProbe": METRICS_PROBE,
         "resources": {
             "type": "object",
             "required": ["limits", "requests"],
@@ -148,7 +184,7 @@ WORKER = {
                     "properties": {"nvidia.com/gpu": {"const": 1}},
                 },
             },
-        }
+        },
     },
 }
 
@@ -228,6 +264,45 @@ def test_server_probes_grpc_health_and_is_exposed(docs):
         assert port["port"] == GRPC_PORT and port["targetPort"] in ("grpc", GRPC_PORT)
 
 
+def test_server_liveness_does_not_follow_redis(docs):
+    """A Redis outage makes servers unready (out of the Services), never restarts them."""
+    main = container(find(docs, "Deployment", "embedq-server"))
+    assert main["readinessProbe"] != main["livenessProbe"]
+    assert main["readinessProbe"]["grpc"].get("service", "") == ""
+    for name in ("livenessProbe", "startupProbe"):
+        assert "grpc" not in main[name] and "tcpSocket" in main[name], name
+    # Long enough for a slow node, short enough to restart a wedged process.
+    live = main["livenessProbe"]
+    assert 30 <= live["periodSeconds"] * live["failureThreshold"] <= 120
+
+
+def test_worker_probes_the_metrics_port_configured_for_it(docs):
+    main = container(find(docs, "Deployment", "embedq-worker"))
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    config = find(docs, "ConfigMap", "embedq-config")["data"]
+    assert ports["metrics"] == int(config["EMBEDQ_METRICS_PORT"])
+    assert config["EMBEDQ_METRICS_HOST"] == "0.0.0.0"  # the kubelet probes the pod IP
+    start = main["startupProbe"]
+    # Model load and CUDA start-up before liveness counts: minutes, not seconds.
+    assert start["periodSeconds"] * start["failureThreshold"] >= 120
+
+
+@pytest.mark.parametrize("name", ["embedq-server", "embedq-worker"])
+def test_pod_disruption_budgets(docs, name):
+    budget = find(docs, "PodDisruptionBudget", name)
+    assert budget["apiVersion"] == "policy/v1"
+    deployment = find(docs, "Deployment", name)
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    spec = budget["spec"]
+    assert ("minAvailable" in spec) != ("maxUnavailable" in spec)
+    replicas = deployment["spec"]["replicas"]
+    # A drain can always make progress, and never takes every pod.
+    if "minAvailable" in spec:
+        assert 1 <= spec["minAvailable"] < replicas
+    else:
+        assert 1 <= spec["maxUnavailable"] < replicas
+
+
 def test_worker_requests_one_gpu_and_uses_device_0(docs):
     worker = find(docs, "Deployment", "embedq-worker")
     main = container(worker)
@@ -274,3 +349,113 @@ def test_settings_come_from_the_configmap_and_passwords_from_a_secret(docs):
                     assert match.group(1).strip("\"'").startswith("$"), line
     readme = (K8S / "README.md").read_text()
     assert "kubectl create secret generic embedq-redis" in readme
+
+
+# ---- the optional KEDA autoscaler (deploy/k8s/autoscaling) --------------------------
+# KEDA's CRD is not among the Kubernetes API schemas: the fields it needs here,
+# as its documentation gives them (keda.sh/docs/scalers/redis-streams).
+
+AUTOSCALING = K8S / "autoscaling"
+SCALED_OBJECT = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "pattern": DNS_LABEL}},
+        },
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "minReplicaCount", "maxReplicaCount", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kind": {"const": "Deployment"},
+                        "apiVersion": {"const": "apps/v1"},
+                    },
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 1},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "advanced": {"type": "object"},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"const": "redis-streams"},
+                            "metadata": {
+                                "type": "object",
+                                "required": ["address", "stream", "consumerGroup"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "address": {"type": "string", "pattern": r"^[^:/\s]+:\d+$"},
+                                    "passwordFromEnv": {"type": "string"},
+                                    "usernameFromEnv": {"type": "string"},
+                                    "databaseIndex": {"type": "string", "pattern": r"^\d+$"},
+                                    "enableTLS": {"enum": ["true", "false"]},
+                                    "stream": {"type": "string"},
+                                    "consumerGroup": {"type": "string"},
+                                    # Trigger values are strings in KEDA.
+                                    "pendingEntriesCount": {"type": "string", "pattern": r"^\d+$"},
+                                    "streamLength": {"type": "string", "pattern": r"^\d+$"},
+                                    "lagCount": {"type": "string", "pattern": r"^\d+$"},
+                                    "activationLagCount": {"type": "string"},
+                                },
+                                # Never a password in the manifest.
+                                "not": {"required": ["password"]},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_keda_autoscaler_scales_workers_on_the_job_stream(docs):
+    from embedq.keys import CONSUMER_GROUP, Keys
+
+    (path,) = [p for p in AUTOSCALING.glob("*.yaml") if p.name != "kustomization.yaml"]
+    kustomization = yaml.safe_load((AUTOSCALING / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [path.name]
+    # Optional: the base apply must work on a cluster without KEDA.
+    base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not [r for r in base["resources"] if r.startswith("autoscaling")]
+
+    (scaled,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    jsonschema.validate(scaled, SCALED_OBJECT)
+    spec = scaled["spec"]
+    worker = find(docs, "Deployment", spec["scaleTargetRef"]["name"])
+    assert worker["metadata"]["name"] == "embedq-worker"
+    assert 2 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+
+    config = find(docs, "ConfigMap", "embedq-config")["data"]
+    redis_url = urlsplit(config["EMBEDQ_REDIS_URL"])
+    env = {e["name"] for e in container(worker)["env"]}
+    (trigger,) = spec["triggers"]
+    meta = trigger["metadata"]
+    # The stream and group the workers really read (embedq.keys), for the bundled model.
+    assert meta["stream"] == Keys(config["EMBEDQ_NAMESPACE"]).jobs("all-MiniLM-L6-v2")
+    assert meta["consumerGroup"] == CONSUMER_GROUP
+    host, port = meta["address"].rsplit(":", 1)
+    assert host.split(".")[0] == redis_url.hostname and int(port) == redis_url.port
+    assert meta.get("databaseIndex", "0") == redis_url.path.strip("/")
+    assert meta["passwordFromEnv"] in env  # resolved from the worker container, i.e. the Secret
+    # The capacity plan's headroom: 0.7 of the 64 jobs a worker holds per read.
+    from embedq.settings import WorkerSettings
+
+    read_count = WorkerSettings.__dataclass_fields__["read_count"].default
+    assert int(meta["pendingEntriesCount"]) == round(0.7 * read_count)

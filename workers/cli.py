@@ -16,7 +16,7 @@ from embedq.settings import RedisSettings, WorkerSettings, env, env_int
 log = logging.getLogger(__name__)
 
 # Mirrors embedq.workers.backends.BACKENDS (not imported here: that would load torch for --help).
-BACKEND_CHOICES = ("torch", "torch-int8", "onnx", "onnx-int8")
+BACKEND_CHOICES = ("torch", "torch-int8", "onnx", "onnx-int8", "bench-zero", "bench-sim")
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -67,7 +67,9 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         default=env("BACKEND", "torch"),
         help="what runs the encoder: torch (exact float32); or, opt-in and CPU only, faster "
         "torch-int8, onnx or onnx-int8 whose vectors differ slightly (onnx*: pip install "
-        "'embedq[fast]') [EMBEDQ_BACKEND; %(default)s]",
+        "'embedq[fast]'); bench-zero, bench-sim: benchmarks only, no model, meaningless "
+        "vectors (need --allow-bench-backend or EMBEDQ_ALLOW_BENCH_BACKEND=1) "
+        "[EMBEDQ_BACKEND; %(default)s]",
     )
     parser.add_argument(
         "--max-batch-tokens",
@@ -124,8 +126,39 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
         default=env_int("MAX_DELIVERIES", 3),
         help="deliveries before a job is dead-lettered [EMBEDQ_MAX_DELIVERIES; %(default)s]",
     )
+    parser.add_argument(
+        "--dead-after",
+        type=float,
+        default=float(env("DEAD_AFTER_S", "4.0")),
+        help="seconds without a heartbeat after which a worker counts as dead and another "
+        "takes over its pending jobs at once [EMBEDQ_DEAD_AFTER_S; %(default)s]",
+    )
+    add_bench_backend_options(parser)
     add_metrics_options(parser, "several devices: device i on PORT+i")
     parser.set_defaults(func=run_worker_command)
+
+
+def add_bench_backend_options(parser: argparse.ArgumentParser) -> None:
+    """The benchmark-only backends' flags (embedq worker; serve passes the env variables on)."""
+    parser.add_argument(
+        "--allow-bench-backend",
+        action="store_true",
+        default=env("ALLOW_BENCH_BACKEND", "") == "1",
+        help="allow --backend bench-zero / bench-sim: no model, vectors from a hash of the "
+        "token ids, own fingerprint; for benchmarks only [EMBEDQ_ALLOW_BENCH_BACKEND=1]",
+    )
+    parser.add_argument(
+        "--sim-forward-ms",
+        type=float,
+        default=float(env("SIM_FORWARD_MS", "4.0")),
+        help="bench-sim: sleep per forward pass, ms [EMBEDQ_SIM_FORWARD_MS; %(default)s]",
+    )
+    parser.add_argument(
+        "--sim-token-us",
+        type=float,
+        default=float(env("SIM_TOKEN_US", "1.0")),
+        help="bench-sim: sleep per padded token, us [EMBEDQ_SIM_TOKEN_US; %(default)s]",
+    )
 
 
 def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
@@ -135,6 +168,9 @@ def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
         device=device,
         fp16=args.fp16,
         backend=args.backend,
+        allow_bench_backend=getattr(args, "allow_bench_backend", False),
+        sim_forward_ms=getattr(args, "sim_forward_ms", 4.0),
+        sim_token_us=getattr(args, "sim_token_us", 1.0),
         max_batch_tokens=args.max_batch_tokens or None,
         max_batch_size=args.max_batch_size,
         cache_ttl_s=args.cache_ttl,
@@ -147,7 +183,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
     try:  # before loading any weights: a missing package or a GPU fails right here
         for device in devices:
-            check_backend(args.backend, device)
+            check_backend(args.backend, device, allow_bench=args.allow_bench_backend)
     except BackendUnavailableError as exc:
         print(f"embedq worker: {exc}", file=sys.stderr)
         return 2
@@ -168,9 +204,12 @@ def run_worker_command(args: argparse.Namespace) -> int:
             worker_settings(args, devices[0]),
             claim_idle_ms=args.claim_idle_ms,
             max_deliveries=args.max_deliveries,
+            dead_after_s=args.dead_after,
+            # serve's supervisor names its workers, to hand over their jobs when they exit.
+            worker_id=env("WORKER_ID", "") or "",
         )
         try:
-            worker = Worker(settings)
+            worker = Worker(settings, encoder=bench_encoder(settings))
         except ValueError as exc:  # an unknown or unsupported model: say which, no traceback
             print(f"embedq worker: {exc}", file=sys.stderr)
             return 2
@@ -178,6 +217,16 @@ def run_worker_command(args: argparse.Namespace) -> int:
         worker.run()
         return 0
     return supervise_devices(devices, args.metrics_port)
+
+
+def bench_encoder(settings: WorkerSettings) -> object | None:
+    """bench-zero / bench-sim's encoder (with --sim-* costs); None for a real backend."""
+    if settings.backend not in ("bench-zero", "bench-sim"):
+        return None
+    from .backends.simulated import SimCost, load_bench_encoder
+
+    cost = SimCost(settings.sim_forward_ms, settings.sim_token_us)
+    return load_bench_encoder(settings.model, settings.backend, settings.device, cost)
 
 
 def supervise_devices(devices: list[str], metrics_port: int = 0) -> int:

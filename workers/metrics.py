@@ -64,13 +64,11 @@ def measured(encoder: object) -> object:
     return encoder if isinstance(encoder, MeasuredEncoder) else MeasuredEncoder(encoder)
 
 
-def record_jobs(jobs: Iterable[queue_pb2.Job], replies: dict, busy_s: float) -> None:
-    """Count handled jobs by outcome (from the replies written for them) and busy time."""
-    failed = {
-        (reply_to, failure.ticket)
-        for reply_to, reply in replies.items()
-        for failure in reply.failures
-    }
+def record_job_outcomes(
+    jobs: Iterable[queue_pb2.Job], failed: set[tuple[str, int]], busy_s: float
+) -> None:
+    """Count handled jobs by outcome and busy time; `failed` holds the
+    (reply stream, ticket) pairs that got an error."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for job in jobs:
         if not job.items:

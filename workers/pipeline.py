@@ -1,9 +1,10 @@
 """The worker's core stage: jobs in, replies and cache entries out.
 
-No Redis here: `run_jobs` takes decoded jobs and returns what to write, so
-the loop in worker.py stays about I/O. Texts are deduplicated across all
-jobs of a read, tokenized once, grouped into token-budget batches of
-similar length (batching.plan_batches) and encoded.
+No Redis here: `iter_steps` takes decoded jobs and yields what to write after
+each forward pass, so the loop in worker.py stays about I/O. Texts are
+deduplicated across all jobs of a read, tokenized once, grouped into
+token-budget batches of similar length (batching.plan_batches) and encoded;
+deadlines are checked before every batch, not once per read.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+DEADLINE_MESSAGE = "deadline passed while queued"
 
 
 @dataclass
@@ -48,6 +50,22 @@ class Outcome:
     def fail(self, job: queue_pb2.Job, ticket: int, code: int, message: str) -> None:
         self.reply(job.reply_to).failures.add(ticket=ticket, code=code, message=message)
 
+    def merge(self, other: Outcome) -> None:
+        """Add another outcome's results (same encoder, so the same dimension)."""
+        for reply_to, reply in other.replies.items():
+            mine = self.reply(reply_to)
+            mine.tickets.extend(reply.tickets)
+            mine.vectors += reply.vectors
+            mine.dimension = reply.dimension or mine.dimension
+            mine.failures.extend(reply.failures)
+            mine.tokens.extend(reply.tokens)
+        self.cache.update(other.cache)
+        self.texts_encoded += other.texts_encoded
+
+    @property
+    def empty(self) -> bool:
+        return not (self.replies or self.cache)
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -56,18 +74,56 @@ class BatchLimits:
 
 
 @dataclass
+class Step:
+    """What one forward pass (or one cheap pass over other work) finished:
+    results to write now, and the jobs (indices into the read) all of whose
+    items are answered, so they can be acknowledged with these results."""
+
+    outcome: Outcome
+    finished_jobs: list[int]
+
+
+@dataclass
 class _Work:
     """The unique texts of one normalisation setting, and who waits for them."""
 
     texts: list[str] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
-    waiting: list[tuple[queue_pb2.Job, int, int]] = field(default_factory=list)
+    # Per unique text: (job index, ticket) pairs waiting for it.
+    waiting: list[list[tuple[int, int]]] = field(default_factory=list)
 
-    def add(self, job: queue_pb2.Job, ticket: int, text: str) -> None:
+    def add(self, job_index: int, ticket: int, text: str) -> None:
         if text not in self.index:
             self.index[text] = len(self.texts)
             self.texts.append(text)
-        self.waiting.append((job, ticket, self.index[text]))
+            self.waiting.append([])
+        self.waiting[self.index[text]].append((job_index, ticket))
+
+
+class _Tracker:
+    """Counts the unanswered items of each job of a read."""
+
+    def __init__(self, jobs: Sequence[queue_pb2.Job]) -> None:
+        self.jobs = jobs
+        self.remaining = [len(job.items) for job in jobs]
+        self.outcome = Outcome()
+        # Jobs left with no item (every caller cancelled) are done at once.
+        self.finished = [index for index, count in enumerate(self.remaining) if count == 0]
+
+    def answered(self, job_index: int) -> None:
+        self.remaining[job_index] -= 1
+        if self.remaining[job_index] == 0:
+            self.finished.append(job_index)
+
+    def fail(self, job_index: int, ticket: int, code: int, message: str) -> None:
+        self.outcome.fail(self.jobs[job_index], ticket, code, message)
+        self.answered(job_index)
+
+    def step(self) -> Step:
+        """Hand over what was finished since the last step."""
+        step = Step(self.outcome, self.finished)
+        self.outcome, self.finished = Outcome(), []
+        return step
 
 
 def run_jobs(
@@ -77,25 +133,54 @@ def run_jobs(
     limits: BatchLimits = BatchLimits(),
     now_ms: int | None = None,
 ) -> Outcome:
-    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    outcome = Outcome()
+    """Every result of a read at once (see iter_steps for the incremental form)."""
+    merged = Outcome()
+    clock = (lambda: now_ms) if now_ms is not None else None
+    for step in iter_steps(jobs, encoder, keys, limits, clock=clock):
+        merged.merge(step.outcome)
+    return merged
+
+
+def iter_steps(
+    jobs: Sequence[queue_pb2.Job],
+    encoder: PooledEncoder,
+    keys: Keys,
+    limits: BatchLimits = BatchLimits(),
+    clock: Callable[[], int] | None = None,
+) -> Iterator[Step]:
+    """Run a read of jobs one forward pass at a time, yielding after each.
+
+    The caller writes each step's results at once, so the callers whose texts
+    ran in an early batch are not held until the whole read is done, and the
+    clock is checked before every batch: an item whose caller's deadline has
+    passed is failed (DEADLINE_EXCEEDED), not encoded.
+    """
+    clock = clock or _now_ms
+    tracker = _Tracker(jobs)
     # Texts are shared across jobs only when they become the same vectors.
     work: dict[tuple[bool, str], _Work] = defaultdict(_Work)
-    tokenize_jobs = []
-    for job in jobs:
-        if job.deadline_unix_ms and job.deadline_unix_ms < now_ms:
+    now = clock()
+    for job_index, job in enumerate(jobs):
+        if _expired(job, now):
             for item in job.items:
-                outcome.fail(job, item.ticket, DEADLINE_EXCEEDED, "deadline passed while queued")
+                tracker.fail(job_index, item.ticket, DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
         elif job.kind == queue_pb2.JOB_KIND_TOKENIZE:
-            tokenize_jobs.append(job)
+            _tokenize_job(job_index, job, encoder, tracker)
         else:
             for item in job.items:
-                work[job.normalize, job.prompt].add(job, item.ticket, item.text)
+                work[job.normalize, job.prompt].add(job_index, item.ticket, item.text)
+    if tracker.outcome.replies or tracker.finished:
+        yield tracker.step()
     for (normalize, prompt), group in work.items():
-        _encode_group(group, normalize, prompt, encoder, keys, limits, outcome)
-    for job in tokenize_jobs:
-        _tokenize_job(job, encoder, outcome)
-    return outcome
+        yield from _encode_group(group, normalize, prompt, encoder, keys, limits, tracker, clock)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _expired(job: queue_pb2.Job, now_ms: int) -> bool:
+    return bool(job.deadline_unix_ms) and job.deadline_unix_ms < now_ms
 
 
 def _over_length_message(tokens: TokenizedText, max_len: int) -> str:
@@ -112,57 +197,103 @@ def _encode_group(
     encoder: PooledEncoder,
     keys: Keys,
     limits: BatchLimits,
-    outcome: Outcome,
-) -> None:
+    tracker: _Tracker,
+    clock: Callable[[], int],
+) -> Iterator[Step]:
     # The prompt is part of the text the model reads (and counts toward
     # max_seq_length), as in sentence-transformers.
     tokenized = encoder.tokenize([prompt + text for text in group.texts])
-    vectors, errors = _embed_all(tokenized, group.texts, normalize, encoder, limits)
-    outcome.texts_encoded += len(group.texts)
-    max_len = encoder.spec.max_seq_length
-    rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for job, ticket, index in group.waiting:
-        if not job.truncate and tokenized[index].truncated:
-            outcome.fail(
-                job, ticket, INVALID_ARGUMENT, _over_length_message(tokenized[index], max_len)
-            )
-        elif index in errors:
-            outcome.fail(job, ticket, INTERNAL, errors[index])
-        else:
-            rows[job.reply_to].append((ticket, index))
-            _cache_vector(job, group.texts[index], vectors[index], encoder, keys, outcome)
-    for reply_to, pairs in rows.items():
-        reply = outcome.reply(reply_to)
-        reply.tickets.extend(ticket for ticket, _ in pairs)
-        reply.dimension = encoder.spec.dimension
-        picked = vectors[[index for _, index in pairs]]
-        reply.vectors += picked.astype("<f4", copy=False).tobytes()
-
-
-def _embed_all(
-    tokenized: list[TokenizedText],
-    texts: list[str],
-    normalize: bool,
-    encoder: PooledEncoder,
-    limits: BatchLimits,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Rows for every text; a batch that raises fails only its own texts."""
-    vectors = np.zeros((len(tokenized), encoder.spec.dimension), dtype=np.float32)
-    errors: dict[int, str] = {}
+    _reject_over_length(group, tokenized, encoder.spec.max_seq_length, tracker)
     batches = plan_batches(
         [len(t.ids) for t in tokenized],
         max_batch_tokens=limits.max_batch_tokens,
         max_batch_size=limits.max_batch_size,
     )
     for batch in batches:
-        try:
-            faults.raise_if_marked(texts[i] for i in batch)
-            vectors[batch] = encoder.embed([tokenized[i].ids for i in batch], normalize=normalize)
-        except Exception as exc:  # noqa: BLE001 - reported to the callers, worker goes on
-            log.exception("encoder failed on a batch of %d texts", len(batch))
-            message = f"encoder failed: {type(exc).__name__}: {str(exc)[:200]}"
-            errors.update(dict.fromkeys(batch, message))
-    return vectors, errors
+        live = _drop_expired(group, batch, tracker, clock())
+        if live:
+            vectors, error = _embed_batch(live, tokenized, group.texts, normalize, encoder)
+            tracker.outcome.texts_encoded += len(live)
+            _answer_batch(group, live, vectors, error, encoder, keys, tracker)
+        if tracker.outcome.replies or tracker.finished:
+            yield tracker.step()
+
+
+def _reject_over_length(
+    group: _Work, tokenized: list[TokenizedText], max_len: int, tracker: _Tracker
+) -> None:
+    """Under TRUNCATION_REJECT an over-long text fails its job's items at once."""
+    for index, tokens in enumerate(tokenized):
+        if not tokens.truncated:
+            continue
+        kept = []
+        for job_index, ticket in group.waiting[index]:
+            if tracker.jobs[job_index].truncate:
+                kept.append((job_index, ticket))
+            else:
+                message = _over_length_message(tokens, max_len)
+                tracker.fail(job_index, ticket, INVALID_ARGUMENT, message)
+        group.waiting[index] = kept
+
+
+def _drop_expired(group: _Work, batch: list[int], tracker: _Tracker, now_ms: int) -> list[int]:
+    """The texts of `batch` someone still waits for (in time); fail the expired waits."""
+    live = []
+    for index in batch:
+        kept = []
+        for job_index, ticket in group.waiting[index]:
+            if _expired(tracker.jobs[job_index], now_ms):
+                tracker.fail(job_index, ticket, DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
+            else:
+                kept.append((job_index, ticket))
+        group.waiting[index] = kept
+        if kept:
+            live.append(index)
+    return live
+
+
+def _embed_batch(
+    batch: list[int],
+    tokenized: list[TokenizedText],
+    texts: list[str],
+    normalize: bool,
+    encoder: PooledEncoder,
+) -> tuple[np.ndarray | None, str]:
+    """The batch's rows, or None and why: a batch that raises fails only its own texts."""
+    try:
+        faults.raise_if_marked(texts[i] for i in batch)
+        return encoder.embed([tokenized[i].ids for i in batch], normalize=normalize), ""
+    except Exception as exc:  # noqa: BLE001 - reported to the callers, worker goes on
+        log.exception("encoder failed on a batch of %d texts", len(batch))
+        return None, f"encoder failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _answer_batch(
+    group: _Work,
+    batch: list[int],
+    vectors: np.ndarray | None,
+    error: str,
+    encoder: PooledEncoder,
+    keys: Keys,
+    tracker: _Tracker,
+) -> None:
+    rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for position, index in enumerate(batch):
+        for job_index, ticket in group.waiting[index]:
+            job = tracker.jobs[job_index]
+            if vectors is None:
+                tracker.fail(job_index, ticket, INTERNAL, error)
+                continue
+            rows[job.reply_to].append((ticket, position))
+            tracker.answered(job_index)
+            vector = vectors[position]
+            _cache_vector(job, group.texts[index], vector, encoder, keys, tracker.outcome)
+    for reply_to, pairs in rows.items():
+        reply = tracker.outcome.reply(reply_to)
+        reply.tickets.extend(ticket for ticket, _ in pairs)
+        reply.dimension = encoder.spec.dimension
+        picked = vectors[[position for _, position in pairs]]
+        reply.vectors += picked.astype("<f4", copy=False).tobytes()
 
 
 def _cache_vector(
@@ -181,17 +312,21 @@ def _cache_vector(
     outcome.cache[keys.cache(variant, text_sha256(text))] = vector.astype("<f4").tobytes()
 
 
-def _tokenize_job(job: queue_pb2.Job, encoder: PooledEncoder, outcome: Outcome) -> None:
+def _tokenize_job(
+    job_index: int, job: queue_pb2.Job, encoder: PooledEncoder, tracker: _Tracker
+) -> None:
     texts = [job.prompt + item.text for item in job.items]
     max_len = encoder.spec.max_seq_length
     for item, tokens in zip(job.items, encoder.tokenize(texts), strict=True):
         if not job.truncate and tokens.truncated:
-            outcome.fail(job, item.ticket, INVALID_ARGUMENT, _over_length_message(tokens, max_len))
+            message = _over_length_message(tokens, max_len)
+            tracker.fail(job_index, item.ticket, INVALID_ARGUMENT, message)
             continue
-        outcome.reply(job.reply_to).tokens.add(
+        tracker.outcome.reply(job.reply_to).tokens.add(
             ticket=item.ticket,
             ids=tokens.ids,
             tokens=encoder.token_strings(tokens.ids),
             truncated=tokens.truncated,
             full_length=tokens.full_length,
         )
+        tracker.answered(job_index)

@@ -1,11 +1,20 @@
 """The worker loop: read jobs through the consumer group, run them, write
 the cache and the replies, then acknowledge.
 
+Three threads, so that the model never waits for Redis:
+  reader  XREADGROUP (one read ahead of the model), cancelled items dropped,
+          dead workers' jobs taken over, poison jobs dead-lettered;
+  main    runs a read one forward pass at a time (pipeline.iter_steps);
+  writer  writes each step's cache entries and replies, and acknowledges the
+          jobs it finished, in one pipeline (steps queued meanwhile are merged).
+
 A job is acknowledged (XACK) and deleted only in the same pipeline that
-writes its results, so a worker that dies mid-batch loses nothing: its
-pending jobs are claimed by another worker (XAUTOCLAIM) once idle for
-`claim_idle_ms`. A job delivered `max_deliveries` times goes to the
-dead-letter stream and its callers get an error instead of silence.
+writes the last of its results, so a worker that dies mid-batch loses
+nothing: its pending jobs are taken over by another worker as soon as its
+heartbeat is `dead_after_s` old (or at once when `embedq serve` sees the
+process exit), and any job idle for `claim_idle_ms` is claimed as a safety
+net. A job delivered `max_deliveries` times goes to the dead-letter stream
+and its callers get an error instead of silence.
 """
 
 from __future__ import annotations
@@ -13,23 +22,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
 from embedq.internal.v1 import queue_pb2
-from embedq.keys import CONSUMER_GROUP, Keys, decode_job, encode_message
+from embedq.keys import (
+    CONSUMER_GROUP,
+    RESET_IDLE_BACKLOG_LUA,
+    Keys,
+    decode_job,
+    encode_message,
+)
 from embedq.settings import WorkerSettings
 
 from . import faults, metrics
 from .backends import PooledEncoder
-from .pipeline import BatchLimits, Outcome, run_jobs
+from .pipeline import BatchLimits, Outcome, iter_steps
 from .prompts import read_prompts
 
 log = logging.getLogger(__name__)
@@ -41,7 +58,56 @@ REPLY_TTL_S = 300
 REPLY_MAXLEN = 100_000
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
+# How often the reader looks for workers whose heartbeat stopped.
+TAKEOVER_PERIOD_S = 1.0
+# Steps waiting for the writer; past it the model waits (Redis is down or slow).
+WRITE_QUEUE_STEPS = 64
+# Reads with fewer encoded texts say little about capacity (per-call overhead).
+RATE_MIN_TEXTS = 32
+
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass
+class Read:
+    """One XREADGROUP's decodable jobs, with their entry ids and queued sizes."""
+
+    jobs: list[queue_pb2.Job] = field(default_factory=list)
+    entry_ids: list[bytes] = field(default_factory=list)
+    # Items each job had when queued (the backlog counter counted them).
+    sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Write:
+    """Results to write and the entries they finish (acknowledged with them)."""
+
+    outcome: Outcome
+    entry_ids: list[bytes] = field(default_factory=list)
+    texts_done: int = 0
+
+    def absorb(self, other: Write) -> None:
+        self.outcome.merge(other.outcome)
+        self.entry_ids.extend(other.entry_ids)
+        self.texts_done += other.texts_done
+
+
+class RateMeter:
+    """Capacity in texts per busy second: an average over reads big enough to
+    fill batches (small reads measure per-call overhead, not capacity)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.texts_per_s = 0.0
+
+    def observe(self, texts: int, busy_s: float) -> None:
+        if texts < RATE_MIN_TEXTS or busy_s <= 0:
+            return
+        rate = texts / busy_s
+        if self.texts_per_s == 0.0:
+            self.texts_per_s = rate
+        else:
+            self.texts_per_s += self.alpha * (rate - self.texts_per_s)
 
 
 class Worker:
@@ -52,12 +118,21 @@ class Worker:
             settings.model, device=settings.device, fp16=settings.fp16, backend=settings.backend
         )
         self.name = self.encoder.spec.name
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = settings.worker_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
         self.redis = settings.redis.connect()
         self.jobs_key = self.keys.jobs(self.name)
         self.limits = BatchLimits(settings.batch_tokens(), settings.max_batch_size)
+        self.rate = RateMeter()
         self._stop = threading.Event()
         self._last_claim = 0.0
+        self._last_takeover = 0.0
+        self._reads: queue.Queue[Read | None] = queue.Queue()
+        # The reader keeps at most one read ahead of the model.
+        self._read_ahead = threading.Semaphore(1)
+        self._writes: queue.Queue[Write | None] = queue.Queue(WRITE_QUEUE_STEPS)
+        self._reset_idle_backlog = self.redis.register_script(RESET_IDLE_BACKLOG_LUA)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -73,33 +148,37 @@ class Worker:
         if self._stop.is_set():
             return
         self.register()
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
+        threads = [
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+            threading.Thread(target=self._read_loop, name="reader", daemon=True),
+            threading.Thread(target=self._write_loop, name="writer", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
         spec = self.encoder.spec
         where = f"{self.encoder.device} ({spec.backend} backend)"
         log.info("worker %s serving model %s on %s", self.worker_id, self.name, where)
         try:
-            while not self._stop.is_set():
-                self.step()
+            self._compute_loop()
         finally:
+            self._writes.put(None)
+            threads[2].join(timeout=30)
             self._unregister()
             log.info("worker %s stopped", self.worker_id)
 
-    def step(self) -> None:
-        """One read-process-write round; Redis trouble is waited out, not fatal."""
-        try:
-            entries = self._claim_stale() or self._read()
-            if entries:
-                self.handle(entries)
-        except (RedisError, OSError) as exc:
-            log.warning("redis trouble (%s); retrying", type(exc).__name__)
-            self._stop.wait(0.5)
-            self._ensure_group_quietly()
-        except Exception:
-            # A bug must not kill the worker; the jobs stay pending, are
-            # redelivered and end in the dead-letter stream if they keep failing.
-            log.exception("processing a read failed; its jobs stay pending")
-            self._stop.wait(0.5)
+    def _compute_loop(self) -> None:
+        """Run reads until stopped; reads already taken are finished first."""
+        while True:
+            read = self._reads.get()
+            if read is None:
+                return
+            self._read_ahead.release()
+            try:
+                self.handle(read)
+            except Exception:
+                # A bug must not kill the worker; the jobs stay pending, are
+                # redelivered and end in the dead-letter stream if they keep failing.
+                log.exception("processing a read failed; its jobs stay pending")
 
     # -- registration -----------------------------------------------------------
 
@@ -140,7 +219,10 @@ class Worker:
 
     def _unregister(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            self.redis.zrem(self.keys.workers(self.name), self.worker_id)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(self.keys.workers(self.name), self.worker_id)
+            pipe.hdel(self.keys.rates(self.name), self.worker_id)
+            pipe.execute()
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -149,6 +231,8 @@ class Worker:
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.zadd(self.keys.workers(self.name), {self.worker_id: now})
                 pipe.zremrangebyscore(self.keys.workers(self.name), "-inf", now - 3600)
+                if self.rate.texts_per_s:
+                    pipe.hset(self.keys.rates(self.name), self.worker_id, self.rate.texts_per_s)
                 # Re-publish in case Redis restarted empty.
                 pipe.hsetnx(self.keys.models(), self.name, self.registration().SerializeToString())
                 pipe.execute()
@@ -165,7 +249,39 @@ class Worker:
                 log.warning("waiting for redis at %s: %s", self.settings.redis.safe_url, reason)
                 self._stop.wait(1.0)
 
-    # -- reading ------------------------------------------------------------------
+    # -- reading (reader thread) ------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._read_ahead.acquire(timeout=0.5):
+                    continue
+                read = self._next_read()
+                if read is None:
+                    self._read_ahead.release()
+                else:
+                    self._reads.put(read)
+        finally:
+            self._reads.put(None)
+
+    def _next_read(self) -> Read | None:
+        """The next jobs to run (None: nothing came); Redis trouble is waited out."""
+        try:
+            entries = self._take_over_dead() or self._claim_stale() or self._read()
+            if not entries:
+                self._reset_idle_backlog(keys=[self.jobs_key, self.keys.backlog(self.name)])
+                return None
+            read = self._decode(entries)
+            self._drop_cancelled(read.jobs)
+            return read if read.jobs else None
+        except (RedisError, OSError) as exc:
+            log.warning("redis trouble (%s); retrying", type(exc).__name__)
+            self._stop.wait(0.5)
+            self._ensure_group_quietly()
+        except Exception:
+            log.exception("reading jobs failed; they stay pending")
+            self._stop.wait(0.5)
+        return None
 
     def _read(self) -> list[Entry]:
         response = self.redis.xreadgroup(
@@ -177,8 +293,52 @@ class Worker:
         )
         return [entry for _stream, entries in response or [] for entry in entries]
 
+    def _take_over_dead(self) -> list[Entry]:
+        """Pending jobs of workers whose heartbeat stopped (killed, frozen, gone),
+        claimed at once rather than after claim_idle_ms."""
+        now = time.time()
+        if now - self._last_takeover < TAKEOVER_PERIOD_S:
+            return []
+        self._last_takeover = now
+        since = now - self.settings.dead_after_s
+        live = set(self.redis.zrangebyscore(self.keys.workers(self.name), since, "+inf"))
+        live.add(self.worker_id.encode())
+        claimed: list[Entry] = []
+        for consumer in self.redis.xinfo_consumers(self.jobs_key, CONSUMER_GROUP):
+            name = consumer["name"]
+            name = name if isinstance(name, bytes) else str(name).encode()
+            if consumer["pending"] and name not in live:
+                claimed += self._claim_from(name)
+        return self._drop_poison([entry for entry in claimed if entry[1]])
+
+    def _claim_from(self, consumer: bytes) -> list[Entry]:
+        pending = self.redis.xpending_range(
+            self.jobs_key,
+            CONSUMER_GROUP,
+            min="-",
+            max="+",
+            count=self.settings.read_count,
+            consumername=consumer,
+        )
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            return []
+        # A minimum idle time, so that two workers taking over at once do not
+        # both run the same jobs (the first claim resets the idle time).
+        entries = self.redis.xclaim(
+            self.jobs_key, CONSUMER_GROUP, self.worker_id, min_idle_time=500, message_ids=ids
+        )
+        if entries:
+            log.warning(
+                "took over %d pending jobs of worker %s (no heartbeat for %.0fs)",
+                len(entries),
+                consumer.decode(errors="replace"),
+                self.settings.dead_after_s,
+            )
+        return entries
+
     def _claim_stale(self) -> list[Entry]:
-        """Jobs a dead worker left pending, at most once per idle period."""
+        """Jobs left pending too long by anyone, at most once per idle period."""
         now = time.monotonic()
         if now - self._last_claim < self.settings.claim_idle_ms / 2000:
             return []
@@ -217,35 +377,24 @@ class Worker:
         message = f"job failed on {self.settings.max_deliveries} deliveries and was dead-lettered"
         for item in job.items:
             outcome.fail(job, item.ticket, INTERNAL, message)
-        self._write(outcome, [entry_id], dead_letter=fields)
+        self._write(Write(outcome, [entry_id], len(job.items)), dead_letter=fields)
         metrics.dead_lettered()
 
-    # -- processing ---------------------------------------------------------------
-
-    def handle(self, entries: list[Entry]) -> None:
-        begun = time.perf_counter()
-        jobs, entry_ids = [], []
+    def _decode(self, entries: list[Entry]) -> Read:
+        read = Read()
         for entry_id, fields in entries:
             try:
-                jobs.append(decode_job(fields))
-                entry_ids.append(entry_id)
+                job = decode_job(fields)
             except (KeyError, DecodeError):
                 # Nobody can be answered for bytes we cannot read; keep them for a human.
                 log.error("malformed job %s dead-lettered", entry_id)
-                self._write(Outcome(), [entry_id], dead_letter=fields)
+                self._write(Write(Outcome(), [entry_id]), dead_letter=fields)
                 metrics.dead_lettered()
-        self._drop_cancelled(jobs)
-        faults.crash_if_marked(item.text for job in jobs for item in job.items)
-        started = time.perf_counter()
-        outcome = run_jobs(jobs, metrics.measured(self.encoder), self.keys, self.limits)
-        log.debug(
-            "%d jobs, %d texts encoded in %.1f ms",
-            len(jobs),
-            outcome.texts_encoded,
-            (time.perf_counter() - started) * 1000,
-        )
-        self._write(outcome, entry_ids)
-        metrics.record_jobs(jobs, outcome.replies, time.perf_counter() - begun)
+                continue
+            read.jobs.append(job)
+            read.entry_ids.append(entry_id)
+            read.sizes.append(len(job.items))
+        return read
 
     def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:
         """Remove items whose caller cancelled or gave up (one round trip)."""
@@ -262,14 +411,61 @@ class Worker:
                 del job.items[:]
                 job.items.extend(kept)
 
-    def _write(
-        self, outcome: Outcome, entry_ids: list[bytes], dead_letter: dict | None = None
-    ) -> None:
+    # -- processing (main thread) -----------------------------------------------
+
+    def handle(self, read: Read) -> None:
+        """Run one read a forward pass at a time, handing each step to the writer."""
+        begun = time.perf_counter()
+        faults.crash_if_marked(item.text for job in read.jobs for item in job.items)
+        encoder = metrics.measured(self.encoder)
+        failed: set[tuple[str, int]] = set()
+        encoded = 0
+        for step in iter_steps(read.jobs, encoder, self.keys, self.limits):
+            encoded += step.outcome.texts_encoded
+            failed.update(
+                (reply_to, failure.ticket)
+                for reply_to, reply in step.outcome.replies.items()
+                for failure in reply.failures
+            )
+            entry_ids = [read.entry_ids[i] for i in step.finished_jobs]
+            done = sum(read.sizes[i] for i in step.finished_jobs)
+            self._writes.put(Write(step.outcome, entry_ids, done))
+        busy = time.perf_counter() - begun
+        self.rate.observe(encoded, busy)
+        log.debug("%d jobs, %d texts encoded in %.1f ms", len(read.jobs), encoded, busy * 1000)
+        metrics.record_job_outcomes(read.jobs, failed, busy)
+
+    # -- writing (writer thread) ------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Write steps as they come; whatever queued meanwhile goes in one pipeline."""
+        finished = False
+        while not finished:
+            write = self._writes.get()
+            if write is None:
+                return
+            while True:
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    finished = True
+                    break
+                write.absorb(more)
+            try:
+                self._write(write)
+            except (RedisError, OSError):
+                log.error("stopping with results unwritten; their jobs stay pending")
+                return
+
+    def _write(self, write: Write, dead_letter: dict | None = None) -> None:
         """Cache, replies, ack and delete: one round trip, retried until Redis takes it.
 
         Stopping while Redis is down gives up: the jobs stay pending and
         another worker claims them.
         """
+        outcome, entry_ids = write.outcome, write.entry_ids
         while True:
             pipe = self.redis.pipeline(transaction=False)
             if dead_letter is not None:
@@ -279,8 +475,11 @@ class Worker:
             for reply_to, reply in outcome.replies.items():
                 pipe.xadd(reply_to, encode_message(reply), maxlen=REPLY_MAXLEN, approximate=True)
                 pipe.expire(reply_to, REPLY_TTL_S)
-            pipe.xack(self.jobs_key, CONSUMER_GROUP, *entry_ids)
-            pipe.xdel(self.jobs_key, *entry_ids)
+            if entry_ids:
+                pipe.xack(self.jobs_key, CONSUMER_GROUP, *entry_ids)
+                pipe.xdel(self.jobs_key, *entry_ids)
+            if write.texts_done:
+                pipe.decrby(self.keys.backlog(self.name), write.texts_done)
             try:
                 pipe.execute()
                 return

@@ -7,7 +7,10 @@
         bits = client.encode(["a sentence"], precision="ubinary")  # uint8 (1, dim / 8)
 
 :class:`AsyncClient` offers the same methods as coroutines. Every failure is
-an :class:`EmbedqError` carrying the gRPC ``code`` and ``details``.
+an :class:`EmbedqError` (a :class:`grpc.RpcError`) carrying the gRPC
+``code()`` and ``details()``. Calls refused with UNAVAILABLE or
+RESOURCE_EXHAUSTED are retried with backoff within their deadline
+(:class:`RetryPolicy`; ``retry=False`` turns that off).
 """
 
 from ._common import DEFAULT_TARGET
@@ -22,6 +25,7 @@ from ._convert import (
     text_sha256,
 )
 from ._errors import EmbedqError
+from ._retry import RetryPolicy
 from .aio import AsyncClient
 from .sync import Client
 
@@ -36,6 +40,7 @@ __all__ = [
     "Limits",
     "LookupResult",
     "ModelInfo",
+    "RetryPolicy",
     "TokenizedText",
     "text_sha256",
 ]

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from ._retry import RetryPolicy, resolve
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 # Chunks of one call in flight at once: enough to keep a few workers busy,
 # few enough not to flood the queue on behalf of a single caller.
@@ -88,6 +90,7 @@ class ClientSettings:
         tls_key: Pem | None = None,
         token: str | None = None,
         max_candidates: int | None = None,
+        retry: RetryPolicy | bool = True,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -95,6 +98,9 @@ class ClientSettings:
             raise ValueError("max_candidates must be at least 1 (None: the server's limit)")
         self.target = target
         self.timeout = timeout
+        # UNAVAILABLE / RESOURCE_EXHAUSTED are sent again (see RetryPolicy);
+        # False: never, the first refusal raises.
+        self.retry = resolve(retry)
         self.chunk_size = chunk_size
         self.max_in_flight = max(1, max_in_flight)
         # Candidates per ranking request: the caller's cap, else the server's

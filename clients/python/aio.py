@@ -27,7 +27,7 @@ from ._convert import (
     encode_options,
     output_options,
 )
-from ._errors import rpc_errors
+from ._errors import EmbedqError, rpc_errors
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ T = TypeVar("T")
 class AsyncClient(ClientSettings):
     """The :class:`~embedq.client.Client` API as coroutines (same arguments, same results).
 
-    TLS and token arguments as for Client. The channel is opened on first
+    TLS, token and ``retry`` arguments as for Client. The channel is opened on first
     use, inside the running event loop (a grpc.aio channel belongs to the loop
     it was created in). Use ``async with AsyncClient(...)`` or ``await
     client.close()``.
@@ -78,9 +78,23 @@ class AsyncClient(ClientSettings):
         at = deadline(self.timeout)
         window = asyncio.Semaphore(self.max_in_flight)
 
+        policy = self.retry
+
         async def one(request: Any) -> Any:
             async with window:
-                response = await method(request, timeout=remaining(at), metadata=self._metadata)
+                attempt = 1
+                while True:
+                    try:
+                        response = await method(
+                            request, timeout=remaining(at), metadata=self._metadata
+                        )
+                        break
+                    except grpc.RpcError as error:
+                        pause = policy.pause(attempt + 1, error, remaining(at))
+                        if pause is None:
+                            raise EmbedqError.from_rpc_error(error, attempts=attempt) from error
+                    await asyncio.sleep(pause)
+                    attempt += 1
             return plan.parse(response)
 
         tasks = [asyncio.ensure_future(one(request)) for request in plan.requests]
@@ -324,6 +338,8 @@ class AsyncClient(ClientSettings):
         try:
             async for response in call:
                 yield stream.result(response, on_error)
+        except EmbedqError:
+            raise
         except grpc.RpcError as error:
             raise feed.failure(error) from error
         except asyncio.CancelledError:

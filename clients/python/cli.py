@@ -45,7 +45,7 @@ def _run_safely(command: Command) -> Command:
         try:
             return command(args)
         except EmbedqError as error:
-            print(f"error: {error.code.name}: {error.details}", file=sys.stderr)
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         except BrokenPipeError:
             # The reader went away (`| head`): stop quietly, and keep Python's
             # exit-time flush of stdout from raising again.
@@ -74,6 +74,13 @@ def _connection_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="deadline of each call to the server (default: %(default)s)",
+    )
+    group.add_argument(
+        "--no-retry",
+        dest="retry",
+        action="store_false",
+        help="fail at the first UNAVAILABLE or RESOURCE_EXHAUSTED instead of retrying "
+        "with backoff within --timeout (default: retry, up to 5 attempts)",
     )
     security = parser.add_argument_group("security")
     security.add_argument(
@@ -202,6 +209,7 @@ def _client(args: argparse.Namespace, chunk_size: int = 256) -> Client:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         token=token,
+        retry=getattr(args, "retry", True),
     )
 
 
@@ -355,7 +363,8 @@ def _similarity(args: argparse.Namespace) -> int:
             model=args.model,
             **_prompt_args(args),
         )
-    print(score)
+    # As rank prints scores: 6 decimals (float32 carries about 7 digits).
+    print(f"{score:.6f}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -27,7 +28,8 @@ from ._convert import (
     encode_options,
     output_options,
 )
-from ._errors import rpc_errors
+from ._errors import EmbedqError, rpc_errors
+from ._retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -42,6 +44,13 @@ class Client(ClientSettings):
     ``Limits.max_candidates`` (asked once, for rankings of more than
     ``chunk_size - 1`` candidates) or the ``max_candidates`` given here. Every
     failure raises :class:`EmbedqError`.
+
+    ``retry``: a request refused with UNAVAILABLE or RESOURCE_EXHAUSTED is
+    sent again after an exponential backoff with jitter, or after the server's
+    ``retry-after-ms`` hint, within ``timeout`` (never past it): by default
+    up to 5 attempts, pauses of 0.2, 0.4, 0.8, 1.6 s (+-20 %, at most 5 s);
+    pass a :class:`RetryPolicy` to change that, ``retry=False`` for none.
+    ``encode_stream`` is not retried (see there).
     ``normalize=None`` means the model's own default; ``truncate=False`` makes
     the server refuse over-long texts (INVALID_ARGUMENT) instead of cutting them.
 
@@ -82,9 +91,7 @@ class Client(ClientSettings):
                 for request in plan.requests:
                     if len(pending) >= self.max_in_flight:
                         parts.append(plan.parse(pending.popleft().result()))
-                    pending.append(
-                        method.future(request, timeout=remaining(at), metadata=self._metadata)
-                    )
+                    pending.append(_Retrying(method, request, at, self._metadata, self.retry))
                 while pending:
                     parts.append(plan.parse(pending.popleft().result()))
         finally:
@@ -339,7 +346,11 @@ class Client(ClientSettings):
         A failed message raises EmbedqError (``.id`` names it) and ends the
         stream, or with ``on_error="yield"`` comes out as ``(id, EmbedqError)``.
         ``timeout`` bounds the whole stream (default none: streams are long-lived).
-        Leaving the loop early cancels the stream. The output options are those
+        Leaving the loop early cancels the stream. A stream is never retried
+        (its texts are read once, as they come): a failure of the whole call
+        raises EmbedqError; a message refused with UNAVAILABLE or
+        RESOURCE_EXHAUSTED comes out like any failed message (``.id``,
+        ``.retryable``), for the caller to send again. The output options are those
         of :meth:`encode`; "int8"/"uint8" need ``ranges`` here (one text per
         message has nothing to calibrate on), else ValueError.
         """
@@ -358,7 +369,57 @@ class Client(ClientSettings):
         try:
             for response in call:
                 yield stream.result(response, on_error)
+        except EmbedqError:
+            raise
         except grpc.RpcError as error:
             raise feed.failure(error) from error
         finally:
             call.cancel()
+
+
+class _Retrying:
+    """One request of a call: a grpc future, sent again while the policy says so.
+
+    Sending happens at construction (so that several requests are in flight
+    at once); waiting and any retries happen in result().
+    """
+
+    def __init__(
+        self,
+        method: Any,
+        request: Any,
+        at: float | None,
+        metadata: Any,
+        policy: RetryPolicy,
+    ) -> None:
+        self._method = method
+        self._request = request
+        self._at = at
+        self._metadata = metadata
+        self._policy = policy
+        self._cancelled = False
+        self._send()
+
+    def _send(self) -> None:
+        self._future = self._method.future(
+            self._request, timeout=remaining(self._at), metadata=self._metadata
+        )
+
+    def result(self) -> Any:
+        attempt = 1
+        while True:
+            try:
+                return self._future.result()
+            except grpc.RpcError as error:
+                pause = None
+                if not self._cancelled:
+                    pause = self._policy.pause(attempt + 1, error, remaining(self._at))
+                if pause is None:
+                    raise EmbedqError.from_rpc_error(error, attempts=attempt) from error
+            time.sleep(pause)
+            attempt += 1
+            self._send()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._future.cancel()

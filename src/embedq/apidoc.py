@@ -330,6 +330,9 @@ def render(files: list[str] | None = None) -> str:
     ]
     for proto in load_descriptors(files):
         out += Renderer(proto).render()
+    from embedq.server.http import routes_markdown  # the HTTP routes, from their own table
+
+    out += routes_markdown()
     while out and out[-1] == "":
         out.pop()
     return "\n".join(out) + "\n"

@@ -7,6 +7,12 @@ Scenarios (each repeated, medians reported):
   S3  the S1 texts again: every one a cache hit
   latency: single-text Encode p50/p99, cached and uncached, and R's single-text encode
   memory: peak RSS of the server and worker processes (when bench started them)
+  (these are `--scenario core`, the default; with it comes the fp32 roofline)
+
+Load scenarios (--scenario NAME, repeatable, or all; docs/benchmarks.md): burst, worse-burst,
+slow-reader, streams (waiting consumers), plumbing (bench-zero workers: no model), scaling
+(1-8 bench-sim workers behind 1-2 servers). Headers name the CPU, its AVX2/AVX-512/VNNI/AMX
+and the GPU.
 
 Speed is reported, never asserted: targets are printed beside the figures.
 """
@@ -30,6 +36,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from embedq.bench_load import (
+    CORE,
+    NEED_REFERENCE,
+    ON_MAIN,
+    add_load_options,
+    load_report,
+    machine,
+    machine_line,
+    roofline,
+    run_load,
+    selected,
+)
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -105,38 +123,76 @@ class Deployment:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _redis: object = None
 
+    targets: list[str] = field(default_factory=list)  # every server (target is the first)
+
     @classmethod
     def start(cls, args: argparse.Namespace) -> Deployment:
-        from embedq.embedded import EmbeddedRedis, free_port
-
-        redis_server = EmbeddedRedis().start()
-        port = free_port()
-        cli = [sys.executable, "-m", "embedq.cli", "--log-level", "WARNING"]
-        redis_flag = ["--redis-url", redis_server.url]
-        worker = [*cli, "worker", *redis_flag, "--devices", args.devices]
+        worker = ["--devices", args.devices, "--backend", args.backend]
+        if args.backend.startswith("bench-"):
+            worker.append("--allow-bench-backend")
         worker += (["--model", args.model] if args.model else []) + (
             ["--fp16"] if args.fp16 else []
         )
-        worker += ["--backend", args.backend]
-        server = [*cli, "server", *redis_flag, "--port", str(port)]
-        procs = {"worker": subprocess.Popen(worker), "server": subprocess.Popen(server)}
-        deployment = cls(f"127.0.0.1:{port}", redis_server.url, procs, redis_server)
-        deployment.wait_ready()
+        return cls.launch([worker])
+
+    @classmethod
+    def launch(
+        cls, workers: list[list[str]], servers: int = 1, redis_url: str | None = None
+    ) -> Deployment:
+        """A private Redis (unless redis_url), one worker per argument list, `servers` servers;
+        processes named worker, worker-2, ..., server, server-2, ... Stops all on failure."""
+        from embedq.embedded import EmbeddedRedis
+
+        redis_server = None if redis_url else EmbeddedRedis().start()
+        deployment = cls("", redis_url or redis_server.url, {}, redis_server)
+        try:
+            for extra in workers:
+                deployment.add_worker(extra)
+            for _ in range(servers):
+                deployment.add_server()
+            deployment.target = deployment.targets[0]
+            deployment.wait_ready(workers=len(workers))
+        except BaseException:
+            deployment.stop()
+            raise
         return deployment
 
-    def wait_ready(self, timeout: float = 180) -> None:
+    def _spawn(self, kind: str, argv: list[str]) -> subprocess.Popen:
+        cli = [sys.executable, "-m", "embedq.cli", "--log-level", "WARNING"]
+        count = sum(1 for name in self.procs if name.split("-")[0] == kind)
+        name = kind if not count else f"{kind}-{count + 1}"
+        self.procs[name] = subprocess.Popen([*cli, kind, "--redis-url", self.redis_url, *argv])
+        return self.procs[name]
+
+    def add_worker(self, argv: list[str]) -> subprocess.Popen:
+        return self._spawn("worker", argv)
+
+    def add_server(self) -> None:
+        from embedq.embedded import free_port
+
+        port = free_port()
+        self._spawn("server", ["--port", str(port)])
+        self.targets.append(f"127.0.0.1:{port}")
+
+    def wait_ready(self, timeout: float = 180, workers: int = 1) -> None:
+        """Every server answers Info with at least `workers` live workers."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            stub = embedq_pb2_grpc.EmbedderStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    info = stub.Info(pb.InfoRequest(), timeout=2)
-                    if info.models and info.models[0].workers_alive:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise RuntimeError("embedq did not become ready")
+        for target in self.targets or [self.target]:
+            with grpc.insecure_channel(target) as channel:
+                stub = embedq_pb2_grpc.EmbedderStub(channel)
+                while not self._ready(stub, workers):
+                    dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                    if dead or time.monotonic() > deadline:
+                        raise RuntimeError(f"embedq did not become ready (exited: {dead})")
+                    time.sleep(0.2)
+
+    @staticmethod
+    def _ready(stub, workers: int) -> bool:
+        try:
+            info = stub.Info(pb.InfoRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+        return bool(info.models) and info.models[0].workers_alive >= workers
 
     def fresh(self, texts: list[str], run: int) -> list[str]:
         """Texts no earlier run has cached: flush when we can reach Redis,
@@ -164,9 +220,14 @@ class Deployment:
 
     def stop(self) -> None:
         for proc in self.procs.values():
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
         for proc in self.procs.values():
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if self._redis is not None:
             self._redis.stop()
 
@@ -274,10 +335,11 @@ async def run_all(
 TARGETS = {"S1": "≥ 0.95 × R", "S2": "≥ 0.85 × R", "S3": "≥ 20,000 texts/s"}
 
 
-def report(results: Results, device: str) -> str:
+def report(results: Results, device: str, header: str = "", roofline: dict | None = None) -> str:
     r = results.median("R")
     lines = [
         f"embedq bench: {results.texts} texts, {results.reps} reps, device {device}, medians",
+        *([header] if header else []),
         f"{'scenario':<34}{'texts/s':>10}{'× R':>8}   target",
     ]
     names = {
@@ -294,6 +356,10 @@ def report(results: Results, device: str) -> str:
         lines.append(f"{key:<34}{percentile(values, 50):>10.2f}{percentile(values, 99):>8.2f}")
     for name, mb in results.rss_mb.items():
         lines.append(f"peak RSS {name:<25}{mb:>10.1f} MB")
+    if roofline:
+        from embedq.bench_load import roofline_report
+
+        lines += roofline_report(roofline)
     return "\n".join(lines)
 
 
@@ -369,14 +435,16 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fp16", action="store_true", help="fp16 worker and reference (CUDA)")
     parser.add_argument(
         "--backend",
-        choices=("torch", "torch-int8", "onnx", "onnx-int8"),
+        choices=("torch", "torch-int8", "onnx", "onnx-int8", "bench-zero", "bench-sim"),
         default="torch",
         help="the worker's encoder backend; the reference R stays sentence-transformers "
-        "float32 [%(default)s]",
+        "float32; bench-zero / bench-sim run no model (allowed here: it is a bench) "
+        "[%(default)s]",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("bench-out"), help="folder for JSON and PNG"
     )
+    add_load_options(parser)
     parser.set_defaults(func=run_bench_command)
 
 
@@ -384,8 +452,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
+        scenarios = selected(args.scenario)
+    except ValueError as exc:
+        print(f"embedq bench: {exc}", file=sys.stderr)
+        return 2
+    if set(scenarios) & NEED_REFERENCE and not _has_reference():
         print("embedq bench: the reference needs `pip install 'embedq[bench]'`", file=sys.stderr)
         return 2
 
@@ -402,34 +473,73 @@ def run_bench_command(args: argparse.Namespace) -> int:
     device = "cuda" if wants_gpu else "cpu"
     if not args.target:
         try:  # fail now, not after the deployment's 180 s readiness wait
-            check_backend(args.backend, device)
+            check_backend(args.backend, device, allow_bench=True)
         except BackendUnavailableError as exc:
             print(f"embedq bench: {exc}", file=sys.stderr)
             return 2
     _, folder = resolve_model_source(args.model)
-    model = SentenceTransformer(str(folder), device=device)
-    model.encode = functools.partial(model.encode, show_progress_bar=False)
-    if args.fp16:
-        model.half()
+    model = reference_model(folder, device, args.fp16) if set(scenarios) & NEED_REFERENCE else None
     results = Results(texts=len(texts), reps=args.reps)
-    deployment = Deployment(args.target, args.redis_url) if args.target else Deployment.start(args)
-    try:
-        asyncio.run(run_all(model, deployment, texts, args.reps, results))
-        if deployment.procs:
-            results.rss_mb = deployment.peak_rss_mb()
-    finally:
-        if deployment.procs:
-            deployment.stop()
+    load = run_deployment_scenarios(args, scenarios, model, texts, results)
     if device == "cuda":
         label = torch.cuda.get_device_name(0)
     else:
         label = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     if args.backend != "torch" and not args.target:
         label += f", worker backend {args.backend}"
-    print(report(results, label))
+    info = machine()
+    header = machine_line(info)
+    roof = None
+    if CORE in scenarios:
+        throughput = {"R": results.median("R"), "S1": results.median("S1")}
+        roof = roofline(folder, texts, throughput)
+        print(report(results, label, header, roof))
+    print(load_report(load, header))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "embedq " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
-    (args.out / "bench.json").write_text(json.dumps(summary(results, label, command), indent=2))
-    draw_chart(results, args.out / "bench.png")
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    out = summary(results, label, command) if CORE in scenarios else {"command": command}
+    out.update({"machine": info, "scenarios": scenarios, "roofline": roof, "load": load})
+    (args.out / "bench.json").write_text(json.dumps(out, indent=2))
+    if CORE in scenarios:
+        draw_chart(results, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if roof else ""))
     return 0
+
+
+def _has_reference() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sentence_transformers") is not None
+
+
+def reference_model(folder: Path, device: str, fp16: bool):
+    """In-process sentence-transformers: the reference R."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device=device)
+    model.encode = functools.partial(model.encode, show_progress_bar=False)
+    if fp16:
+        model.half()
+    return model
+
+
+def run_deployment_scenarios(
+    args: argparse.Namespace, scenarios: list[str], model, texts: list[str], results: Results
+) -> dict:
+    """Core and load scenarios on the main deployment (private, or --target), then the ones
+    that start their own (plumbing, scaling); every process started is stopped."""
+    deployment = None
+    try:
+        if set(scenarios) & ON_MAIN:
+            deployment = (
+                Deployment(args.target, args.redis_url) if args.target else Deployment.start(args)
+            )
+        if CORE in scenarios:
+            asyncio.run(run_all(model, deployment, texts, args.reps, results))
+            if deployment.procs:
+                results.rss_mb = deployment.peak_rss_mb()
+        s1 = results.median("S1") if CORE in scenarios else None
+        return asyncio.run(run_load(args, scenarios, deployment, model, texts, s1))
+    finally:
+        if deployment is not None and deployment.procs:
+            deployment.stop()

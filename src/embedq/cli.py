@@ -13,6 +13,7 @@ from embedq.settings import SettingsError
 
 def build_parser() -> argparse.ArgumentParser:
     from embedq.bench import add_bench_command
+    from embedq.bridge.cli import add_bridge_command
     from embedq.client.cli import add_client_commands
     from embedq.serve import add_serve_command
     from embedq.server.cli import add_server_command
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_commands(subparsers)
     add_status_command(subparsers)
     add_bench_command(subparsers)
+    add_bridge_command(subparsers)
     return parser
 
 

@@ -58,6 +58,16 @@ class Keys:
         """Sorted set: worker id -> last heartbeat (Unix seconds)."""
         return f"{self.namespace}:v1:{{{model}}}:workers"
 
+    def backlog(self, model: str) -> str:
+        """Counter: texts queued or being encoded for one model, all servers together
+        (INCRBY by servers with each XADD, DECRBY by workers with each XACK; reset to 0
+        by an idle worker when the stream is empty, so that a crash cannot skew it)."""
+        return f"{self.namespace}:v1:{{{model}}}:backlog"
+
+    def rates(self, model: str) -> str:
+        """Hash: worker id -> measured capacity in texts per second (ASCII float)."""
+        return f"{self.namespace}:v1:{{{model}}}:rates"
+
     def replies(self, server_id: str) -> str:
         """Stream of Reply messages for one server instance; expires with it."""
         return f"{self.namespace}:v1:{{reply-{server_id}}}:replies"
@@ -75,6 +85,20 @@ class Keys:
     def cache_pattern(self) -> str:
         """SCAN MATCH pattern of every cache entry of this namespace (all variants)."""
         return f"{_glob_escape(self.namespace)}:v1:emb:*"
+
+
+# KEYS[1] = jobs stream, KEYS[2] = backlog counter: zero the counter when nothing
+# is queued or being encoded (entries are deleted on acknowledgement), atomically.
+RESET_IDLE_BACKLOG_LUA = """
+if redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], 0)
+  return 1
+end
+return 0
+"""
+
+# Trailing metadata of a RESOURCE_EXHAUSTED refusal: when to try again (ASCII ms).
+RETRY_AFTER_MS_KEY = "retry-after-ms"
 
 
 def _glob_escape(text: str) -> str:

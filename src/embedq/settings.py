@@ -210,6 +210,8 @@ class ServerSettings:
     # Prometheus /metrics over HTTP on metrics_host:metrics_port; 0: off.
     metrics_port: int = 0
     metrics_host: str = DEFAULT_HOST
+    # HTTP/JSON API (OpenAI-compatible /v1/embeddings) on host:http_port; 0: off.
+    http_port: int = 0
 
     @property
     def auth_enabled(self) -> bool:
@@ -225,6 +227,12 @@ class WorkerSettings:
     # What runs the encoder: "torch" (exact) or an opt-in faster CPU backend
     # (torch-int8, onnx, onnx-int8; see workers/backends/runtime.py).
     backend: str = "torch"
+    # bench-zero / bench-sim run no model (benchmarks only): refused unless allowed
+    # (--allow-bench-backend, EMBEDQ_ALLOW_BENCH_BACKEND=1). bench-sim sleeps per forward
+    # pass sim_forward_ms plus sim_token_us per padded token (workers/backends/simulated.py).
+    allow_bench_backend: bool = False
+    sim_forward_ms: float = 4.0
+    sim_token_us: float = 1.0
     # Padded tokens per forward pass (TEI's max_batch_tokens); None picks
     # by device: small batches keep a CPU's caches warm, a GPU wants big ones.
     max_batch_tokens: int | None = None
@@ -236,8 +244,16 @@ class WorkerSettings:
     claim_idle_ms: int = 30000
     # Deliveries after which a job goes to the dead-letter stream.
     max_deliveries: int = 3
+    # A worker whose heartbeat is older than this is dead: another worker takes
+    # its pending jobs at once (the claim_idle_ms claim stays as the safety net).
+    dead_after_s: float = 4.0
+    # Fixed consumer name (serve's supervisor sets it, to hand a dead worker's jobs
+    # over the moment the process exits); empty: host-pid-random.
+    worker_id: str = ""
 
     def batch_tokens(self) -> int:
         if self.max_batch_tokens:
             return self.max_batch_tokens
+        if self.backend == "bench-sim":  # a simulated accelerator batches like a GPU
+            return GPU_BATCH_TOKENS
         return CPU_BATCH_TOKENS if self.device == "cpu" else GPU_BATCH_TOKENS

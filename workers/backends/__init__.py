@@ -1,7 +1,7 @@
 """Model backends: the pooled Sentence-BERT encoder and where models come from."""
 
 from .model import ModelSpec, PooledEncoder
-from .runtime import BACKENDS, BackendUnavailableError, check_backend
+from .runtime import BACKENDS, BENCH_BACKENDS, BackendUnavailableError, check_backend
 from .source import (
     BUNDLED_NAME,
     ModelNotFoundError,
@@ -13,6 +13,7 @@ from .transformer import TokenizedText
 
 __all__ = [
     "BACKENDS",
+    "BENCH_BACKENDS",
     "BUNDLED_NAME",
     "BackendUnavailableError",
     "ModelNotFoundError",

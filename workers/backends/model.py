@@ -18,7 +18,7 @@ from .fingerprint import model_fingerprint
 from .layout import read_layout
 from .normalize import l2_normalize
 from .pooling import Pooling, load_pooling
-from .runtime import apply_backend, backend_settings, check_backend
+from .runtime import BENCH_BACKENDS, apply_backend, backend_settings, check_backend
 from .source import resolve_model_source
 from .transformer import TokenizedText, Transformer
 
@@ -56,11 +56,18 @@ class PooledEncoder:
         device: str = "cpu",
         fp16: bool = False,
         backend: str = "torch",
+        allow_bench: bool | None = None,
     ) -> PooledEncoder:
         """Load by model spec (see resolve_model_source). fp16 applies on CUDA only: CPU half
         precision is slow and partly unsupported, so CPU stays float32 (with a warning).
         backend: "torch" (exact), or an opt-in faster CPU runtime (see runtime.py); raises
-        BackendUnavailableError before loading anything when it cannot run here."""
+        BackendUnavailableError before loading anything when it cannot run here.
+        bench-zero / bench-sim (benchmark-only, see simulated.py) need ``allow_bench``."""
+        if backend in BENCH_BACKENDS:
+            check_backend(backend, device, allow_bench)
+            from .simulated import load_bench_encoder
+
+            return load_bench_encoder(spec, backend, device)
         name, folder = resolve_model_source(spec)
         target = _device(device)
         check_backend(backend, target)

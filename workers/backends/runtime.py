@@ -18,12 +18,16 @@ cache keys, and the torch fingerprint is what it was before backends existed.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from .transformer import Transformer
 
-BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8")
+# bench-zero / bench-sim: benchmark-only, no model (simulated.py); refused unless allowed.
+BENCH_BACKENDS = ("bench-zero", "bench-sim")
+BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8", *BENCH_BACKENDS)
+ALLOW_ENV = "EMBEDQ_ALLOW_BENCH_BACKEND"
 RECIPE = 1
 _PACKAGES = {"onnx": ("onnxruntime", "onnx"), "onnx-int8": ("onnxruntime", "onnx")}
 
@@ -32,13 +36,28 @@ class BackendUnavailableError(ValueError):
     """An unknown backend, one whose package is missing, or one that cannot run on the device."""
 
 
-def check_backend(backend: str, device: str | torch.device = "cpu") -> None:
+def bench_allowed(allow: bool | None = None) -> bool:
+    """May a benchmark-only backend run? An explicit answer wins; None reads the environment."""
+    return allow if allow is not None else os.environ.get(ALLOW_ENV, "").strip() == "1"
+
+
+def check_backend(
+    backend: str, device: str | torch.device = "cpu", allow_bench: bool | None = None
+) -> None:
     """Raise BackendUnavailableError unless ``backend`` can run on ``device`` here: cheap, so
-    a worker fails at start, before loading any weights."""
+    a worker fails at start, before loading any weights. Benchmark-only backends also need
+    ``allow_bench`` (None: EMBEDQ_ALLOW_BENCH_BACKEND=1)."""
     if backend not in BACKENDS:
         raise BackendUnavailableError(
             f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
+    if backend in BENCH_BACKENDS:
+        if not bench_allowed(allow_bench):
+            raise BackendUnavailableError(
+                f"backend {backend!r} is for benchmarks only (its vectors are not the model's): "
+                f"pass --allow-bench-backend or set {ALLOW_ENV}=1"
+            )
+        return  # runs nothing on the device
     missing = [name for name in _PACKAGES.get(backend, ()) if not importlib.util.find_spec(name)]
     if missing:
         raise BackendUnavailableError(
@@ -65,6 +84,7 @@ def backend_settings(backend: str) -> dict[str, object]:
     and every cache key, stays what it was before backends existed)."""
     if backend == "torch":
         return {}
+    # bench-*: vectors from a hash of the token ids, never the model's; own fingerprints too.
     # Bump the recipe when an export or quantization choice changes: the vectors change too.
     return {"backend": backend, "recipe": RECIPE}
 

@@ -11,6 +11,7 @@ import {
   toTexts,
 } from "./options";
 import { embedderClient } from "./proto";
+import { type RetryPolicy, retryPauseMs, toRetryPolicy } from "./retry";
 import { EncodeStream } from "./stream";
 import {
   dtypeName,
@@ -49,6 +50,14 @@ export interface ClientOptions {
   chunkSize?: number;
   /** Requests of one chunked encode() in flight at once. Default 4. */
   maxInFlight?: number;
+  /**
+   * Retries of calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED, within
+   * the call's deadline, honouring the server's `retry-after-ms` hint.
+   * Default true: up to 5 attempts, pauses of 200, 400, 800, 1600 ms
+   * (+-20 %, at most 5000 ms). false: none; an object overrides fields of
+   * {@link DEFAULT_RETRY_POLICY}. Streams (encodeStream) are never retried.
+   */
+  retry?: Partial<RetryPolicy> | boolean;
 }
 
 /** encode() result in packed form, plus where it came from. */
@@ -176,6 +185,8 @@ export class EmbedqClient {
   private readonly metadata: grpc.Metadata;
   private readonly chunkSize: number;
   private readonly maxInFlight: number;
+  /** The retry policy in use (maxAttempts 1: none). */
+  readonly retry: Readonly<RetryPolicy>;
 
   constructor(target: string = DEFAULT_TARGET, options: ClientOptions = {}) {
     const Embedder = embedderClient(options.protoRoot);
@@ -183,6 +194,7 @@ export class EmbedqClient {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
     this.maxInFlight = Math.max(1, options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT);
+    this.retry = toRetryPolicy(options.retry);
     if (!Number.isInteger(this.chunkSize) || this.chunkSize < 1) {
       throw new RangeError("chunkSize must be a positive integer");
     }
@@ -254,7 +266,10 @@ export class EmbedqClient {
    * Opens a bidirectional EncodeStream. `options` apply to every message
    * (write() can override them per message). No deadline unless
    * `options.timeoutMs` is given: streams are meant to stay open. int8/uint8
-   * without ranges calibrate on each message's own texts.
+   * without ranges calibrate on each message's own texts. A stream is never
+   * retried: a message refused with UNAVAILABLE or RESOURCE_EXHAUSTED comes
+   * back as its result's `error` (`error.retryable`), for the caller to write
+   * again; a failure of the whole call ends the iteration with an EmbedqError.
    */
   encodeStream<P extends Precision = "float32">(options: EncodeOptions<P> & CallOptions = {}): EncodeStream<P> {
     const rawOptions = toRawOptions(options); // refuse bad options before opening the call
@@ -391,7 +406,23 @@ export class EmbedqClient {
     return Number.isFinite(timeout) ? Date.now() + timeout : undefined;
   }
 
-  private unary<T>(method: string, request: unknown, deadline: number | undefined): Promise<T> {
+  /** One unary call, sent again while the retry policy says so. */
+  private async unary<T>(method: string, request: unknown, deadline: number | undefined): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.unaryOnce<T>(method, request, deadline);
+      } catch (err) {
+        const error = toEmbedqError(err);
+        error.attempts = attempt;
+        const remaining = deadline === undefined ? undefined : deadline - Date.now();
+        const pause = retryPauseMs(this.retry, attempt + 1, error, remaining);
+        if (pause === undefined) throw error;
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
+  private unaryOnce<T>(method: string, request: unknown, deadline: number | undefined): Promise<T> {
     const fn = (this.stub as unknown as Record<string, UnaryMethod>)[method];
     const callOptions: grpc.CallOptions = deadline === undefined ? {} : { deadline };
     return new Promise<T>((resolve, reject) => {

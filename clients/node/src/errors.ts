@@ -1,4 +1,5 @@
 import { Metadata, status } from "@grpc/grpc-js";
+import { RETRYABLE_CODES, retryAfterMs } from "./retry";
 
 /** Names of the gRPC status codes (google.rpc.Code), by number. */
 export const STATUS_NAMES: Readonly<Record<number, string>> = Object.freeze(
@@ -12,12 +13,15 @@ export const STATUS_NAMES: Readonly<Record<number, string>> = Object.freeze(
 /**
  * Every failure of an embedq call: `code` is the gRPC status code
  * (3 = INVALID_ARGUMENT, 5 = NOT_FOUND, 14 = UNAVAILABLE, ...), `details` the
- * server's message (it names the offending field and index).
+ * server's message (it names the offending field and index), `metadata` the
+ * call's trailing metadata, `attempts` how many times the call was sent
+ * (more than 1 after retries).
  */
 export class EmbedqError extends Error {
   readonly code: number;
   readonly details: string;
   readonly metadata?: Metadata;
+  attempts = 1;
 
   constructor(code: number, details: string, metadata?: Metadata) {
     super(`${STATUS_NAMES[code] ?? "UNKNOWN"} (${code}): ${details}`);
@@ -30,6 +34,16 @@ export class EmbedqError extends Error {
   /** The status name, e.g. "INVALID_ARGUMENT". */
   get codeName(): string {
     return STATUS_NAMES[this.code] ?? "UNKNOWN";
+  }
+
+  /** The server's `retry-after-ms` hint (ms), if it sent one. */
+  get retryAfterMs(): number | undefined {
+    return retryAfterMs(this.metadata);
+  }
+
+  /** UNAVAILABLE or RESOURCE_EXHAUSTED: sending the same request later may succeed. */
+  get retryable(): boolean {
+    return RETRYABLE_CODES.includes(this.code);
   }
 }
 

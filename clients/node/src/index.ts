@@ -36,6 +36,15 @@ export {
 } from "./hash";
 export { type CallOptions, type EncodeOptions, METRIC_NAMES, type MetricName } from "./options";
 export { PROTO_FILE, resolveProtoRoot } from "./proto";
+export {
+  DEFAULT_RETRY_POLICY,
+  NO_RETRY,
+  RETRY_AFTER_KEY,
+  RETRYABLE_CODES,
+  type RetryPolicy,
+  retryAfterMs,
+  retryPauseMs,
+} from "./retry";
 export { EncodeStream, type StreamResult } from "./stream";
 export {
   float16ToFloat32,

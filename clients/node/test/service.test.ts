@@ -441,7 +441,7 @@ describe("errors", () => {
   });
 
   test("an unreachable server -> UNAVAILABLE (14)", async () => {
-    const nowhere = new EmbedqClient("127.0.0.1:1", { timeoutMs: 5_000 });
+    const nowhere = new EmbedqClient("127.0.0.1:1", { timeoutMs: 5_000, retry: false });
     try {
       await assert.rejects(nowhere.info(), isEmbedqError(14));
     } finally {

@@ -108,12 +108,14 @@ class EncodeResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., count: _Optional[int] = ..., embeddings: _Optional[bytes] = ..., cached: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class EncodeStreamRequest(_message.Message):
     __slots__ = ("id", "texts", "options")
@@ -278,7 +280,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "dimension", "pooling", "max_seq_length", "normalize", "workers_alive", "source", "prompts", "default_prompt_name")
+    __slots__ = ("name", "fingerprint", "dimension", "pooling", "max_seq_length", "normalize", "workers_alive", "source", "prompts", "default_prompt_name", "capacity_texts_per_s")
     class PromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +298,7 @@ class ModelInfo(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_TEXTS_PER_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     dimension: int
@@ -306,7 +309,8 @@ class ModelInfo(_message.Message):
     source: str
     prompts: _containers.ScalarMap[str, str]
     default_prompt_name: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., workers_alive: _Optional[int] = ..., source: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ...) -> None: ...
+    capacity_texts_per_s: float
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., workers_alive: _Optional[int] = ..., source: _Optional[str] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ..., capacity_texts_per_s: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_batch_texts", "max_text_bytes", "max_message_bytes", "max_candidates")

@@ -1,0 +1,189 @@
+"""MQTT 5 through aiomqtt (asyncio, on the Eclipse paho-mqtt client).
+
+Source: ``mqtt://[user:pass@]host:port/TOPIC[?client_id=ID&session_expiry=S]``,
+QoS 1. The client id (``?client_id=``, ``--consumer``, default
+``embedq-bridge-<hash of the topic>``) names a persistent session (clean
+start off, session expiry ``session_expiry`` s, default 1 day): a restarted
+bridge gets the messages it had not acknowledged again, and those that
+arrived while it was away. The PUBACK of a message is sent only after its
+result is published (paho's manual acks), so the broker keeps a message until
+then; Receive Maximum = --max-in-flight bounds what it sends us unacknowledged.
+
+Sink: ``mqtt://host:port/TOPIC``: QoS 1 publish, each waits for its PUBACK.
+Headers travel as MQTT 5 user properties.
+
+MQTT's limits (see docs/bridge.md): one client id is one session, so two
+bridges must not share one (the broker disconnects the older); use a shared
+subscription (``$share/GROUP/TOPIC``) with one client id per bridge to spread
+a topic. A broker keeps a bounded number of messages for an offline session
+(Mosquitto: max_queued_messages, 1000 by default) and drops the rest; there
+is no reject, so a poison message without --dead-letter is logged and
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .base import BrokerUrl, ConfigError, Message, Options, OutMessage, Sink, Source
+
+SOURCE_PARAMS = ("client_id", "session_expiry")
+SINK_PARAMS = ("client_id",)
+
+
+def _topic(url: BrokerUrl, *, wildcards: bool) -> str:
+    topic = url.path[1:] if url.path.startswith("/") else url.path
+    if not topic:
+        raise ConfigError(f"{url.safe}: say which topic: mqtt://HOST:PORT/TOPIC")
+    if not wildcards and ("+" in topic or "#" in topic):
+        raise ConfigError(f"{url.safe}: cannot publish to a wildcard topic {topic!r}")
+    return topic
+
+
+def _client(url: BrokerUrl, client_id: str, properties: Properties, **kwargs) -> aiomqtt.Client:
+    tls = {"tls_params": aiomqtt.TLSParameters()} if url.scheme == "mqtts" else {}
+    return aiomqtt.Client(
+        url.host,
+        url.port or (8883 if url.scheme == "mqtts" else 1883),
+        username=url.username,
+        password=url.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        properties=properties,
+        timeout=10,
+        **tls,
+        **kwargs,
+    )
+
+
+class MqttSource(Source):
+    reject_note = "acknowledged (MQTT has no reject)"
+
+    def __init__(self, url: BrokerUrl, options: Options) -> None:
+        super().__init__(url, options)
+        url.check_params(SOURCE_PARAMS)
+        self.topic = _topic(url, wildcards=True)
+        digest = hashlib.sha256(f"{url.host}:{url.port}/{self.topic}".encode()).hexdigest()[:12]
+        self.client_id = (
+            url.params.get("client_id") or options.consumer or (f"embedq-bridge-{digest}")
+        )
+        self.session_expiry = url.int_param("session_expiry", 86400, 1)
+        self.client: aiomqtt.Client | None = None
+        self._pump: asyncio.Task | None = None
+        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+
+    async def connect(self) -> None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.session_expiry
+        properties.ReceiveMaximum = min(65535, self.options.max_in_flight)
+        self.client = _client(
+            self.url, self.client_id, properties, clean_start=False, clean_session=None
+        )
+        # PUBACK only once the result is published (paho's manual acks).
+        self.client._client.manual_ack_set(True)
+        await self.client.__aenter__()
+        await self.client.subscribe(self.topic, qos=1)
+        self._pump = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            await self._inbox.put(message)
+
+    async def fetch(self, max_count: int, timeout: float) -> list[Message]:
+        try:
+            first = await asyncio.wait_for(self._inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            if self._pump is not None and self._pump.done():
+                error = self._pump.exception() if not self._pump.cancelled() else None
+                raise ConnectionError(f"MQTT connection lost: {error}") from None
+            return []
+        batch = [first]
+        while len(batch) < max_count and not self._inbox.empty():
+            batch.append(self._inbox.get_nowait())
+        return [self._message(m) for m in batch]
+
+    @staticmethod
+    def _message(message: aiomqtt.Message) -> Message:
+        headers = {}
+        user = getattr(message.properties, "UserProperty", None) if message.properties else None
+        for key, value in user or []:
+            headers[key] = value
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        elif payload is None:
+            payload = b""
+        elif not isinstance(payload, bytes | bytearray):
+            payload = str(payload).encode("utf-8")
+        return Message(
+            body=bytes(payload),
+            message_id=f"{message.topic.value}#{message.mid}",
+            headers=headers,
+            stable_id=False,
+            handle=message,
+        )
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            if message.handle.qos > 0:
+                self.client._client.ack(message.handle.mid, message.handle.qos)
+
+    async def reject(self, messages: Sequence[Message]) -> None:
+        await self.ack(messages)
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        if self.client is not None:
+            with contextlib.suppress(Exception):  # closing anyway
+                await self.client.__aexit__(None, None, None)
+
+
+class MqttSink(Sink):
+    def __init__(self, url: BrokerUrl, options: Options) -> None:
+        super().__init__(url, options)
+        url.check_params(SINK_PARAMS)
+        self.topic = _topic(url, wildcards=False)
+        self.client_id = url.params.get("client_id") or f"embedq-bridge-out-{uuid.uuid4().hex[:12]}"
+        self.client: aiomqtt.Client | None = None
+
+    async def connect(self) -> None:
+        self.client = _client(
+            self.url,
+            self.client_id,
+            Properties(PacketTypes.CONNECT),
+            max_inflight_messages=max(20, self.options.max_in_flight),
+        )
+        await self.client.__aenter__()
+
+    async def publish(self, messages: Sequence[OutMessage]) -> None:
+        sends = []
+        for message in messages:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ContentType = message.content_type
+            properties.UserProperty = list(message.headers.items())
+            sends.append(
+                asyncio.ensure_future(
+                    self.client.publish(
+                        self.topic, message.body, qos=1, properties=properties, timeout=30
+                    )
+                )
+            )
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):  # closing anyway
+                await self.client.__aexit__(None, None, None)

@@ -1,0 +1,618 @@
+"""The bridge loop: source -> EncodeStream -> sink, in order, acknowledged after publish.
+
+Four tasks share one event loop:
+
+  reader     takes messages from the source while fewer than max_in_flight are
+             held; parses them (a poison message is marked at once) and queues
+             the rest for sending
+  sender     one EncodeStream call with every queued text in flight; answers
+             come back in completion order and are matched by sequence number.
+             Server trouble (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+             a broken stream) puts the affected messages back at the front of
+             the queue and waits (exponential backoff with jitter) before
+             sending again; nothing is acknowledged meanwhile
+  publisher  takes the finished messages at the head of the input order (so
+             outputs leave in input order), publishes them (waiting for the
+             broker's confirmation), sends poison messages to the dead-letter
+             sink (or rejects them), then acknowledges the inputs
+  upkeep     progress logs, lag, stall detection, and touching held messages so
+             the broker does not hand them to someone else meanwhile
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from embedq.client import AsyncClient
+from embedq.client._convert import unpack
+from embedq.client._errors import EmbedqError
+
+from embedq.v1 import embedq_pb2 as pb
+
+from . import formats
+from .brokers.base import BridgeError, ConfigError, Message, Sink, Source, scrub
+from .metrics import BridgeMetrics, reason_label
+
+log = logging.getLogger("embedq.bridge")
+T = TypeVar("T")
+
+Code = grpc.StatusCode
+# Server trouble: retried for as long as it lasts, the message stays unacknowledged.
+TRANSIENT = frozenset({Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED})
+# The message itself is bad: dead-lettered (or rejected) at once.
+POISON = frozenset({Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE, Code.FAILED_PRECONDITION})
+# The bridge's configuration is wrong for this server: stop, acknowledge nothing.
+FATAL = frozenset(
+    {Code.NOT_FOUND, Code.UNAUTHENTICATED, Code.PERMISSION_DENIED, Code.UNIMPLEMENTED}
+)
+# Anything else (INTERNAL, UNKNOWN, ABORTED, ...) is retried max_attempts times, then
+# dead-lettered with the last error as the reason.
+
+
+@dataclass(frozen=True)
+class Settings:
+    input: formats.InputFormat = field(default_factory=formats.InputFormat)
+    output_format: str = "json"
+    options: pb.EncodeOptions = field(default_factory=pb.EncodeOptions)
+    max_in_flight: int = 512
+    # Seconds to finish what is held after SIGTERM / Ctrl-C.
+    drain_timeout: float = 30.0
+    backoff_base: float = 0.1
+    backoff_max: float = 10.0
+    # Tries of a message that fails with an unexpected server error.
+    max_attempts: int = 5
+    # A message with no answer this long: the stream is restarted (DEADLINE_EXCEEDED).
+    answer_timeout: float = 60.0
+    # A broker call failing for this long stops the bridge (exit 1).
+    broker_grace: float = 60.0
+    progress_interval: float = 10.0
+    fetch_timeout: float = 1.0
+
+
+@dataclass(eq=False)
+class Entry:
+    seq: int
+    message: Message
+    taken_at: float
+    parsed: formats.Parsed | None = None
+    output: Any = None
+    reason: str | None = None
+    attempts: int = 0
+    sent_at: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.reason is not None
+
+
+class Backoff:
+    """Exponential backoff with jitter; one step per episode of trouble."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self.base, self.cap = base, cap
+        self.failures = 0
+        self.not_before = 0.0
+
+    def delay(self) -> float:
+        step = min(self.cap, self.base * (2 ** min(self.failures, 30)))
+        return step * random.uniform(0.5, 1.0)
+
+    def fail(self) -> float:
+        """Register a failure; return the delay before the next try."""
+        now = time.monotonic()
+        if now >= self.not_before:  # a new failure, not one more of the current wait
+            delay = self.delay()
+            self.failures += 1
+            self.not_before = now + delay
+        return max(0.0, self.not_before - now)
+
+    def succeed(self) -> None:
+        self.failures = 0
+
+    async def wait(self) -> None:
+        delay = self.not_before - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Bridge:
+    def __init__(
+        self,
+        source: Source,
+        sink: Sink,
+        client: AsyncClient,
+        settings: Settings,
+        dead_letter: Sink | None = None,
+        metrics: BridgeMetrics | None = None,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.dead_letter = dead_letter
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics or BridgeMetrics()
+        self.input = settings.input
+        self._seq = itertools.count()
+        self._order: collections.deque[Entry] = collections.deque()
+        self._publishing: list[Entry] = []
+        self._to_send: collections.deque[Entry] = collections.deque()
+        self._send_ready = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._space = asyncio.Event()
+        self.held = 0
+        self.stopping = False
+        self._backoff = Backoff(settings.backoff_base, settings.backoff_max)
+        self._outstanding: dict[str, Entry] = {}
+        self._call: Any = None
+        self._stalled = False
+        self._counts = collections.Counter()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until `stop` is set, then drain; 0 when everything held was finished."""
+        await self._connect()
+        try:
+            await self._server_info(stop)
+            if stop.is_set():
+                return 0
+            log.info(
+                "bridge running: %s -> embedq %s -> %s%s (max in flight %d)",
+                self.source.name,
+                self.client.target,
+                self.sink.name,
+                f", dead letters -> {self.dead_letter.name}" if self.dead_letter else "",
+                self.settings.max_in_flight,
+            )
+            return await self._supervise(stop)
+        finally:
+            await self._close()
+
+    async def _connect(self) -> None:
+        for broker in (self.sink, self.dead_letter, self.source):
+            if broker is not None:
+                try:
+                    await broker.connect()
+                except Exception as error:
+                    await self._close()
+                    if isinstance(error, BridgeError):
+                        raise
+                    raise BridgeError(
+                        f"cannot connect to {broker.name}: {_describe(error)}"
+                    ) from None
+
+    async def _close(self) -> None:
+        for broker in (self.source, self.sink, self.dead_letter):
+            if broker is not None:
+                try:
+                    await broker.close()
+                except Exception as error:  # noqa: BLE001 - closing is best effort
+                    log.debug("closing %s: %s", broker.name, error)
+
+    async def _server_info(self, stop: asyncio.Event) -> None:
+        """The server's limits (for --max-text-bytes checks); waits for a server to answer."""
+        backoff = Backoff(self.settings.backoff_base, self.settings.backoff_max)
+        while not stop.is_set():
+            try:
+                info = await asyncio.wait_for(self.client.info(), self.settings.answer_timeout)
+            except EmbedqError as error:
+                code, _ = _status(error)
+                if code in FATAL:
+                    raise BridgeError(f"embedq {self.client.target}: {error}") from None
+                delay = backoff.fail()
+                log.warning("embedq %s: %s; retrying in %.1fs", self.client.target, error, delay)
+                await _sleep_or(stop, delay)
+                continue
+            except asyncio.TimeoutError:
+                continue
+            model = self.settings.options.model
+            if model and model not in {m.name for m in info.models}:
+                names = ", ".join(m.name for m in info.models) or "none"
+                raise ConfigError(
+                    f"--model {model!r} is not served by {self.client.target} (served: {names})"
+                )
+            if self.input.max_text_bytes == 0:
+                self.input = formats.InputFormat(
+                    self.input.kind,
+                    self.input.text_field,
+                    self.input.id_field,
+                    info.limits.max_text_bytes,
+                )
+            self.metrics.server_up.set(1)
+            return
+
+    async def _supervise(self, stop: asyncio.Event) -> int:
+        tasks = {
+            asyncio.create_task(self._reader(), name="reader"),
+            asyncio.create_task(self._sender(), name="sender"),
+            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(self._upkeep(), name="upkeep"),
+        }
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            return await self._drain(tasks)
+        finally:
+            stopper.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            if self._call is not None:
+                self._call.cancel()
+
+    async def _drain(self, tasks: set[asyncio.Task]) -> int:
+        self.stopping = True
+        self._space.set()
+        log.info("stopping: finishing %d held message(s)", self.held)
+        try:
+            await self.source.stop_consuming()
+        except Exception as error:  # noqa: BLE001 - the drain goes on
+            log.warning("stop consuming %s: %s", self.source.name, error)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.held and time.monotonic() < deadline:
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            self._finished.clear()
+            try:
+                await asyncio.wait_for(self._finished.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        if self.held:
+            log.warning(
+                "stopped with %d message(s) unacknowledged after %.0fs; the broker will "
+                "deliver them again",
+                self.held,
+                self.settings.drain_timeout,
+            )
+        self._log_progress(final=True)
+        return 0
+
+    # -- reader ----------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        limit = self.settings.max_in_flight
+        low_water = max(1, limit // 8)
+        trouble = _Trouble("fetch from " + self.source.name, self)
+        while not self.stopping:
+            free = limit - self.held
+            if free < low_water and self.held:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            try:
+                messages = await self.source.fetch(free, self.settings.fetch_timeout)
+            except BridgeError:
+                raise
+            except Exception as error:  # noqa: BLE001 - retried, bounded by broker_grace
+                await trouble.failed(error)
+                continue
+            trouble.ok()
+            now = time.monotonic()
+            for message in messages:
+                self._take(message, now)
+
+    def _take(self, message: Message, now: float) -> None:
+        entry = Entry(next(self._seq), message, now)
+        try:
+            entry.parsed = formats.parse(message, self.input)
+        except formats.Poison as poison:
+            entry.reason = str(poison)
+        self._order.append(entry)
+        self.held += 1
+        self.metrics.consumed.inc()
+        self.metrics.in_flight.set(self.held)
+        self._counts["consumed"] += 1
+        if entry.done:
+            self._finished.set()
+        else:
+            self._to_send.append(entry)
+            self._send_ready.set()
+
+    # -- sender ----------------------------------------------------------------
+
+    async def _sender(self) -> None:
+        stub = self.client.stub
+        metadata = self.client._metadata  # the token, as the client sends it
+        while True:
+            while not self._to_send:
+                self._send_ready.clear()
+                await self._send_ready.wait()
+            await self._backoff.wait()
+            code, details = await self._one_stream(stub, metadata)
+            self.metrics.server_up.set(0)
+            if code in FATAL:
+                raise BridgeError(f"embedq {self.client.target}: {code.name}: {details}")
+            self.metrics.retried.labels(cause=code.name).inc()
+            delay = self._backoff.fail()
+            log.warning(
+                "EncodeStream to %s failed (%s: %s); %d message(s) back in the queue, "
+                "retrying in %.1fs",
+                self.client.target,
+                code.name,
+                details,
+                len(self._to_send),
+                delay,
+            )
+
+    async def _one_stream(self, stub: Any, metadata: Any) -> tuple[grpc.StatusCode, str]:
+        """One EncodeStream call, until it breaks; its unanswered messages go back in
+        the queue. Returns the status it ended with."""
+        outstanding: dict[str, Entry] = {}
+        self._outstanding = outstanding
+        self._stalled = False
+
+        async def requests():
+            while True:
+                while not self._to_send:
+                    self._send_ready.clear()
+                    await self._send_ready.wait()
+                await self._backoff.wait()
+                if not self._to_send:
+                    continue
+                entry = self._to_send.popleft()
+                key = str(entry.seq)
+                outstanding[key] = entry
+                entry.sent_at = time.monotonic()
+                yield pb.EncodeStreamRequest(
+                    id=key, texts=[entry.parsed.text], options=self.settings.options
+                )
+
+        call = stub.EncodeStream(requests(), metadata=metadata)
+        self._call = call
+        try:
+            async for response in call:
+                entry = outstanding.pop(response.id, None)
+                if entry is not None:
+                    self._answer(entry, response)
+            return Code.UNAVAILABLE, "the server ended the stream"
+        except grpc.RpcError as error:
+            return _status(error)
+        except asyncio.CancelledError:
+            if not self._stalled:
+                raise
+            return Code.DEADLINE_EXCEEDED, (f"no answer within {self.settings.answer_timeout:.0f}s")
+        finally:
+            call.cancel()
+            self._call = None
+            self._requeue(outstanding.values(), count_attempt=False)
+            outstanding.clear()
+
+    def _requeue(self, entries, *, count_attempt: bool) -> None:
+        for entry in sorted(entries, key=lambda e: e.seq, reverse=True):
+            if entry.done:
+                continue
+            if count_attempt:
+                entry.attempts += 1
+            self._to_send.appendleft(entry)
+        if self._to_send:
+            self._send_ready.set()
+
+    def _answer(self, entry: Entry, response: pb.EncodeStreamResponse) -> None:
+        if not (response.HasField("error") and response.error.code != 0):
+            self._backoff.succeed()
+            self.metrics.server_up.set(1)
+            try:
+                rows = unpack(
+                    response.embeddings, response.count, response.dimension, response.dtype
+                )
+            except EmbedqError as error:
+                self._failed(entry, *_status(error))
+                return
+            entry.output = formats.render(
+                entry.parsed,
+                rows[0],
+                response.model,
+                response.dimension,
+                response.dtype,
+                self.settings.output_format,
+            )
+            self._finished.set()
+            return
+        error = EmbedqError.from_status(response.error.code, response.error.message)
+        self._failed(entry, *_status(error))
+
+    def _failed(self, entry: Entry, code: grpc.StatusCode, details: str) -> None:
+        if code in FATAL:
+            raise BridgeError(f"embedq {self.client.target}: {code.name}: {details}")
+        if code in POISON:
+            entry.reason = f"{code.name}: {details}"
+            self._finished.set()
+            return
+        entry.attempts += 1
+        if code not in TRANSIENT and entry.attempts >= self.settings.max_attempts:
+            entry.reason = f"{code.name}: {details} (after {entry.attempts} attempts)"
+            self._finished.set()
+            return
+        self.metrics.retried.labels(cause=code.name).inc()
+        delay = self._backoff.fail()
+        log.debug("message %s: %s: %s; retry in %.1fs", entry.seq, code.name, details, delay)
+        self._to_send.appendleft(entry)
+        self._send_ready.set()
+
+    # -- publisher ---------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        while True:
+            if not (self._order and self._order[0].done):
+                self._finished.clear()
+                await self._finished.wait()
+                continue
+            batch = []
+            while self._order and self._order[0].done and len(batch) < 1024:
+                batch.append(self._order.popleft())
+            self._publishing = batch
+            await self._complete(batch)
+            self._publishing = []
+            self.held -= len(batch)
+            self.metrics.in_flight.set(self.held)
+            self._space.set()
+            self._finished.set()  # wakes the drain
+
+    async def _complete(self, batch: list[Entry]) -> None:
+        results = [e for e in batch if e.output is not None]
+        poison = [e for e in batch if e.output is None]
+        if results:
+            await self._retry(
+                "publish to " + self.sink.name, self.sink.publish, [e.output for e in results]
+            )
+            self.metrics.published.inc(len(results))
+            self._counts["published"] += len(results)
+        rejected: list[Entry] = []
+        if poison:
+            for entry in poison:
+                where = "dead-lettered" if self.dead_letter else self.source.reject_note
+                log.warning(
+                    "poison message %s from %s %s: %s",
+                    entry.message.message_id,
+                    self.source.name,
+                    where,
+                    entry.reason,
+                )
+            if self.dead_letter is not None:
+                letters = [
+                    formats.dead_letter(e.message, e.reason or "", self.source.name) for e in poison
+                ]
+                await self._retry(
+                    "publish to " + self.dead_letter.name, self.dead_letter.publish, letters
+                )
+                for entry in poison:
+                    self.metrics.dead_lettered.labels(reason=reason_label(entry.reason)).inc()
+                self._counts["dead-lettered"] += len(poison)
+            else:
+                rejected = poison
+        acks = [e.message for e in batch if e not in rejected]
+        if acks:
+            await self._retry("acknowledge on " + self.source.name, self.source.ack, acks)
+            self.metrics.acked.inc(len(acks))
+        if rejected:
+            await self._retry(
+                "reject on " + self.source.name, self.source.reject, [e.message for e in rejected]
+            )
+            for entry in rejected:
+                self.metrics.rejected.labels(reason=reason_label(entry.reason)).inc()
+            self._counts["rejected"] += len(rejected)
+
+    async def _retry(self, what: str, call: Callable[[T], Awaitable[Any]], arg: T) -> None:
+        trouble = _Trouble(what, self)
+        while True:
+            try:
+                await call(arg)
+                return
+            except BridgeError:
+                raise
+            except Exception as error:  # noqa: BLE001 - retried, bounded by broker_grace
+                await trouble.failed(error)
+
+    # -- upkeep ------------------------------------------------------------------
+
+    async def _upkeep(self) -> None:
+        now = time.monotonic()
+        next_progress = now + self.settings.progress_interval
+        next_lag = now
+        touch_every = self.source.touch_interval
+        next_touch = now + (touch_every or 0)
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            self._check_stall(now)
+            if touch_every and now >= next_touch:
+                next_touch = now + touch_every
+                held = [
+                    e.message
+                    for e in (*self._publishing, *self._order)
+                    if now - e.taken_at >= touch_every
+                ]
+                if held:
+                    try:
+                        await self.source.touch(held)
+                    except Exception as error:  # noqa: BLE001 - next time
+                        log.warning("touch on %s: %s", self.source.name, error)
+            if now >= next_lag:
+                next_lag = now + 5.0
+                try:
+                    lag = await asyncio.wait_for(self.source.lag(), 5.0)
+                except Exception:  # noqa: BLE001 - lag is informative only
+                    lag = None
+                self.metrics.lag.set(-1 if lag is None else lag)
+            if now >= next_progress:
+                next_progress = now + self.settings.progress_interval
+                self._log_progress()
+
+    def _check_stall(self, now: float) -> None:
+        if self._call is None or not self._outstanding:
+            return
+        oldest = min(e.sent_at for e in self._outstanding.values())
+        if now - oldest > self.settings.answer_timeout:
+            self._stalled = True
+            self._call.cancel()
+
+    def _log_progress(self, final: bool = False) -> None:
+        counts = self._counts
+        log.info(
+            "%sconsumed %d, published %d, dead-lettered %d, rejected %d, in flight %d",
+            "final: " if final else "",
+            counts["consumed"],
+            counts["published"],
+            counts["dead-lettered"],
+            counts["rejected"],
+            self.held,
+        )
+
+
+class _Trouble:
+    """Backoff and a time limit for one failing broker call."""
+
+    def __init__(self, what: str, bridge: Bridge) -> None:
+        self.what = what
+        self.bridge = bridge
+        self.since: float | None = None
+        self.backoff = Backoff(bridge.settings.backoff_base, bridge.settings.backoff_max)
+
+    def ok(self) -> None:
+        self.since = None
+        self.backoff.succeed()
+
+    async def failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        grace = self.bridge.settings.broker_grace
+        if now - self.since > grace:
+            raise BridgeError(f"{self.what} failing for {grace:.0f}s: {_describe(error)}")
+        self.bridge.metrics.retried.labels(cause="broker").inc()
+        delay = self.backoff.fail()
+        log.warning("%s: %s; retrying in %.1fs", self.what, _describe(error), delay)
+        await asyncio.sleep(delay)
+
+
+def _status(error: Any) -> tuple[grpc.StatusCode, str]:
+    """(code, details) of an EmbedqError or a grpc error, attribute or method style."""
+    code = getattr(error, "code", None)
+    code = code() if callable(code) else code
+    details = getattr(error, "details", "")
+    details = details() if callable(details) else details
+    return (code if isinstance(code, grpc.StatusCode) else Code.UNKNOWN), str(details or "")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return scrub(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+
+
+async def _sleep_or(event: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), delay)

@@ -1,0 +1,138 @@
+"""`embedq bench --scenario ...`: each load scenario runs at tiny sizes against bench-zero
+workers and writes its fields to bench.json. Speed is never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from embedq import bench_load
+
+BENCH = [sys.executable, "-m", "embedq.cli", "bench", "--backend", "bench-zero", "--reps", "1"]
+
+
+def run_bench(tmp_path: Path, *extra: str, timeout: float = 280) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("EMBEDQ_ALLOW_BENCH_BACKEND", None)  # the bench allows its own workers
+    done = subprocess.run(
+        [*BENCH, "--out", str(tmp_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "CPU " in done.stdout and "GPU " in done.stdout  # the machine in every header
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
+def check_machine(result: dict) -> None:
+    cpu = result["machine"]["cpu"]
+    assert cpu["model"] and cpu["cores"] >= 1
+    assert set(cpu["flags"]) == {"AVX2", "AVX-512", "VNNI", "AMX"}
+    assert isinstance(result["machine"]["gpu"], str)
+
+
+def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        *("--scenario", "core", "--scenario", "burst", "--scenario", "slow-reader"),
+        *("--scenario", "streams", "--texts", "48", "--duration", "2"),
+        *("--burst-clients", "3", "--burst-texts", "16", "--slow-messages", "300"),
+    )
+    check_machine(result)
+    assert result["scenarios"] == ["core", "burst", "slow-reader", "streams"]
+    assert {"R", "S1", "S2", "S3"} <= set(result["throughput_texts_per_s"])
+    roof = result["roofline"]
+    assert roof["peak_gflops"] > 0 and roof["flops_per_token"] > 0
+    assert {"gflops", "percent_of_peak"} <= set(roof["S1"]) and "formula" in roof
+    load = result["load"]
+    burst = load["burst"]
+    for key in ("goodput_texts_per_s", "goodput_over_capacity", "refusal_ms", "recovery_s"):
+        assert key in burst
+    assert set(burst["percent_calls"]) == {"ok", "refused", "deadline_exceeded", "other"}
+    assert burst["calls"] > 0 and burst["capacity_texts_per_s"] > 0
+    slow = load["slow-reader"]
+    assert slow["messages_sent"] > 0 and slow["server_rss_mb"]["before"] > 0
+    assert "server_rss_growth_mb" in slow and "p99" in slow["other_encode_ms"]
+    streams = load["streams"]
+    assert streams["streams"] == 16 and streams["ratio_to_R"] > 0
+
+
+def test_plumbing_and_scaling(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        *("--scenario", "plumbing", "--scenario", "scaling", "--redis-cluster"),
+        *("--plumbing-texts", "600", "--scaling-workers", "1,2", "--scaling-seconds", "1"),
+        *("--sim-forward-ms", "2"),
+    )
+    check_machine(result)
+    assert result["roofline"] is None and "throughput_texts_per_s" not in result
+    for name in ("plumbing", "plumbing-cluster"):
+        plumbing = result["load"][name]
+        for phase in ("uncached_batches_256", "cached_batches_256"):
+            got = plumbing[phase]
+            assert got["texts_per_s"] > 0 and got["commands_per_text"] >= 0
+            assert {"bytes_in_per_text", "bytes_out_per_text", "by_command"} <= set(got)
+        assert plumbing["waiting_streams_64"]["texts_per_s"] > 0
+    assert result["load"]["plumbing-cluster"]["redis"] == "cluster"
+    scaling = result["load"]["scaling"]
+    assert [(p["workers"], p["servers"]) for p in scaling["points"]] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+    ]
+    for point in scaling["points"]:
+        assert point["texts_per_s"] > 0 and point["saturated"]
+        assert 0 <= point["machine_busy_percent"] <= 100
+        assert {"server-1", "worker", "redis", "bench clients"} <= set(point["cpu_percent"])
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*BENCH, "--out", str(tmp_path), "--scenario", "nope"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown scenario" in done.stderr
+
+
+def test_helpers(tmp_path: Path) -> None:
+    assert bench_load.selected(None) == ["core"]
+    assert bench_load.selected(["all"]) == list(bench_load.SCENARIOS)
+    assert bench_load.selected(["scaling", "burst"]) == ["burst", "scaling"]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu avx2 avx512f avx_vnni\n")
+    info = bench_load.cpu_info(str(cpuinfo))
+    assert info["model"] == "Some CPU"
+    assert info["flags"] == {"AVX2": True, "AVX-512": True, "VNNI": True, "AMX": False}
+    # all-MiniLM-L6-v2 at 16 tokens: 6 x (2 x (4 h^2 + 2 h ffn) + 4 x 16 x h)
+    config = SimpleNamespace(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
+    expected = 6 * (2 * (4 * 384**2 + 2 * 384 * 1536) + 4 * 16 * 384)
+    assert bench_load.flops_per_token(config, 16) == pytest.approx(expected)
+    assert bench_load.saturated({"server-1": 97.0, "worker": 20.0}).startswith("server-1")
+    assert bench_load.saturated({"server-1": 10.0, "worker": 20.0}).startswith("none")
+    assert bench_load.saturated({"server-1": 10.0}, machine_busy=95.0).startswith("all ")
+    busy, total = bench_load.machine_jiffies()
+    assert 0 <= busy <= total
+    burst = bench_load._burst(SimpleNamespace(duration=5.0), "worse-burst")
+    assert (burst["clients"], burst["per_call"], burst["deadline"]) == (64, 256, 20.0)
+
+
+def test_retry_after_hint() -> None:
+    class Refusal:
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+        def trailing_metadata(self):
+            return self.metadata
+
+    assert bench_load.retry_after_s(Refusal((("retry-after-ms", "250"),))) == 0.25
+    assert bench_load.retry_after_s(Refusal(())) == 0.1
+    assert bench_load.retry_after_s(Refusal((("retry-after-ms", "soon"),))) == 0.1

@@ -1,0 +1,593 @@
+"""`embedq bridge` against the real brokers: Redis Streams, NATS JetStream,
+RabbitMQ and MQTT (Mosquitto), with the real model behind a real server.
+
+Each broker gets: a 1,000-message round trip equal to sentence-transformers,
+poison messages dead-lettered, SIGKILL of the bridge and a restart with
+nothing lost, and the embedq server stopped and restarted mid-run with nothing
+lost. Broker URLs come from EMBEDQ_TEST_{REDIS_BROKER,NATS,AMQP,MQTT}_URL;
+an unreachable broker skips its tests, except with CI=true, where it fails.
+Every stream, subject, queue and topic is named for this run and deleted
+afterwards; nothing on the shared brokers is flushed or reconfigured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from conftest import _spawn, log_tail, stop_process, wait_healthy
+
+from embedq.embedded import free_port
+
+TOLERANCE = 1e-5
+ROUND_TRIP = 1000
+RUN = uuid.uuid4().hex[:8]
+
+URLS = {
+    "redis": os.environ.get("EMBEDQ_TEST_REDIS_BROKER_URL", "redis://127.0.0.1:6379/0"),
+    "nats": os.environ.get("EMBEDQ_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+    "amqp": os.environ.get("EMBEDQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+    "mqtt": os.environ.get("EMBEDQ_TEST_MQTT_URL", "mqtt://127.0.0.1:1883"),
+}
+BROKERS = list(URLS)
+
+
+def require_broker(kind: str) -> None:
+    """Skip (fail under CI=true) when the broker's port does not answer."""
+    parts = urlsplit(URLS[kind])
+    default = {"redis": 6379, "nats": 4222, "amqp": 5672, "mqtt": 1883}[kind]
+    try:
+        with socket.create_connection((parts.hostname, parts.port or default), timeout=2):
+            return
+    except OSError as error:
+        reason = f"{kind} broker at {parts.hostname}:{parts.port or default} unreachable: {error}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " (CI=true: brokers are required)")
+    pytest.skip(reason)
+
+
+class Loop:
+    """An event loop in a thread, for the brokers' asyncio client libraries."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+# -- one harness per broker: names, publishing, reading results, cleaning up ----
+
+
+class Harness:
+    kind = ""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.uid = f"{RUN}{uuid.uuid4().hex[:6]}"
+        self.results: list[dict] = []
+        self.dead: list[tuple[bytes, dict]] = []
+
+    # URLs the bridge gets.
+    source: str
+    sink: str
+    dead_letter: str
+
+    async def prepare(self) -> None: ...
+    async def send(self, items: list) -> None: ...
+    async def collect(self) -> None: ...
+    async def cleanup(self) -> None: ...
+
+    def publish(self, items: list) -> None:
+        self.loop.run(self.send(items), timeout=120)
+
+    def read(self) -> list[dict]:
+        self.loop.run(self.collect())
+        return self.results
+
+    @staticmethod
+    def body(item) -> bytes:
+        """An input item (dict, str or raw bytes) as a message body."""
+        if isinstance(item, bytes):
+            return item
+        return json.dumps(item).encode()
+
+
+class RedisHarness(Harness):
+    kind = "redis"
+
+    async def prepare(self) -> None:
+        import redis.asyncio as aioredis
+
+        self.r = aioredis.Redis.from_url(URLS["redis"])
+        base = URLS["redis"]
+        self.names = [f"embedq-test-{self.uid}-{x}" for x in ("in", "out", "dead")]
+        self.source = f"{base}?stream={self.names[0]}&group=bridge&claim_idle_ms=1500"
+        self.sink = f"{base}?stream={self.names[1]}"
+        self.dead_letter = f"{base}?stream={self.names[2]}"
+        self.cursor = {self.names[1]: "0", self.names[2]: "0"}
+
+    async def send(self, items: list) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for item in items:
+            if isinstance(item, dict):
+                fields = {
+                    k: v if isinstance(v, str | bytes) else json.dumps(v) for k, v in item.items()
+                }
+            else:  # a raw body: the field map can only carry it as a field
+                fields = {"body": item}
+            pipe.xadd(self.names[0], fields)
+        await pipe.execute()
+
+    async def collect(self) -> None:
+        for name in self.names[1:]:
+            entries = await self.r.xrange(
+                name, min=f"({self.cursor[name]}" if self.cursor[name] != "0" else "-"
+            )
+            for entry_id, fields in entries:
+                self.cursor[name] = entry_id.decode()
+                decoded = {k.decode(): v for k, v in fields.items()}
+                if name == self.names[1]:
+                    obj = {k: v.decode() for k, v in decoded.items()}
+                    obj["embedding"] = json.loads(obj["embedding"])
+                    self.results.append(obj)
+                else:
+                    self.dead.append(
+                        (
+                            decoded.get("body", b""),
+                            {k: v.decode("utf-8", "replace") for k, v in decoded.items()},
+                        )
+                    )
+
+    async def cleanup(self) -> None:
+        await self.r.delete(*self.names)
+        await self.r.aclose()
+
+
+class NatsHarness(Harness):
+    kind = "nats"
+
+    async def prepare(self) -> None:
+        import nats
+
+        self.nc = await nats.connect(URLS["nats"])
+        self.js = self.nc.jetstream()
+        self.stream = f"EMBEDQ_TEST_{self.uid}"
+        subject = f"embedq-test.{self.uid}"
+        # The streams are the user's: the test creates one, as a user would.
+        await self.js.add_stream(name=self.stream, subjects=[f"{subject}.>"])
+        base = URLS["nats"]
+        self.source = f"{base}/{subject}.in?durable=bridge{self.uid}&ack_wait=3"
+        self.sink = f"{base}/{subject}.out"
+        self.dead_letter = f"{base}/{subject}.dead"
+        self.subject = subject
+        self.subs = {
+            "out": await self.js.pull_subscribe(
+                f"{subject}.out", durable=f"out{self.uid}", stream=self.stream
+            ),
+            "dead": await self.js.pull_subscribe(
+                f"{subject}.dead", durable=f"dead{self.uid}", stream=self.stream
+            ),
+        }
+
+    async def send(self, items: list) -> None:
+        futures = [await self.js.publish_async(f"{self.subject}.in", self.body(i)) for i in items]
+        await asyncio.gather(*futures)
+
+    async def collect(self) -> None:
+        import nats.errors
+
+        for name, sub in self.subs.items():
+            while True:
+                try:
+                    msgs = await sub.fetch(500, timeout=0.5)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    break
+                for msg in msgs:
+                    await msg.ack()
+                    if name == "out":
+                        self.results.append(json.loads(msg.data))
+                    else:
+                        self.dead.append((msg.data, dict(msg.headers or {})))
+
+    async def cleanup(self) -> None:
+        await self.js.delete_stream(self.stream)
+        await self.nc.close()
+
+
+class AmqpHarness(Harness):
+    kind = "amqp"
+
+    async def prepare(self) -> None:
+        import aio_pika
+
+        self.conn = await aio_pika.connect(URLS["amqp"])
+        self.channel = await self.conn.channel()
+        self.queues = {}
+        for name in ("in", "out", "dead"):
+            self.queues[name] = await self.channel.declare_queue(f"embedq-test-{self.uid}-{name}")
+        base = URLS["amqp"]
+        self.source = f"{base}?queue=embedq-test-{self.uid}-in"
+        self.sink = f"{base}?queue=embedq-test-{self.uid}-out"
+        self.dead_letter = f"{base}?exchange=&routing_key=embedq-test-{self.uid}-dead"
+        self.dead_letter = f"{base}?queue=embedq-test-{self.uid}-dead"
+
+    async def send(self, items: list) -> None:
+        import aio_pika
+
+        for item in items:
+            await self.channel.default_exchange.publish(
+                aio_pika.Message(self.body(item)), routing_key=f"embedq-test-{self.uid}-in"
+            )
+
+    async def collect(self) -> None:
+        for name in ("out", "dead"):
+            while True:
+                msg = await self.queues[name].get(no_ack=True, fail=False)
+                if msg is None:
+                    break
+                if name == "out":
+                    self.results.append(json.loads(msg.body))
+                else:
+                    self.dead.append(
+                        (msg.body, {k: str(v) for k, v in (msg.headers or {}).items()})
+                    )
+
+    async def cleanup(self) -> None:
+        for queue in self.queues.values():
+            await queue.delete(if_unused=False, if_empty=False)
+        await self.conn.close()
+
+
+class MqttHarness(Harness):
+    kind = "mqtt"
+
+    async def prepare(self) -> None:
+        import aiomqtt
+
+        parts = urlsplit(URLS["mqtt"])
+        self.host, self.port = parts.hostname, parts.port or 1883
+        topic = f"embedq-test/{self.uid}"
+        self.topic = topic
+        base = URLS["mqtt"]
+        self.client_id = f"embedq-test-bridge-{self.uid}"
+        self.source = f"{base}/{topic}/in?client_id={self.client_id}&session_expiry=300"
+        self.sink = f"{base}/{topic}/out"
+        self.dead_letter = f"{base}/{topic}/dead"
+        # The bridge's session, subscribed before anything is published (as the
+        # bridge itself would have done on its first start).
+        await self._make_session()
+        self.collector = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"embedq-test-c-{self.uid}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+        )
+        await self.collector.__aenter__()
+        await self.collector.subscribe(f"{topic}/out", qos=1)
+        await self.collector.subscribe(f"{topic}/dead", qos=1)
+        self.pump = asyncio.create_task(self._pump())
+        self.publisher = aiomqtt.Client(
+            self.host, self.port, protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=200
+        )
+        await self.publisher.__aenter__()
+
+    async def _make_session(self) -> None:
+        import aiomqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 300
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+        ) as client:
+            await client.subscribe(f"{self.topic}/in", qos=1)
+
+    async def _pump(self) -> None:
+        async for message in self.collector.messages:
+            headers = dict(getattr(message.properties, "UserProperty", None) or [])
+            if message.topic.value.endswith("/out"):
+                self.results.append(json.loads(message.payload))
+            else:
+                self.dead.append((bytes(message.payload), headers))
+
+    async def send(self, items: list) -> None:
+        await asyncio.gather(
+            *(self.publisher.publish(f"{self.topic}/in", self.body(i), qos=1) for i in items)
+        )
+
+    async def collect(self) -> None:
+        await asyncio.sleep(0.05)
+
+    async def cleanup(self) -> None:
+        import aiomqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.pump.cancel()
+        for client in (self.collector, self.publisher):
+            try:
+                await client.__aexit__(None, None, None)
+            except Exception:  # noqa: BLE001
+                pass
+        # End the bridge's persistent session (expiry 0 on a clean start).
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,
+            properties=properties,
+        ):
+            pass
+
+
+HARNESSES: dict[str, Callable[[Loop], Harness]] = {
+    "redis": RedisHarness,
+    "nats": NatsHarness,
+    "amqp": AmqpHarness,
+    "mqtt": MqttHarness,
+}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    background = Loop()
+    yield background
+    background.close()
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request, loop):
+    require_broker(request.param)
+    harness = HARNESSES[request.param](loop)
+    loop.run(harness.prepare())
+    yield harness
+    try:
+        loop.run(harness.cleanup())
+    except Exception as error:  # noqa: BLE001 - report, do not mask the test's own outcome
+        print(f"cleanup of {request.param}: {error}")
+
+
+# -- the bridge process -----------------------------------------------------------
+
+
+def start_bridge(name: str, target: str, harness: Harness, *extra: str, dead: bool = True):
+    args = [
+        "bridge",
+        "--target",
+        target,
+        "--from",
+        harness.source,
+        "--to",
+        harness.sink,
+        "--max-backoff",
+        "1",
+        "--drain-timeout",
+        "20",
+        *extra,
+    ]
+    if dead:
+        args += ["--dead-letter", harness.dead_letter]
+    proc = _spawn(args, name)
+    return proc
+
+
+def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for proc, name in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited {proc.returncode}:\n{log_tail(name)}")
+        time.sleep(0.2)
+    logs = "\n".join(log_tail(name) for _, name in procs)
+    raise AssertionError(f"{what} not reached in {timeout}s\n{logs}")
+
+
+def stop_bridge(proc, name: str) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{name} did not stop on SIGTERM:\n{log_tail(name)}") from None
+    assert code == 0, f"{name} exited {code}:\n{log_tail(name)}"
+
+
+def ids_of(results: list[dict]) -> list[str]:
+    return [str(r["id"]) for r in results]
+
+
+def fresh_texts(count: int, tag: str) -> list[str]:
+    """Texts no other test has cached (so the model really runs mid-test)."""
+    from texts import varied_texts
+
+    return [f"{text} ({tag} {i})" for i, text in enumerate(varied_texts(count))]
+
+
+@pytest.fixture(scope="module")
+def round_trip_texts(reference_model):
+    from texts import varied_texts
+
+    texts = [f"{t} #{i}" for i, t in enumerate(varied_texts(ROUND_TRIP))]
+    expected = reference_model.encode(texts, batch_size=64, convert_to_numpy=True)
+    return texts, expected
+
+
+# -- the tests -----------------------------------------------------------------------
+
+
+def test_round_trip_equals_sentence_transformers(broker, service, round_trip_texts):
+    """1,000 messages in, 1,000 results out, in input order, equal to the reference."""
+    texts, expected = round_trip_texts
+    items = [{"id": f"m{i}", "text": t, "meta": {"n": i}} for i, t in enumerate(texts)]
+    name = f"bridge-rt-{broker.kind}-{broker.uid}"
+    proc = start_bridge(name, service.target, broker)
+    try:
+        broker.publish(items)
+        wait_for(lambda: len(broker.read()) >= len(items), 300, "all results", [(proc, name)])
+    finally:
+        stop_bridge(proc, name)
+    results = broker.read()
+    assert ids_of(results) == [item["id"] for item in items]  # once each, in input order
+    got = np.array([r["embedding"] for r in results], dtype=np.float32)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= TOLERANCE
+    first = results[0]
+    assert first["text"] == texts[0] and first["model"] == "all-MiniLM-L6-v2"
+    assert int(first["dimension"]) == 384
+    if broker.kind != "redis":  # nested input fields survive (Redis fields are flat strings)
+        assert first["meta"] == {"n": 0}
+    assert broker.dead == []
+
+
+def test_poison_messages_are_dead_lettered(broker, service):
+    """Not JSON, not UTF-8, no text, over the server's limit, refused by the server:
+    each goes to the dead-letter destination with the reason; the good ones go on."""
+    good = [
+        {"id": f"ok{i}", "text": f"a perfectly fine sentence {broker.uid} {i}"} for i in range(4)
+    ]
+    long_text = " ".join(["overlong"] * 600)  # > 256 tokens: refused with --no-truncate
+    if broker.kind == "redis":
+        poison = [
+            {"id": "p-nofield", "body": "no text field"},
+            {"id": "p-utf8", "text": b"\xff\xfe not utf-8"},
+            {"id": "p-huge", "text": "x" * 70_000},
+            {"id": "p-long", "text": long_text},
+        ]
+    else:
+        poison = [
+            b"this is not JSON",
+            b"\xff\xfe\x00 not utf-8",
+            {"id": "p-nofield", "body": "no text field"},
+            {"id": "p-number", "text": 42},
+            {"id": "p-huge", "text": "x" * 70_000},
+            {"id": "p-long", "text": long_text},
+        ]
+    items = [good[0], *poison[:3], good[1], *poison[3:], good[2], good[3]]
+    name = f"bridge-poison-{broker.kind}-{broker.uid}"
+    proc = start_bridge(name, service.target, broker, "--no-truncate")
+    try:
+        broker.publish(items)
+        wait_for(
+            lambda: len(broker.read()) >= len(good) and len(broker.dead) >= len(poison),
+            120,
+            "results and dead letters",
+            [(proc, name)],
+        )
+    finally:
+        stop_bridge(proc, name)
+    assert ids_of(broker.read()) == [g["id"] for g in good]
+    assert len(broker.dead) == len(poison)
+    reasons = [headers["embedq-reason"] for _, headers in broker.dead]
+    assert any("INVALID_ARGUMENT" in r for r in reasons), reasons
+    assert any("over the server's limit" in r for r in reasons), reasons
+    assert any("no field 'text'" in r for r in reasons), reasons
+    if broker.kind != "redis":
+        assert any("not JSON" in r for r in reasons) and any("not UTF-8" in r for r in reasons)
+        bodies = [body for body, _ in broker.dead]
+        assert b"this is not JSON" in bodies and b"\xff\xfe\x00 not utf-8" in bodies
+    else:
+        assert any("not UTF-8" in r for r in reasons)
+    assert "poison message" in log_tail(name, 200)
+
+
+def test_sigkill_and_restart_loses_nothing(broker, service):
+    """SIGKILL mid-run, start again: every input gets a result (duplicates allowed)."""
+    texts = fresh_texts(240, f"kill-{broker.uid}")
+    items = [{"id": f"k{i}", "text": t} for i, t in enumerate(texts)]
+    broker.publish(items)
+    name = f"bridge-kill-{broker.kind}-{broker.uid}"
+    proc = start_bridge(name, service.target, broker, "--max-in-flight", "64")
+    wait_for(lambda: len(broker.read()) >= 20, 120, "first results", [(proc, name)])
+    proc.kill()
+    proc.wait()
+    before = len(set(ids_of(broker.read())))
+    assert before < len(items), "the bridge finished before the kill: nothing tested"
+    name2 = name + "-again"
+    proc = start_bridge(name2, service.target, broker, "--max-in-flight", "64")
+    try:
+        wanted = {item["id"] for item in items}
+        wait_for(
+            lambda: wanted <= set(ids_of(broker.read())),
+            240,
+            "every input's result",
+            [(proc, name2)],
+        )
+    finally:
+        stop_bridge(proc, name2)
+    assert set(ids_of(broker.read())) == {item["id"] for item in items}
+
+
+def test_server_restart_mid_run_loses_nothing(broker, service, reference_model):
+    """The embedq server stopped and started again mid-run: the bridge waits, retries,
+    and every input gets its (correct) result."""
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    server_args = [
+        "server",
+        "--port",
+        str(port),
+        "--redis-url",
+        service.redis_url,
+        "--namespace",
+        service.namespace,
+    ]
+    server_name = f"server-bridge-{broker.kind}-{broker.uid}"
+    server = _spawn(server_args, server_name)
+    wait_healthy(target, server, server_name)
+    texts = fresh_texts(200, f"restart-{broker.uid}")
+    items = [{"id": f"s{i}", "text": t} for i, t in enumerate(texts)]
+    broker.publish(items)
+    name = f"bridge-restart-{broker.kind}-{broker.uid}"
+    proc = start_bridge(name, target, broker, "--max-in-flight", "64")
+    try:
+        wait_for(lambda: len(broker.read()) >= 10, 120, "first results", [(proc, name)])
+        server.kill()
+        server.wait()
+        time.sleep(1.5)
+        assert proc.poll() is None, log_tail(name)
+        server = _spawn(server_args, server_name + "-again")
+        wait_healthy(target, server, server_name + "-again")
+        wanted = [item["id"] for item in items]
+        wait_for(
+            lambda: set(wanted) <= set(ids_of(broker.read())), 240, "every result", [(proc, name)]
+        )
+        stop_bridge(proc, name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_process(server)
+    results = broker.read()
+    assert ids_of(results) == wanted  # in order, none lost, none twice (one instance)
+    got = np.array([r["embedding"] for r in results], dtype=np.float32)
+    expected = reference_model.encode(texts, batch_size=64, convert_to_numpy=True)
+    assert np.abs(got - expected).max() <= TOLERANCE
+    assert "retrying" in log_tail(name, 400)

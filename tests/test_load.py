@@ -1,0 +1,274 @@
+"""Rude load: admission by time, per-batch progress, bounded streams, fair share,
+and a dead worker's jobs taken over at once.
+
+The pipeline tests run in-process with the real model; the rest talk to real
+server and worker processes on a private Redis. Nothing here asserts on speed:
+the properties are orderings, status codes and bounds.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from conftest import Service, new_service
+from embedq.server.queue import late_refusal
+from embedq.workers.pipeline import BatchLimits, iter_steps
+
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import RETRY_AFTER_MS_KEY, Keys
+from embedq.v1 import embedq_pb2 as pb
+from embedq.v1 import embedq_pb2_grpc
+
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+def unique_texts(n: int, tag: str = "") -> list[str]:
+    tag = tag or uuid.uuid4().hex[:8]
+    return [f"Sentence {i} of a rude burst about trains and weather ({tag})." for i in range(n)]
+
+
+# -- admission policy (pure) ---------------------------------------------------------
+
+
+def test_admission_admits_what_fits_and_refuses_with_a_hint():
+    assert late_refusal("m", 0.0, 10**6, 100, 1.0) is None  # not measured: admit
+    assert late_refusal("m", 1000.0, 100, 100, 1.0) is None  # 0.2 s of work, 1 s left
+    refusal = late_refusal("m", 1000.0, 5000, 100, 1.0)  # 5.1 s of work, 1 s left
+    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The queue must shrink by about 5100 - 900 texts: about 4.2 s at 1000 texts/s.
+    assert 4000 <= refusal.retry_after_ms <= 4400
+    alone = late_refusal("m", 100.0, 0, 1000, 2.0)  # 10 s of work on an idle service
+    assert alone.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert alone.retry_after_ms == 0 and "split the request" in alone.message
+
+
+# -- the worker's core, in-process ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from embedq.workers.backends import PooledEncoder
+
+    return PooledEncoder.load(None)
+
+
+class CountingEncoder:
+    """The real encoder, counting forward passes."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.spec = inner.spec
+        self.passes = 0
+
+    def tokenize(self, texts):
+        return self.inner.tokenize(texts)
+
+    def embed(self, batch, normalize=None):
+        self.passes += 1
+        return self.inner.embed(batch, normalize=normalize)
+
+
+def encode_job(texts: list[str], deadline_ms: int = 0, reply_to: str = "r") -> queue_pb2.Job:
+    job = queue_pb2.Job(
+        kind=queue_pb2.JOB_KIND_ENCODE,
+        reply_to=reply_to,
+        normalize=True,
+        truncate=True,
+        deadline_unix_ms=deadline_ms,
+    )
+    for ticket, text in enumerate(texts, 1):
+        job.items.add(ticket=ticket, text=text)
+    return job
+
+
+def test_results_of_an_early_batch_come_before_later_batches_run(encoder):
+    counting = CountingEncoder(encoder)
+    texts = unique_texts(40)
+    job = encode_job(texts)
+    steps = iter_steps([job], counting, Keys("t"), BatchLimits(max_batch_size=8))
+    first = next(steps)
+    assert counting.passes == 1  # handed over before the second forward pass
+    assert len(first.outcome.replies["r"].tickets) == 8
+    assert first.finished_jobs == []  # acknowledged only with its last result
+    rest = list(steps)
+    assert counting.passes == 5 and rest[-1].finished_jobs == [0]
+    got: dict[int, np.ndarray] = {}
+    for step in [first, *rest]:
+        reply = step.outcome.replies["r"]
+        rows = np.frombuffer(reply.vectors, "<f4").reshape(len(reply.tickets), -1)
+        got.update(zip(reply.tickets, rows, strict=True))
+    expected = encoder.encode(texts)
+    assert np.abs(np.stack([got[t] for t in range(1, 41)]) - expected).max() <= 1e-5
+
+
+def test_items_that_expire_between_batches_are_not_encoded(encoder):
+    counting = CountingEncoder(encoder)
+    now = int(time.time() * 1000)
+    times = iter([now, now, now + 60_000, now + 60_000, now + 60_000, now + 60_000])
+    hurried = encode_job(unique_texts(24, "hurried"), deadline_ms=now + 1000, reply_to="a")
+    patient = encode_job(unique_texts(8, "patient"), reply_to="b")
+    limits = BatchLimits(max_batch_size=8)
+    steps = list(
+        iter_steps([hurried, patient], counting, Keys("t"), limits, clock=lambda: next(times))
+    )
+    failures = [f for s in steps for f in s.outcome.replies.get("a", queue_pb2.Reply()).failures]
+    answered_a = sum(len(s.outcome.replies["a"].tickets) for s in steps if "a" in s.outcome.replies)
+    answered_b = sum(len(s.outcome.replies["b"].tickets) for s in steps if "b" in s.outcome.replies)
+    assert answered_b == 8  # no deadline: always encoded
+    assert answered_a + len(failures) == 24 and len(failures) >= 8
+    assert all(f.code == DEADLINE_EXCEEDED for f in failures)
+    encoded = sum(s.outcome.texts_encoded for s in steps)
+    assert encoded == 32 - len(failures)  # expired texts never reached the model
+    assert sorted(i for s in steps for i in s.finished_jobs) == [0, 1]
+
+
+def test_a_job_whose_callers_all_left_is_finished_at_once(encoder):
+    empty = encode_job([])
+    steps = list(iter_steps([empty], encoder, Keys("t")))
+    assert steps[0].finished_jobs == [0] and steps[0].outcome.empty
+
+
+# -- end to end ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def busy_service(redis_server):
+    svc = new_service(redis_server)
+    yield svc
+    svc.stop()
+
+
+def wait_for_capacity(stub, timeout: float = 30.0) -> float:
+    """Encode one full read so the worker measures its rate, then wait until
+    the server's registry has it (heartbeat, then refresh)."""
+    stub.Encode(pb.EncodeRequest(texts=unique_texts(128)), timeout=120)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        capacity = stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
+        if capacity > 0:
+            return capacity
+        time.sleep(0.2)
+    raise AssertionError("no measured capacity published")
+
+
+def test_work_that_cannot_meet_its_deadline_is_refused_at_once(busy_service: Service):
+    with grpc.insecure_channel(busy_service.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        capacity = wait_for_capacity(stub)
+        # Several callers queue about 4 s of work (each within one window).
+        per_call = 200
+        callers = max(2, int(4 * capacity / per_call) + 1)
+        queued = [
+            stub.Encode.future(pb.EncodeRequest(texts=unique_texts(per_call)), timeout=300)
+            for _ in range(callers)
+        ]
+        time.sleep(0.5)  # flushed: the backlog counter holds them
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(texts=unique_texts(8)), timeout=1.0)
+        refused_after = time.monotonic() - started
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        hint = dict(info.value.trailing_metadata() or ())
+        assert int(hint[RETRY_AFTER_MS_KEY]) > 0
+        assert "busy" in info.value.details()
+        assert refused_after < 1.0  # refused, not run into its deadline
+        for future in queued:
+            future.cancel()
+
+
+def test_a_small_request_is_not_queued_behind_a_huge_one(busy_service: Service):
+    with grpc.insecure_channel(busy_service.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        huge = stub.Encode.future(pb.EncodeRequest(texts=unique_texts(1500)), timeout=300)
+        time.sleep(0.3)
+        small = stub.Encode(pb.EncodeRequest(texts=unique_texts(4)), timeout=300)
+        assert small.count == 4
+        assert not huge.done()  # the small one overtook most of the huge one
+        assert huge.result().count == 1500
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_stream_that_never_reads_holds_bounded_memory(busy_service: Service):
+    pid = busy_service.server.pid
+    offered = 0
+    stop = threading.Event()
+
+    def requests():
+        nonlocal offered
+        for i in range(200_000):
+            if stop.is_set():
+                return
+            offered += 1
+            yield pb.EncodeStreamRequest(id=str(i), texts=[f"never read {i} {uuid.uuid4().hex}"])
+
+    with (
+        grpc.insecure_channel(busy_service.target) as channel,
+        grpc.insecure_channel(
+            busy_service.target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as other,
+    ):
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        before = rss_mb(pid)
+        call = stub.EncodeStream(requests(), timeout=120)  # responses never read
+        time.sleep(8)
+        growth = rss_mb(pid) - before
+        # Other callers are still served while it sits there.
+        other_stub = embedq_pb2_grpc.EmbedderStub(other)
+        assert other_stub.Encode(pb.EncodeRequest(texts=unique_texts(2)), timeout=60).count == 2
+        stop.set()
+        call.cancel()
+    assert offered > 5000  # the client really tried to send a lot
+    assert growth < 30, f"server grew {growth:.1f} MB"
+
+
+def test_a_killed_workers_jobs_are_taken_over_in_seconds(redis_server):
+    """SIGKILL mid-job: the next worker takes the dead one's pending jobs as soon
+    as its heartbeat is stale, long before the 30 s idle claim."""
+    svc = Service(redis_server.url, namespace=f"k{uuid.uuid4().hex[:8]}")
+    try:
+        victim = svc.start_worker("--dead-after", "3")
+        svc.start_server()
+        client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
+        svc.start_worker("--dead-after", "3")  # a survivor, idle until it takes over
+        texts = unique_texts(600)
+        with grpc.insecure_channel(svc.target) as channel, ThreadPoolExecutor(4) as pool:
+            stub = embedq_pb2_grpc.EmbedderStub(channel)
+            futures = [
+                pool.submit(stub.Encode, pb.EncodeRequest(texts=texts[i : i + 150]), timeout=25)
+                for i in range(0, 600, 150)
+            ]
+            _wait_pending_on(client, keys, victim.pid)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            results = [future.result() for future in futures]  # within 25 s < 30 s idle claim
+        assert sum(r.count for r in results) == 600
+    finally:
+        svc.stop()
+
+
+def _wait_pending_on(client: redis.Redis, keys: Keys, pid: int, timeout: float = 60) -> None:
+    """Until the worker process `pid` holds pending jobs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for consumer in client.xinfo_consumers(keys.jobs("all-MiniLM-L6-v2"), "workers"):
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            if f"-{pid}-" in name and consumer["pending"]:
+                return
+        time.sleep(0.02)
+    raise AssertionError("victim never held a job")
