@@ -29,16 +29,38 @@ SERVICE_NAME = embedq_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 SHUTDOWN_GRACE_S = 10.0
 
 
+def health_statuses(registry: ModelRegistry, workers_seen: bool) -> dict[str, bool]:
+    """Service name -> SERVING? (docs/reliability.md, "Health"):
+    ""                         this server can talk to Redis (cached answers work);
+    embedq.v1.Embedder         uncached work can be computed: a live worker for the default
+                               model (for any model when there is no default);
+    embedq.v1.Embedder/<model> a live worker for that model."""
+    redis_ok = registry.redis_ok
+    alive = {name: redis_ok and m.workers_alive > 0 for name, m in registry.models.items()}
+    default = registry.default_name
+    computing = alive.get(default, False) if default else any(alive.values())
+    statuses = {"": redis_ok and workers_seen, SERVICE_NAME: computing}
+    statuses.update({f"{SERVICE_NAME}/{name}": ok for name, ok in alive.items()})
+    return statuses
+
+
 async def _track_health(
-    health_servicer: health.aio.HealthServicer, registry: ModelRegistry
+    health_servicer: health.aio.HealthServicer, registry: ModelRegistry, needs_workers: bool
 ) -> None:
-    """SERVING while Redis answers; load balancers route around us otherwise."""
+    """Keep the health service's statuses current (checked twice a second)."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    workers_seen = not needs_workers
+    known: dict[str, bool] = {}
     while True:
-        status = serving if registry.redis_ok else not_serving
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
+        workers_seen = workers_seen or any(m.workers_alive for m in registry.models.values())
+        statuses = health_statuses(registry, workers_seen)
+        for name in known.keys() - statuses.keys():
+            statuses[name] = False  # a model that went away
+        for name, ok in statuses.items():
+            if known.get(name) != ok:
+                await health_servicer.set(name, serving if ok else not_serving)
+        known = statuses
         await asyncio.sleep(0.5)
 
 
@@ -178,6 +200,10 @@ async def serve(
         await registry.refresh()
         registry.redis_ok = True
     except Exception as exc:  # noqa: BLE001 - reported, retried by registry.run()
+        fatal = settings.redis.fatal_error(exc)
+        if fatal is not None:
+            await redis.aclose()
+            raise fatal from None
         log.warning(
             "redis at %s not usable yet (%s); health is NOT_SERVING until it is",
             settings.redis.safe_url,
@@ -186,7 +212,7 @@ async def serve(
     await dispatcher.start()
     background = [
         asyncio.create_task(registry.run()),
-        asyncio.create_task(_track_health(health_servicer, registry)),
+        asyncio.create_task(_track_health(health_servicer, registry, settings.ready_needs_workers)),
         asyncio.create_task(track_gauges(redis, keys, registry)),
     ]
     await server.start()

@@ -245,6 +245,9 @@ class Worker:
                 self.redis.ping()
                 return
             except (RedisError, OSError) as exc:
+                fatal = self.settings.redis.fatal_error(exc)
+                if fatal is not None:
+                    raise fatal from None
                 reason = self.settings.redis.describe_error(exc)
                 log.warning("waiting for redis at %s: %s", self.settings.redis.safe_url, reason)
                 self._stop.wait(1.0)

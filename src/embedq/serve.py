@@ -11,14 +11,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
+import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 from embedq.embedded import EmbeddedRedis
 from embedq.server.cli import add_server_options, security_settings, server_settings
-from embedq.settings import ServerSettings, env_int, redact_url
+from embedq.settings import RedisSettings, ServerSettings, env_int, redact_url
 from embedq.workers.cli import add_worker_options
 
 log = logging.getLogger("embedq.serve")
@@ -96,23 +102,40 @@ def worker_env(redis_url: str) -> dict[str, str]:
 
 
 class WorkerPool:
-    """Keeps N worker processes running until stopped."""
+    """Keeps N worker processes running until stopped. Each gets a consumer name
+    of ours: when one exits, its heartbeat is removed at once, so the other
+    workers (and its replacement) take over its pending jobs within a second
+    instead of waiting for its heartbeat to go stale."""
 
-    def __init__(self, argvs: list[list[str]], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argvs: list[list[str]],
+        env: dict[str, str] | None = None,
+        on_exit: Callable[[str], None] | None = None,
+    ) -> None:
         self.argvs = argvs
         self.env = env
+        self.on_exit = on_exit
+        self.ids: list[str] = [""] * len(argvs)
         self.procs: list[subprocess.Popen] = [self._spawn(i) for i in range(len(argvs))]
 
     def _spawn(self, index: int) -> subprocess.Popen:
+        self.ids[index] = f"{socket.gethostname()}-serve{index}-{uuid.uuid4().hex[:6]}"
+        env = {
+            **(self.env if self.env is not None else os.environ),
+            "EMBEDQ_WORKER_ID": self.ids[index],
+        }
         # A worker ignores the terminal's Ctrl-C (own process group); we stop it.
-        return subprocess.Popen(self.argvs[index], start_new_session=True, env=self.env)
+        return subprocess.Popen(self.argvs[index], start_new_session=True, env=env)
 
-    async def supervise(self) -> None:
+    async def supervise(self, period_s: float = 0.2) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period_s)
             for index, proc in enumerate(self.procs):
                 if proc.poll() is not None:
                     log.error("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
+                    if self.on_exit is not None:
+                        self.on_exit(self.ids[index])
                     self.procs[index] = self._spawn(index)
 
     def stop(self) -> None:
@@ -161,10 +184,37 @@ def cpu_threads(args: argparse.Namespace) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def default_model_name(spec: str) -> str:
-    """The served name of `NAME=FOLDER` (other forms: the server picks, or asks)."""
-    name, sep, _where = spec.partition("=")
-    return name if sep else ""
+BUNDLED_NAME = "all-MiniLM-L6-v2"
+BUNDLED_ALIASES = {BUNDLED_NAME.casefold(), f"sentence-transformers/{BUNDLED_NAME}".casefold()}
+
+
+def default_model_name(spec: str | None) -> str:
+    """The name a worker serves the model spec under: the same rules as
+    embedq.workers.backends.source.resolve_model_source (tested to agree), without
+    importing the worker (torch) into the server process."""
+    text = (spec or "").strip()
+    if not text or text.casefold() in BUNDLED_ALIASES:
+        return BUNDLED_NAME
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder.resolve().name
+    name, sep, _where = text.partition("=")
+    if sep:
+        return name.strip()
+    return text.rstrip("/").rsplit("/", 1)[-1]
+
+
+def forget_worker(redis_settings: RedisSettings, worker_id: str) -> None:
+    """Remove an exited worker's heartbeat, so that its jobs are taken over now."""
+    from embedq.keys import Keys
+
+    keys = Keys(redis_settings.namespace)
+    try:
+        client = redis_settings.connect()
+        for model in client.hkeys(keys.models()):
+            client.zrem(keys.workers(model.decode()), worker_id)
+    except Exception as exc:  # noqa: BLE001 - the stale heartbeat does the same, later
+        log.warning("could not mark worker %s gone (%s)", worker_id, type(exc).__name__)
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
@@ -179,10 +229,13 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from_env = [m for m in (os.environ.get("EMBEDQ_MODEL") or "").split(",") if m]
     models = args.model or from_env or [None]
     argvs = [worker_argv(args, redis_url, model) for model in models for _ in range(args.workers)]
-    pool = WorkerPool(with_observability(args, argvs), worker_env(redis_url))
-    if len(models) > 1 and not args.default_model:
-        args.default_model = default_model_name(models[0])
-    settings = server_settings(args, redis_url)
+    # Ready (health SERVING) only once its own workers have registered.
+    settings = dataclasses.replace(server_settings(args, redis_url), ready_needs_workers=True)
+    forget = functools.partial(forget_worker, settings.redis)
+    pool = WorkerPool(with_observability(args, argvs), worker_env(redis_url), on_exit=forget)
+    if len(models) > 1 and not settings.default_model:
+        # The first --model is the default, whatever form it was given in.
+        settings = dataclasses.replace(settings, default_model=default_model_name(models[0]))
 
     async def main() -> None:
         supervisor = asyncio.create_task(pool.supervise())

@@ -112,6 +112,20 @@ class RedisSettings:
     def safe_url(self) -> str:
         return redact_url(self.url)
 
+    def fatal_error(self, exc: BaseException) -> SettingsError | None:
+        """A SettingsError when `exc` says the configuration is wrong (a password
+        or ACL refused): retrying cannot help, so start-up stops with one line."""
+        text = str(exc)
+        refused = isinstance(exc, redis.exceptions.AuthenticationError) or any(
+            marker in text for marker in ("WRONGPASS", "NOAUTH", "NOPERM", "invalid password")
+        )
+        if not refused:
+            return None
+        return SettingsError(
+            f"redis at {self.safe_url} refused our credentials ({self.describe_error(exc)}); "
+            "check EMBEDQ_REDIS_PASSWORD / the URL's user"
+        )
+
     def describe_error(self, exc: BaseException) -> str:
         """`ClassName: message` of a Redis error with any secret blanked out."""
         message = str(exc)
@@ -122,7 +136,14 @@ class RedisSettings:
         return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
     def _kwargs(self) -> dict[str, object]:
-        kwargs: dict[str, object] = {"health_check_interval": 15, "socket_keepalive": True}
+        kwargs: dict[str, object] = {
+            "health_check_interval": 15,
+            "socket_keepalive": True,
+            # Every call has a timeout (blocking reads block for 1 s at most), so a
+            # node that vanishes mid-call is an error to handle, not a hang.
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        }
         if self.password:
             kwargs["password"] = self.password
         if self.username:
@@ -136,7 +157,7 @@ class RedisSettings:
         if self.cluster is not None:
             return self.cluster
         try:
-            probe = redis.Redis.from_url(self.url, socket_timeout=3, **self._kwargs())
+            probe = redis.Redis.from_url(self.url, **{**self._kwargs(), "socket_timeout": 3})
             with probe:
                 return bool(probe.info("cluster").get("cluster_enabled"))
         except (redis.RedisError, OSError):
@@ -154,8 +175,8 @@ class RedisSettings:
 
     def connect_async(self, **extra: object) -> aioredis.Redis:
         if self.is_cluster():
-            return aioredis.RedisCluster.from_url(self._cluster_url(), **self._kwargs(), **extra)
-        return aioredis.Redis.from_url(self.url, **self._kwargs(), **extra)
+            return aioredis.RedisCluster.from_url(self._cluster_url(), **{**self._kwargs(), **extra})
+        return aioredis.Redis.from_url(self.url, **{**self._kwargs(), **extra})
 
 
 def _tri_state(raw: str | None) -> bool | None:
@@ -212,6 +233,9 @@ class ServerSettings:
     metrics_host: str = DEFAULT_HOST
     # HTTP/JSON API (OpenAI-compatible /v1/embeddings) on host:http_port; 0: off.
     http_port: int = 0
+    # Health "" stays NOT_SERVING until a worker has registered once (embedq serve:
+    # its own workers start with it, and "ready" should mean they are there).
+    ready_needs_workers: bool = False
 
     @property
     def auth_enabled(self) -> bool:
