@@ -79,11 +79,11 @@ class Private:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with Client(self.target, timeout=2) as client:
+                with Client(self.target, timeout=10) as client:
                     info = client.info()
-                if info.models and info.models[0].workers_alive:
-                    client.encode(["warm up"])
-                    return
+                    if info.models and info.models[0].workers_alive:
+                        client.encode(["warm up"])
+                        return
             except Exception:  # noqa: BLE001 - not up yet
                 pass
             time.sleep(0.3)
@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         target, broker = args.target, args.broker_url
     else:
         deployment = Private()
-        deployment.wait_ready()
         target, broker = deployment.target, args.broker_url or deployment.redis_url
     encode_s: list[float] = []
     bridge_s: list[float] = []
     try:
+        if deployment is not None:
+            deployment.wait_ready()
         with tempfile.TemporaryDirectory() as folder:
             for run in range(args.runs):
                 order = ("encode", "bridge") if run % 2 == 0 else ("bridge", "encode")
@@ -191,10 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                         encode_s.append(run_encode(target, texts, Path(folder)))
                     else:
                         bridge_s.append(run_bridge(target, broker, texts, args.max_in_flight))
-                    print(
-                        f"run {run + 1} {kind:6s} {args.texts / (encode_s if kind == 'encode' else bridge_s)[-1]:8.1f} texts/s",
-                        flush=True,
-                    )
+                    seconds = (encode_s if kind == "encode" else bridge_s)[-1]
+                    rate = args.texts / seconds
+                    print(f"run {run + 1} {kind:6s} {rate:8.1f} texts/s", flush=True)
     finally:
         if deployment is not None:
             deployment.stop()

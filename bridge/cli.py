@@ -57,7 +57,8 @@ refused by the server with INVALID_ARGUMENT) go to --dead-letter with the
 original body and the reason in headers (embedq-reason); without it they are
 logged and rejected the broker's way. Server trouble (UNAVAILABLE,
 RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is retried with backoff; nothing is
-acknowledged meanwhile.
+acknowledged meanwhile; a stream with no answer for --timeout seconds is
+restarted.
 
 Exit status: 0 after a clean stop, 2 for a setting that cannot work (bad URL,
 missing stream/queue/exchange, unknown model), 1 when a broker or the server

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import itertools
 import logging
 import random
@@ -77,6 +78,8 @@ class Settings:
     broker_grace: float = 60.0
     progress_interval: float = 10.0
     fetch_timeout: float = 1.0
+    # Most texts in one EncodeStream message (what is queued at the time, up to this).
+    batch_texts: int = 64
 
 
 @dataclass(eq=False)
@@ -89,6 +92,8 @@ class Entry:
     reason: str | None = None
     attempts: int = 0
     sent_at: float = 0.0
+    # Sent alone: its batch was refused, so it may be the poison one.
+    solo: bool = False
 
     @property
     def done(self) -> bool:
@@ -152,9 +157,10 @@ class Bridge:
         self.held = 0
         self.stopping = False
         self._backoff = Backoff(settings.backoff_base, settings.backoff_max)
-        self._outstanding: dict[str, Entry] = {}
+        self._outstanding: dict[str, list[Entry]] = {}
         self._call: Any = None
         self._stalled = False
+        self._last_answer = 0.0
         self._counts = collections.Counter()
 
     # -- lifecycle -------------------------------------------------------------
@@ -350,80 +356,115 @@ class Bridge:
 
     async def _one_stream(self, stub: Any, metadata: Any) -> tuple[grpc.StatusCode, str]:
         """One EncodeStream call, until it breaks; its unanswered messages go back in
-        the queue. Returns the status it ended with."""
-        outstanding: dict[str, Entry] = {}
+        the queue. Returns the status it ended with.
+
+        Each request carries the texts queued at that moment (up to batch_texts; one
+        when only one waits, so batching adds no latency): one server round per
+        request instead of one per text. A batch the server refuses as INVALID_ARGUMENT
+        is sent again one text per request, so only the poison message is refused.
+        """
+        outstanding: dict[str, list[Entry]] = {}
         self._outstanding = outstanding
         self._stalled = False
+        # grpc's task may pull from the request iterator after the call has
+        # ended: an ended call's iterator must take nothing more from the queue.
+        ended = False
+        limit = self.settings.batch_texts
 
         async def requests():
             while True:
-                while not self._to_send:
+                while not self._to_send and not ended:
                     self._send_ready.clear()
                     await self._send_ready.wait()
                 await self._backoff.wait()
+                if ended:
+                    return
                 if not self._to_send:
                     continue
-                entry = self._to_send.popleft()
-                key = str(entry.seq)
-                outstanding[key] = entry
-                entry.sent_at = time.monotonic()
+                batch = [self._to_send.popleft()]
+                while (
+                    not batch[0].solo
+                    and self._to_send
+                    and len(batch) < limit
+                    and not self._to_send[0].solo
+                ):
+                    batch.append(self._to_send.popleft())
+                key = str(batch[0].seq)
+                outstanding[key] = batch
+                now = time.monotonic()
+                for entry in batch:
+                    entry.sent_at = now
                 yield pb.EncodeStreamRequest(
-                    id=key, texts=[entry.parsed.text], options=self.settings.options
+                    id=key, texts=[e.parsed.text for e in batch], options=self.settings.options
                 )
 
         call = stub.EncodeStream(requests(), metadata=metadata)
         self._call = call
         try:
             async for response in call:
-                entry = outstanding.pop(response.id, None)
-                if entry is not None:
-                    self._answer(entry, response)
+                self._last_answer = time.monotonic()
+                batch = outstanding.pop(response.id, None)
+                if batch is not None:
+                    self._answer(batch, response)
             return Code.UNAVAILABLE, "the server ended the stream"
         except grpc.RpcError as error:
             return _status(error)
         except asyncio.CancelledError:
             if not self._stalled:
                 raise
-            return Code.DEADLINE_EXCEEDED, (f"no answer within {self.settings.answer_timeout:.0f}s")
+            return Code.DEADLINE_EXCEEDED, f"no answer for {self.settings.answer_timeout:.0f}s"
         finally:
+            ended = True
             call.cancel()
             self._call = None
-            self._requeue(outstanding.values(), count_attempt=False)
+            self._requeue([e for batch in outstanding.values() for e in batch])
             outstanding.clear()
 
-    def _requeue(self, entries, *, count_attempt: bool) -> None:
+    def _requeue(self, entries) -> None:
         for entry in sorted(entries, key=lambda e: e.seq, reverse=True):
-            if entry.done:
-                continue
-            if count_attempt:
-                entry.attempts += 1
-            self._to_send.appendleft(entry)
+            if not entry.done:
+                self._to_send.appendleft(entry)
         if self._to_send:
             self._send_ready.set()
 
-    def _answer(self, entry: Entry, response: pb.EncodeStreamResponse) -> None:
-        if not (response.HasField("error") and response.error.code != 0):
-            self._backoff.succeed()
-            self.metrics.server_up.set(1)
-            try:
-                rows = unpack(
-                    response.embeddings, response.count, response.dimension, response.dtype
-                )
-            except EmbedqError as error:
-                self._failed(entry, *_status(error))
+    def _answer(self, batch: list[Entry], response: pb.EncodeStreamResponse) -> None:
+        if response.HasField("error") and response.error.code != 0:
+            error = EmbedqError.from_status(response.error.code, response.error.message)
+            code, details = _status(error)
+            if len(batch) > 1 and code in POISON:
+                # Which text is it? Ask again one by one.
+                for entry in batch:
+                    entry.solo = True
+                self._requeue(batch)
                 return
+            for entry in reversed(batch):
+                self._failed(entry, code, details)
+            return
+        try:
+            rows = unpack(response.embeddings, response.count, response.dimension, response.dtype)
+            if rows.shape[0] != len(batch):
+                raise EmbedqError(Code.INTERNAL, f"{rows.shape[0]} vectors for {len(batch)} texts")
+        except EmbedqError as error:
+            for entry in reversed(batch):
+                self._failed(entry, *_status(error))
+            return
+        self._backoff.succeed()
+        self.metrics.server_up.set(1)
+        for entry, row in zip(batch, rows, strict=True):
             entry.output = formats.render(
                 entry.parsed,
-                rows[0],
+                row,
                 response.model,
                 response.dimension,
                 response.dtype,
                 self.settings.output_format,
             )
-            self._finished.set()
-            return
-        error = EmbedqError.from_status(response.error.code, response.error.message)
-        self._failed(entry, *_status(error))
+            if entry.message.stable_id:
+                # The same input published again (after a crash) gets the same id,
+                # for sinks that de-duplicate (NATS JetStream's Nats-Msg-Id).
+                key = f"{self.source.name}|{entry.message.message_id}|{self.settings.output_format}"
+                entry.output.dedup_id = hashlib.sha256(key.encode()).hexdigest()[:32]
+        self._finished.set()
 
     def _failed(self, entry: Entry, code: grpc.StatusCode, details: str) -> None:
         if code in FATAL:
@@ -555,8 +596,10 @@ class Bridge:
     def _check_stall(self, now: float) -> None:
         if self._call is None or not self._outstanding:
             return
-        oldest = min(e.sent_at for e in self._outstanding.values())
-        if now - oldest > self.settings.answer_timeout:
+        # Stuck, not slow: no answer at all for answer_timeout while messages wait.
+        # (Per-message age would restart a healthy stream that is merely behind.)
+        oldest = min(b[0].sent_at for b in self._outstanding.values())
+        if now - max(oldest, self._last_answer) > self.settings.answer_timeout:
             self._stalled = True
             self._call.cancel()
 

@@ -79,9 +79,10 @@ def _dump_on_exit(path: str) -> None:
 
 
 def run_server_role(events_path: str, argv: list[str]) -> int:
-    from embedq.cli import main
     from embedq.server.queue import Dispatcher
     from embedq.server.router import EmbedderService
+
+    from embedq.cli import main
 
     _probe(EmbedderService, "Encode", "rpc")
     _probe(EmbedderService, "_answer_encode", "rpc")
@@ -93,9 +94,10 @@ def run_server_role(events_path: str, argv: list[str]) -> int:
 
 
 def run_worker_role(events_path: str, argv: list[str]) -> int:
-    from embedq.cli import main
     from embedq.workers.backends import PooledEncoder
     from embedq.workers.worker import Worker
+
+    from embedq.cli import main
 
     _probe(Worker, "_read", "read", only_if_result=True)
     _probe(Worker, "_drop_cancelled", "cancelcheck")
@@ -109,11 +111,15 @@ def run_worker_role(events_path: str, argv: list[str]) -> int:
 # -- the driver ------------------------------------------------------------------
 
 
-def _spawn(role: str, events: Path, args: list[str], log: Path) -> subprocess.Popen:
+def _spawn(
+    role: str, events: Path, args: list[str], log: Path, pythonpath: str = ""
+) -> subprocess.Popen:
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     return subprocess.Popen(
         [sys.executable, __file__, "--role", role, "--events", str(events), "--", *args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
+        env=env,
     )
 
 
@@ -162,7 +168,7 @@ async def waiting_streams(target: str, streams: int, seconds: float) -> tuple[in
 
         call = stub.EncodeStream(requests())
         tag = uuid.uuid4().hex[:8]
-        texts = (f"Consumer {index} reads event {i} about the weather ({tag})." for i in range(10**9))
+        texts = (f"Consumer {index} reads event {i} on the weather ({tag})." for i in range(10**9))
         await queue.put(next(texts))
         async for _response in call:
             done += 1
@@ -243,6 +249,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--pythonpath",
+        default="",
+        help="run the server and worker from this embedq install (a before/after comparison: "
+        "pip install --no-deps --target DIR <old checkout>)",
+    )
     parser.add_argument("rest", nargs="*")
     args = parser.parse_args()
     if args.role == "server":
@@ -260,10 +272,10 @@ def drive(args: argparse.Namespace) -> int:
     port = free_port()
     with EmbeddedRedis() as redis:
         common = ["--redis-url", redis.url, "--namespace", "stages"]
-        worker = _spawn("worker", tmp / "worker.json", ["worker", *common], tmp / "worker.log")
-        server = _spawn(
-            "server", tmp / "server.json", ["server", "--port", str(port), *common], tmp / "s.log"
-        )
+        path = args.pythonpath
+        worker = _spawn("worker", tmp / "worker.json", ["worker", *common], tmp / "w.log", path)
+        serve_args = ["server", "--port", str(port), *common]
+        server = _spawn("server", tmp / "server.json", serve_args, tmp / "s.log", path)
         try:
             _wait_ready(f"127.0.0.1:{port}")
             windows = single_calls(f"127.0.0.1:{port}", args.calls)
@@ -278,7 +290,7 @@ def drive(args: argparse.Namespace) -> int:
                 proc.terminate()
                 proc.wait(timeout=30)
         events = [tuple(e) for f in ("worker.json", "server.json") for e in _load(tmp / f)]
-    print(cpu_line())
+    print(cpu_line(), f"; code: {args.pythonpath or 'this checkout'}")
     print(f"single uncached text, {len(windows)} calls one after another (medians, ms):")
     for label, ms in stage_table(windows, events):
         print(f"  {label:<42} {ms:8.2f}")
@@ -290,12 +302,9 @@ def drive(args: argparse.Namespace) -> int:
 
 
 def cpu_line() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if "model name" in l), "?")
-    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
-    wanted = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "amx_tile": "AMX"}
-    have = [name for flag, name in wanted.items() if flag in flags]
-    return f"CPU: {model}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none'}"
+    from embedq.bench_load import machine, machine_line
+
+    return machine_line(machine())
 
 
 def _load(path: Path) -> list:

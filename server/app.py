@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import signal
 import ssl
 
@@ -22,6 +24,7 @@ from .metrics import ObservabilityInterceptor, start_metrics_server, track_gauge
 from .queue import Dispatcher, QueueBounds
 from .registry import ModelRegistry
 from .router import EmbedderService, add_to_server
+from .supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +32,16 @@ SERVICE_NAME = embedq_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 SHUTDOWN_GRACE_S = 10.0
 
 
-def health_statuses(registry: ModelRegistry, workers_seen: bool) -> dict[str, bool]:
-    """Service name -> SERVING? (docs/reliability.md, "Health"):
+def health_statuses(
+    registry: ModelRegistry, workers_seen: bool, tasks_down: bool = False
+) -> dict[str, bool]:
+    """Service name -> SERVING? (docs/architecture.md, "Health"):
     ""                         this server can talk to Redis (cached answers work);
     embedq.v1.Embedder         uncached work can be computed: a live worker for the default
                                model (for any model when there is no default);
-    embedq.v1.Embedder/<model> a live worker for that model."""
-    redis_ok = registry.redis_ok
+    embedq.v1.Embedder/<model> a live worker for that model.
+    All NOT_SERVING while a background task (reply listener, flusher, ...) is down."""
+    redis_ok = registry.redis_ok and not tasks_down
     alive = {name: redis_ok and m.workers_alive > 0 for name, m in registry.models.items()}
     default = registry.default_name
     computing = alive.get(default, False) if default else any(alive.values())
@@ -44,23 +50,48 @@ def health_statuses(registry: ModelRegistry, workers_seen: bool) -> dict[str, bo
     return statuses
 
 
-async def _track_health(
-    health_servicer: health.aio.HealthServicer, registry: ModelRegistry, needs_workers: bool
-) -> None:
-    """Keep the health service's statuses current (checked twice a second)."""
+class HealthTracker:
+    """Keeps the health service's statuses current (checked twice a second)."""
+
+    def __init__(
+        self,
+        health_servicer: health.aio.HealthServicer,
+        registry: ModelRegistry,
+        needs_workers: bool,
+        supervisor: Supervisor,
+    ) -> None:
+        self.servicer = health_servicer
+        self.registry = registry
+        self.supervisor = supervisor
+        self.workers_seen = not needs_workers
+        self.known: dict[str, bool] = {}
+
+    async def task_down(self, name: str) -> None:
+        """A background task failed: NOT_SERVING now, not at the next check."""
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME, *self.known):
+            await self.servicer.set(service, not_serving)
+            self.known[service] = False
+
+    async def run(self) -> None:
+        await _track_health(self)
+
+
+async def _track_health(tracker: HealthTracker) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    workers_seen = not needs_workers
-    known: dict[str, bool] = {}
+    registry = tracker.registry
     while True:
-        workers_seen = workers_seen or any(m.workers_alive for m in registry.models.values())
-        statuses = health_statuses(registry, workers_seen)
+        known = tracker.known
+        seen = tracker.workers_seen or any(m.workers_alive for m in registry.models.values())
+        tracker.workers_seen = seen
+        statuses = health_statuses(registry, seen, bool(tracker.supervisor.down))
         for name in known.keys() - statuses.keys():
             statuses[name] = False  # a model that went away
         for name, ok in statuses.items():
             if known.get(name) != ok:
-                await health_servicer.set(name, serving if ok else not_serving)
-        known = statuses
+                await tracker.servicer.set(name, serving if ok else not_serving)
+        tracker.known = statuses
         await asyncio.sleep(0.5)
 
 
@@ -172,7 +203,9 @@ async def serve(
     registry = ModelRegistry(
         redis, keys, default_model=settings.default_model, worker_stale_s=settings.worker_stale_s
     )
-    dispatcher = Dispatcher(redis, keys, bounds=QueueBounds.from_env())
+    # EMBEDQ_SERVER_ID names the reply stream (unique per running server; default random).
+    server_id = os.environ.get("EMBEDQ_SERVER_ID") or None
+    dispatcher = Dispatcher(redis, keys, server_id=server_id, bounds=QueueBounds.from_env())
     server = build_grpc_server(settings, tokens)
     service = EmbedderService(settings, dispatcher, registry, redis, keys)
     add_to_server(service, server)
@@ -209,12 +242,20 @@ async def serve(
             settings.redis.safe_url,
             settings.redis.describe_error(exc),
         )
-    await dispatcher.start()
-    background = [
-        asyncio.create_task(registry.run()),
-        asyncio.create_task(_track_health(health_servicer, registry, settings.ready_needs_workers)),
-        asyncio.create_task(track_gauges(redis, keys, registry)),
-    ]
+    # Every background task is supervised: restarted with backoff on any exception,
+    # health NOT_SERVING while one is down (server/supervise.py).
+    tracker: HealthTracker | None = None
+
+    async def task_down(name: str) -> None:
+        if tracker is not None:
+            await tracker.task_down(name)
+
+    supervisor = Supervisor(on_down=task_down)
+    tracker = HealthTracker(health_servicer, registry, settings.ready_needs_workers, supervisor)
+    await dispatcher.start(supervisor)
+    supervisor.spawn("registry", registry.run)
+    supervisor.spawn("health", tracker.run)
+    supervisor.spawn("gauges", functools.partial(track_gauges, redis, keys, registry))
     await server.start()
     http_runner = None
     if settings.http_port:
@@ -238,9 +279,8 @@ async def serve(
         await asyncio.gather(server.stop(SHUTDOWN_GRACE_S), http_runner.cleanup())
     else:
         await server.stop(SHUTDOWN_GRACE_S)
-    for task in background:
-        task.cancel()
     await dispatcher.stop()
+    await supervisor.stop()
     await redis.aclose()
     if metrics_http is not None:
         metrics_http.shutdown()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
@@ -40,6 +42,7 @@ from embedq.settings import env_int
 from . import metrics
 from .errors import CODE_BY_NUMBER, RequestError, overloaded, unavailable
 from .registry import ServedModel
+from .supervise import Supervisor, Throttled
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,13 @@ CALL_WINDOW = 256
 ADMIT_SHARE = 0.9
 # Shortest retry-after hint: sooner would only be refused again.
 MIN_RETRY_AFTER_MS = 50
+# While texts are in flight, the write markers are checked this often (s).
+MARKER_CHECK_S = 1.0
+# Reply stream and markers get their TTL renewed this often (s).
+KEEPALIVE_S = 5.0
+# Reply listener: first retry after a Redis error, doubling up to the cap (s).
+LISTEN_BACKOFF_S = (0.05, 1.0)
+LOST_WORK = "redis restarted and lost the queued work; retry"
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class Variant:
     truncate: bool
     prompt: str = ""
 
-    @property
+    @functools.cached_property  # read per text on the hot path: hash once
     def fingerprint(self) -> str:
         reg = self.model.registration
         return variant_fingerprint(
@@ -106,10 +116,29 @@ class Call:
         if self.remaining == 0 and not self.future.done():
             self.future.set_result(self)
 
-    def set_vector(self, row: int, vector: np.ndarray, *, cached: bool) -> None:
-        self.vectors[row] = vector
-        self.cached[row] = cached
-        self._row_done()
+    def set_rows(self, rows: list[int], vectors: np.ndarray) -> None:
+        """Computed (not cached) vectors for several rows at once."""
+        self.vectors[rows] = vectors
+        self.remaining -= len(rows)
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self)
+
+    def fill_hits(self, values: list[bytes | None]) -> list[int]:
+        """Fill the rows the cache had, in one copy; return the missed rows.
+        A value of the wrong size is a miss, never served."""
+        size = self.vectors.shape[1] * 4
+        hits = [row for row, value in enumerate(values) if value is not None and len(value) == size]
+        if hits:
+            packed = b"".join([values[row] for row in hits])  # type: ignore[misc]
+            self.vectors[hits] = np.frombuffer(packed, dtype="<f4").reshape(len(hits), -1)
+            self.cached[hits] = True
+            self.remaining -= len(hits)
+            if self.remaining == 0 and not self.future.done():
+                self.future.set_result(self)
+        if len(hits) == len(self.texts):
+            return []
+        hit = set(hits)
+        return [row for row in range(len(self.texts)) if row not in hit]
 
     def set_tokens(self, row: int, tokens: queue_pb2.Tokens) -> None:
         self.tokens[row] = tokens
@@ -137,6 +166,10 @@ class Ticket:
     chars: int = 0
     # Deadline of the job that carries it: workers skip the item after it.
     deadline_unix_ms: int = 0
+    # Model of the job, and the sequence number of the flush that queued it
+    # (compared with the write markers to tell what a Redis failure lost).
+    model: str = ""
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +190,16 @@ class QueueBounds:
             max_queued_jobs=env_int("MAX_QUEUED_JOBS", cls.max_queued_jobs),
             max_pending_texts=env_int("MAX_PENDING_TEXTS", cls.max_pending_texts),
             max_pending_chars=env_int("MAX_PENDING_CHARS", cls.max_pending_chars),
+        )
+
+
+def _expire(future: asyncio.Future, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(
+            RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no result within {timeout_s:.1f}s (worker busy or gone)",
+            )
         )
 
 
@@ -225,25 +268,39 @@ class Dispatcher:
         self._abandoned: list[int] = []
         # Windowed calls ready for their next texts.
         self._refills: dict[int, Call] = {}
-        self._redis_run_id: str | None = None
+        # Lost-work detection (see _verify_markers): each flush that queues jobs gets
+        # a sequence number, stamped on its tickets and written (SET) as a marker
+        # beside each job stream it wrote to and beside the reply stream, in the same
+        # pipeline as its XADDs. A marker that is gone or behind what we wrote means
+        # that node lost data (restarted empty, or failed over to a replica that had
+        # not got it): exactly the tickets queued after the marker's value are lost.
+        # A topology change that kept the data changes nothing.
+        self._seq = 0
+        self._written: dict[str, int] = {}  # model -> seq of its last completed flush
+        self._reply_written = 0  # seq of the last completed flush, reply marker
+        self.reply_marker = keys.reply_marker(self.reply_key)
+        self._throttled = Throttled(log)
 
     # -- public API -----------------------------------------------------------
 
-    async def start(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            self._redis_run_id = await self._run_id()
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Start the flusher, reply listener and keepalive under `supervisor`
+        (restarted with backoff if they fail; one of our own when None)."""
+        supervisor = supervisor or Supervisor()
         self._tasks = [
-            asyncio.create_task(self._flush_loop(), name="flush"),
-            asyncio.create_task(self._listen_loop(), name="replies"),
-            asyncio.create_task(self._keepalive_loop(), name="reply-keepalive"),
+            supervisor.spawn("flush", self._flush_loop),
+            supervisor.spawn("replies", self._listen_loop),
+            supervisor.spawn("reply-keepalive", self._keepalive_loop),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError):  # else it expires on its own
-            await self._redis.delete(self.reply_key)
+        with contextlib.suppress(RedisError, OSError):  # else they expire on their own
+            await self._redis.delete(self.reply_key, self.reply_marker)
+            for model in self._written:
+                await self._redis.delete(self._keys.job_marker(model, self.server_id))
 
     async def encode(
         self, variant: Variant, texts: list[str], timeout_s: float
@@ -278,14 +335,13 @@ class Dispatcher:
         call = Call(kind, variant, texts, deadline_ms, loop.create_future())
         self._inbox.append(call)
         self._wakeup.set()
+        # A timer on the call's own future rather than wait_for(): no extra task
+        # and futures per call (profiled: per-message overhead of waiting streams).
+        expiry = loop.call_later(timeout_s, _expire, call.future, timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.shield(call.future), timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no result within {timeout_s:.1f}s (worker busy or gone)",
-            ) from None
+            return await call.future
         finally:
+            expiry.cancel()
             self._forget(call)
 
     def _forget(self, call: Call) -> None:
@@ -323,22 +379,30 @@ class Dispatcher:
             return None
         return ticket_id
 
-    def _fail_all(self, error: RequestError) -> None:
-        """Fail every waiting call: their work is gone (Redis restarted empty)."""
-        for ticket in list(self._tickets.values()):
-            for call, _row in ticket.waiters:
+    def _lose(self, lost, where: str) -> None:
+        """Fail the calls waiting on the tickets `lost(ticket)` picks: Redis lost
+        their jobs or replies, so they would otherwise wait for their deadline."""
+        ticket_ids = [tid for tid, ticket in self._tickets.items() if lost(ticket)]
+        if not ticket_ids:
+            return
+        log.warning(
+            "redis lost queued work (%s restarted or failed over without it): "
+            "failing the calls waiting for %d texts",
+            where,
+            len(ticket_ids),
+        )
+        error = unavailable(LOST_WORK)
+        for ticket_id in ticket_ids:
+            ticket = self._drop_ticket(ticket_id)
+            for call, _row in ticket.waiters if ticket else ():
                 call.fail(error)
-        self._tickets.clear()
-        self._in_flight.clear()
-        self._refills.clear()
-        self._pending_chars = 0
-        self._last_reply_id = "0-0"
 
     # -- flushing: cache look-up and enqueue ---------------------------------
 
     async def _flush_loop(self) -> None:
         while True:
-            await self._wakeup.wait()
+            if not (self._inbox or self._abandoned or self._refills):
+                await self._wakeup.wait()
             self._wakeup.clear()
             while self._inbox or self._abandoned or self._refills:
                 calls, self._inbox = self._inbox, []
@@ -348,10 +412,21 @@ class Dispatcher:
                 try:
                     await self._flush(calls, refills)
                 except (RedisError, OSError) as exc:
+                    self._throttled.warning(
+                        "flush", "queueing work failed (%s); failing its calls", type(exc).__name__
+                    )
                     error = unavailable(f"redis unavailable: {type(exc).__name__}")
                     for call in calls + refills:
                         call.fail(error)
                         self._forget(call)
+                except Exception:
+                    # A bug, not Redis: its calls get an answer; the supervisor
+                    # logs and restarts this loop.
+                    error = unavailable("the server failed to queue the work; retry")
+                    for call in calls + refills:
+                        call.fail(error)
+                        self._forget(call)
+                    raise
 
     def _send_cancellations(self, pipe) -> None:
         """Tell workers which tickets nobody waits for any more (queued in `pipe`)."""
@@ -364,6 +439,8 @@ class Dispatcher:
 
     async def _flush(self, calls: list[Call], refills: list[Call] = ()) -> None:
         """One round trip to look up, one to enqueue (and pass on cancellations)."""
+        self._seq += 1
+        seq = self._seq  # stamped on the tickets this flush queues
         for call in calls:
             if call.kind == ENCODE:
                 call.hashes = [text_sha256(text) for text in call.texts]
@@ -372,14 +449,62 @@ class Dispatcher:
         for call in refills:
             self._queue_window(call, jobs)
         for call in calls:
-            self._route(call, cached, load, jobs)
+            self._route(call, cached.get(id(call), []), load, jobs)
         if jobs or self._abandoned:
+            models = sorted({model for _kind, model, *_options in jobs})
+            markers = [self._keys.job_marker(m, self.server_id) for m in models]
+            markers += [self.reply_marker] if jobs else []
             async with self._redis.pipeline(transaction=False) as pipe:
+                # Each marker's GET runs on its node before our XADDs, its SET after.
+                for key in markers:
+                    pipe.get(key)
                 for (_kind, model, *_options), job in jobs.items():
                     pipe.xadd(self._keys.jobs(model), encode_message(job))
                     pipe.incrby(self._keys.backlog(model), len(job.items))
+                for key in markers:
+                    pipe.set(key, seq, ex=REPLY_TTL_S)
                 self._send_cancellations(pipe)
-                await pipe.execute()
+                results = await pipe.execute()
+            if jobs:
+                self._check_markers(models, results[: len(markers)], seq)
+
+    def _check_markers(self, models: list[str], values: list, seq: int) -> None:
+        """After flush `seq`: its GETs of the markers (job streams of `models`, then
+        the reply stream) show whether those nodes kept what earlier flushes wrote."""
+        for model, value in zip(models, values, strict=False):
+            got, before = _marker_value(value), self._written.get(model, 0)
+            if got < before:
+                self._lose(
+                    lambda t, m=model, g=got: t.model == m and g < t.seq < seq,
+                    f"the node of model {model!r}'s job stream",
+                )
+            self._written[model] = max(before, seq)
+        if _marker_value(values[-1]) < self._reply_written:
+            self._lose(lambda t: t.seq < seq, "the node of this server's reply stream")
+            self._last_reply_id = "0-0"
+        self._reply_written = max(self._reply_written, seq)
+
+    async def _verify_markers(self) -> None:
+        """Compare the markers with what completed flushes wrote, for the tickets in
+        flight; fail the calls whose work a Redis node lost. (A flush running
+        meanwhile checks its own markers: see _check_markers.)"""
+        if not self._tickets:
+            return
+        models = sorted({t.model for t in self._tickets.values()} & self._written.keys())
+        expected = {model: self._written[model] for model in models}
+        reply_expected = self._reply_written
+        keys = [self._keys.job_marker(m, self.server_id) for m in models] + [self.reply_marker]
+        values = await self.mget(keys)
+        for model, value in zip(models, values, strict=False):
+            got, upto = _marker_value(value), expected[model]
+            if got < upto:
+                self._lose(
+                    lambda t, m=model, g=got, u=upto: t.model == m and g < t.seq <= u,
+                    f"the node of model {model!r}'s job stream",
+                )
+        if _marker_value(values[-1]) < reply_expected:
+            self._lose(lambda t: t.seq <= reply_expected, "the node of this server's reply stream")
+            self._last_reply_id = "0-0"
 
     def _dedupe_key(self, call: Call, row: int) -> tuple[str, str] | None:
         return (call.variant.fingerprint, call.hashes[row]) if call.hashes is not None else None
@@ -387,20 +512,13 @@ class Dispatcher:
     def _route(
         self,
         call: Call,
-        cached: dict[tuple[str, str], np.ndarray],
+        values: list[bytes | None],
         load: dict[str, ModelLoad],
         jobs: dict[tuple, queue_pb2.Job],
     ) -> None:
         """Fill a call's cache hits; admit the rest or refuse the call, then queue
         (or join) the first window of its misses."""
-        misses = []
-        for row in range(len(call.texts)):
-            key = self._dedupe_key(call, row)
-            vector = cached.get(key) if key is not None else None
-            if vector is not None:
-                call.set_vector(row, vector, cached=True)
-            else:
-                misses.append(row)
+        misses = call.fill_hits(values) if values else list(range(len(call.texts)))
         if not misses:
             return
         new = [row for row in misses if self._joinable(self._dedupe_key(call, row), call) is None]
@@ -447,18 +565,14 @@ class Dispatcher:
 
     async def _lookup(
         self, calls: list[Call]
-    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, ModelLoad]]:
-        """All cache hits of all calls (one MGET) and the queued work of each
-        model involved, in one round trip."""
-        wanted: list[tuple[str, str]] = []
-        dims: list[int] = []
+    ) -> tuple[dict[int, list[bytes | None]], dict[str, ModelLoad]]:
+        """The cached values of every text of every call, by id(call) (one MGET),
+        and the queued work of each model involved, in one round trip."""
+        cache_keys: list[str] = []
         for call in calls:
             fingerprint = call.variant.fingerprint
-            for sha in call.hashes or ():
-                wanted.append((fingerprint, sha))
-                dims.append(call.variant.model.registration.dimension)
+            cache_keys += [self._keys.cache(fingerprint, sha) for sha in call.hashes or ()]
         models = sorted({call.variant.model.name for call in calls})
-        cache_keys = [self._keys.cache(fp, sha) for fp, sha in wanted]
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
             values = await self.mget(cache_keys) if cache_keys else []
@@ -480,13 +594,15 @@ class Dispatcher:
             model: ModelLoad(int(jobs), max(0, int(texts or 0)))
             for model, jobs, texts in zip(models, counts[::2], counts[1::2], strict=True)
         }
-        hits: dict[tuple[str, str], np.ndarray] = {}
-        for key, dim, value in zip(wanted, dims, values, strict=True):
-            # A value of the wrong size is treated as a miss, never served.
-            if value is not None and len(value) == dim * 4:
-                hits[key] = np.frombuffer(value, dtype="<f4")
-        metrics.record_cache_lookup(sum(key in hits for key in wanted), len(wanted))
-        return hits, load
+        by_call: dict[int, list[bytes | None]] = {}
+        start = 0
+        for call in calls:
+            if call.hashes is not None:
+                by_call[id(call)] = values[start : start + len(call.hashes)]
+                start += len(call.hashes)
+        found = sum(value is not None for value in values)
+        metrics.record_cache_lookup(found, len(values))
+        return by_call, load
 
     def _wait_for(
         self,
@@ -500,7 +616,9 @@ class Dispatcher:
         ticket_id = self._joinable(dedupe_key, call)
         if ticket_id is None:
             ticket_id = next(self._next_ticket)
-            self._tickets[ticket_id] = Ticket([], dedupe_key, len(text), call.deadline_unix_ms)
+            self._tickets[ticket_id] = Ticket(
+                [], dedupe_key, len(text), call.deadline_unix_ms, call.variant.model.name, self._seq
+            )
             self._pending_chars += len(text)
             if dedupe_key is not None:
                 self._in_flight[dedupe_key] = ticket_id
@@ -530,53 +648,63 @@ class Dispatcher:
     # -- replies --------------------------------------------------------------
 
     async def _listen_loop(self) -> None:
+        """Read this server's reply stream and fill the waiting calls. Redis errors
+        are retried with backoff from the last id read (replies written meanwhile
+        wait in the stream); after one, the markers say whether work was lost."""
+        backoff = LISTEN_BACKOFF_S[0]
+        failed = False
         while True:
             try:
                 response = await self._redis.xread(
                     {self.reply_key: self._last_reply_id}, count=512, block=1000
                 )
+                if failed:
+                    await self._verify_markers()
+                    failed = False
             except (RedisError, OSError) as exc:
-                # Replies wait in the stream; we resume from the last id read,
-                # unless Redis came back empty.
-                log.warning("reply stream read failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(0.5)
-                await self._check_restart()
+                self._throttled.warning(
+                    "replies", "reading the reply stream failed (%s); retrying", type(exc).__name__
+                )
+                failed = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_BACKOFF_S[1])
                 continue
+            backoff = LISTEN_BACKOFF_S[0]
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
-                    self._on_reply(decode_reply(fields))
                     self._last_reply_id = entry_id
-
-    async def _run_id(self) -> str:
-        info = await self._redis.info("server")
-        if "run_id" in info:
-            return info["run_id"]
-        # A cluster answers per node: any node restarting empty changes this.
-        return ",".join(sorted(str(node.get("run_id")) for node in info.values()))
-
-    async def _check_restart(self) -> None:
-        """A new Redis run id means queued jobs and replies are gone: fail the
-        waiting calls now (UNAVAILABLE, retryable) instead of at their deadline."""
-        try:
-            run_id = await self._run_id()
-        except (RedisError, OSError):
-            return
-        if self._redis_run_id is not None and run_id != self._redis_run_id:
-            log.warning("redis restarted: failing %d in-flight texts", len(self._tickets))
-            self._fail_all(unavailable("redis restarted and lost the queued work; retry"))
-        self._redis_run_id = run_id
+                    try:
+                        reply = decode_reply(fields)
+                        self._on_reply(reply)
+                    except (DecodeError, KeyError, ValueError, TypeError) as exc:
+                        # One bad entry costs its own tickets (they time out), not the listener.
+                        self._throttled.warning(
+                            "bad-reply",
+                            "skipped reply entry %s of %s: not a usable Reply (%s)",
+                            entry_id,
+                            self.reply_key,
+                            type(exc).__name__,
+                        )
 
     def _on_reply(self, reply: queue_pb2.Reply) -> None:
         if reply.tickets:
             matrix = np.frombuffer(reply.vectors, dtype="<f4").reshape(
                 len(reply.tickets), reply.dimension
             )
+            # Rows per waiting call, then one copy per call (not one per row).
+            rows: dict[int, tuple[Call, list[int], list[int]]] = {}
             for index, ticket_id in enumerate(reply.tickets):
                 for call, row in self._take_waiters(ticket_id):
-                    call.set_vector(row, matrix[index], cached=False)
+                    _call, call_rows, indices = rows.setdefault(id(call), (call, [], []))
+                    call_rows.append(row)
+                    indices.append(index)
+            for call, call_rows, indices in rows.values():
+                call.set_rows(call_rows, matrix[indices])
+                self._refill_if_due(call)
         for tokens in reply.tokens:
             for call, row in self._take_waiters(tokens.ticket):
                 call.set_tokens(row, tokens)
+                self._refill_if_due(call)
         for failure in reply.failures:
             code = CODE_BY_NUMBER.get(failure.code)
             for call, row in self._take_waiters(failure.ticket):
@@ -585,23 +713,42 @@ class Dispatcher:
 
     def _take_waiters(self, ticket_id: int) -> list[tuple[Call, int]]:
         ticket = self._drop_ticket(ticket_id)
-        if ticket is None:
-            return []
-        for call, _row in ticket.waiters:
-            # Half the window answered: queue the next texts of a windowed call.
-            if call.unrouted and call.queued <= CALL_WINDOW // 2 + 1:
-                self._refills[id(call)] = call
-                self._wakeup.set()
-        return ticket.waiters
+        return ticket.waiters if ticket is not None else []
+
+    def _refill_if_due(self, call: Call) -> None:
+        """Half a windowed call's queued texts answered: queue its next ones."""
+        if call.unrouted and call.queued <= CALL_WINDOW // 2:
+            self._refills[id(call)] = call
+            self._wakeup.set()
 
     async def _keepalive_loop(self) -> None:
-        """Keep this server's reply stream alive and trimmed to unread entries."""
+        """Check the markers once a second while texts are in flight (a restart or
+        failover that no command of ours saw fails the lost calls now, not at their
+        deadline), and keep the reply stream and markers alive, the stream trimmed
+        to unread entries."""
+        last_keepalive = -math.inf
         while True:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.xtrim(self.reply_key, minid=self._last_reply_id)
-                    pipe.expire(self.reply_key, REPLY_TTL_S)
-                    await pipe.execute()
-            except (RedisError, OSError):
-                pass  # the listener reports Redis trouble
-            await asyncio.sleep(5)
+                await self._verify_markers()
+                if time.monotonic() - last_keepalive >= KEEPALIVE_S:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.xtrim(self.reply_key, minid=self._last_reply_id)
+                        pipe.expire(self.reply_key, REPLY_TTL_S)
+                        pipe.expire(self.reply_marker, REPLY_TTL_S)
+                        for model in self._written:
+                            pipe.expire(self._keys.job_marker(model, self.server_id), REPLY_TTL_S)
+                        await pipe.execute()
+                    last_keepalive = time.monotonic()
+            except (RedisError, OSError) as exc:
+                self._throttled.warning(
+                    "keepalive", "reply stream keepalive failed (%s); retrying", type(exc).__name__
+                )
+            await asyncio.sleep(MARKER_CHECK_S)
+
+
+def _marker_value(value: object) -> int:
+    """A marker's sequence number (0: missing or unreadable)."""
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys, decode_registration
 
 from .errors import RequestError, unavailable
+from .supervise import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class ModelRegistry:
         self._stale_s = worker_stale_s
         self._models: dict[str, ServedModel] = {}
         self.redis_ok = False
+        self._throttled = Throttled(log)
 
     @property
     def models(self) -> dict[str, ServedModel]:
@@ -78,7 +81,16 @@ class ModelRegistry:
 
     async def refresh(self) -> None:
         raw = await self._redis.hgetall(self._keys.models())
-        registrations = [decode_registration(value) for value in raw.values()]
+        registrations = []
+        for name, value in raw.items():
+            try:
+                registrations.append(decode_registration(value))
+            except DecodeError:  # one bad entry must not hide the others
+                self._throttled.warning(
+                    f"bad-registration-{name!r}",
+                    "skipped registration %r: not a ModelRegistration",
+                    name,
+                )
         since = time.time() - self._stale_s
         async with self._redis.pipeline(transaction=False) as pipe:
             for reg in registrations:
@@ -91,14 +103,18 @@ class ModelRegistry:
         }
 
     async def run(self, interval_s: float = 1.0) -> None:
-        """Refresh forever; a Redis outage only marks the registry stale."""
+        """Refresh forever; a Redis outage only marks the registry stale (logged at
+        most once per 10 s). Other exceptions reach the supervisor (server/supervise.py)."""
         while True:
             try:
                 await self.refresh()
+                if not self.redis_ok:
+                    self._throttled.log(logging.INFO, "redis-back", "redis reachable again")
                 self.redis_ok = True
             except (RedisError, OSError) as exc:
-                if self.redis_ok:
-                    log.warning("redis unreachable while refreshing models: %s", type(exc).__name__)
+                self._throttled.warning(
+                    "refresh", "redis unreachable while refreshing models: %s", type(exc).__name__
+                )
                 self.redis_ok = False
             await asyncio.sleep(interval_s)
 

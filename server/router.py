@@ -347,10 +347,16 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
 
 
 def public_source(source: str) -> str:
-    """A model id as it is; a folder by its last part only: any caller may ask
-    Info, and a worker's file system layout is not theirs to see."""
-    looks_like_path = source.startswith(("/", "./", "../", "~", "\\")) or ":\\" in source
-    return PurePath(source).name if looks_like_path else source
+    """A model id as it is; a folder by its last part only (`backend:folder` keeps
+    its backend): any caller may ask Info, and a worker's file system is not theirs."""
+    prefix, sep, rest = source.partition(":")
+    if sep and prefix and "/" not in prefix and "\\" not in prefix and _is_path(rest):
+        return f"{prefix}:{PurePath(rest).name}"
+    return PurePath(source).name if _is_path(source) else source
+
+
+def _is_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~", "\\")) or ":\\" in source
 
 
 def message_texts(message: object) -> int:

@@ -13,6 +13,7 @@ afterwards; nothing on the shared brokers is flushed or reconfigured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -329,10 +330,8 @@ class MqttHarness(Harness):
 
         self.pump.cancel()
         for client in (self.collector, self.publisher):
-            try:
+            with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
-            except Exception:  # noqa: BLE001
-                pass
         # End the bridge's persistent session (expiry 0 on a clean start).
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 0
@@ -426,10 +425,11 @@ def ids_of(results: list[dict]) -> list[str]:
 
 
 def fresh_texts(count: int, tag: str) -> list[str]:
-    """Texts no other test has cached (so the model really runs mid-test)."""
-    from texts import varied_texts
-
-    return [f"{text} ({tag} {i})" for i, text in enumerate(varied_texts(count))]
+    """Short texts no other test has cached (so the model really runs mid-test)."""
+    subjects = ["A man", "The child", "Two dogs", "A cat", "Our team", "The chef"]
+    verbs = ["is reading", "watches", "paints", "talks about", "is cooking"]
+    objects = ["a guitar", "the newspaper", "a quiet beach", "hot soup", "a red bicycle"]
+    return [f"{subjects[i % 6]} {verbs[i % 5]} {objects[i % 4]} ({tag} {i})." for i in range(count)]
 
 
 @pytest.fixture(scope="module")

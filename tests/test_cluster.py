@@ -9,14 +9,24 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 import pytest
 import redis
-from conftest import Service
+from conftest import (
+    Service,
+    _spawn,
+    log_tail,
+    registered_workers,
+    stop_process,
+    wait_healthy,
+)
+from redis.crc import key_slot
 
-from embedq.embedded import find_redis_binary
+from embedq.embedded import find_redis_binary, free_port
 from embedq.keys import Keys
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
@@ -43,11 +53,14 @@ def _bindable(port: int) -> bool:
 
 
 class LocalCluster:
-    """Three cluster-enabled masters on loopback, slots split evenly."""
+    """Cluster-enabled masters on loopback, slots split evenly; with `replicas`,
+    that many replicas per master (CLUSTER REPLICATE) and fast failover settings."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
         self.binary = find_redis_binary()
         self.ports = [cluster_port() for _ in range(masters)]
+        self.replica_ports = [cluster_port() for _ in range(masters * replicas)]
+        self.node_timeout_ms = node_timeout_ms
         self.dir = tempfile.mkdtemp(prefix="embedq-cluster-")
         self.procs: dict[int, subprocess.Popen] = {}
 
@@ -55,46 +68,76 @@ class LocalCluster:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.ports[0]}"
 
+    def _spawn(self, port: int) -> None:
+        self.procs[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                # A replica may take over however long it was cut off (a test kills
+                # its master at once), and nothing is read from a failed cluster.
+                "--cluster-replica-validity-factor",
+                "0",
+                "--cluster-allow-reads-when-down",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
     def start(self) -> LocalCluster:
-        for port in self.ports:
-            self.procs[port] = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    self.dir,
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{port}.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        for port in self.ports + self.replica_ports:
+            self._spawn(port)
         clients = [self._wait(port) for port in self.ports]
         share = SLOTS // len(self.ports)
         for index, client in enumerate(clients):
             last = SLOTS - 1 if index == len(clients) - 1 else (index + 1) * share - 1
             client.execute_command("CLUSTER ADDSLOTSRANGE", index * share, last)
-        for port in self.ports[1:]:
+        for port in self.ports[1:] + self.replica_ports:
             clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
-        deadline = time.monotonic() + 30
-        while not all(c.cluster("info")["cluster_state"] == "ok" for c in clients):
-            assert time.monotonic() < deadline, "cluster did not form"
-            time.sleep(0.2)
+        all_clients = clients + [self._wait(port) for port in self.replica_ports]
+        self._wait_for(lambda: all(_knows(c, len(all_clients)) for c in all_clients), "meet")
+        ids = [c.execute_command("CLUSTER MYID") for c in clients]
+        for index, port in enumerate(self.replica_ports):
+            self._client(port).execute_command("CLUSTER REPLICATE", ids[index % len(ids)])
+        self._wait_for(lambda: all(_ok(c) for c in all_clients), "cluster state ok")
+        if self.replica_ports:
+            self._wait_for(self._replicas_in_sync, "replicas in sync")
         return self
 
+    def _replicas_in_sync(self) -> bool:
+        for port in self.replica_ports:
+            info = self._client(port).info("replication")
+            if info.get("master_link_status") != "up":
+                return False
+        return True
+
+    @staticmethod
+    def _wait_for(predicate, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"cluster: {what} not reached"
+            time.sleep(0.1)
+
+    def _client(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5)
+
     def _wait(self, port: int) -> redis.Redis:
-        client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+        client = self._client(port)
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -103,6 +146,41 @@ class LocalCluster:
             except redis.ConnectionError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+    def master_of(self, key: str) -> int:
+        """Port of the master that serves `key`'s slot now."""
+        slot = key_slot(key.encode())
+        for port, proc in self.procs.items():
+            if proc.poll() is not None:
+                continue
+            client = self._client(port)
+            if client.info("replication")["role"] != "master":
+                continue
+            for start, end in _own_slots(client):
+                if start <= slot <= end:
+                    return port
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def masters(self) -> list[int]:
+        return [
+            port
+            for port, proc in self.procs.items()
+            if proc.poll() is None and self._client(port).info("replication")["role"] == "master"
+        ]
+
+    def replica_of(self, master_port: int) -> int:
+        for port in self.replica_ports:
+            info = self._client(port).info("replication")
+            if info.get("master_port") == master_port:
+                return port
+        raise AssertionError(f"master {master_port} has no replica")
+
+    def is_master(self, port: int) -> bool:
+        try:
+            client = self._client(port)
+            return client.info("replication")["role"] == "master" and _ok(client)
+        except redis.RedisError:
+            return False
 
     def kill(self, port: int) -> None:
         self.procs[port].kill()
@@ -114,6 +192,22 @@ class LocalCluster:
                 proc.terminate()
                 proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _knows(client: redis.Redis, nodes: int) -> bool:
+    return len(client.execute_command("CLUSTER NODES")) == nodes
+
+
+def _ok(client: redis.Redis) -> bool:
+    return client.cluster("info")["cluster_state"] == "ok"
+
+
+def _own_slots(client: redis.Redis) -> list[tuple[int, int]]:
+    """Slot ranges of the node `client` talks to (CLUSTER NODES, flag 'myself')."""
+    for node in client.execute_command("CLUSTER NODES").values():
+        if "myself" in node["flags"]:
+            return [(int(r[0]), int(r[-1])) for r in node["slots"]]
+    return []
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +270,212 @@ def test_a_master_down_is_a_clear_unavailable(cluster_service):
     failures = [o for o in outcomes if o != "OK"]
     assert failures, outcomes  # 30 random keys each: some land on the dead master
     assert all(o.startswith("UNAVAILABLE: redis unavailable") for o in failures), failures
+
+
+# -- failover: 3 masters + 3 replicas, two servers, three workers ------------------
+
+MODEL = "all-MiniLM-L6-v2"
+FAILOVER_NS = "failover"
+CALL_DEADLINE_S = 20.0
+# New calls must succeed within this long of the promotion, on both servers.
+RECOVERY_BOUND_S = 10.0
+
+
+@dataclass
+class Deployment:
+    cluster: LocalCluster
+    servers: list[tuple[str, subprocess.Popen]]  # (target, process)
+    workers: list[subprocess.Popen]
+    server_ids: list[str]
+    cache_only_master: int
+    pids: list[int] = field(default_factory=list)
+
+
+def _server_id_on(cluster: LocalCluster, keys: Keys, master: int) -> str:
+    """A server id whose reply stream (and its markers) live on `master`."""
+    while True:
+        server_id = uuid.uuid4().hex[:12]
+        if cluster.master_of(keys.replies(server_id)) == master:
+            return server_id
+
+
+@pytest.fixture(scope="module")
+def failover(tmp_path_factory):
+    cluster = LocalCluster(replicas=1, node_timeout_ms=3000).start()
+    keys = Keys(FAILOVER_NS)
+    jobs_master = cluster.master_of(keys.jobs(MODEL))
+    models_master = cluster.master_of(keys.models())
+    # The cache-only master holds neither the job stream nor the registrations nor a
+    # reply stream: one server answers through the job stream's master, the other
+    # through the third master.
+    cache_only = next(p for p in cluster.ports if p not in (jobs_master, models_master))
+    other = next(p for p in cluster.ports if p not in (jobs_master, cache_only))
+    server_ids = [_server_id_on(cluster, keys, jobs_master), _server_id_on(cluster, keys, other)]
+    common = ["--redis-url", cluster.url, "--namespace", FAILOVER_NS]
+    workers = [
+        _spawn(["worker", *common, "--threads", "1"], f"worker-{FAILOVER_NS}-{i}") for i in range(3)
+    ]
+    servers: list[tuple[str, subprocess.Popen]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while registered_workers(cluster.url, FAILOVER_NS) < 3:
+            for i, proc in enumerate(workers):
+                assert proc.poll() is None, log_tail(f"worker-{FAILOVER_NS}-{i}")
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.2)
+        for index, server_id in enumerate(server_ids):
+            port = free_port()
+            name = f"server-{FAILOVER_NS}-{index}"
+            proc = _spawn(
+                ["server", "--port", str(port), *common], name, env={"EMBEDQ_SERVER_ID": server_id}
+            )
+            servers.append((f"127.0.0.1:{port}", proc))
+            wait_healthy(f"127.0.0.1:{port}", proc, name)
+        deployment = Deployment(cluster, servers, workers, server_ids, cache_only)
+        deployment.pids = [p.pid for _t, p in servers] + [p.pid for p in workers]
+        yield deployment
+    finally:
+        for _target, proc in servers:
+            stop_process(proc)
+        for proc in workers:
+            stop_process(proc)
+        cluster.stop()
+
+
+@dataclass
+class Outcome:
+    server: int
+    started: float
+    ended: float
+    code: str
+    details: str
+    texts: list[str]
+    rows: np.ndarray | None
+
+
+class Load:
+    """Client threads sending Encode calls of new texts, two per server, until stopped."""
+
+    def __init__(self, targets: list[str], tag: str, threads_per_server: int = 2) -> None:
+        self.channels = [grpc.insecure_channel(target) for target in targets]
+        self.stubs = [embedq_pb2_grpc.EmbedderStub(ch) for ch in self.channels]
+        self.tag = tag
+        self.outcomes: list[Outcome] = []
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(server, thread), daemon=True)
+            for server in range(len(targets))
+            for thread in range(threads_per_server)
+        ]
+
+    def _run(self, server: int, thread: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            texts = [f"{self.tag} failover s{server} t{thread} call {n} text {j}" for j in range(2)]
+            n += 1
+            started = time.monotonic()
+            try:
+                reply = self.stubs[server].Encode(
+                    pb.EncodeRequest(texts=texts), timeout=CALL_DEADLINE_S
+                )
+                rows = np.frombuffer(reply.embeddings, "<f4").reshape(reply.count, reply.dimension)
+                outcome = Outcome(server, started, time.monotonic(), "OK", "", texts, rows)
+            except grpc.RpcError as exc:
+                code, details = exc.code().name, exc.details() or ""
+                outcome = Outcome(server, started, time.monotonic(), code, details, texts, None)
+            self.outcomes.append(outcome)
+            time.sleep(0.2 if outcome.code == "OK" else 0.1)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=CALL_DEADLINE_S + 5)
+        for channel in self.channels:
+            channel.close()
+
+
+def _kill_master_under_load(deployment: Deployment, victim: int, tag: str, reference_model):
+    cluster = deployment.cluster
+    replica = cluster.replica_of(victim)
+    targets = [target for target, _proc in deployment.servers]
+    with Load(targets, tag) as load:
+        deadline = time.monotonic() + 30
+        while {o.server for o in load.outcomes if o.code == "OK"} != {0, 1}:
+            assert time.monotonic() < deadline, "no warm-up success on both servers"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        killed = time.monotonic()
+        cluster.kill(victim)
+        while not cluster.is_master(replica):
+            assert time.monotonic() < killed + 30, "replica not promoted"
+            time.sleep(0.05)
+        promoted = time.monotonic()
+
+        def recovered() -> bool:
+            return all(
+                any(
+                    o.code == "OK" and o.started >= promoted and o.server == s
+                    for o in list(load.outcomes)
+                )
+                for s in (0, 1)
+            )
+
+        while not recovered() and time.monotonic() < promoted + RECOVERY_BOUND_S + 5:
+            time.sleep(0.1)
+        time.sleep(2.0)
+    outcomes = load.outcomes
+    codes = {o.code for o in outcomes}
+    failures = [o for o in outcomes if o.code != "OK"]
+    print(f"\n{tag}: {len(outcomes)} calls, {len(failures)} failed")
+    for o in failures[:20]:
+        print(f"  server {o.server} +{o.started - killed:.2f}s {o.code}: {o.details}")
+    # In-flight calls succeed or fail fast with UNAVAILABLE; none runs into its deadline.
+    assert codes <= {"OK", "UNAVAILABLE"}, codes
+    # A promoted replica has the data: nothing is reported lost (a topology change is
+    # not a restart; the old run-id check failed every in-flight call here).
+    assert not [o for o in failures if "lost the queued work" in o.details]
+    assert all(o.ended - o.started < CALL_DEADLINE_S / 2 for o in failures), [
+        (o.code, o.ended - o.started) for o in failures
+    ]
+    recovery = {}
+    for server in (0, 1):
+        after_kill = [o for o in outcomes if o.server == server and o.code == "OK"]
+        after_kill = [o for o in after_kill if o.started >= killed]
+        after_promotion = [o for o in after_kill if o.started >= promoted]
+        assert after_promotion, f"server {server} never served after the promotion"
+        first = min(o.ended for o in after_promotion)
+        assert first - promoted <= RECOVERY_BOUND_S, (server, first - promoted)
+        recovery[server] = (min(o.ended for o in after_kill) - killed, first - promoted)
+    print(
+        f"{tag}: promotion {promoted - killed:.1f}s after the kill; first success per server "
+        + ", ".join(
+            f"server {s}: {k:.1f}s after the kill, {p:.1f}s after the promotion"
+            for s, (k, p) in recovery.items()
+        )
+    )
+    # Nothing lost or duplicated: every successful call has all its rows, equal to a clean run.
+    good = [o for o in outcomes if o.code == "OK"]
+    texts = [text for o in good for text in o.texts]
+    assert len(set(texts)) == len(texts)
+    got = np.concatenate([o.rows for o in good])
+    assert got.shape == (len(texts), 384)
+    assert np.abs(got - reference_model.encode(texts, batch_size=64)).max() <= 1e-5
+    # No embedq process restarted (or died).
+    procs = [p for _t, p in deployment.servers] + deployment.workers
+    assert all(p.poll() is None for p in procs)
+    assert [p.pid for p in procs] == deployment.pids
+    return promoted - killed, recovery
+
+
+def test_failover_of_a_cache_only_master_under_load(failover, reference_model):
+    _kill_master_under_load(failover, failover.cache_only_master, "cache-master", reference_model)
+
+
+def test_failover_of_the_job_stream_master_under_load(failover, reference_model):
+    victim = failover.cluster.master_of(Keys(FAILOVER_NS).jobs(MODEL))
+    _kill_master_under_load(failover, victim, "jobs-master", reference_model)

@@ -272,3 +272,15 @@ def _wait_pending_on(client: redis.Redis, keys: Keys, pid: int, timeout: float =
                 return
         time.sleep(0.02)
     raise AssertionError("victim never held a job")
+
+
+def test_a_call_over_several_windows_with_repeated_texts_completes(busy_service: Service):
+    """Windows are refilled however the replies group the tickets (here, few unique
+    texts repeated over 3 windows: one reply answers a whole window at once)."""
+    texts = [f"repeated {i % 7}" for i in range(800)]
+    with grpc.insecure_channel(busy_service.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        reply = stub.Encode(pb.EncodeRequest(texts=texts), timeout=120)
+    rows = np.frombuffer(reply.embeddings, "<f4").reshape(reply.count, -1)
+    assert reply.count == 800
+    assert np.array_equal(rows[0], rows[7]) and not np.array_equal(rows[0], rows[1])

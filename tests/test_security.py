@@ -520,7 +520,8 @@ def _wait_registered(redis_client, namespace: str, proc, name: str, timeout=90.0
 def test_redis_password_and_acl_user(private_redis, servers):
     host = f"127.0.0.1:{private_redis.port}"
     namespace = f"pw{uuid.uuid4().hex[:6]}"
-    # A worker with a wrong password in its URL: it must wait, saying so without the password.
+    # A worker with a wrong password in its URL: a configuration error, not a transient one:
+    # it stops with one line (exit 2) that names the refusal but not the password.
     wrong_name = f"sec-worker-wrong-{namespace}"
     wrong = _spawn(
         ["worker", "--redis-url", f"redis://:{WRONG_PASSWORD}@{host}/0", "--namespace", namespace],
@@ -545,20 +546,18 @@ def test_redis_password_and_acl_user(private_redis, servers):
                 assert client.encode(["behind a password"]).shape == (1, 384)
         assert "redis://embedq-acl:***@" in servers.log(by_url)
 
-        bad = servers.start(f"redis://:{WRONG_PASSWORD}@{host}/0", namespace, serving=False)
-        assert health_status(bad, None) == health_pb2.HealthCheckResponse.NOT_SERVING
-        with Client(bad, timeout=10) as client:
-            error = error_of(lambda: client.encode("no redis for me"))
-        assert error.code == grpc.StatusCode.UNAVAILABLE
-        assert_no_secret(error.details, "an error sent to a client")
-        bad_log = servers.log(bad)
-        assert "redis://:***@" in bad_log and "AuthenticationError" in bad_log
-
-        deadline = time.monotonic() + 60
-        while "waiting for redis at" not in log_text(wrong_name):
-            assert wrong.poll() is None and time.monotonic() < deadline, log_tail(wrong_name)
-            time.sleep(0.2)
-        assert f"waiting for redis at redis://:***@{host}/0" in log_text(wrong_name)
+        bad = subprocess.run(
+            [sys.executable, "-m", "embedq.cli", "server", "--port", str(free_port())]
+            + ["--redis-url", f"redis://:{WRONG_PASSWORD}@{host}/0", "--namespace", namespace],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        assert "redis://:***@" in bad.stderr and "refused our credentials" in bad.stderr
+        assert_no_secret(bad.stdout + bad.stderr, "the server's output")
+        assert wrong.wait(timeout=60) == 2, log_tail(wrong_name)
+        assert f"redis at redis://:***@{host}/0 refused our credentials" in log_text(wrong_name)
     finally:
         for proc in (worker, wrong):
             stop_process(proc)

@@ -9,6 +9,7 @@ deadlines are checked before every batch, not once per read.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -141,25 +142,33 @@ def run_jobs(
     return merged
 
 
-def iter_steps(
-    jobs: Sequence[queue_pb2.Job],
-    encoder: PooledEncoder,
-    keys: Keys,
-    limits: BatchLimits = BatchLimits(),
-    clock: Callable[[], int] | None = None,
-) -> Iterator[Step]:
-    """Run a read of jobs one forward pass at a time, yielding after each.
+@dataclass
+class _Group:
+    """The unique texts of one (normalize, prompt) setting, tokenized."""
 
-    The caller writes each step's results at once, so the callers whose texts
-    ran in an early batch are not held until the whole read is done, and the
-    clock is checked before every batch: an item whose caller's deadline has
-    passed is failed (DEADLINE_EXCEEDED), not encoded.
-    """
-    clock = clock or _now_ms
+    normalize: bool
+    prompt: str
+    work: _Work
+    tokenized: list[TokenizedText]
+
+
+@dataclass
+class Prepared:
+    """A read made ready for the model: deduplicated and tokenized (no model needed,
+    so the worker's reader thread does this while the model runs the previous read)."""
+
+    tracker: _Tracker
+    groups: list[_Group]
+
+
+def prepare(
+    jobs: Sequence[queue_pb2.Job], encoder: PooledEncoder, clock: Callable[[], int] | None = None
+) -> Prepared:
+    """Fail what expired while queued, answer tokenize jobs, dedupe and tokenize the rest."""
     tracker = _Tracker(jobs)
     # Texts are shared across jobs only when they become the same vectors.
     work: dict[tuple[bool, str], _Work] = defaultdict(_Work)
-    now = clock()
+    now = (clock or _now_ms)()
     for job_index, job in enumerate(jobs):
         if _expired(job, now):
             for item in job.items:
@@ -169,10 +178,39 @@ def iter_steps(
         else:
             for item in job.items:
                 work[job.normalize, job.prompt].add(job_index, item.ticket, item.text)
+    groups = []
+    for (normalize, prompt), texts in work.items():
+        # The prompt is part of the text the model reads (and counts toward
+        # max_seq_length), as in sentence-transformers.
+        tokenized = encoder.tokenize([prompt + text for text in texts.texts])
+        _reject_over_length(texts, tokenized, encoder.spec.max_seq_length, tracker)
+        groups.append(_Group(normalize, prompt, texts, tokenized))
+    return Prepared(tracker, groups)
+
+
+def iter_steps(
+    jobs: Sequence[queue_pb2.Job],
+    encoder: PooledEncoder,
+    keys: Keys,
+    limits: BatchLimits = BatchLimits(),
+    clock: Callable[[], int] | None = None,
+    prepared: Prepared | None = None,
+) -> Iterator[Step]:
+    """Run a read of jobs one forward pass at a time, yielding after each.
+
+    The caller writes each step's results at once, so the callers whose texts
+    ran in an early batch are not held until the whole read is done, and the
+    clock is checked before every batch: an item whose caller's deadline has
+    passed is failed (DEADLINE_EXCEEDED), not encoded. `prepared`: the read
+    already prepared (prepare()), else it is prepared here.
+    """
+    clock = clock or _now_ms
+    prepared = prepared or prepare(jobs, encoder, clock)
+    tracker = prepared.tracker
     if tracker.outcome.replies or tracker.finished:
         yield tracker.step()
-    for (normalize, prompt), group in work.items():
-        yield from _encode_group(group, normalize, prompt, encoder, keys, limits, tracker, clock)
+    for group in prepared.groups:
+        yield from _encode_group(group, encoder, keys, limits, tracker, clock)
 
 
 def _now_ms() -> int:
@@ -191,30 +229,25 @@ def _over_length_message(tokens: TokenizedText, max_len: int) -> str:
 
 
 def _encode_group(
-    group: _Work,
-    normalize: bool,
-    prompt: str,
+    group: _Group,
     encoder: PooledEncoder,
     keys: Keys,
     limits: BatchLimits,
     tracker: _Tracker,
     clock: Callable[[], int],
 ) -> Iterator[Step]:
-    # The prompt is part of the text the model reads (and counts toward
-    # max_seq_length), as in sentence-transformers.
-    tokenized = encoder.tokenize([prompt + text for text in group.texts])
-    _reject_over_length(group, tokenized, encoder.spec.max_seq_length, tracker)
+    work, tokenized = group.work, group.tokenized
     batches = plan_batches(
         [len(t.ids) for t in tokenized],
         max_batch_tokens=limits.max_batch_tokens,
         max_batch_size=limits.max_batch_size,
     )
     for batch in batches:
-        live = _drop_expired(group, batch, tracker, clock())
+        live = _drop_expired(work, batch, tracker, clock())
         if live:
-            vectors, error = _embed_batch(live, tokenized, group.texts, normalize, encoder)
+            vectors, error = _embed_batch(live, tokenized, work.texts, group.normalize, encoder)
             tracker.outcome.texts_encoded += len(live)
-            _answer_batch(group, live, vectors, error, encoder, keys, tracker)
+            _answer_batch(work, live, vectors, error, encoder, keys, tracker)
         if tracker.outcome.replies or tracker.finished:
             yield tracker.step()
 
@@ -306,10 +339,14 @@ def _cache_vector(
 ) -> None:
     # Keyed by this worker's own fingerprint: if a server's view of the model
     # is stale, it misses the cache rather than read another model's vectors.
-    variant = variant_fingerprint(
-        encoder.spec.fingerprint, normalize=job.normalize, truncate=job.truncate, prompt=job.prompt
-    )
+    variant = _variant(encoder.spec.fingerprint, job.normalize, job.truncate, job.prompt)
     outcome.cache[keys.cache(variant, text_sha256(text))] = vector.astype("<f4").tobytes()
+
+
+@functools.lru_cache(maxsize=1024)
+def _variant(fingerprint: str, normalize: bool, truncate: bool, prompt: str) -> str:
+    """variant_fingerprint, hashed once per option set rather than once per text."""
+    return variant_fingerprint(fingerprint, normalize=normalize, truncate=truncate, prompt=prompt)
 
 
 def _tokenize_job(

@@ -46,7 +46,7 @@ from embedq.settings import WorkerSettings
 
 from . import faults, metrics
 from .backends import PooledEncoder
-from .pipeline import BatchLimits, Outcome, iter_steps
+from .pipeline import BatchLimits, Outcome, Prepared, iter_steps, prepare
 from .prompts import read_prompts
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class Read:
     entry_ids: list[bytes] = field(default_factory=list)
     # Items each job had when queued (the backlog counter counted them).
     sizes: list[int] = field(default_factory=list)
+    # Deduplicated and tokenized by the reader, while the model ran the read before.
+    prepared: Prepared | None = None
 
 
 @dataclass
@@ -276,7 +278,10 @@ class Worker:
                 return None
             read = self._decode(entries)
             self._drop_cancelled(read.jobs)
-            return read if read.jobs else None
+            if not read.jobs:
+                return None
+            read.prepared = prepare(read.jobs, self.encoder)
+            return read
         except (RedisError, OSError) as exc:
             log.warning("redis trouble (%s); retrying", type(exc).__name__)
             self._stop.wait(0.5)
@@ -423,7 +428,8 @@ class Worker:
         encoder = metrics.measured(self.encoder)
         failed: set[tuple[str, int]] = set()
         encoded = 0
-        for step in iter_steps(read.jobs, encoder, self.keys, self.limits):
+        steps = iter_steps(read.jobs, encoder, self.keys, self.limits, prepared=read.prepared)
+        for step in steps:
             encoded += step.outcome.texts_encoded
             failed.update(
                 (reply_to, failure.ticket)

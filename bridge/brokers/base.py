@@ -41,8 +41,12 @@ class BrokerUrl:
 
     @classmethod
     def parse(cls, raw: str) -> BrokerUrl:
+        text = raw
+        if raw.lower().startswith(("mqtt://", "mqtts://")):
+            # MQTT's multi-level wildcard is '#', a URL fragment marker: take it literally.
+            text = raw.replace("#", "%23")
         try:
-            parts = urlsplit(raw)
+            parts = urlsplit(text)
             port = parts.port
         except ValueError as error:
             raise ConfigError(f"bad URL {redact(raw)!r}: {error}") from None

@@ -72,6 +72,17 @@ class Keys:
         """Stream of Reply messages for one server instance; expires with it."""
         return f"{self.namespace}:v1:{{reply-{server_id}}}:replies"
 
+    def job_marker(self, model: str, server_id: str) -> str:
+        """One server's write marker beside (same slot as) a model's job stream: the
+        sequence number of its last flush there. Gone or behind after a failover or
+        restart means jobs that server queued were lost (server/queue.py)."""
+        return f"{self.namespace}:v1:{{{model}}}:marker:{server_id}"
+
+    @staticmethod
+    def reply_marker(reply_key: str) -> str:
+        """The same marker beside a server's reply stream (replies lost when it is)."""
+        return f"{reply_key}:marker"
+
     @staticmethod
     def cancelled(reply_key: str) -> str:
         """Set of ticket ids whose callers gave up; beside (same slot as) the

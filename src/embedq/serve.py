@@ -246,11 +246,29 @@ def run_serve_command(args: argparse.Namespace) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
 
+    # `embedq status` finds this Redis (no password in it) through this file.
+    from embedq.status import write_serve_state
+
+    state_file = None
+    try:
+        state_file = write_serve_state(
+            settings.port,
+            redis_url,
+            settings.redis.namespace,
+            http_port=settings.http_port,
+            metrics_port=settings.metrics_port,
+            private_redis=redis_server is not None,
+        )
+    except OSError as exc:
+        log.warning("could not write the state file for `embedq status` (%s)", exc)
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
     finally:
+        if state_file is not None:
+            with contextlib.suppress(OSError):
+                state_file.unlink()
         pool.stop()
         if redis_server is not None:
             redis_server.stop()

@@ -175,8 +175,25 @@ class RedisSettings:
 
     def connect_async(self, **extra: object) -> aioredis.Redis:
         if self.is_cluster():
-            return aioredis.RedisCluster.from_url(self._cluster_url(), **{**self._kwargs(), **extra})
-        return aioredis.Redis.from_url(self.url, **{**self._kwargs(), **extra})
+            return aioredis.RedisCluster.from_url(
+                self._cluster_url(), **{**self._kwargs(), **extra}
+            )
+        # A pooled connection that a Redis restart closed fails once when next used:
+        # retry connection errors (not timeouts) briefly, so that a stale connection
+        # is not reported as an outage (it made health flap again ~10 s later).
+        retry = {"retry": _connection_retry(), "retry_on_error": [redis.ConnectionError]}
+        return aioredis.Redis.from_url(self.url, **{**self._kwargs(), **retry, **extra})
+
+
+def _connection_retry():
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    return Retry(
+        ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+        2,
+        supported_errors=(redis.ConnectionError,),
+    )
 
 
 def _tri_state(raw: str | None) -> bool | None:

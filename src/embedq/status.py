@@ -6,14 +6,33 @@ in the last 15 s and their ids, and the model's fingerprint and dimension;
 plus the number of cached vectors (a bounded SCAN: it stops at
 --cache-scan-limit and reports "≥N"). An aligned table, or JSON with --json.
 Read-only: it never writes a key.
+
+Exit status: 0 healthy; 1 unhealthy (one line on stderr says why: no model
+registered, a model with no live worker, dead letters growing) or Redis
+unreachable; 2 no Redis to ask (no --redis-url and not exactly one running
+`embedq serve`). Dead letters are "growing" when the count is higher than at
+the previous sample: with --interval S, a second sample S seconds later; else
+the count the previous `embedq status` run stored for the same Redis and
+namespace (a small JSON file in the state directory; the first run has
+nothing to compare with).
+
+Without --redis-url (or EMBEDQ_REDIS_URL), it finds a running `embedq serve`
+through the state file that serve writes (serve-<port>.json in the state
+directory: $EMBEDQ_STATE_DIR, else $XDG_RUNTIME_DIR/embedq, else
+~/.cache/embedq; mode 0600, removed on exit; never holds a password).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
 import sys
 import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
@@ -39,8 +58,22 @@ def add_status_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--redis-url",
         default=env("REDIS_URL"),
-        required=env("REDIS_URL") is None,
-        help="redis:// or rediss:// URL; password via EMBEDQ_REDIS_PASSWORD [EMBEDQ_REDIS_URL]",
+        help="redis:// or rediss:// URL; password via EMBEDQ_REDIS_PASSWORD [EMBEDQ_REDIS_URL; "
+        "default: the Redis of the running `embedq serve`, from its state file]",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="with several `embedq serve` running: the one listening on this gRPC port",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="sample twice, S seconds apart: dead letters growing between the samples make "
+        "the exit status 1 (default: compare with the previous run's stored count)",
     )
     parser.add_argument(
         "--namespace", default=None, help="prefix of every Redis key [EMBEDQ_NAMESPACE; embedq]"
@@ -166,11 +199,158 @@ def format_table(status: dict, redis_url: str) -> str:
     return "\n".join(lines)
 
 
+# -- state files: how `embedq status` finds `embedq serve` -------------------------------
+
+
+def state_dir() -> Path:
+    """Where serve's state files and status' stored counts live."""
+    explicit = os.environ.get("EMBEDQ_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "embedq"
+    return Path.home() / ".cache" / "embedq"
+
+
+def url_without_password(url: str) -> str:
+    """The URL with any password removed (the user name stays)."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    netloc = f"{userinfo.split(':', 1)[0]}@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _write_private(path: Path, data: dict) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(temporary, path)
+
+
+def write_serve_state(port: int, redis_url: str, namespace: str, **extra: object) -> Path:
+    """Record a running `embedq serve` (mode 0600; the caller removes it on exit)."""
+    path = state_dir() / f"serve-{port}.json"
+    state = {
+        "pid": os.getpid(),
+        "port": port,
+        "redis_url": url_without_password(redis_url),
+        "namespace": namespace,
+        "started_unix": round(time.time(), 3),
+        **extra,
+    }
+    _write_private(path, state)
+    return path
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_serves() -> list[dict]:
+    """State of every `embedq serve` whose process is alive, by port."""
+    found = []
+    for path in sorted(state_dir().glob("serve-*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads(path.read_text())
+            if isinstance(state, dict) and _alive(state.get("pid")) and state.get("redis_url"):
+                found.append(state)
+    return sorted(found, key=lambda state: state.get("port", 0))
+
+
+class NoTarget(Exception):
+    """No Redis to ask: the one-line reason."""
+
+
+def pick_serve(port: int | None) -> dict:
+    serves = running_serves()
+    if port is not None:
+        serves = [state for state in serves if state.get("port") == port]
+        if not serves:
+            raise NoTarget(
+                f"no running `embedq serve` on port {port} (state files in {state_dir()})"
+            )
+    if not serves:
+        raise NoTarget(
+            f"no --redis-url given and no running `embedq serve` found (state files in "
+            f"{state_dir()}): pass --redis-url or set EMBEDQ_REDIS_URL"
+        )
+    if len(serves) > 1:
+        listed = ", ".join(f"port {s.get('port')} (pid {s.get('pid')})" for s in serves)
+        raise NoTarget(f"several `embedq serve` are running: {listed}; pick one with --port")
+    return serves[0]
+
+
+# -- health verdict -------------------------------------------------------------------
+
+
+def _dead_letter_store(safe_url: str, namespace: str) -> Path:
+    digest = hashlib.sha256(f"{safe_url}|{namespace}".encode()).hexdigest()[:16]
+    return state_dir() / f"status-{digest}.json"
+
+
+def _stored_dead_letters(path: Path) -> dict[str, int] | None:
+    try:
+        counts = json.loads(path.read_text()).get("dead_letters")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return counts if isinstance(counts, dict) else None
+
+
+def verdict(status: dict, dead_before: dict[str, int] | None) -> list[str]:
+    """Why the deployment is unhealthy (empty: healthy)."""
+    reasons = []
+    if not status["models"]:
+        reasons.append("no model registered (no worker has started)")
+    for model in status["models"]:
+        if model["workers_alive"] == 0:
+            reasons.append(
+                f"model {model['name']!r} has no live worker "
+                f"(no heartbeat in {status['worker_window_s']:.0f}s)"
+            )
+        before = (dead_before or {}).get(model["name"])
+        if isinstance(before, int) and model["dead_letters"] > before:
+            reasons.append(
+                f"model {model['name']!r}: dead letters grew from {before} to "
+                f"{model['dead_letters']}"
+            )
+    return reasons
+
+
 def run_status_command(args: argparse.Namespace) -> int:
-    settings = RedisSettings.from_env(url=args.redis_url, namespace=args.namespace)
+    namespace = args.namespace
+    redis_url = args.redis_url
+    if not redis_url:
+        try:
+            serve = pick_serve(args.port)
+        except NoTarget as exc:
+            print(f"embedq status: {exc}", file=sys.stderr)
+            return 2
+        redis_url = serve["redis_url"]
+        namespace = namespace or serve.get("namespace")
+    settings = RedisSettings.from_env(url=redis_url, namespace=namespace)
     keys = Keys(settings.namespace)
     client = settings.connect()
+    store = _dead_letter_store(settings.safe_url, settings.namespace)
     try:
+        if args.interval > 0:
+            first = collect(client, keys, args.cache_scan_limit)
+            dead_before = {m["name"]: m["dead_letters"] for m in first["models"]}
+            time.sleep(args.interval)
+        else:
+            dead_before = _stored_dead_letters(store)
         status = collect(client, keys, args.cache_scan_limit)
     except (RedisError, OSError) as exc:
         print(
@@ -180,8 +360,15 @@ def run_status_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         client.close()
+    with contextlib.suppress(OSError):  # a read-only home only loses the comparison
+        dead = {m["name"]: m["dead_letters"] for m in status["models"]}
+        _write_private(store, {"dead_letters": dead, "at_unix": round(time.time(), 3)})
+    reasons = verdict(status, dead_before)
     if args.json:
-        print(json.dumps({"redis": settings.safe_url, **status}, indent=2))
+        print(json.dumps({"redis": settings.safe_url, **status, "unhealthy": reasons}, indent=2))
     else:
         print(format_table(status, settings.safe_url))
+    if reasons:
+        print(f"embedq status: unhealthy: {'; '.join(reasons)}", file=sys.stderr)
+        return 1
     return 0

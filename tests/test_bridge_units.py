@@ -1,0 +1,252 @@
+"""`embedq bridge` without brokers: URLs, redaction, message formats, backoff,
+and the command line's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from embedq.bridge import formats
+from embedq.bridge.brokers import make_sink, make_source
+from embedq.bridge.brokers.base import BrokerUrl, ConfigError, Message, Options, redact, scrub
+from embedq.bridge.core import Backoff
+
+from embedq.v1 import embedq_pb2 as pb
+
+OPTIONS = Options()
+
+
+# -- URLs ----------------------------------------------------------------------------
+
+
+def test_url_parts_and_redaction():
+    url = BrokerUrl.parse("amqp://user:s3cr%40t@rabbit:5673/prod?queue=texts")
+    assert (url.scheme, url.host, url.port, url.username, url.password) == (
+        "amqp",
+        "rabbit",
+        5673,
+        "user",
+        "s3cr@t",
+    )
+    assert url.path == "/prod" and url.params == {"queue": "texts"}
+    assert "s3cr" not in url.safe and url.safe.startswith("amqp://user:***@rabbit:5673/prod")
+    assert url.without_params() == "amqp://user:s3cr%40t@rabbit:5673/prod"
+    assert scrub("failed: s3cr@t here") == "failed: *** here"
+    assert redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact("nats://h:4222/a.b") == "nats://h:4222/a.b"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:6379/0?group=g", "say which stream"),
+        ("redis://127.0.0.1:6379/0?stream=s", "consumer group"),
+        ("redis://127.0.0.1:6379/x?stream=s&group=g", "database number"),
+        ("redis://127.0.0.1:6379/0?stream=s&group=g&claim_idle_ms=-1", "claim_idle_ms"),
+        ("redis://127.0.0.1:6379/0?stream=s&group=g&stram=x", "unknown parameter 'stram'"),
+        ("nats://127.0.0.1:4222", "say which subject"),
+        ("amqp://u:pw@127.0.0.1/%2F", "say which queue"),
+        ("mqtt://127.0.0.1", "say which topic"),
+        ("kafka://127.0.0.1:9092/topic", "Kafka is not supported yet"),
+        ("ftp://u:pw@127.0.0.1/x", "unknown broker scheme 'ftp'"),
+        ("no url at all", "bad URL"),
+        ("redis://h:99999/0?stream=s", "bad URL"),
+    ],
+)
+def test_bad_source_urls_are_one_line_errors(url, message):
+    with pytest.raises(ConfigError) as caught:
+        make_source(url, OPTIONS)
+    text = str(caught.value)
+    assert message in text and "\n" not in text and "pw@" not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("amqp://u:pw@127.0.0.1/%2F", "say where to publish"),
+        ("amqp://u:pw@127.0.0.1/%2F?queue=q&exchange=x", "give queue=Q, or exchange"),
+        ("mqtt://127.0.0.1/a/+/b", "wildcard"),
+        ("redis://127.0.0.1/0?stream=s&maxlen=0", "maxlen"),
+    ],
+)
+def test_bad_sink_urls(url, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        make_sink(url, OPTIONS)
+
+
+def test_good_urls_build_their_brokers():
+    assert make_source("redis://h:1/2?stream=s&group=g", OPTIONS).stream == "s"
+    assert make_source("nats://h/a.b.>?durable=d", OPTIONS).durable == "d"
+    assert make_source("nats://h/a.*", OPTIONS).durable == "embedq-bridge-a__"
+    assert make_source("amqp://u:p@h/vh?queue=q", OPTIONS).queue_name == "q"
+    sink = make_sink("amqp://u:p@h/vh?queue=q", OPTIONS)
+    assert (sink.exchange_name, sink.routing_key) == ("", "q")
+    mqtt = make_source("mqtt://h:1883/$share/g/t/#", Options(consumer="me"))
+    assert mqtt.topic == "$share/g/t/#" and mqtt.client_id == "me"
+    # The default MQTT client id is stable across restarts (it names the session).
+    assert (
+        make_source("mqtt://h/t", OPTIONS).client_id == make_source("mqtt://h/t", OPTIONS).client_id
+    )
+
+
+# -- formats ---------------------------------------------------------------------------
+
+
+def message(body: bytes, ident: str = "7") -> Message:
+    return Message(body=body, message_id=ident)
+
+
+JSON = formats.InputFormat()
+
+
+def test_json_input_with_dotted_paths():
+    fmt = formats.InputFormat("json", "payload.body", "meta.key")
+    body = json.dumps({"payload": {"body": "héllo"}, "meta": {"key": 12}}).encode()
+    parsed = formats.parse(message(body), fmt)
+    assert (parsed.id, parsed.text) == ("12", "héllo")
+    # No id field: the broker's id.
+    assert formats.parse(message(b'{"text": "x"}', "1-0"), JSON).id == "1-0"
+    # An exact key with dots wins over the path.
+    assert (
+        formats.parse(
+            message(b'{"a.b": "exact", "a": {"b": "nested"}}'), formats.InputFormat("json", "a.b")
+        ).text
+        == "exact"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\xff\xfe", "body is not UTF-8"),
+        (b"not json", "body is not JSON"),
+        (b"[1, 2]", "body is a JSON list, not an object"),
+        (b'{"other": 1}', "no field 'text'"),
+        (b'{"text": 5}', "field 'text' is a int, not a string"),
+        (b'{"text": "' + b"x" * 11 + b'"}', "text is 11 bytes, over the server's limit of 10"),
+    ],
+)
+def test_poison_inputs(body, reason):
+    with pytest.raises(formats.Poison, match=reason):
+        formats.parse(message(body), formats.InputFormat(max_text_bytes=10))
+
+
+def test_text_input_and_redis_fields():
+    parsed = formats.parse(message("raw text ✓".encode()), formats.InputFormat("text"))
+    assert (parsed.text, parsed.obj) == ("raw text ✓", {"id": "7", "text": "raw text ✓"})
+    entry = Message(body=None, message_id="1-1", fields={b"id": b"a", b"text": b"t"})
+    assert formats.parse(entry, JSON).obj == {"id": "a", "text": "t"}
+    bad = Message(body=None, message_id="1-2", fields={b"text": b"\xff"})
+    with pytest.raises(formats.Poison, match="not UTF-8"):
+        formats.parse(bad, JSON)
+
+
+def test_json_output_keeps_the_input_object():
+    parsed = formats.parse(message(b'{"id": "a", "text": "t", "n": {"x": 1}}'), JSON)
+    vector = np.array([0.5, -0.25], dtype=np.float32)
+    out = formats.render(parsed, vector, "m", 2, pb.DTYPE_FLOAT32, "json")
+    obj = json.loads(out.body)
+    assert obj == {
+        "id": "a",
+        "text": "t",
+        "n": {"x": 1},
+        "embedding": [0.5, -0.25],
+        "model": "m",
+        "dimension": 2,
+    }
+    assert out.fields["n"] == '{"x": 1}' and json.loads(out.fields["embedding"]) == [0.5, -0.25]
+    assert out.fields["dimension"] == "2" and out.key == "a"
+
+
+def test_binary_output_is_packed_little_endian_with_headers():
+    parsed = formats.parse(message(b'{"id": "a", "text": "t"}'), JSON)
+    vector = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    out = formats.render(parsed, vector, "m", 3, pb.DTYPE_FLOAT32, "binary")
+    assert out.body == np.array([1, 2, 3], dtype="<f4").tobytes()
+    assert out.headers == {"id": "a", "model": "m", "dimension": "3", "dtype": "float32"}
+    assert out.fields["embedding"] == out.body
+    bits = formats.render(parsed, np.array([3], dtype=np.uint8), "m", 8, pb.DTYPE_UBINARY, "binary")
+    assert bits.body == b"\x03" and bits.headers["dtype"] == "ubinary"
+
+
+def test_dead_letters_keep_the_original_body():
+    letter = formats.dead_letter(message(b"\xff raw"), "body is not UTF-8", "nats://h/s")
+    assert letter.body == b"\xff raw"
+    assert letter.headers[formats.REASON] == "body is not UTF-8"
+    assert letter.headers[formats.SOURCE] == "nats://h/s"
+    assert letter.fields["body"] == b"\xff raw"
+    entry = Message(body=None, message_id="9-0", fields={b"id": b"x", b"blob": b"\xff"})
+    letter = formats.dead_letter(entry, "why", "redis://h/0?stream=s")
+    assert letter.fields["blob"] == b"\xff" and letter.fields[formats.REASON] == "why"
+    assert json.loads(letter.body) == {"id": "x", "blob": {"base64": "/w=="}}
+
+
+# -- backoff -----------------------------------------------------------------------------
+
+
+def test_backoff_grows_with_jitter_and_caps():
+    backoff = Backoff(0.1, 2.0)
+    delays = []
+    for _ in range(8):
+        backoff.not_before = 0.0  # each failure a new episode
+        delays.append(backoff.fail())
+    assert 0.05 <= delays[0] <= 0.1 and delays[3] > delays[0]
+    assert max(delays) <= 2.0 and delays[-1] >= 1.0
+    # Failures within one wait do not stack up.
+    assert backoff.fail() <= delays[-1]
+    backoff.succeed()
+    backoff.not_before = 0.0
+    assert backoff.fail() <= 0.1
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "embedq.cli", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_help_lists_every_broker():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for word in (
+        "redis://",
+        "nats://",
+        "amqp://",
+        "mqtt://",
+        "--dead-letter",
+        "--max-in-flight",
+        "--metrics-port",
+        "--text-field",
+        "--output-format",
+        "--token",
+        "--tls-ca",
+    ):
+        assert word in result.stdout
+
+
+def test_bad_url_is_one_line_and_never_shows_the_password():
+    result = run_cli("--from", "amqp://me:hunter2@127.0.0.1/%2F", "--to", "redis://h/0?stream=o")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "say which queue" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_calibrated_precision_is_refused():
+    result = run_cli(
+        "--from",
+        "redis://h/0?stream=i&group=g",
+        "--to",
+        "redis://h/0?stream=o",
+        "--precision",
+        "int8",
+    )
+    assert result.returncode == 2 and "one text per request" in result.stderr
