@@ -116,3 +116,21 @@ def test_a_wrong_redis_password_stops_start_up_with_one_line(command):
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert any("refused our credentials" in line for line in errors), done.stderr[-2000:]
     assert "wrong-secret" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_stops_when_its_worker_refuses_its_configuration(tmp_path):
+    """A worker that exits 2 would fail again: serve stops with one line, no restart loop."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "EMBEDQ_ALLOW_BENCH_BACKEND"}
+    args = ["serve", "--port", str(free_port()), "--backend", "bench-zero"]
+    done = subprocess.run(
+        [sys.executable, "-m", "embedq.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "refused its configuration" in done.stderr
+    assert "--allow-bench-backend" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -24,10 +24,13 @@ from pathlib import Path
 
 from embedq.embedded import EmbeddedRedis
 from embedq.server.cli import add_server_options, security_settings, server_settings
-from embedq.settings import RedisSettings, ServerSettings, env_int, redact_url
+from embedq.settings import RedisSettings, ServerSettings, SettingsError, env_int, redact_url
 from embedq.workers.cli import add_worker_options
 
 log = logging.getLogger("embedq.serve")
+
+# `embedq worker` exits with this when its configuration cannot work.
+CONFIG_ERROR_EXIT = 2
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
@@ -129,9 +132,17 @@ class WorkerPool:
         return subprocess.Popen(self.argvs[index], start_new_session=True, env=env)
 
     async def supervise(self, period_s: float = 0.2) -> None:
+        """Restart workers that die; a worker that exits with 2 (a configuration
+        error: bad model, refused backend, wrong Redis password) would only fail
+        again, so that stops serve (SettingsError) instead of a restart loop."""
         while True:
             await asyncio.sleep(period_s)
             for index, proc in enumerate(self.procs):
+                if proc.poll() == CONFIG_ERROR_EXIT:
+                    raise SettingsError(
+                        f"worker pid {proc.pid} refused its configuration (exit 2; its error "
+                        "is printed above)"
+                    )
                 if proc.poll() is not None:
                     log.error("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
                     if self.on_exit is not None:
@@ -238,13 +249,17 @@ def run_serve_command(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, default_model=default_model_name(models[0]))
 
     async def main() -> None:
+        stop = asyncio.Event()
         supervisor = asyncio.create_task(pool.supervise())
-        try:
-            await serve(settings, security=security)
-        finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+        server = asyncio.create_task(serve(settings, stop=stop, security=security))
+        await asyncio.wait({supervisor, server}, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()  # the server drains and stops on its own
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await server  # a SettingsError from it ends serve with one line
+        if not supervisor.cancelled() and supervisor.exception() is not None:
+            raise supervisor.exception()  # a worker's configuration error
 
     # `embedq status` finds this Redis (no password in it) through this file.
     from embedq.status import write_serve_state
