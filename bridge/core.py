@@ -79,7 +79,7 @@ class Settings:
     progress_interval: float = 10.0
     fetch_timeout: float = 1.0
     # Most texts in one EncodeStream message (what is queued at the time, up to this).
-    batch_texts: int = 64
+    batch_texts: int = 256
 
 
 @dataclass(eq=False)

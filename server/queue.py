@@ -237,7 +237,8 @@ def late_refusal(
     retry_after_ms = max(MIN_RETRY_AFTER_MS, math.ceil(wait_s * 1000))
     return overloaded(
         f"model {model!r} is busy: {queued} texts queued at {capacity:.0f} texts/s would not "
-        f"finish within the {seconds_left:.1f}s left; retry in {retry_after_ms} ms",
+        f"finish within the {seconds_left:.1f}s left before the deadline; retry in "
+        f"{retry_after_ms} ms",
         retry_after_ms=retry_after_ms,
     )
 

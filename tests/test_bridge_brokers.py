@@ -397,7 +397,7 @@ def start_bridge(name: str, target: str, harness: Harness, *extra: str, dead: bo
     return proc
 
 
-def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+def wait_for(predicate, timeout: float, what: str, procs=(), poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -405,7 +405,7 @@ def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
         for proc, name in procs:
             if proc.poll() is not None:
                 raise AssertionError(f"{name} exited {proc.returncode}:\n{log_tail(name)}")
-        time.sleep(0.2)
+        time.sleep(poll)
     logs = "\n".join(log_tail(name) for _, name in procs)
     raise AssertionError(f"{what} not reached in {timeout}s\n{logs}")
 
@@ -521,12 +521,12 @@ def test_poison_messages_are_dead_lettered(broker, service):
 
 def test_sigkill_and_restart_loses_nothing(broker, service):
     """SIGKILL mid-run, start again: every input gets a result (duplicates allowed)."""
-    texts = fresh_texts(240, f"kill-{broker.uid}")
+    texts = fresh_texts(800, f"kill-{broker.uid}")
     items = [{"id": f"k{i}", "text": t} for i, t in enumerate(texts)]
     broker.publish(items)
     name = f"bridge-kill-{broker.kind}-{broker.uid}"
     proc = start_bridge(name, service.target, broker, "--max-in-flight", "64")
-    wait_for(lambda: len(broker.read()) >= 20, 120, "first results", [(proc, name)])
+    wait_for(lambda: len(broker.read()) >= 1, 120, "first results", [(proc, name)], poll=0.02)
     proc.kill()
     proc.wait()
     before = len(set(ids_of(broker.read())))
@@ -563,13 +563,13 @@ def test_server_restart_mid_run_loses_nothing(broker, service, reference_model):
     server_name = f"server-bridge-{broker.kind}-{broker.uid}"
     server = _spawn(server_args, server_name)
     wait_healthy(target, server, server_name)
-    texts = fresh_texts(200, f"restart-{broker.uid}")
+    texts = fresh_texts(800, f"restart-{broker.uid}")
     items = [{"id": f"s{i}", "text": t} for i, t in enumerate(texts)]
     broker.publish(items)
     name = f"bridge-restart-{broker.kind}-{broker.uid}"
     proc = start_bridge(name, target, broker, "--max-in-flight", "64")
     try:
-        wait_for(lambda: len(broker.read()) >= 10, 120, "first results", [(proc, name)])
+        wait_for(lambda: len(broker.read()) >= 1, 120, "first results", [(proc, name)], poll=0.02)
         server.kill()
         server.wait()
         time.sleep(1.5)

@@ -6,9 +6,11 @@ API documents for what is wrong with it (protos/embedq/v1/embedq.proto and the
 README's error table). A request with several faults may get the status of
 any one of them (the order of the checks is not part of the API), and the
 message must name that fault. Requests sent with a tiny deadline may also end
-in DEADLINE_EXCEEDED. Nothing else is accepted: no UNKNOWN, no INTERNAL, no
-RESOURCE_EXHAUSTED or UNAVAILABLE (the queue is far from its bound and the
-worker is alive throughout).
+in DEADLINE_EXCEEDED, or be refused at once with RESOURCE_EXHAUSTED naming the
+deadline (admission by time: work that cannot finish before its deadline is not
+queued). Nothing else is accepted: no UNKNOWN, no INTERNAL, no UNAVAILABLE, and
+no RESOURCE_EXHAUSTED with a normal deadline (the queue is far from its bound and
+the worker is alive throughout).
 
 Generators: random Unicode (control characters, NULs, astral characters,
 combining marks, RTL, BOMs, special-token look-alikes), empty strings, texts
@@ -61,6 +63,7 @@ OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 TIMEOUT_S = 60.0
 
 # Requests sent by this module, by RPC (stream messages count one each).
@@ -290,6 +293,9 @@ def check_outcome(
     """Asserts the status fits the faults; True when the call succeeded."""
     event(f"status {code.name}")
     if short_deadline and code == DEADLINE:
+        return False
+    if short_deadline and code == EXHAUSTED:
+        assert "deadline" in details, details  # refused by time, and says so
         return False
     if not faults:
         assert code == OK, f"expected OK, got {code.name}: {details!r}"
