@@ -129,7 +129,7 @@ def add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dead-after",
         type=float,
-        default=float(env("DEAD_AFTER_S", "4.0")),
+        default=float(env("DEAD_AFTER_S", "3.0")),
         help="seconds without a heartbeat after which a worker counts as dead and another "
         "takes over its pending jobs at once [EMBEDQ_DEAD_AFTER_S; %(default)s]",
     )
@@ -179,6 +179,10 @@ def worker_settings(args: argparse.Namespace, device: str) -> WorkerSettings:
 
 def run_worker_command(args: argparse.Namespace) -> int:
     devices = parse_devices(args.devices)
+    if args.dead_after < 2:
+        # Heartbeats come every second: less would count live workers as dead.
+        print("embedq worker: --dead-after must be at least 2 seconds", file=sys.stderr)
+        return 2
     from .backends import BackendUnavailableError, check_backend
 
     try:  # before loading any weights: a missing package or a GPU fails right here

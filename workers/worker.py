@@ -51,7 +51,8 @@ from .prompts import read_prompts
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 2.0
+# Heartbeats every second: a dead worker is noticed within --dead-after (3 s).
+HEARTBEAT_S = 1.0
 # How long a server's reply stream survives without its server.
 REPLY_TTL_S = 300
 # Bound on a reply stream if its server stops reading.

@@ -287,7 +287,7 @@ class WorkerSettings:
     max_deliveries: int = 3
     # A worker whose heartbeat is older than this is dead: another worker takes
     # its pending jobs at once (the claim_idle_ms claim stays as the safety net).
-    dead_after_s: float = 4.0
+    dead_after_s: float = 3.0
     # Fixed consumer name (serve's supervisor sets it, to hand a dead worker's jobs
     # over the moment the process exits); empty: host-pid-random.
     worker_id: str = ""
