@@ -163,6 +163,8 @@ class MqttSink(Sink):
             Properties(PacketTypes.CONNECT),
             max_inflight_messages=max(20, self.options.max_in_flight),
         )
+        # A whole batch is published at once: not worth aiomqtt's "pending calls" warning.
+        self.client.pending_calls_threshold = 4 * self.options.max_in_flight + 100
         await self.client.__aenter__()
 
     async def publish(self, messages: Sequence[OutMessage]) -> None:

@@ -496,6 +496,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(report(results, label, header, roof))
     print(load_report(load, header))
     args.out.mkdir(parents=True, exist_ok=True)
+    load.update(run_separate(args, scenarios))
     command = "embedq " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
     out = summary(results, label, command) if CORE in scenarios else {"command": command}
     out.update({"machine": info, "scenarios": scenarios, "roofline": roof, "load": load})
@@ -504,6 +505,27 @@ def run_bench_command(args: argparse.Namespace) -> int:
         draw_chart(results, args.out / "bench.png")
     print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if roof else ""))
     return 0
+
+
+def run_separate(args: argparse.Namespace, scenarios: list[str]) -> dict:
+    """`http` (bench_http: HTTP /v1/embeddings beside gRPC) and `bridge` (embedq.bridge.bench:
+    a Redis Streams bridge against `embedq encode` of a file): each starts its own private
+    deployment and prints its own table; their figures join bench.json."""
+    out: dict = {}
+    if "http" in scenarios:
+        from embedq import bench_http
+
+        path = args.out / "http.json"
+        argv = ["--texts", str(min(args.texts, 1024)), "--reps", str(args.reps), "--out", str(path)]
+        bench_http.main(argv + (["--model", args.model] if args.model else []))
+        out["http"] = json.loads(path.read_text())
+    if "bridge" in scenarios:
+        from embedq.bridge import bench as bridge_bench
+
+        path = args.out / "bridge.json"
+        bridge_bench.main(["--runs", str(args.reps), "--json", str(path)])
+        out["bridge"] = json.loads(path.read_text()) if path.exists() else {}
+    return out
 
 
 def _has_reference() -> bool:

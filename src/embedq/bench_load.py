@@ -33,7 +33,9 @@ from embedq.v1 import embedq_pb2_grpc
 
 CORE = "core"  # R, S1, S2, S3, latency, memory (bench.py)
 LOAD_SCENARIOS = ("burst", "worse-burst", "slow-reader", "streams", "plumbing", "scaling")
-SCENARIOS = (CORE, *LOAD_SCENARIOS)
+# Each starts a deployment of its own and prints its own table (bench.run_separate).
+SEPARATE_SCENARIOS = ("http", "bridge")
+SCENARIOS = (CORE, *LOAD_SCENARIOS, *SEPARATE_SCENARIOS)
 # Scenarios that use the main private deployment (the real model) / the reference R.
 ON_MAIN = {CORE, "burst", "worse-burst", "slow-reader", "streams"}
 NEED_REFERENCE = {CORE, "streams"}
