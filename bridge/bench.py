@@ -18,6 +18,7 @@ is doing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "private deployment's; required with --target)",
     )
     parser.add_argument("--max-in-flight", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.target and not args.broker_url:
         parser.error("--target needs --broker-url")
@@ -209,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         f"  ratio run by run              {' '.join(f'{p:.2f}' for p in pairs)}"
         f"  (median {statistics.median(pairs):.2f}; the pair ran back to back)"
     )
+    if args.json:
+        figures = {
+            "machine": cpu_line(),
+            "texts": args.texts,
+            "encode_texts_per_s": encode_rate,
+            "bridge_texts_per_s": bridge_rate,
+            "ratio": bridge_rate / encode_rate,
+            "ratios_run_by_run": pairs,
+        }
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

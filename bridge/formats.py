@@ -26,6 +26,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; json still works
+    orjson = None
+
 from embedq.v1 import embedq_pb2 as pb
 
 from .brokers.base import Message, OutMessage
@@ -131,7 +136,19 @@ def _check_size(text: str, fmt: InputFormat) -> None:
 
 
 def _field_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return value if isinstance(value, str) else _json(value).decode("utf-8")
+
+
+def _json(value: Any) -> bytes:
+    """Compact UTF-8 JSON; numpy vectors directly (orjson, ~10x the json module on the
+    384 floats of every message: profiled as the bridge's own largest cost)."""
+    if orjson is not None:
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, dict):
+        value = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in value.items()}
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def render(
@@ -144,8 +161,9 @@ def render(
         body = np.ascontiguousarray(vector).astype(vector.dtype.newbyteorder("<")).tobytes()
         fields: dict[str, bytes | str] = {**headers, "embedding": body}
         return OutMessage(body, headers, fields, parsed.id, "application/octet-stream")
-    obj = {**parsed.obj, "embedding": vector.tolist(), "model": model, "dimension": dimension}
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    vector = np.ascontiguousarray(vector)
+    obj = {**parsed.obj, "embedding": vector, "model": model, "dimension": dimension}
+    body = _json(obj)
     fields = {key: _field_value(value) for key, value in obj.items()}
     return OutMessage(body, headers, fields, parsed.id, "application/json")
 

@@ -2,8 +2,11 @@
 the cache and the replies, then acknowledge.
 
 Three threads, so that the model never waits for Redis:
-  reader  XREADGROUP (one read ahead of the model), cancelled items dropped,
-          dead workers' jobs taken over, poison jobs dead-lettered;
+  reader  XREADGROUP: everything that arrives while the model is busy joins
+          the next read, handed over the moment the model is idle (so one-text
+          requests still make full batches, and an idle model waits for nothing);
+          cancelled items dropped, dead workers' jobs taken over, poison jobs
+          dead-lettered, the next read deduplicated and tokenized;
   main    runs a read one forward pass at a time (pipeline.iter_steps);
   writer  writes each step's cache entries and replies, and acknowledges the
           jobs it finished, in one pipeline (steps queued meanwhile are merged).
@@ -65,6 +68,11 @@ TAKEOVER_PERIOD_S = 1.0
 WRITE_QUEUE_STEPS = 64
 # Reads with fewer encoded texts say little about capacity (per-call overhead).
 RATE_MIN_TEXTS = 32
+# While the model is busy the reader polls for more jobs this often (it stops
+# waiting the moment the model is idle).
+ACCUMULATE_POLL_S = 0.002
+# Texts gathered for the next read, in max_batch_size units: past it the reader waits.
+ACCUMULATE_BATCHES = 4
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -79,6 +87,15 @@ class Read:
     sizes: list[int] = field(default_factory=list)
     # Deduplicated and tokenized by the reader, while the model ran the read before.
     prepared: Prepared | None = None
+
+    def absorb(self, other: Read) -> None:
+        self.jobs += other.jobs
+        self.entry_ids += other.entry_ids
+        self.sizes += other.sizes
+
+    @property
+    def texts(self) -> int:
+        return sum(self.sizes)
 
 
 @dataclass
@@ -132,8 +149,8 @@ class Worker:
         self._last_claim = 0.0
         self._last_takeover = 0.0
         self._reads: queue.Queue[Read | None] = queue.Queue()
-        # The reader keeps at most one read ahead of the model.
-        self._read_ahead = threading.Semaphore(1)
+        # Set while the model waits for its next read.
+        self._model_idle = threading.Event()
         self._writes: queue.Queue[Write | None] = queue.Queue(WRITE_QUEUE_STEPS)
         self._reset_idle_backlog = self.redis.register_script(RESET_IDLE_BACKLOG_LUA)
 
@@ -172,10 +189,11 @@ class Worker:
     def _compute_loop(self) -> None:
         """Run reads until stopped; reads already taken are finished first."""
         while True:
+            self._model_idle.set()
             read = self._reads.get()
+            self._model_idle.clear()
             if read is None:
                 return
-            self._read_ahead.release()
             try:
                 self.handle(read)
             except Exception:
@@ -258,31 +276,54 @@ class Worker:
     # -- reading (reader thread) ------------------------------------------------
 
     def _read_loop(self) -> None:
+        """Gather jobs while the model is busy; hand them over the moment it is idle."""
+        pending = Read()
         try:
             while not self._stop.is_set():
-                if not self._read_ahead.acquire(timeout=0.5):
-                    continue
-                read = self._next_read()
-                if read is None:
-                    self._read_ahead.release()
+                idle = self._model_idle.is_set()
+                if pending.jobs and idle:
+                    self._hand_over(pending)
+                    pending = Read()
+                elif self._full(pending):
+                    self._model_idle.wait(0.5)
                 else:
-                    self._reads.put(read)
+                    # An idle model with nothing pending: block until a job comes.
+                    # A busy one: poll, and stop waiting the moment it is idle.
+                    busy = bool(pending.jobs) or not idle
+                    got = self._next_read(pending, block_ms=None if busy else 1000)
+                    if got is not None:
+                        pending.absorb(got)
+                    elif busy:
+                        self._model_idle.wait(ACCUMULATE_POLL_S)
         finally:
+            if pending.jobs:
+                self._hand_over(pending)  # read, so ours: finished before stopping
             self._reads.put(None)
 
-    def _next_read(self) -> Read | None:
+    def _hand_over(self, read: Read) -> None:
+        read.prepared = prepare(read.jobs, self.encoder)
+        self._model_idle.clear()
+        self._reads.put(read)
+
+    def _full(self, read: Read) -> bool:
+        return (
+            len(read.jobs) >= self.settings.read_count
+            or read.texts >= ACCUMULATE_BATCHES * self.settings.max_batch_size
+        )
+
+    def _next_read(self, pending: Read, block_ms: int | None) -> Read | None:
         """The next jobs to run (None: nothing came); Redis trouble is waited out."""
         try:
-            entries = self._take_over_dead() or self._claim_stale() or self._read()
+            count = max(1, self.settings.read_count - len(pending.jobs))
+            entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
             if not entries:
-                self._reset_idle_backlog(keys=[self.jobs_key, self.keys.backlog(self.name)])
+                if block_ms:  # idle: nothing queued or being encoded anywhere?
+                    keys = [self.jobs_key, self.keys.backlog(self.name)]
+                    self._reset_idle_backlog(keys=keys)
                 return None
             read = self._decode(entries)
             self._drop_cancelled(read.jobs)
-            if not read.jobs:
-                return None
-            read.prepared = prepare(read.jobs, self.encoder)
-            return read
+            return read if read.jobs else None
         except (RedisError, OSError) as exc:
             log.warning("redis trouble (%s); retrying", type(exc).__name__)
             self._stop.wait(0.5)
@@ -292,13 +333,9 @@ class Worker:
             self._stop.wait(0.5)
         return None
 
-    def _read(self) -> list[Entry]:
+    def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         response = self.redis.xreadgroup(
-            CONSUMER_GROUP,
-            self.worker_id,
-            {self.jobs_key: ">"},
-            count=self.settings.read_count,
-            block=1000,
+            CONSUMER_GROUP, self.worker_id, {self.jobs_key: ">"}, count=count, block=block_ms
         )
         return [entry for _stream, entries in response or [] for entry in entries]
 
