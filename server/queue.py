@@ -54,8 +54,9 @@ REPLY_TTL_S = 300
 # so a huge request shares the workers with the requests that come after it.
 CALL_WINDOW = 256
 # Admit only what the estimate says finishes within this share of the time
-# left: the estimate is an average, batches and replies add some latency.
-ADMIT_SHARE = 0.9
+# left: the estimate is an average, batches and replies add some latency, and a
+# burst's refusals take CPU from the workers on a shared machine.
+ADMIT_SHARE = 0.8
 # Shortest retry-after hint: sooner would only be refused again.
 MIN_RETRY_AFTER_MS = 50
 # While texts are in flight, the write markers are checked this often (s).

@@ -100,6 +100,10 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
                 raise request.error()
             return await handler(self, request, context)
         except RequestError as exc:
+            if context.cancelled():
+                # The caller is gone (its deadline passed, or it hung up): there is nobody
+                # to send a status to, and grpc would log the failed send as an error.
+                raise asyncio.CancelledError from None
             hint = ((RETRY_AFTER_MS_KEY, str(exc.retry_after_ms)),) if exc.retry_after_ms else ()
             await context.abort(exc.code, exc.message, trailing_metadata=hint)
         except (RedisError, OSError) as exc:

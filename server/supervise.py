@@ -18,10 +18,12 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
+from embedq.logs import LOG_EVERY_S, Throttled
+
 log = logging.getLogger(__name__)
 
-# Repeats of one message are logged at most this often.
-LOG_EVERY_S = 10.0
+__all__ = ["LOG_EVERY_S", "Supervisor", "Throttled"]
+
 # Restart backoff: first wait, doubling up to the cap.
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
@@ -29,37 +31,6 @@ MAX_BACKOFF_S = 5.0
 SETTLE_S = 1.0
 # A task that ran this long before failing starts its backoff afresh.
 RESET_BACKOFF_AFTER_S = 30.0
-
-
-class Throttled:
-    """A logger that says the same thing (by key) at most once per `every_s`,
-    with the number of repeats it kept quiet about."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
-        self._log = logger
-        self._every_s = every_s
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def log(self, level: int, key: str, message: str, *args: object, **kwargs: object) -> bool:
-        """Log unless `key` was logged less than `every_s` ago; True when logged."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._every_s:
-            self._quiet[key] = self._quiet.get(key, 0) + 1
-            return False
-        quiet = self._quiet.pop(key, 0)
-        if quiet:
-            message += f" ({quiet} more like it in the last {now - last:.0f}s)"
-        self._last[key] = now
-        self._log.log(level, message, *args, **kwargs)
-        return True
-
-    def warning(self, key: str, message: str, *args: object) -> bool:
-        return self.log(logging.WARNING, key, message, *args)
-
-    def error(self, key: str, message: str, *args: object, exc_info: bool = False) -> bool:
-        return self.log(logging.ERROR, key, message, *args, exc_info=exc_info)
 
 
 class Supervisor:

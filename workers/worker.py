@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
+import random
 import signal
 import socket
 import threading
@@ -45,6 +47,7 @@ from embedq.keys import (
     decode_job,
     encode_message,
 )
+from embedq.logs import Throttled
 from embedq.settings import WorkerSettings
 
 from . import faults, metrics
@@ -73,6 +76,8 @@ RATE_MIN_TEXTS = 32
 ACCUMULATE_POLL_S = 0.002
 # Texts gathered for the next read, in max_batch_size units: past it the reader waits.
 ACCUMULATE_BATCHES = 4
+# A read that starts within this of the previous one's end was waiting for the model.
+SATURATED_GAP_S = 0.005
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -112,9 +117,28 @@ class Write:
         self.texts_done += other.texts_done
 
 
+class Backoff:
+    """Waits between retries: doubling from `first_s` up to `max_s`, with jitter."""
+
+    def __init__(self, first_s: float = 0.1, max_s: float = 5.0) -> None:
+        self.first_s, self.max_s = first_s, max_s
+        self._next = first_s
+
+    def next(self) -> float:
+        wait = self._next * random.uniform(0.8, 1.2)
+        self._next = min(self.max_s, self._next * 2)
+        return wait
+
+    def reset(self) -> None:
+        self._next = self.first_s
+
+
 class RateMeter:
-    """Capacity in texts per busy second: an average over reads big enough to
-    fill batches (small reads measure per-call overhead, not capacity)."""
+    """Capacity in texts per second: an average over reads big enough to fill
+    batches (small reads measure per-call overhead, not capacity). A read that
+    was waiting when the previous one ended (the worker is saturated) is timed
+    from that end: wall time, with tokenizing, writing and whatever else the
+    machine does meanwhile, which is what admission must plan with."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
@@ -151,6 +175,10 @@ class Worker:
         self._reads: queue.Queue[Read | None] = queue.Queue()
         # Set while the model waits for its next read.
         self._model_idle = threading.Event()
+        # Transient Redis trouble: retried with backoff, logged at most once per 10 s.
+        self._throttled = Throttled(log)
+        self._read_backoff = Backoff()
+        self._last_read_end = -math.inf
         self._writes: queue.Queue[Write | None] = queue.Queue(WRITE_QUEUE_STEPS)
         self._reset_idle_backlog = self.redis.register_script(RESET_IDLE_BACKLOG_LUA)
 
@@ -270,7 +298,8 @@ class Worker:
                 if fatal is not None:
                     raise fatal from None
                 reason = self.settings.redis.describe_error(exc)
-                log.warning("waiting for redis at %s: %s", self.settings.redis.safe_url, reason)
+                url = self.settings.redis.safe_url
+                self._throttled.warning("wait", "waiting for redis at %s: %s", url, reason)
                 self._stop.wait(1.0)
 
     # -- reading (reader thread) ------------------------------------------------
@@ -316,6 +345,7 @@ class Worker:
         try:
             count = max(1, self.settings.read_count - len(pending.jobs))
             entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
+            self._read_backoff.reset()  # Redis answered
             if not entries:
                 if block_ms:  # idle: nothing queued or being encoded anywhere?
                     keys = [self.jobs_key, self.keys.backlog(self.name)]
@@ -325,9 +355,11 @@ class Worker:
             self._drop_cancelled(read.jobs)
             return read if read.jobs else None
         except (RedisError, OSError) as exc:
-            log.warning("redis trouble (%s); retrying", type(exc).__name__)
-            self._stop.wait(0.5)
+            name = type(exc).__name__
+            self._throttled.warning("read", "reading jobs: redis trouble (%s); retrying", name)
+            self._stop.wait(self._read_backoff.next())
             self._ensure_group_quietly()
+            return None
         except Exception:
             log.exception("reading jobs failed; they stay pending")
             self._stop.wait(0.5)
@@ -477,8 +509,11 @@ class Worker:
             entry_ids = [read.entry_ids[i] for i in step.finished_jobs]
             done = sum(read.sizes[i] for i in step.finished_jobs)
             self._writes.put(Write(step.outcome, entry_ids, done))
-        busy = time.perf_counter() - begun
-        self.rate.observe(encoded, busy)
+        ended = time.perf_counter()
+        busy = ended - begun
+        saturated = begun - self._last_read_end < SATURATED_GAP_S
+        self.rate.observe(encoded, ended - self._last_read_end if saturated else busy)
+        self._last_read_end = ended
         log.debug("%d jobs, %d texts encoded in %.1f ms", len(read.jobs), encoded, busy * 1000)
         metrics.record_job_outcomes(read.jobs, failed, busy)
 
@@ -513,6 +548,7 @@ class Worker:
         another worker claims them.
         """
         outcome, entry_ids = write.outcome, write.entry_ids
+        backoff = Backoff()
         while True:
             pipe = self.redis.pipeline(transaction=False)
             if dead_letter is not None:
@@ -538,5 +574,6 @@ class Worker:
             except (RedisError, OSError) as exc:
                 if self._stop.is_set():
                     raise
-                log.warning("writing results failed (%s); retrying", type(exc).__name__)
-                time.sleep(0.5)
+                name = type(exc).__name__
+                self._throttled.warning("write", "writing results failed (%s); retrying", name)
+                time.sleep(backoff.next())

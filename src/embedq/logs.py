@@ -97,3 +97,38 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     # Third-party chatter is not what an operator is looking for.
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+# Repeats of one message are logged at most this often.
+LOG_EVERY_S = 10.0
+
+
+class Throttled:
+    """A logger that says the same thing (by key) at most once per `every_s`,
+    with the number of repeats it kept quiet about."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
+        self._log = logger
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def log(self, level: int, key: str, message: str, *args: object, **kwargs: object) -> bool:
+        """Log unless `key` was logged less than `every_s` ago; True when logged."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._every_s:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return False
+        quiet = self._quiet.pop(key, 0)
+        if quiet:
+            message += f" ({quiet} more like it in the last {now - last:.0f}s)"
+        self._last[key] = now
+        self._log.log(level, message, *args, **kwargs)
+        return True
+
+    def warning(self, key: str, message: str, *args: object) -> bool:
+        return self.log(logging.WARNING, key, message, *args)
+
+    def error(self, key: str, message: str, *args: object, exc_info: bool = False) -> bool:
+        return self.log(logging.ERROR, key, message, *args, exc_info=exc_info)
