@@ -18,12 +18,14 @@ No token is ever logged: problems name the file and line only.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 
@@ -162,13 +164,28 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+# How long a refused streaming call may take to finish sending its messages.
+REJECT_DRAIN_S = 0.5
+
+
+async def _drain(requests: AsyncIterator[object]) -> None:
+    async for _message in requests:
+        pass
+
+
 def _rejecting_handler(
     handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts (requests are never parsed)."""
 
-    async def reject(_request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:
+    async def reject(request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:
         log.debug("refused %s: %s", context.peer(), message)
+        if hasattr(request_or_iterator, "__aiter__"):
+            # Let a streaming client finish sending first (briefly, discarding the bytes):
+            # ending the call while its messages are still in flight can reach it as
+            # INTERNAL "Internal error from Core" instead of this status.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_drain(request_or_iterator), REJECT_DRAIN_S)
         await context.abort(code, message)
 
     if handler is None or (handler.request_streaming and handler.response_streaming):
