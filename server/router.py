@@ -414,7 +414,8 @@ async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
     Every message gets exactly one response, and when the client cancels,
     the outstanding work is cancelled with it.
     """
-    responses: asyncio.Queue = asyncio.Queue()
+    # Bounded: every queued response holds credits, so at most STREAM_WINDOW (+ the end).
+    responses: asyncio.Queue = asyncio.Queue(STREAM_WINDOW + 1)
     credits = Credits(STREAM_WINDOW, STREAM_TEXT_WINDOW)
     tasks: set[asyncio.Task] = set()
 

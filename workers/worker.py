@@ -172,7 +172,8 @@ class Worker:
         self._stop = threading.Event()
         self._last_claim = 0.0
         self._last_takeover = 0.0
-        self._reads: queue.Queue[Read | None] = queue.Queue()
+        # At most one read (handed over only to an idle model) and the end marker.
+        self._reads: queue.Queue[Read | None] = queue.Queue(2)
         # Set while the model waits for its next read.
         self._model_idle = threading.Event()
         # Transient Redis trouble: retried with backoff, logged at most once per 10 s.
