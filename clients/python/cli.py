@@ -13,10 +13,9 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import IO
+from typing import IO, Any
 
 import grpc
-from tqdm import tqdm
 
 from ._common import DEFAULT_TARGET
 from ._convert import (
@@ -274,13 +273,39 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NoProgress:
+    """Stands in for a tqdm bar where tqdm is not installed."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _progress() -> Any:
+    """A progress bar on a terminal's stderr: tqdm when installed, else nothing.
+
+    tqdm is optional so that the base install (`pip install embedq`) stays
+    grpcio, protobuf and numpy; the bar is cosmetic and never on a pipe anyway.
+    """
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(unit=" texts", file=sys.stderr, disable=not sys.stderr.isatty())
+
+
 def _encode_into(
     client: Client, source: IO[str], writer: Writer, args: argparse.Namespace, precision: str
 ) -> None:
     # One read block feeds max_in_flight concurrent requests of batch_size texts.
     block = args.batch_size * client.max_in_flight
     done = 0
-    with tqdm(unit=" texts", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+    with _progress() as bar:
         for batch in read_batches(source, block):
             vectors = client.encode(
                 batch,

@@ -10,8 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import embedq.protos
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROTO_ROOT = REPO_ROOT / "protos"
+# Where the package's .proto files are: protos/ in a checkout, the installed copy otherwise.
+PROTO_ROOT = embedq.protos.root()
 DEFAULT_OUT = REPO_ROOT / "src"
 
 
