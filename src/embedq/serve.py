@@ -3,7 +3,8 @@
 Starts a private Redis-compatible server on a free loopback port (unless
 --redis-url names one), N worker processes with the bundled model, and the
 gRPC server in this process. Ctrl-C or SIGTERM stops all of it. A worker
-that dies is restarted, so a crash never leaves the service without one.
+that dies is restarted (embedq.workerpool: the policy `embedq worker --devices`
+uses too), so a crash never leaves the service without one.
 """
 
 from __future__ import annotations
@@ -15,22 +16,26 @@ import dataclasses
 import functools
 import logging
 import os
-import socket
-import subprocess
 import sys
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from embedq.embedded import EmbeddedRedis
-from embedq.server.cli import add_server_options, security_settings, server_settings
-from embedq.settings import RedisSettings, ServerSettings, SettingsError, env_int, redact_url
-from embedq.workers.cli import add_worker_options
+from embedq.flags import add_flags, command_line, shared_flags
+from embedq.server.cli import security_settings, server_settings
+from embedq.settings import SERVE, SETTINGS, WORKER, ServerSettings, redact_url
+
+# The one worker supervisor (also `embedq worker --devices`); names kept importable here.
+from embedq.workerpool import CONFIG_ERROR_EXIT, WorkerPool, forget_worker
 
 log = logging.getLogger("embedq.serve")
 
-# `embedq worker` exits with this when its configuration cannot work.
-CONFIG_ERROR_EXIT = 2
+__all__ = ["CONFIG_ERROR_EXIT", "WorkerPool", "add_serve_command", "forget_worker"]
+
+# Worker flags serve gives its workers as they are; the others it sets itself
+# (--redis-url out of process listings, one --model each, --threads split, metrics ports).
+PASSED_ON = shared_flags(
+    SERVE, WORKER, skip=("redis_url", "model", "threads", "metrics_port", "metrics_host")
+)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
@@ -41,27 +46,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "Redis-compatible server on a free loopback port (or --redis-url), worker processes "
         "and the gRPC server. Ctrl-C stops all of it.",
     )
-    add_server_options(parser)
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=env_int("WORKERS", 1),
-        help="worker processes to start (each uses --devices) [EMBEDQ_WORKERS; %(default)s]",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("EMBEDQ_REDIS_URL"),
-        help="use this Redis instead of starting a private one [EMBEDQ_REDIS_URL]",
-    )
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=None,
-        help="model folder, NAME=FOLDER or model id; repeat to serve several models, each with "
-        "its own --workers workers (the first is the default) [EMBEDQ_MODEL, comma-separated; "
-        "the bundled all-MiniLM-L6-v2]",
-    )
-    add_worker_options(parser)
+    add_flags(parser, SERVE)
     parser.set_defaults(func=run_serve_command)
 
 
@@ -69,32 +54,9 @@ def worker_argv(args: argparse.Namespace, redis_url: str, model: str | None) -> 
     """The worker command line; a URL with a password goes in worker_env() instead,
     out of process listings."""
     url_flag = ["--redis-url", redis_url] if redact_url(redis_url) == redis_url else []
-    argv = [
-        sys.executable,
-        "-m",
-        "embedq.cli",
-        "worker",
-        *url_flag,
-        "--devices",
-        args.devices,
-        "--threads",
-        str(cpu_threads(args)),
-        "--max-batch-tokens",
-        str(args.max_batch_tokens),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--cache-ttl",
-        str(args.cache_ttl),
-    ]
-    if args.namespace:
-        argv += ["--namespace", args.namespace]
-    if model:
-        argv += ["--model", model]
-    if args.fp16:
-        argv.append("--fp16")
-    if args.backend != "torch":
-        argv += ["--backend", args.backend]
-    return argv
+    argv = [sys.executable, "-m", "embedq.cli", "worker", *url_flag]
+    argv += ["--threads", str(cpu_threads(args)), *command_line(args, PASSED_ON)]
+    return argv + (["--model", model] if model else [])
 
 
 def worker_env(redis_url: str) -> dict[str, str]:
@@ -102,62 +64,6 @@ def worker_env(redis_url: str) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k != "EMBEDQ_AUTH_TOKENS"}
     environ["EMBEDQ_REDIS_URL"] = redis_url
     return environ
-
-
-class WorkerPool:
-    """Keeps N worker processes running until stopped. Each gets a consumer name
-    of ours: when one exits, its heartbeat is removed at once, so the other
-    workers (and its replacement) take over its pending jobs within a second
-    instead of waiting for its heartbeat to go stale."""
-
-    def __init__(
-        self,
-        argvs: list[list[str]],
-        env: dict[str, str] | None = None,
-        on_exit: Callable[[str], None] | None = None,
-    ) -> None:
-        self.argvs = argvs
-        self.env = env
-        self.on_exit = on_exit
-        self.ids: list[str] = [""] * len(argvs)
-        self.procs: list[subprocess.Popen] = [self._spawn(i) for i in range(len(argvs))]
-
-    def _spawn(self, index: int) -> subprocess.Popen:
-        self.ids[index] = f"{socket.gethostname()}-serve{index}-{uuid.uuid4().hex[:6]}"
-        env = {
-            **(self.env if self.env is not None else os.environ),
-            "EMBEDQ_WORKER_ID": self.ids[index],
-        }
-        # A worker ignores the terminal's Ctrl-C (own process group); we stop it.
-        return subprocess.Popen(self.argvs[index], start_new_session=True, env=env)
-
-    async def supervise(self, period_s: float = 0.2) -> None:
-        """Restart workers that die; a worker that exits with 2 (a configuration
-        error: bad model, refused backend, wrong Redis password) would only fail
-        again, so that stops serve (SettingsError) instead of a restart loop."""
-        while True:
-            await asyncio.sleep(period_s)
-            for index, proc in enumerate(self.procs):
-                if proc.poll() == CONFIG_ERROR_EXIT:
-                    raise SettingsError(
-                        f"worker pid {proc.pid} refused its configuration (exit 2; its error "
-                        "is printed above)"
-                    )
-                if proc.poll() is not None:
-                    log.error("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
-                    if self.on_exit is not None:
-                        self.on_exit(self.ids[index])
-                    self.procs[index] = self._spawn(index)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def with_observability(args: argparse.Namespace, argvs: list[list[str]]) -> list[list[str]]:
@@ -215,19 +121,6 @@ def default_model_name(spec: str | None) -> str:
     return text.rstrip("/").rsplit("/", 1)[-1]
 
 
-def forget_worker(redis_settings: RedisSettings, worker_id: str) -> None:
-    """Remove an exited worker's heartbeat, so that its jobs are taken over now."""
-    from embedq.keys import Keys
-
-    keys = Keys(redis_settings.namespace)
-    try:
-        client = redis_settings.connect()
-        for model in client.hkeys(keys.models()):
-            client.zrem(keys.workers(model.decode()), worker_id)
-    except Exception as exc:  # noqa: BLE001 - the stale heartbeat does the same, later
-        log.warning("could not mark worker %s gone (%s)", worker_id, type(exc).__name__)
-
-
 def run_serve_command(args: argparse.Namespace) -> int:
     from embedq.server.app import check_security, serve
 
@@ -237,13 +130,16 @@ def run_serve_command(args: argparse.Namespace) -> int:
     redis_url = args.redis_url or redis_server.url
     if redis_server is not None:
         log.info("private redis (%s) on %s", os.path.basename(redis_server.binary), redis_url)
-    from_env = [m for m in (os.environ.get("EMBEDQ_MODEL") or "").split(",") if m]
+    from_env = [m for m in (SETTINGS["model"].raw() or "").split(",") if m]
     models = args.model or from_env or [None]
     argvs = [worker_argv(args, redis_url, model) for model in models for _ in range(args.workers)]
+    labels = [f"worker {i} ({default_model_name(m)})" for m in models for i in range(args.workers)]
     # Ready (health SERVING) only once its own workers have registered.
     settings = dataclasses.replace(server_settings(args, redis_url), ready_needs_workers=True)
     forget = functools.partial(forget_worker, settings.redis)
-    pool = WorkerPool(with_observability(args, argvs), worker_env(redis_url), on_exit=forget)
+    pool = WorkerPool(
+        with_observability(args, argvs), worker_env(redis_url), on_exit=forget, labels=labels
+    )
     if len(models) > 1 and not settings.default_model:
         # The first --model is the default, whatever form it was given in.
         settings = dataclasses.replace(settings, default_model=default_model_name(models[0]))

@@ -37,12 +37,13 @@ from urllib.parse import urlsplit, urlunsplit
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
+from embedq.flags import add_flags
 from embedq.keys import CONSUMER_GROUP, Keys, decode_registration
-from embedq.settings import RedisSettings, ServerSettings, env, env_int
+from embedq.settings import SETTINGS, STATUS, RedisSettings, ServerSettings
 
 # Same window as the server's: a worker silent for longer counts as gone.
 WORKER_WINDOW_S = ServerSettings.worker_stale_s
-DEFAULT_SCAN_LIMIT = 100_000
+DEFAULT_SCAN_LIMIT = SETTINGS["cache_scan_limit"].default
 SCAN_BATCH = 1000
 
 
@@ -55,38 +56,8 @@ def add_status_command(subparsers: argparse._SubParsersAction) -> None:
         f"{WORKER_WINDOW_S:.0f}s, the model fingerprint and dimension; and the number of cached "
         "vectors. Read-only.",
     )
-    parser.add_argument(
-        "--redis-url",
-        default=env("REDIS_URL"),
-        help="redis:// or rediss:// URL; password via EMBEDQ_REDIS_PASSWORD [EMBEDQ_REDIS_URL; "
-        "default: the Redis of the running `embedq serve`, from its state file]",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=None,
-        help="with several `embedq serve` running: the one listening on this gRPC port",
-    )
-    parser.add_argument(
-        "--interval",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="sample twice, S seconds apart: dead letters growing between the samples make "
-        "the exit status 1 (default: compare with the previous run's stored count)",
-    )
-    parser.add_argument(
-        "--namespace", default=None, help="prefix of every Redis key [EMBEDQ_NAMESPACE; embedq]"
-    )
+    add_flags(parser, STATUS)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument(
-        "--cache-scan-limit",
-        type=int,
-        default=env_int("STATUS_SCAN_LIMIT", DEFAULT_SCAN_LIMIT),
-        metavar="N",
-        help="stop counting cache keys at N and report '≥N' (SCAN walks the whole keyspace) "
-        "[EMBEDQ_STATUS_SCAN_LIMIT; %(default)s]",
-    )
     parser.set_defaults(func=run_status_command)
 
 
@@ -204,7 +175,7 @@ def format_table(status: dict, redis_url: str) -> str:
 
 def state_dir() -> Path:
     """Where serve's state files and status' stored counts live."""
-    explicit = os.environ.get("EMBEDQ_STATE_DIR")
+    explicit = SETTINGS["state_dir"].raw()
     if explicit:
         return Path(explicit)
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -334,7 +305,7 @@ def run_status_command(args: argparse.Namespace) -> int:
     redis_url = args.redis_url
     if not redis_url:
         try:
-            serve = pick_serve(args.port)
+            serve = pick_serve(args.serve_port)
         except NoTarget as exc:
             print(f"embedq status: {exc}", file=sys.stderr)
             return 2
