@@ -116,6 +116,13 @@ def test_boolean_variables_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         assert parse("worker", *REQUIRED["worker"]).fp16 is expected, word
 
 
+def test_a_choice_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDQ_BACKEND", "ONNX")
+    assert parse("worker", *REQUIRED["worker"]).backend == "onnx"
+    assert parse("serve", "--backend", "Torch-INT8").backend == "torch-int8"
+    assert SETTINGS["log_format"].parse("JSON") == "json"
+
+
 def test_a_bad_number_is_one_usage_line_and_only_where_it_is_used(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from embedq.logs import FORMATS as LOG_FORMATS
+
 if TYPE_CHECKING:  # redis is imported where it is used: SettingsError needs no redis
     import redis
     import redis.asyncio as aioredis
@@ -85,6 +87,8 @@ class Setting:
         """`raw` (from the environment or the command line) as this setting's type."""
         if self.type is bool:
             return raw.strip().lower() in TRUE_WORDS
+        if self.choices:  # names of things (json, torch): any case
+            return raw.strip().lower()
         if self.type in (int, float):
             try:
                 return self.type(raw)
@@ -122,7 +126,6 @@ def _declare(*settings: Setting) -> dict[str, Setting]:
 
 # Mirrors embedq.workers.backends.BACKENDS (not imported: that would load torch for --help).
 BACKEND_CHOICES = ("torch", "torch-int8", "onnx", "onnx-int8", "bench-zero", "bench-sim")
-LOG_FORMATS = ("text", "json")
 
 SECURITY = "security"
 SECURITY_NOTE = (
