@@ -7,11 +7,13 @@ import * as protoLoader from "@grpc/proto-loader";
 export const PROTO_FILE = "embedq/v1/embedq.proto";
 
 /**
- * Where `embedq/v1/embedq.proto` lives. The package has no copy of it: the
- * repository's `protos/` folder is the single source of truth. Order: the
- * explicit `protoRoot`, env `EMBEDQ_PROTO_ROOT`, then the first `protos/`
- * folder holding the file in this package's folder or any parent (in the
- * repository: `clients/node/../../protos`).
+ * Where `embedq/v1/embedq.proto` lives. The package carries a copy in its own
+ * `protos/` folder (copied from the repository's `protos/`, the single source
+ * of truth, by `npm run build`, so also by `prepare` before a pack). Order:
+ * the explicit `protoRoot`, env `EMBEDQ_PROTO_ROOT`, then the first `protos/`
+ * folder holding the file in this package's folder or a parent: the package's
+ * own copy (this file is `dist/src/proto.js`), or in a checkout that was not
+ * built yet, the repository's `clients/node/../../protos`.
  */
 export function resolveProtoRoot(protoRoot?: string): string {
   const explicit = protoRoot ?? process.env.EMBEDQ_PROTO_ROOT;
@@ -31,7 +33,7 @@ export function resolveProtoRoot(protoRoot?: string): string {
     dir = parent;
   }
   throw new Error(
-    `cannot find protos/${PROTO_FILE} above ${__dirname}; pass the protoRoot option or set EMBEDQ_PROTO_ROOT`,
+    `cannot find protos/${PROTO_FILE} above ${__dirname} (run \`npm run build\`, which copies it into the package); pass the protoRoot option or set EMBEDQ_PROTO_ROOT`,
   );
 }
 

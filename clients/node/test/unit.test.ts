@@ -1,6 +1,8 @@
 /** Offline tests: hash rule, cache keys, vector unpacking, errors, proto loading. */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { describe, test } from "node:test";
 import {
@@ -8,6 +10,7 @@ import {
   EmbedqClient,
   EmbedqError,
   float16ToFloat32,
+  PROTO_FILE,
   packFloat32,
   quantizeCalibrated,
   quantizeInt8,
@@ -21,7 +24,7 @@ import {
   variantFingerprint,
 } from "../src";
 import { toEmbedqError } from "../src/errors";
-import { repoRoot } from "./support/service";
+import { findRepoRoot, packageRoot } from "./support/service";
 
 // Values computed with the Python side (embedq.keys) for the bundled model's fingerprint.
 const FINGERPRINT = "809455c30db34229baae55caab1185765406582c8b5aa426f45ccd3d7508ca09";
@@ -207,10 +210,51 @@ describe("errors", () => {
 });
 
 describe("proto loading", () => {
-  test("the proto comes from the repository's protos/ folder (no copy)", () => {
-    assert.equal(resolveProtoRoot(), path.join(repoRoot(), "protos"));
-    assert.equal(resolveProtoRoot(path.join(repoRoot(), "protos")), path.join(repoRoot(), "protos"));
+  test("the proto comes from the package's own protos/ copy, identical to the repository's", () => {
+    const ownCopy = path.join(packageRoot(), "protos");
+    assert.equal(resolveProtoRoot(), ownCopy);
+    assert.equal(resolveProtoRoot(ownCopy), ownCopy);
+    const repo = findRepoRoot();
+    if (repo !== undefined) {
+      // In the repository the build copies protos/: the copy must be the current source.
+      assert.equal(
+        readFileSync(path.join(ownCopy, PROTO_FILE), "utf8"),
+        readFileSync(path.join(repo, "protos", PROTO_FILE), "utf8"),
+        `${PROTO_FILE} in the package differs from the repository's`,
+      );
+    }
+    // The private server-worker format stays out of the package.
+    assert.equal(existsSync(path.join(ownCopy, "embedq", "internal")), false);
     assert.throws(() => resolveProtoRoot(__dirname), /has no embedq\/v1\/embedq.proto/);
     assert.throws(() => new EmbedqClient("127.0.0.1:1", { protoRoot: __dirname }));
+  });
+  test("EMBEDQ_PROTO_ROOT is honoured before the package's copy", () => {
+    const other = mkdtempSync(path.join(tmpdir(), "embedq-protos-"));
+    mkdirSync(path.join(other, "embedq", "v1"), { recursive: true });
+    copyFileSync(path.join(packageRoot(), "protos", PROTO_FILE), path.join(other, PROTO_FILE));
+    const saved = process.env.EMBEDQ_PROTO_ROOT;
+    process.env.EMBEDQ_PROTO_ROOT = other;
+    try {
+      assert.equal(resolveProtoRoot(), other);
+      const ownCopy = path.join(packageRoot(), "protos");
+      assert.equal(resolveProtoRoot(ownCopy), ownCopy); // the explicit option still wins
+    } finally {
+      if (saved === undefined) delete process.env.EMBEDQ_PROTO_ROOT;
+      else process.env.EMBEDQ_PROTO_ROOT = saved;
+      rmSync(other, { recursive: true, force: true });
+    }
+  });
+
+  test("package.json exports: the entry point and the .proto files, by package name", () => {
+    // A package may require itself by name through its own "exports" map.
+    assert.equal(require.resolve("@embedq/client"), path.join(packageRoot(), "dist", "src", "index.js"));
+    assert.equal(
+      require.resolve(`@embedq/client/protos/${PROTO_FILE}`),
+      path.join(packageRoot(), "protos", PROTO_FILE),
+    );
+    assert.throws(
+      () => require.resolve("@embedq/client/dist/src/proto.js"),
+      /not defined by "exports"/,
+    );
   });
 });

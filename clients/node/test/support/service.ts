@@ -10,28 +10,46 @@ import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { EmbedqClient } from "../../src";
 
-/** The repository root: the first folder above this file holding protos/embedq/v1/embedq.proto. */
-export function repoRoot(): string {
+/** This package's folder (the one with package.json): `dist/test/support` is three below it. */
+export function packageRoot(): string {
   let dir = __dirname;
-  for (;;) {
-    if (existsSync(path.join(dir, "protos", "embedq", "v1", "embedq.proto"))) return dir;
+  while (!existsSync(path.join(dir, "package.json"))) {
     const parent = path.dirname(dir);
-    if (parent === dir) throw new Error(`no repository root above ${__dirname}`);
+    if (parent === dir) throw new Error(`no package.json above ${__dirname}`);
     dir = parent;
   }
+  return dir;
 }
 
-/** The Python that has embedq installed: env EMBEDQ_PYTHON, else <repo>/.venv/bin/python. */
+/**
+ * The embedq repository root when this package sits in one (`clients/node` of a
+ * checkout, holding pyproject.toml and protos/), else undefined: the tests also
+ * run from a copy of this folder anywhere else.
+ */
+export function findRepoRoot(): string | undefined {
+  const root = path.resolve(packageRoot(), "..", "..");
+  const marks = ["pyproject.toml", path.join("protos", "embedq", "v1", "embedq.proto")];
+  return marks.every((mark) => existsSync(path.join(root, mark))) ? root : undefined;
+}
+
+function repoVenv(file: string): string | undefined {
+  const repo = findRepoRoot();
+  const candidate = repo === undefined ? undefined : path.join(repo, ".venv", "bin", file);
+  return candidate !== undefined && existsSync(candidate) ? candidate : undefined;
+}
+
+/**
+ * The Python that has embedq installed: env EMBEDQ_PYTHON, else the repository's
+ * .venv/bin/python, else `python3` on PATH (a copy outside the repository).
+ */
 export function pythonExecutable(): string {
-  return process.env.EMBEDQ_PYTHON || path.join(repoRoot(), ".venv", "bin", "python");
+  return process.env.EMBEDQ_PYTHON || repoVenv("python") || "python3";
 }
 
 function serveCommand(port: number): [string, string[]] {
   const args = ["serve", "--host", "127.0.0.1", "--port", String(port)];
   if (process.env.EMBEDQ_PYTHON) return [process.env.EMBEDQ_PYTHON, ["-m", "embedq.cli", ...args]];
-  const embedq = path.join(repoRoot(), ".venv", "bin", "embedq");
-  if (existsSync(embedq)) return [embedq, args];
-  return [pythonExecutable(), ["-m", "embedq.cli", ...args]];
+  return [repoVenv("embedq") ?? "embedq", args];
 }
 
 export function freePort(): Promise<number> {
