@@ -3,6 +3,8 @@
 #   bash scripts/dev.sh serve [embedq serve flags...]   set up, then run the service
 #   bash scripts/dev.sh test  [pytest args...]          set up, then run the test suite
 #   bash scripts/dev.sh setup                           only set up
+# serve installs embedq[all] (server, worker, embedded Redis); test and setup
+# install embedq[test], which builds on it. Both editable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,8 @@ ensure_venv() {
   fi
 }
 
+# Before the project: the worker extra asks for torch>=2.4, which alone could
+# resolve to a multi-GB CUDA build on a machine without a GPU.
 ensure_torch() {
   if "$VENV/bin/python" -c "import torch" 2>/dev/null; then return; fi
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -45,7 +49,9 @@ ensure_venv
 ensure_torch
 case "$mode" in
   serve)
-    ensure_project .
+    # The base install is only the client: serve needs the server, the worker
+    # and the embedded Redis, which is the `all` extra.
+    ensure_project '.[all]'
     exec "$VENV/bin/embedq" serve "$@"
     ;;
   test)
