@@ -239,7 +239,15 @@ def test_the_wheel_carries_protos_and_a_bare_base(tmp_path: Path) -> None:
     # Built from a copy: an in-tree build would write build/ in the shared checkout.
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns(
-        ".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "__pycache__", "deploy"
+        ".git",
+        ".venv",
+        "node_modules",
+        "build",
+        "dist",
+        "*.egg-info",
+        "__pycache__",
+        "*_cache",
+        "deploy",
     )
     shutil.copytree(ROOT, source, ignore=ignore)
     out = tmp_path / "wheel"
