@@ -29,7 +29,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 
 import grpc
 
+from embedq.keys import ErrorKind
 from embedq.settings import ServerSettings, SettingsError
+
+from .errors import grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,8 @@ OPEN_PREFIXES = (
 RELOAD_CHECK_S = 1.0
 SHORT_TOKEN = 16
 
-MISSING = (grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-INVALID = (grpc.StatusCode.PERMISSION_DENIED, "invalid token")
+MISSING = (ErrorKind.UNAUTHENTICATED, "missing bearer token")
+INVALID = (ErrorKind.PERMISSION, "invalid token")
 
 
 def parse_tokens(lines: Iterable[str], source: str) -> list[str]:
@@ -174,7 +177,7 @@ async def _drain(requests: AsyncIterator[object]) -> None:
 
 
 def _rejecting_handler(
-    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler | None, kind: ErrorKind, message: str
 ) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts (requests are never parsed)."""
 
@@ -186,7 +189,7 @@ def _rejecting_handler(
             # INTERNAL "Internal error from Core" instead of this status.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_drain(request_or_iterator), REJECT_DRAIN_S)
-        await context.abort(code, message)
+        await context.abort(grpc_status(kind), message)
 
     if handler is None or (handler.request_streaming and handler.response_streaming):
         # An unknown method gets the same answer as a known one: no probing without a token.
@@ -204,8 +207,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenSet) -> None:
         self.tokens = tokens
 
-    def check(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
-        """None when the call may proceed, else the (code, message) to refuse it with."""
+    def check(self, method: str, metadata) -> tuple[ErrorKind, str] | None:
+        """None when the call may proceed, else the (kind, message) to refuse it with."""
         if method.startswith(OPEN_PREFIXES):
             return None
         token = bearer_token(metadata)

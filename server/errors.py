@@ -1,37 +1,116 @@
-"""The one exception type that carries a gRPC status through the server."""
+"""The one error type of the server, and the one place that turns it into a status.
+
+Server and workers say *why* something failed with an ErrorKind (embedq.keys,
+from queue.proto; workers send it in Failure.kind). Only `grpc_status` turns a
+kind into a gRPC status (the HTTP front maps that status on, in http.py):
+nothing else in server/ or workers/ names a grpc.StatusCode member
+(tests/test_error_kinds.py checks that).
+"""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+from redis.exceptions import RedisError
+
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import ErrorKind
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error (see the server log)"
 
 
 class RequestError(Exception):
-    """A request failed with a specific status; `message` is safe to show."""
+    """A request failed for `kind`; `message` is safe to show to the caller."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
+    def __init__(self, kind: ErrorKind, message: str, retry_after_ms: int = 0) -> None:
         super().__init__(message)
-        self.code = code
+        self.kind = ErrorKind(kind)
         self.message = message
-        # With RESOURCE_EXHAUSTED: when the same work would likely be admitted.
+        # With OVERLOADED: when the same work would likely be admitted.
         self.retry_after_ms = retry_after_ms
 
     @property
+    def code(self) -> grpc.StatusCode:
+        """The gRPC status callers see."""
+        return grpc_status(self.kind)
+
+    @property
     def code_number(self) -> int:
-        """google.rpc.Code value, as carried in stream responses."""
+        """google.rpc.Code value, as carried in stream responses (`Error.code`)."""
         return self.code.value[0]
 
 
+def grpc_status(kind: ErrorKind) -> grpc.StatusCode:
+    """The gRPC status of an error kind: the only such mapping."""
+    return _GRPC_STATUS[kind]
+
+
+# Kept beside grpc_status, its only reader.
+_GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def kind_of_status(code: grpc.StatusCode) -> ErrorKind:
+    """The kind a gRPC status stands for (the first kind grpc_status maps to it;
+    INTERNAL for a status no kind maps to). For code that is handed a status,
+    such as a handler's context.abort() under the HTTP front."""
+    return next((kind for kind in ErrorKind if grpc_status(kind) == code), ErrorKind.INTERNAL)
+
+
+_KIND_NUMBERS = frozenset(int(kind) for kind in ErrorKind)
+
+
+def error_of_failure(failure: queue_pb2.Failure, message: str) -> RequestError:
+    """The error a worker's Failure stands for. A Failure from a worker older than
+    ErrorKind carries a google.rpc.Code number instead; one that names neither is
+    reported as UNAVAILABLE (the work was not done, a retry may succeed)."""
+    if failure.kind in _KIND_NUMBERS:
+        return RequestError(ErrorKind(failure.kind), message)
+    legacy = next((c for c in grpc.StatusCode if c.value[0] == failure.code), None)
+    if failure.code and legacy is not None:
+        return RequestError(kind_of_status(legacy), message)
+    return unavailable(message)
+
+
+def as_request_error(exc: BaseException, where: str) -> RequestError:
+    """What the caller is told about any exception a handler raised: a
+    RequestError as is, Redis trouble as UNAVAILABLE, anything else (a bug) as
+    INTERNAL with its traceback logged under `where`."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, (RedisError, OSError)):
+        return unavailable(f"redis unavailable: {type(exc).__name__}")
+    log.error("%s failed", where, exc_info=exc)
+    return RequestError(ErrorKind.INTERNAL, INTERNAL_MESSAGE)
+
+
 def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return RequestError(ErrorKind.INVALID_INPUT, message)
 
 
 def unavailable(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.UNAVAILABLE, message)
+    return RequestError(ErrorKind.UNAVAILABLE, message)
 
 
 def overloaded(message: str, retry_after_ms: int = 0) -> RequestError:
-    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_ms)
+    return RequestError(ErrorKind.OVERLOADED, message, retry_after_ms)
 
 
-# google.rpc.Code number -> grpc.StatusCode, for codes that workers send.
-CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+def deadline(message: str) -> RequestError:
+    return RequestError(ErrorKind.DEADLINE, message)
+
+
+def not_found(message: str) -> RequestError:
+    return RequestError(ErrorKind.NOT_FOUND, message)

@@ -54,7 +54,7 @@ from embedq.v1 import embedq_pb2 as pb
 
 from . import metrics, validation
 from .auth import MISSING, TokenSet, bearer_token
-from .errors import RequestError
+from .errors import RequestError, grpc_status, kind_of_status
 from .registry import ServedModel
 from .router import EmbedderService
 
@@ -199,7 +199,7 @@ class HttpContext:
         return None  # the server's default timeout; a client that leaves cancels the work
 
     async def abort(self, code: Code, details: str = "", trailing_metadata=()) -> None:
-        error = RequestError(code, details or code.name)
+        error = RequestError(kind_of_status(code), details or code.name)
         for key, value in trailing_metadata or ():
             if key == RETRY_AFTER_MS_KEY and str(value).isdigit():
                 error.retry_after_ms = int(value)  # becomes Retry-After
@@ -581,7 +581,7 @@ class HttpApi:
     def _check_token(self, request: web.Request) -> None:
         presented = bearer_token(request.headers.items())
         if presented is None:
-            raise HttpError(MISSING[0], MISSING[1], detail="missing_api_key")
+            raise HttpError(grpc_status(MISSING[0]), MISSING[1], detail="missing_api_key")
         if not self.tokens.matches(presented):
             # gRPC says PERMISSION_DENIED; over HTTP a bad credential is a 401.
             raise HttpError(Code.UNAUTHENTICATED, "invalid token", detail="invalid_api_key")

@@ -29,18 +29,24 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
-from embedq.keys import Keys, decode_reply, encode_message, text_sha256, variant_fingerprint
+from embedq.keys import (
+    REPLY_TTL_S,
+    Keys,
+    decode_reply,
+    encode_message,
+    text_sha256,
+    variant_fingerprint,
+)
 from embedq.settings import env_int
 
 from . import metrics
-from .errors import CODE_BY_NUMBER, RequestError, overloaded, unavailable
+from .errors import RequestError, deadline, error_of_failure, overloaded, unavailable
 from .registry import ServedModel
 from .supervise import Supervisor, Throttled
 
@@ -48,8 +54,6 @@ log = logging.getLogger(__name__)
 
 ENCODE = queue_pb2.JOB_KIND_ENCODE
 TOKENIZE = queue_pb2.JOB_KIND_TOKENIZE
-# A reply stream outlives its server by this much, then Redis drops it.
-REPLY_TTL_S = 300
 # Texts of one call queued at once; the rest follow as these are answered,
 # so a huge request shares the workers with the requests that come after it.
 CALL_WINDOW = 256
@@ -66,6 +70,8 @@ KEEPALIVE_S = 5.0
 # Reply listener: first retry after a Redis error, doubling up to the cap (s).
 LISTEN_BACKOFF_S = (0.05, 1.0)
 LOST_WORK = "redis restarted and lost the queued work; retry"
+# stop(): a background task still running this long after its cancel is cancelled again.
+STOP_RECANCEL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -196,12 +202,7 @@ class QueueBounds:
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:
     if not future.done():
-        future.set_exception(
-            RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no result within {timeout_s:.1f}s (worker busy or gone)",
-            )
-        )
+        future.set_exception(deadline(f"no result within {timeout_s:.1f}s (worker busy or gone)"))
 
 
 @dataclass
@@ -296,9 +297,14 @@ class Dispatcher:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            # A cancel that lands while redis-py starts a command can be swallowed
+            # (seen with redis 8.1 on Python 3.11: the XREAD goes on blocking and the
+            # loop with it), so a task still running after a while is cancelled again.
+            _done, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_S)
         with contextlib.suppress(RedisError, OSError):  # else they expire on their own
             await self._redis.delete(self.reply_key, self.reply_marker)
             for model in self._written:
@@ -708,10 +714,8 @@ class Dispatcher:
                 call.set_tokens(row, tokens)
                 self._refill_if_due(call)
         for failure in reply.failures:
-            code = CODE_BY_NUMBER.get(failure.code)
             for call, row in self._take_waiters(failure.ticket):
-                message = f"texts[{row}]: {failure.message}"
-                call.fail(RequestError(code, message) if code else unavailable(message))
+                call.fail(error_of_failure(failure, f"texts[{row}]: {failure.message}"))
 
     def _take_waiters(self, ticket_id: int) -> list[tuple[Call, int]]:
         ticket = self._drop_ticket(ticket_id)

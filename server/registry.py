@@ -13,7 +13,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import grpc
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
@@ -21,7 +20,7 @@ from redis.exceptions import RedisError
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys, decode_registration
 
-from .errors import RequestError, unavailable
+from .errors import invalid, not_found, unavailable
 from .supervise import Throttled
 
 log = logging.getLogger(__name__)
@@ -127,14 +126,9 @@ class ModelRegistry:
             raise unavailable("no model is registered yet: start a worker (embedq worker)")
         if not wanted:
             served = ", ".join(sorted(self._models))
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"several models are served ({served}): set options.model",
-            )
+            raise invalid(f"several models are served ({served}): set options.model")
         model = self._models.get(wanted)
         if model is None:
             served = ", ".join(sorted(self._models))
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND, f"unknown model {wanted!r}; served: {served}"
-            )
+            raise not_found(f"unknown model {wanted!r}; served: {served}")
         return model

@@ -18,7 +18,6 @@ import grpc
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError
 
 from embedq import __version__
 from embedq.keys import RETRY_AFTER_MS_KEY, Keys, text_sha256
@@ -27,7 +26,7 @@ from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
 from . import similarity, validation
-from .errors import RequestError, invalid, unavailable
+from .errors import RequestError, as_request_error, invalid, unavailable
 from .output import OutputSpec, output_spec, ranking_vectors, shape
 from .queue import Dispatcher, Variant
 from .registry import ModelRegistry
@@ -99,37 +98,27 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             if isinstance(request, Undecodable):
                 raise request.error()
             return await handler(self, request, context)
-        except RequestError as exc:
-            if context.cancelled():
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            if isinstance(exc, RequestError) and context.cancelled():
                 # The caller is gone (its deadline passed, or it hung up): there is nobody
                 # to send a status to, and grpc would log the failed send as an error.
                 raise asyncio.CancelledError from None
-            hint = ((RETRY_AFTER_MS_KEY, str(exc.retry_after_ms)),) if exc.retry_after_ms else ()
-            await context.abort(exc.code, exc.message, trailing_metadata=hint)
-        except (RedisError, OSError) as exc:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}"
+            error = as_request_error(exc, handler.__name__)
+            hint = (
+                ((RETRY_AFTER_MS_KEY, str(error.retry_after_ms)),) if error.retry_after_ms else ()
             )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+            await context.abort(error.code, error.message, trailing_metadata=hint)
 
     return wrapped
 
 
 def as_error(exc: BaseException) -> pb.Error:
-    if isinstance(exc, RequestError):
-        return pb.Error(
-            code=exc.code_number, message=exc.message, retry_after_ms=exc.retry_after_ms
-        )
-    if isinstance(exc, (RedisError, OSError)):
-        code = grpc.StatusCode.UNAVAILABLE.value[0]
-        return pb.Error(code=code, message=f"redis unavailable: {type(exc).__name__}")
-    log.error("stream message failed", exc_info=exc)
+    """One stream message's failure, as its response's `error`."""
+    error = as_request_error(exc, "stream message")
     return pb.Error(
-        code=grpc.StatusCode.INTERNAL.value[0], message="internal error (see the server log)"
+        code=error.code_number, message=error.message, retry_after_ms=error.retry_after_ms
     )
 
 

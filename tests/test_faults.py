@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import conftest
 import grpc
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
 MODEL = "all-MiniLM-L6-v2"
+FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
 
 
 def rows(response) -> np.ndarray:
@@ -75,6 +80,24 @@ def deployment(redis_server):
     yield make
     for svc in services:
         svc.stop()
+
+
+def _spawn_with_faults(args: list[str], name: str, env: dict[str, str] | None = None):
+    """conftest._spawn through tests/fault_worker.py: the same commands, with
+    workers' encoders wrapped to obey EMBEDQ_FAULT_INJECT."""
+    log = open(conftest.LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, str(FAULT_WORKER), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def fault_injection(monkeypatch):
+    """Processes started in the test run through the fault-injecting launcher."""
+    monkeypatch.setattr(conftest, "_spawn", _spawn_with_faults)
 
 
 def test_sigkilled_worker_loses_nothing(deployment, reference_model):
@@ -132,7 +155,7 @@ def test_streams_survive_a_worker_kill_exactly_once(deployment):
         assert sorted(ids) == sorted(f"{stream_no}-{i}" for i in range(80))
 
 
-def test_poison_text_fails_its_caller_only(deployment, monkeypatch):
+def test_poison_text_fails_its_caller_only(deployment, fault_injection, monkeypatch):
     """The encoder raising on a text: that request gets INTERNAL naming it; the worker goes on."""
     monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "raise:POISON")
     svc = deployment()
@@ -148,7 +171,7 @@ def test_poison_text_fails_its_caller_only(deployment, monkeypatch):
     assert svc.workers[0].poll() is None
 
 
-def test_job_that_kills_workers_is_dead_lettered(deployment, monkeypatch):
+def test_job_that_kills_workers_is_dead_lettered(deployment, fault_injection, monkeypatch):
     """A text that crashes every worker that takes it: after N deliveries it goes
     to the dead-letter stream and the caller gets an error, not silence."""
     monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "crash:KILLER")

@@ -23,11 +23,9 @@ from embedq.server.queue import late_refusal
 from embedq.workers.pipeline import BatchLimits, iter_steps
 
 from embedq.internal.v1 import queue_pb2
-from embedq.keys import RETRY_AFTER_MS_KEY, Keys
+from embedq.keys import RETRY_AFTER_MS_KEY, ErrorKind, Keys
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
-
-DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
 def unique_texts(n: int, tag: str = "") -> list[str]:
@@ -124,7 +122,7 @@ def test_items_that_expire_between_batches_are_not_encoded(encoder):
     answered_b = sum(len(s.outcome.replies["b"].tickets) for s in steps if "b" in s.outcome.replies)
     assert answered_b == 8  # no deadline: always encoded
     assert answered_a + len(failures) == 24 and len(failures) >= 8
-    assert all(f.code == DEADLINE_EXCEEDED for f in failures)
+    assert all(f.kind == ErrorKind.DEADLINE for f in failures)
     encoded = sum(s.outcome.texts_encoded for s in steps)
     assert encoded == 32 - len(failures)  # expired texts never reached the model
     assert sorted(i for s in steps for i in s.finished_jobs) == [0, 1]

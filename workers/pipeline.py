@@ -16,21 +16,16 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
 from embedq.internal.v1 import queue_pb2
-from embedq.keys import Keys, text_sha256, variant_fingerprint
+from embedq.keys import ErrorKind, Keys, text_sha256, variant_fingerprint
 
-from . import faults
 from .backends import PooledEncoder, TokenizedText
 from .batching import plan_batches
 
 log = logging.getLogger(__name__)
 
-INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 DEADLINE_MESSAGE = "deadline passed while queued"
 
 
@@ -48,8 +43,8 @@ class Outcome:
             self.replies[reply_to] = queue_pb2.Reply()
         return self.replies[reply_to]
 
-    def fail(self, job: queue_pb2.Job, ticket: int, code: int, message: str) -> None:
-        self.reply(job.reply_to).failures.add(ticket=ticket, code=code, message=message)
+    def fail(self, job: queue_pb2.Job, ticket: int, kind: ErrorKind, message: str) -> None:
+        self.reply(job.reply_to).failures.add(ticket=ticket, kind=kind, message=message)
 
     def merge(self, other: Outcome) -> None:
         """Add another outcome's results (same encoder, so the same dimension)."""
@@ -116,8 +111,8 @@ class _Tracker:
         if self.remaining[job_index] == 0:
             self.finished.append(job_index)
 
-    def fail(self, job_index: int, ticket: int, code: int, message: str) -> None:
-        self.outcome.fail(self.jobs[job_index], ticket, code, message)
+    def fail(self, job_index: int, ticket: int, kind: ErrorKind, message: str) -> None:
+        self.outcome.fail(self.jobs[job_index], ticket, kind, message)
         self.answered(job_index)
 
     def step(self) -> Step:
@@ -172,7 +167,7 @@ def prepare(
     for job_index, job in enumerate(jobs):
         if _expired(job, now):
             for item in job.items:
-                tracker.fail(job_index, item.ticket, DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
+                tracker.fail(job_index, item.ticket, ErrorKind.DEADLINE, DEADLINE_MESSAGE)
         elif job.kind == queue_pb2.JOB_KIND_TOKENIZE:
             _tokenize_job(job_index, job, encoder, tracker)
         else:
@@ -245,7 +240,7 @@ def _encode_group(
     for batch in batches:
         live = _drop_expired(work, batch, tracker, clock())
         if live:
-            vectors, error = _embed_batch(live, tokenized, work.texts, group.normalize, encoder)
+            vectors, error = _embed_batch(live, tokenized, group.normalize, encoder)
             tracker.outcome.texts_encoded += len(live)
             _answer_batch(work, live, vectors, error, encoder, keys, tracker)
         if tracker.outcome.replies or tracker.finished:
@@ -265,7 +260,7 @@ def _reject_over_length(
                 kept.append((job_index, ticket))
             else:
                 message = _over_length_message(tokens, max_len)
-                tracker.fail(job_index, ticket, INVALID_ARGUMENT, message)
+                tracker.fail(job_index, ticket, ErrorKind.TOO_LONG, message)
         group.waiting[index] = kept
 
 
@@ -276,7 +271,7 @@ def _drop_expired(group: _Work, batch: list[int], tracker: _Tracker, now_ms: int
         kept = []
         for job_index, ticket in group.waiting[index]:
             if _expired(tracker.jobs[job_index], now_ms):
-                tracker.fail(job_index, ticket, DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
+                tracker.fail(job_index, ticket, ErrorKind.DEADLINE, DEADLINE_MESSAGE)
             else:
                 kept.append((job_index, ticket))
         group.waiting[index] = kept
@@ -288,13 +283,11 @@ def _drop_expired(group: _Work, batch: list[int], tracker: _Tracker, now_ms: int
 def _embed_batch(
     batch: list[int],
     tokenized: list[TokenizedText],
-    texts: list[str],
     normalize: bool,
     encoder: PooledEncoder,
 ) -> tuple[np.ndarray | None, str]:
     """The batch's rows, or None and why: a batch that raises fails only its own texts."""
     try:
-        faults.raise_if_marked(texts[i] for i in batch)
         return encoder.embed([tokenized[i].ids for i in batch], normalize=normalize), ""
     except Exception as exc:  # noqa: BLE001 - reported to the callers, worker goes on
         log.exception("encoder failed on a batch of %d texts", len(batch))
@@ -315,7 +308,7 @@ def _answer_batch(
         for job_index, ticket in group.waiting[index]:
             job = tracker.jobs[job_index]
             if vectors is None:
-                tracker.fail(job_index, ticket, INTERNAL, error)
+                tracker.fail(job_index, ticket, ErrorKind.INTERNAL, error)
                 continue
             rows[job.reply_to].append((ticket, position))
             tracker.answered(job_index)
@@ -357,7 +350,7 @@ def _tokenize_job(
     for item, tokens in zip(job.items, encoder.tokenize(texts), strict=True):
         if not job.truncate and tokens.truncated:
             message = _over_length_message(tokens, max_len)
-            tracker.fail(job_index, item.ticket, INVALID_ARGUMENT, message)
+            tracker.fail(job_index, item.ticket, ErrorKind.TOO_LONG, message)
             continue
         tracker.outcome.reply(job.reply_to).tokens.add(
             ticket=item.ticket,

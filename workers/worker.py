@@ -35,14 +35,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import grpc
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import (
     CONSUMER_GROUP,
+    DEAD_LETTER_MAXLEN,
+    REPLY_MAXLEN,
+    REPLY_TTL_S,
     RESET_IDLE_BACKLOG_LUA,
+    ErrorKind,
     Keys,
     decode_job,
     encode_message,
@@ -50,7 +53,7 @@ from embedq.keys import (
 from embedq.logs import Throttled
 from embedq.settings import WorkerSettings
 
-from . import faults, metrics
+from . import metrics
 from .backends import PooledEncoder
 from .pipeline import BatchLimits, Outcome, Prepared, iter_steps, prepare
 from .prompts import read_prompts
@@ -59,11 +62,6 @@ log = logging.getLogger(__name__)
 
 # Heartbeats every second: a dead worker is noticed within --dead-after (3 s).
 HEARTBEAT_S = 1.0
-# How long a server's reply stream survives without its server.
-REPLY_TTL_S = 300
-# Bound on a reply stream if its server stops reading.
-REPLY_MAXLEN = 100_000
-INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 
 # How often the reader looks for workers whose heartbeat stopped.
 TAKEOVER_PERIOD_S = 1.0
@@ -455,7 +453,7 @@ class Worker:
         outcome = Outcome()
         message = f"job failed on {self.settings.max_deliveries} deliveries and was dead-lettered"
         for item in job.items:
-            outcome.fail(job, item.ticket, INTERNAL, message)
+            outcome.fail(job, item.ticket, ErrorKind.INTERNAL, message)
         self._write(Write(outcome, [entry_id], len(job.items)), dead_letter=fields)
         metrics.dead_lettered()
 
@@ -495,7 +493,6 @@ class Worker:
     def handle(self, read: Read) -> None:
         """Run one read a forward pass at a time, handing each step to the writer."""
         begun = time.perf_counter()
-        faults.crash_if_marked(item.text for job in read.jobs for item in job.items)
         encoder = metrics.measured(self.encoder)
         failed: set[tuple[str, int]] = set()
         encoded = 0
@@ -553,7 +550,7 @@ class Worker:
         while True:
             pipe = self.redis.pipeline(transaction=False)
             if dead_letter is not None:
-                pipe.xadd(self.keys.dead_letters(self.name), dead_letter, maxlen=10_000)
+                pipe.xadd(self.keys.dead_letters(self.name), dead_letter, maxlen=DEAD_LETTER_MAXLEN)
             for key, value in outcome.cache.items():
                 pipe.set(key, value, ex=self.settings.cache_ttl_s)
             for reply_to, reply in outcome.replies.items():

@@ -10,6 +10,7 @@ slot. Cache keys carry no tag: the cache spreads over the cluster.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass
 
@@ -19,6 +20,27 @@ DEFAULT_NAMESPACE = "embedq"
 CONSUMER_GROUP = "workers"
 # Field name of the single protobuf payload inside a stream entry.
 PAYLOAD_FIELD = b"m"
+
+# A server's reply stream, its cancelled set and its write markers outlive the
+# server by this much (renewed while it runs), then Redis drops them.
+REPLY_TTL_S = 300
+# Bound on a reply stream whose server stopped reading (XADD MAXLEN ~).
+REPLY_MAXLEN = 100_000
+# Bound on a model's dead-letter stream (XADD MAXLEN).
+DEAD_LETTER_MAXLEN = 10_000
+
+# Why an item or a request failed (queue.proto's ErrorKind, without the
+# ERROR_KIND_ prefix): built from the .proto so the set is declared once. Workers
+# put it in Failure.kind; server/errors.py maps it to gRPC and HTTP statuses.
+ErrorKind = enum.IntEnum(
+    "ErrorKind",
+    {
+        name.removeprefix("ERROR_KIND_"): number
+        for name, number in queue_pb2.ErrorKind.items()
+        if number != queue_pb2.ERROR_KIND_UNSPECIFIED
+    },
+    module=__name__,
+)
 
 
 def text_sha256(text: str) -> str:

@@ -12,9 +12,32 @@ class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_KIND_UNSPECIFIED: _ClassVar[JobKind]
     JOB_KIND_ENCODE: _ClassVar[JobKind]
     JOB_KIND_TOKENIZE: _ClassVar[JobKind]
+
+class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_KIND_UNSPECIFIED: _ClassVar[ErrorKind]
+    ERROR_KIND_INVALID_INPUT: _ClassVar[ErrorKind]
+    ERROR_KIND_TOO_LONG: _ClassVar[ErrorKind]
+    ERROR_KIND_OVERLOADED: _ClassVar[ErrorKind]
+    ERROR_KIND_UNAVAILABLE: _ClassVar[ErrorKind]
+    ERROR_KIND_DEADLINE: _ClassVar[ErrorKind]
+    ERROR_KIND_UNAUTHENTICATED: _ClassVar[ErrorKind]
+    ERROR_KIND_PERMISSION: _ClassVar[ErrorKind]
+    ERROR_KIND_NOT_FOUND: _ClassVar[ErrorKind]
+    ERROR_KIND_INTERNAL: _ClassVar[ErrorKind]
 JOB_KIND_UNSPECIFIED: JobKind
 JOB_KIND_ENCODE: JobKind
 JOB_KIND_TOKENIZE: JobKind
+ERROR_KIND_UNSPECIFIED: ErrorKind
+ERROR_KIND_INVALID_INPUT: ErrorKind
+ERROR_KIND_TOO_LONG: ErrorKind
+ERROR_KIND_OVERLOADED: ErrorKind
+ERROR_KIND_UNAVAILABLE: ErrorKind
+ERROR_KIND_DEADLINE: ErrorKind
+ERROR_KIND_UNAUTHENTICATED: ErrorKind
+ERROR_KIND_PERMISSION: ErrorKind
+ERROR_KIND_NOT_FOUND: ErrorKind
+ERROR_KIND_INTERNAL: ErrorKind
 
 class Item(_message.Message):
     __slots__ = ("ticket", "text")
@@ -47,14 +70,16 @@ class Job(_message.Message):
     def __init__(self, kind: _Optional[_Union[JobKind, str]] = ..., reply_to: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., variant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., fingerprint: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class Failure(_message.Message):
-    __slots__ = ("ticket", "code", "message")
+    __slots__ = ("ticket", "code", "message", "kind")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     ticket: int
     code: int
     message: str
-    def __init__(self, ticket: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    kind: ErrorKind
+    def __init__(self, ticket: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., kind: _Optional[_Union[ErrorKind, str]] = ...) -> None: ...
 
 class Tokens(_message.Message):
     __slots__ = ("ticket", "ids", "tokens", "truncated", "full_length")

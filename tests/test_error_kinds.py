@@ -1,0 +1,111 @@
+"""One error taxonomy: ErrorKind (queue.proto) is what server and workers say,
+server/errors.py alone turns it into a gRPC status, and the client maps the
+public codes back in one place."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import grpc
+import pytest
+from embedq.client._errors import EmbedqError
+from embedq.server.errors import (
+    RequestError,
+    error_of_failure,
+    grpc_status,
+    kind_of_status,
+)
+
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import ErrorKind
+
+ROOT = Path(__file__).resolve().parents[1]
+# Naming a status member (grpc.StatusCode.X, StatusCode.X) or aliasing the enum.
+STATUS_USE = re.compile(r"\bStatusCode\.[A-Z]|=\s*grpc\.StatusCode\b")
+# The one mapping, and the files that may still name statuses, with why.
+ALLOWED = {
+    "server/errors.py": "the one ErrorKind -> gRPC status mapping",
+    "server/metrics.py": "labels finished calls with the status they ended with; chooses none",
+    "server/http.py": "the HTTP front's own refusals (bad JSON, no route), counted under "
+    "gRPC status names in the shared request metrics",
+}
+
+
+def status_uses() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for folder in ("server", "workers"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            hits = [
+                f"{n}: {line.strip()}" for n, line in enumerate(lines, 1) if STATUS_USE.search(line)
+            ]
+            if hits:
+                found[str(path.relative_to(ROOT))] = hits
+    return found
+
+
+def test_statuses_are_chosen_only_in_server_errors():
+    stray = {path: hits for path, hits in status_uses().items() if path not in ALLOWED}
+    assert not stray, (
+        "name an ErrorKind and let server/errors.py:grpc_status map it, instead of "
+        f"choosing a grpc.StatusCode here: {stray}"
+    )
+
+
+def test_every_kind_has_a_status_and_statuses_map_back():
+    assert {kind.name for kind in ErrorKind} == {
+        name.removeprefix("ERROR_KIND_")
+        for name, number in queue_pb2.ErrorKind.items()
+        if number != queue_pb2.ERROR_KIND_UNSPECIFIED
+    }
+    for kind in ErrorKind:
+        status = grpc_status(kind)
+        assert grpc_status(kind_of_status(status)) is status
+    assert kind_of_status(grpc.StatusCode.ABORTED) is ErrorKind.INTERNAL
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        (ErrorKind.INVALID_INPUT, grpc.StatusCode.INVALID_ARGUMENT),
+        (ErrorKind.TOO_LONG, grpc.StatusCode.INVALID_ARGUMENT),
+        (ErrorKind.OVERLOADED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ErrorKind.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (ErrorKind.DEADLINE, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (ErrorKind.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED),
+        (ErrorKind.PERMISSION, grpc.StatusCode.PERMISSION_DENIED),
+        (ErrorKind.NOT_FOUND, grpc.StatusCode.NOT_FOUND),
+        (ErrorKind.INTERNAL, grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_public_statuses_are_the_ones_documented(kind, status):
+    """The statuses callers saw before ErrorKind existed, unchanged."""
+    error = RequestError(kind, "why")
+    assert (error.code, error.code_number, error.message) == (status, status.value[0], "why")
+
+
+def test_a_worker_failure_becomes_its_kind():
+    failure = queue_pb2.Failure(ticket=1, kind=ErrorKind.TOO_LONG, message="long")
+    error = error_of_failure(failure, "texts[0]: long")
+    assert (error.kind, error.code, error.message) == (
+        ErrorKind.TOO_LONG,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "texts[0]: long",
+    )
+
+
+def test_a_failure_from_an_older_worker_still_maps():
+    """Workers before ErrorKind sent a google.rpc.Code number in `code`."""
+    old = queue_pb2.Failure(ticket=1, code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    assert error_of_failure(old, "m").code is grpc.StatusCode.DEADLINE_EXCEEDED
+    # Neither field set (or an unknown number): the work was not done; retry may help.
+    assert error_of_failure(queue_pb2.Failure(ticket=1), "m").kind is ErrorKind.UNAVAILABLE
+    assert error_of_failure(queue_pb2.Failure(kind=99), "m").kind is ErrorKind.UNAVAILABLE
+
+
+def test_client_error_is_a_grpc_rpc_error_for_streamed_codes():
+    """The client maps public codes back in one place (clients/python/_errors.py)."""
+    error = EmbedqError.from_status(RequestError(ErrorKind.NOT_FOUND, "x").code_number, "x", "id")
+    assert isinstance(error, grpc.RpcError)
+    assert (error.code(), error.details(), error.id) == (grpc.StatusCode.NOT_FOUND, "x", "id")
