@@ -1,0 +1,339 @@
+"""The two cores in-process, no subprocesses: the server's Dispatcher against a real
+Redis-compatible server with a fake worker loop written here, and the worker's
+run_jobs with the tiny test model.
+
+The fake worker speaks only what embedq/keys.py and queue.proto define: it
+reads the job stream through the consumer group and answers on each job's
+reply stream, so these tests pin the contract between server and workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from embedq.server.errors import RequestError
+from embedq.server.queue import Dispatcher, QueueBounds, Variant
+from embedq.server.registry import ServedModel
+from embedq.workers.pipeline import Outcome, run_jobs
+from fault_worker import FaultyEncoder
+from helpers_tiny_model import write_tiny_bert
+from redis.exceptions import ResponseError
+
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import (
+    CONSUMER_GROUP,
+    ErrorKind,
+    Keys,
+    decode_job,
+    encode_message,
+    text_sha256,
+    variant_fingerprint,
+)
+
+MODEL = "fake"
+DIM = 4
+# Texts the fake worker treats specially.
+NEVER = "never answered"
+TOO_LONG = "too long for the model"
+
+
+def fake_vector(text: str) -> np.ndarray:
+    """Deterministic stand-in for an embedding."""
+    return np.frombuffer(hashlib.sha256(text.encode()).digest()[:DIM], np.uint8).astype("<f4")
+
+
+def fake_outcome(jobs: list[queue_pb2.Job], keys: Keys) -> Outcome:
+    """What a worker would write: vectors and cache entries, or a failure kind."""
+    outcome = Outcome()
+    for job in jobs:
+        reply = outcome.reply(job.reply_to)
+        reply.dimension = DIM
+        for item in job.items:
+            if item.text == NEVER:
+                continue
+            if item.text == TOO_LONG:
+                reply.failures.add(ticket=item.ticket, kind=ErrorKind.TOO_LONG, message="over")
+                continue
+            vector = fake_vector(item.text)
+            reply.tickets.append(item.ticket)
+            reply.vectors += vector.tobytes()
+            outcome.cache[keys.cache(job.variant, text_sha256(item.text))] = vector.tobytes()
+    return outcome
+
+
+@dataclass
+class FakeWorker:
+    """A worker loop: XREADGROUP, answer (`answer`), write cache and replies, XACK."""
+
+    redis: aioredis.Redis
+    keys: Keys
+    answer: Callable[[list[queue_pb2.Job], Keys], Outcome] = fake_outcome
+    seen: list[str] = field(default_factory=list)
+    # Stopped by a flag, not by cancelling: redis-py can swallow a cancel (queue.py's stop).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        stream = self.keys.jobs(MODEL)
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: made already
+            await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        while not self.stopping.is_set():
+            response = await self.redis.xreadgroup(
+                CONSUMER_GROUP, "fake-worker", {stream: ">"}, count=64, block=50
+            )
+            for _stream, entries in response or []:
+                await self._handle(stream, entries)
+
+    async def _handle(self, stream: str, entries: list) -> None:
+        jobs = [decode_job(fields) for _entry_id, fields in entries]
+        self.seen += [item.text for job in jobs for item in job.items]
+        outcome = self.answer(jobs, self.keys)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, value in outcome.cache.items():
+                pipe.set(key, value, ex=60)
+            for reply_to, reply in outcome.replies.items():
+                pipe.xadd(reply_to, encode_message(reply))
+            ids = [entry_id for entry_id, _fields in entries]
+            pipe.xack(stream, CONSUMER_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            pipe.decrby(self.keys.backlog(MODEL), sum(len(job.items) for job in jobs))
+            await pipe.execute()
+
+
+@dataclass
+class Core:
+    dispatcher: Dispatcher
+    worker: FakeWorker
+    redis: aioredis.Redis
+    keys: Keys
+
+    def variant(self, capacity: float = 0.0, dimension: int = DIM) -> Variant:
+        registration = queue_pb2.ModelRegistration(
+            name=MODEL, fingerprint="fp", dimension=dimension
+        )
+        return Variant(ServedModel(registration, workers_alive=1, capacity=capacity), True, True)
+
+
+@contextlib.asynccontextmanager
+async def core(
+    redis_url: str, bounds: QueueBounds | None = None, answer=fake_outcome
+) -> AsyncIterator[Core]:
+    """A Dispatcher and a fake worker on a fresh namespace of the test Redis."""
+    keys = Keys(f"core{uuid.uuid4().hex[:8]}")
+    server_redis = aioredis.Redis.from_url(redis_url)
+    worker_redis = aioredis.Redis.from_url(redis_url)
+    worker = FakeWorker(worker_redis, keys, answer)
+    worker_task = asyncio.create_task(worker.run())
+    dispatcher = Dispatcher(server_redis, keys, bounds=bounds or QueueBounds())
+    await dispatcher.start()
+    try:
+        yield Core(dispatcher, worker, server_redis, keys)
+    finally:
+        await dispatcher.stop()
+        worker.stopping.set()
+        await worker_task
+        await server_redis.aclose()
+        await worker_redis.aclose()
+
+
+def run(redis_server, body, **options) -> None:
+    """Run `body(core)` on a fresh Dispatcher and fake worker."""
+
+    async def main() -> None:
+        async with core(redis_server.url, **options) as c:
+            await asyncio.wait_for(body(c), 30)
+
+    asyncio.run(main())
+
+
+# -- Dispatcher ------------------------------------------------------------------------
+
+
+def test_misses_are_computed_then_served_from_the_cache(redis_server):
+    async def body(c: Core) -> None:
+        texts = ["alpha", "beta"]
+        vectors, cached = await c.dispatcher.encode(c.variant(), texts, 10)
+        assert not cached.any() and c.worker.seen == texts
+        assert np.array_equal(vectors, np.stack([fake_vector(t) for t in texts]))
+        again, cached = await c.dispatcher.encode(c.variant(), [*texts, "gamma"], 10)
+        assert cached.tolist() == [True, True, False]
+        assert c.worker.seen == [*texts, "gamma"]  # hits never reached the worker
+        assert np.array_equal(again[:2], vectors)
+
+    run(redis_server, body)
+
+
+def test_the_same_text_in_flight_is_sent_to_the_worker_once(redis_server):
+    async def body(c: Core) -> None:
+        variant = c.variant()
+        # The second caller's deadline is earlier: it may wait on the first one's ticket.
+        first = c.dispatcher.encode(variant, ["same", "other", "same"], 10)
+        second = c.dispatcher.encode(variant, ["same"], 5)
+        (one, _), (two, _) = await asyncio.gather(first, second)
+        assert sorted(c.worker.seen) == ["other", "same"]
+        assert np.array_equal(one[0], one[2]) and np.array_equal(one[0], two[0])
+
+    run(redis_server, body)
+
+
+def test_a_deadline_that_expires_fails_the_call_and_cancels_its_work(redis_server):
+    async def body(c: Core) -> None:
+        started = time.monotonic()
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(c.variant(), [NEVER], 0.3)
+        assert caught.value.kind is ErrorKind.DEADLINE
+        assert "no result within 0.3s" in caught.value.message
+        assert time.monotonic() - started < 5
+        # Nobody waits for the ticket any more: workers are told to skip it.
+        cancelled = c.keys.cancelled(c.dispatcher.reply_key)
+        for _ in range(100):
+            if await c.redis.scard(cancelled):
+                break
+            await asyncio.sleep(0.02)
+        assert await c.redis.scard(cancelled) == 1
+
+    run(redis_server, body)
+
+
+def test_work_that_cannot_finish_in_time_is_refused_at_once(redis_server):
+    async def body(c: Core) -> None:
+        texts = [f"text {i}" for i in range(100)]
+        with pytest.raises(RequestError) as caught:
+            # 100 texts at a measured 10 texts/s: 10 s of work, 1 s left.
+            await c.dispatcher.encode(c.variant(capacity=10.0), texts, 1.0)
+        assert caught.value.kind is ErrorKind.OVERLOADED
+        assert "split the request" in caught.value.message
+        assert c.worker.seen == []  # refused before anything was queued
+
+    run(redis_server, body)
+
+
+def test_a_server_waiting_for_too_much_refuses_with_a_retry_hint(redis_server):
+    async def body(c: Core) -> None:
+        variant = c.variant()
+        waiting = asyncio.create_task(c.dispatcher.encode(variant, [NEVER], 10))
+        for _ in range(100):  # until its text is queued (and never answered)
+            if c.worker.seen:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(variant, ["one more"], 10)
+        assert caught.value.kind is ErrorKind.OVERLOADED
+        assert caught.value.retry_after_ms == 1000
+        assert "waiting for 1 texts already" in caught.value.message
+        waiting.cancel()
+        assert c.worker.seen == [NEVER]
+
+    run(redis_server, body, bounds=QueueBounds(max_pending_texts=1))
+
+
+def test_a_worker_failure_reaches_its_caller_with_its_kind(redis_server):
+    async def body(c: Core) -> None:
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(c.variant(), ["fine", TOO_LONG], 10)
+        assert caught.value.kind is ErrorKind.TOO_LONG
+        assert caught.value.message == "texts[1]: over"
+
+    run(redis_server, body)
+
+
+# -- run_jobs with the tiny model -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from embedq.workers.backends import PooledEncoder
+
+    return PooledEncoder.load(str(write_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert")))
+
+
+def job(texts: list[str], reply_to: str = "r", **fields) -> queue_pb2.Job:
+    fields = {"kind": queue_pb2.JOB_KIND_ENCODE, "normalize": True, "truncate": True, **fields}
+    out = queue_pb2.Job(reply_to=reply_to, variant="v", **fields)
+    for ticket, text in enumerate(texts, 1):
+        out.items.add(ticket=ticket, text=text)
+    return out
+
+
+def rows(reply: queue_pb2.Reply) -> dict[int, np.ndarray]:
+    matrix = np.frombuffer(reply.vectors, "<f4").reshape(len(reply.tickets), reply.dimension)
+    return dict(zip(reply.tickets, matrix, strict=True))
+
+
+class CountingEncoder:
+    """Delegates to an encoder, counting the texts it runs through the model."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.spec, self.embedded = inner, inner.spec, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def embed(self, batch, normalize=None):
+        self.embedded += len(batch)
+        return self.inner.embed(batch, normalize=normalize)
+
+
+def test_run_jobs_encodes_each_text_once_and_caches_it(tiny_encoder):
+    counting = CountingEncoder(tiny_encoder)
+    keys = Keys("t")
+    outcome = run_jobs([job(["hello world", "the fox"]), job(["hello world"], "s")], counting, keys)
+    assert counting.embedded == 2  # "hello world" shared across the two jobs
+    expected = tiny_encoder.encode(["hello world", "the fox"], normalize=True)
+    mine, theirs = rows(outcome.replies["r"]), rows(outcome.replies["s"])
+    assert np.allclose(mine[1], expected[0], atol=1e-6) and np.allclose(mine[2], expected[1])
+    assert np.array_equal(theirs[1], mine[1])
+    # Cached under the worker's own fingerprint (whatever the server expected).
+    variant = variant_fingerprint(tiny_encoder.spec.fingerprint, normalize=True, truncate=True)
+    assert outcome.cache.keys() == {
+        keys.cache(variant, text_sha256(t)) for t in ["hello world", "the fox"]
+    }
+    assert outcome.cache[keys.cache(variant, text_sha256("the fox"))] == mine[2].tobytes()
+
+
+def test_run_jobs_fails_items_with_their_kinds(tiny_encoder):
+    now = int(time.time() * 1000)
+    jobs = [
+        job(["the " * 40], truncate=False),  # over max_seq_length 24, REJECT
+        job(["hello world"], "late", deadline_unix_ms=now - 1),
+        job(["quick fox POISON"], "poisoned"),
+    ]
+    faulty = FaultyEncoder(tiny_encoder, "raise:POISON")
+    outcome = run_jobs(jobs, faulty, Keys("t"), now_ms=now)
+    failures = {reply_to: list(reply.failures) for reply_to, reply in outcome.replies.items()}
+    assert {reply_to: [f.kind for f in got] for reply_to, got in failures.items()} == {
+        "r": [ErrorKind.TOO_LONG],
+        "late": [ErrorKind.DEADLINE],
+        "poisoned": [ErrorKind.INTERNAL],
+    }
+    assert "over the model's max_seq_length of 24" in failures["r"][0].message
+    assert "injected fault" in failures["poisoned"][0].message
+    assert not outcome.cache  # nothing computed, nothing cached
+
+
+def test_a_real_worker_failure_reaches_the_caller(redis_server, tiny_encoder):
+    """run_jobs' own Failure, through Redis and the Dispatcher, as the caller's error."""
+
+    def answer(jobs, keys) -> Outcome:
+        return run_jobs(jobs, tiny_encoder, keys)
+
+    async def body(c: Core) -> None:
+        variant = c.variant(dimension=tiny_encoder.spec.dimension)
+        vectors, _ = await c.dispatcher.encode(variant, ["hello world"], 10)
+        assert np.allclose(vectors[0], tiny_encoder.encode(["hello world"], normalize=True)[0])
+        reject = Variant(variant.model, normalize=True, truncate=False)
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(reject, ["the " * 40], 10)
+        assert caught.value.kind is ErrorKind.TOO_LONG
+        assert caught.value.code_number == 3  # INVALID_ARGUMENT, as callers always saw
+        assert caught.value.message.startswith("texts[0]: text is 42 tokens")
+
+    run(redis_server, body, answer=answer)
