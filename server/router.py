@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -30,8 +29,6 @@ from .errors import RequestError, as_request_error, invalid, unavailable
 from .output import OutputSpec, output_spec, ranking_vectors, shape
 from .queue import Dispatcher, Variant
 from .registry import ModelRegistry
-
-log = logging.getLogger(__name__)
 
 # Messages of one stream being worked on or waiting to be sent; reading the
 # stream pauses beyond it (and HTTP/2 flow control then holds the client).

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from embedq.client._errors import EmbedqError
 from embedq.server.errors import (
+    INTERNAL_MESSAGE,
     RequestError,
+    as_request_error,
     error_of_failure,
     grpc_status,
     kind_of_status,
@@ -109,3 +112,19 @@ def test_client_error_is_a_grpc_rpc_error_for_streamed_codes():
     error = EmbedqError.from_status(RequestError(ErrorKind.NOT_FOUND, "x").code_number, "x", "id")
     assert isinstance(error, grpc.RpcError)
     assert (error.code(), error.details(), error.id) == (grpc.StatusCode.NOT_FOUND, "x", "id")
+
+
+def test_any_handler_exception_becomes_a_request_error(caplog):
+    """What router.py (unary and per stream message) tells the caller."""
+    refusal = RequestError(ErrorKind.OVERLOADED, "busy", retry_after_ms=50)
+    assert as_request_error(refusal, "Encode") is refusal
+    down = as_request_error(redis.ConnectionError("refused"), "Encode")
+    assert (down.kind, down.message) == (
+        ErrorKind.UNAVAILABLE,
+        "redis unavailable: ConnectionError",
+    )
+    with caplog.at_level("ERROR"):
+        bug = as_request_error(KeyError("secret detail"), "Encode")
+    # A bug: logged with its traceback, never shown to the caller.
+    assert (bug.kind, bug.message) == (ErrorKind.INTERNAL, INTERNAL_MESSAGE)
+    assert "Encode failed" in caplog.text and "secret detail" not in bug.message
