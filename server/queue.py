@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
+from embedq import streams
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import (
     REPLY_TTL_S,
@@ -663,8 +664,8 @@ class Dispatcher:
         failed = False
         while True:
             try:
-                response = await self._redis.xread(
-                    {self.reply_key: self._last_reply_id}, count=512, block=1000
+                response = await streams.xread(
+                    self._redis, {self.reply_key: self._last_reply_id}, count=512, block_ms=1000
                 )
                 if failed:
                     await self._verify_markers()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError, ResponseError
 
+from embedq import streams
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import (
     CONSUMER_GROUP,
@@ -365,8 +366,8 @@ class Worker:
         return None
 
     def _read(self, count: int, block_ms: int | None) -> list[Entry]:
-        response = self.redis.xreadgroup(
-            CONSUMER_GROUP, self.worker_id, {self.jobs_key: ">"}, count=count, block=block_ms
+        response = streams.xreadgroup(
+            self.redis, CONSUMER_GROUP, self.worker_id, {self.jobs_key: ">"}, count, block_ms
         )
         return [entry for _stream, entries in response or [] for entry in entries]
 
