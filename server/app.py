@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import signal
 import ssl
 
@@ -203,9 +202,8 @@ async def serve(
     registry = ModelRegistry(
         redis, keys, default_model=settings.default_model, worker_stale_s=settings.worker_stale_s
     )
-    # EMBEDQ_SERVER_ID names the reply stream (unique per running server; default random).
-    server_id = os.environ.get("EMBEDQ_SERVER_ID") or None
-    dispatcher = Dispatcher(redis, keys, server_id=server_id, bounds=QueueBounds.from_env())
+    bounds = QueueBounds.from_settings(settings)
+    dispatcher = Dispatcher(redis, keys, server_id=settings.server_id, bounds=bounds)
     server = build_grpc_server(settings, tokens)
     service = EmbedderService(settings, dispatcher, registry, redis, keys)
     add_to_server(service, server)

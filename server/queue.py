@@ -44,7 +44,7 @@ from embedq.keys import (
     text_sha256,
     variant_fingerprint,
 )
-from embedq.settings import env_int
+from embedq.settings import ServerSettings, setting_field
 
 from . import metrics
 from .errors import RequestError, deadline, error_of_failure, overloaded, unavailable
@@ -186,19 +186,15 @@ class QueueBounds:
     than queued behind a growing latency."""
 
     # Jobs waiting in one model's stream, all servers together (XLEN).
-    max_queued_jobs: int = 10_000
+    max_queued_jobs: int = setting_field("max_queued_jobs")
     # Texts this server waits for.
-    max_pending_texts: int = 100_000
+    max_pending_texts: int = setting_field("max_pending_texts")
     # Characters of those texts: a cheap stand-in for tokens (about 4 per token).
-    max_pending_chars: int = 50_000_000
+    max_pending_chars: int = setting_field("max_pending_chars")
 
     @classmethod
-    def from_env(cls) -> QueueBounds:
-        return cls(
-            max_queued_jobs=env_int("MAX_QUEUED_JOBS", cls.max_queued_jobs),
-            max_pending_texts=env_int("MAX_PENDING_TEXTS", cls.max_pending_texts),
-            max_pending_chars=env_int("MAX_PENDING_CHARS", cls.max_pending_chars),
-        )
+    def from_settings(cls, settings: ServerSettings) -> QueueBounds:
+        return cls(settings.max_queued_jobs, settings.max_pending_texts, settings.max_pending_chars)
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:

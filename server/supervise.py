@@ -12,9 +12,7 @@ server that would otherwise be deaf with health SERVING.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +29,8 @@ MAX_BACKOFF_S = 5.0
 SETTLE_S = 1.0
 # A task that ran this long before failing starts its backoff afresh.
 RESET_BACKOFF_AFTER_S = 30.0
+# stop(): how long to wait before cancelling a task again.
+RECANCEL_S = 0.2
 
 
 class Supervisor:
@@ -57,14 +57,10 @@ class Supervisor:
 
     async def _run(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         backoff = FIRST_BACKOFF_S
-        fault_file = _fault_file(name)
         while True:
             started = time.monotonic()
             try:
-                if fault_file:
-                    await _failing_while(fault_file, loop())
-                else:
-                    await loop()
+                await loop()
                 raise RuntimeError("returned")  # the loops run forever
             except asyncio.CancelledError:
                 raise
@@ -92,34 +88,12 @@ class Supervisor:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(self._tasks.values())
+        while pending:
+            for task in pending:
+                task.cancel()
+            # A cancel that lands while redis-py starts a command can be swallowed
+            # (redis 8.1 on Python 3.11: the XREAD goes on blocking), so a task still
+            # running after a while is cancelled again (as Dispatcher.stop does).
+            _done, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
         self._tasks.clear()
-
-
-# Fault injection for tests (like the workers' EMBEDQ_FAULT_INJECT):
-# EMBEDQ_FAULT_INJECT_TASK="replies=/tmp/f" makes the task named "replies" raise
-# RuntimeError whenever the file /tmp/f exists (checked every 0.1 s).
-FAULT_ENV = "EMBEDQ_FAULT_INJECT_TASK"
-
-
-def _fault_file(name: str) -> str | None:
-    spec = os.environ.get(FAULT_ENV, "")
-    task, sep, path = spec.partition("=")
-    return path if sep and task == name and path else None
-
-
-async def _failing_while(path: str, coro: Awaitable[None]) -> None:
-    task = asyncio.ensure_future(coro)
-    try:
-        while not task.done():
-            if os.path.exists(path):
-                raise RuntimeError(f"injected fault ({FAULT_ENV})")
-            await asyncio.wait({task}, timeout=0.1)
-        task.result()
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task

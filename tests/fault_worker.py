@@ -6,18 +6,25 @@ raise; "crash:<marker>" kills the process there instead (as an out-of-memory
 kill or a segfault in a native kernel would). Tests use it to prove that callers
 get an error, not silence.
 
-Run as a program, it is `embedq worker` with its encoder wrapped:
-``python tests/fault_worker.py worker --redis-url … [worker flags]``.
+EMBEDQ_FAULT_INJECT_TASK="replies=/tmp/f" makes the server's background task
+named "replies" raise RuntimeError whenever the file /tmp/f exists (checked every
+0.1 s): the supervisor must log it, restart the task and report NOT_SERVING.
+
+Run as a program, it is `embedq` with those faults installed:
+``python tests/fault_worker.py worker|server … [flags]``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import sys
 import threading
 from collections.abc import Sequence
 
 ENV = "EMBEDQ_FAULT_INJECT"
+TASK_ENV = "EMBEDQ_FAULT_INJECT_TASK"
 CRASH_EXIT_CODE = 70
 
 
@@ -71,8 +78,41 @@ def install() -> None:
     worker.Worker = FaultyWorker
 
 
+def install_task_faults() -> None:
+    """Make the server's Supervisor wrap the task TASK_ENV names (when set)."""
+    task_name, sep, path = os.environ.get(TASK_ENV, "").partition("=")
+    if not (sep and task_name and path):
+        return
+    from embedq.server.supervise import Supervisor
+
+    spawn = Supervisor.spawn
+
+    def spawn_with_fault(self, name, loop):
+        if name != task_name:
+            return spawn(self, name, loop)
+        return spawn(self, name, lambda: _failing_while(path, loop()))
+
+    Supervisor.spawn = spawn_with_fault
+
+
+async def _failing_while(path: str, coro) -> None:
+    """Run `coro`; raise while the file at `path` exists."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while not task.done():
+            if os.path.exists(path):
+                raise RuntimeError(f"injected fault ({TASK_ENV})")
+            await asyncio.wait({task}, timeout=0.1)
+        task.result()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
 def main(argv: list[str] | None = None) -> int:
     install()
+    install_task_faults()
     from embedq.cli import main as embedq_main
 
     return embedq_main(argv)

@@ -84,7 +84,8 @@ def deployment(redis_server):
 
 def _spawn_with_faults(args: list[str], name: str, env: dict[str, str] | None = None):
     """conftest._spawn through tests/fault_worker.py: the same commands, with
-    workers' encoders wrapped to obey EMBEDQ_FAULT_INJECT."""
+    workers' encoders and servers' background tasks wrapped to obey
+    EMBEDQ_FAULT_INJECT / EMBEDQ_FAULT_INJECT_TASK."""
     log = open(conftest.LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [sys.executable, str(FAULT_WORKER), *args],
@@ -330,7 +331,7 @@ def test_a_bad_reply_entry_is_skipped_not_fatal(deployment):
 
 
 def test_a_failed_background_task_is_restarted_and_health_says_so(
-    deployment, monkeypatch, tmp_path
+    deployment, monkeypatch, tmp_path, fault_injection
 ):
     """Any exception in a background task (here the reply listener, by fault
     injection): health NOT_SERVING for "" and embedq.v1.Embedder while it is down,

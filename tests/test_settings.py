@@ -153,7 +153,7 @@ def test_dataclass_defaults_are_the_declared_ones(cls: type) -> None:
 
 
 def test_queue_bounds_agree_with_the_declarations() -> None:
-    """QueueBounds (server/queue.py) still holds its own defaults: they must not drift."""
+    """QueueBounds (server/queue.py) takes its defaults and values from the declarations."""
     from embedq.server.queue import QueueBounds
 
     for item in fields(QueueBounds):

@@ -431,11 +431,6 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"EMBEDQ_{name}", default)
 
 
-def env_int(name: str, default: int) -> int:
-    raw = env(name)
-    return int(raw) if raw not in (None, "") else default
-
-
 # Query parameters redis-py accepts that carry a secret.
 SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
 

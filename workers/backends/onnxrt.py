@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedq.settings import SETTINGS
+
 from .quantized import first_down_projection
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ _PREFIX = "encoder"  # attribute of _Wrapped holding the HF model: ONNX node nam
 
 
 def cache_root() -> Path:
-    explicit = os.environ.get("EMBEDQ_CACHE_DIR")
+    explicit = SETTINGS["cache_dir"].raw()
     if explicit:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

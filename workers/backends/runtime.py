@@ -18,9 +18,10 @@ cache keys, and the torch fingerprint is what it was before backends existed.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
+
+from embedq.settings import SETTINGS
 
 from .transformer import Transformer
 
@@ -38,7 +39,7 @@ class BackendUnavailableError(ValueError):
 
 def bench_allowed(allow: bool | None = None) -> bool:
     """May a benchmark-only backend run? An explicit answer wins; None reads the environment."""
-    return allow if allow is not None else os.environ.get(ALLOW_ENV, "").strip() == "1"
+    return allow if allow is not None else bool(SETTINGS["allow_bench_backend"].from_env())
 
 
 def check_backend(
