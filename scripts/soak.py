@@ -37,8 +37,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from embedq.tools.bench import OBJECTS, SUBJECTS, VERBS
 
-from embedq.bench import OBJECTS, SUBJECTS, VERBS
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -405,7 +405,7 @@ class Deployment:
 
     @classmethod
     def start(cls, devices: str, timeout: float = 180.0) -> Deployment:
-        from embedq.embedded import EmbeddedRedis, free_port
+        from embedq.apps.embedded import EmbeddedRedis, free_port
 
         redis_server = EmbeddedRedis().start()
         port = free_port()

@@ -265,7 +265,7 @@ def main() -> int:
 
 
 def drive(args: argparse.Namespace) -> int:
-    from embedq.embedded import EmbeddedRedis, free_port
+    from embedq.apps.embedded import EmbeddedRedis, free_port
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="embedq-stages-"))
@@ -302,7 +302,7 @@ def drive(args: argparse.Namespace) -> int:
 
 
 def cpu_line() -> str:
-    from embedq.bench_load import machine, machine_line
+    from embedq.tools.bench_load import machine, machine_line
 
     return machine_line(machine())
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import grpc
 import redis
+from embedq.apps.embedded import EmbeddedRedis, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedq.embedded import EmbeddedRedis, free_port
 from embedq.keys import Keys
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc

@@ -11,8 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from embedq import bench_load
+from embedq.tools import bench_load
 
 BENCH = [sys.executable, "-m", "embedq.cli", "bench", "--backend", "bench-zero", "--reps", "1"]
 

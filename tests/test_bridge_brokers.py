@@ -28,8 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 from conftest import _spawn, log_tail, stop_process, wait_healthy
-
-from embedq.embedded import free_port
+from embedq.apps.embedded import free_port
 
 TOLERANCE = 1e-5
 ROUND_TRIP = 1000

@@ -16,10 +16,10 @@ import grpc
 import numpy as np
 import pytest
 from conftest import Service, log_tail, stop_process, wait_healthy
+from embedq.apps.embedded import free_port
 from embedq.workers.cli import parse_devices
 from helpers_tiny_model import TINY_TEXTS, write_tiny_bert
 
-from embedq.embedded import free_port
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 

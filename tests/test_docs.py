@@ -1,4 +1,4 @@
-"""The docs stay true: docs/api.md is what `python -m embedq.apidoc` generates
+"""The docs stay true: docs/api.md is what `python -m embedq.tools.apidoc` generates
 from the .proto comments now, local links resolve, and the Redis key names in
 docs/architecture.md are the ones keys.py builds."""
 
@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+from embedq.tools import apidoc
 
-from embedq import apidoc
 from embedq.keys import Keys
 
 ROOT = Path(apidoc.REPO_ROOT)
@@ -29,7 +29,9 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 def test_api_reference_is_fresh() -> None:
     fresh = apidoc.render()
     checked_in = (DOCS / "api.md").read_text(encoding="utf-8")
-    assert checked_in == fresh, "docs/api.md is stale: run `python -m embedq.apidoc` and commit"
+    assert checked_in == fresh, (
+        "docs/api.md is stale: run `python -m embedq.tools.apidoc` and commit"
+    )
 
 
 def test_api_reference_covers_every_rpc_message_and_enum() -> None:

@@ -33,10 +33,10 @@ import numpy as np
 import openai
 import pytest
 from conftest import LOG_DIR, Service, _spawn, log_tail, stop_process
+from embedq.apps.embedded import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_security import make_pki
 
-from embedq.embedded import free_port
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 

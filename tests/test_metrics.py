@@ -16,12 +16,12 @@ import grpc
 import pytest
 import redis
 from conftest import LOG_DIR, Service, log_tail
+from embedq.apps.embedded import free_port
+from embedq.apps.serve import with_observability
+from embedq.apps.status import collect, format_table
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedq.embedded import free_port
 from embedq.keys import Keys
-from embedq.serve import with_observability
-from embedq.status import collect, format_table
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 

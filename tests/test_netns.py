@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from embedq.embedded import EmbeddedRedisError, find_redis_binary
+from embedq.apps.embedded import EmbeddedRedisError, find_redis_binary
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedq import protogen
+from embedq.tools import protogen
 
 SRC = Path(protogen.REPO_ROOT) / "src"
 
@@ -22,7 +22,7 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     fresh = generated_files(tmp_path)
     assert fresh, "protoc produced nothing"
     checked_in = generated_files(SRC)
-    assert sorted(fresh) == sorted(checked_in), "run `python -m embedq.protogen` and commit"
+    assert sorted(fresh) == sorted(checked_in), "run `python -m embedq.tools.protogen` and commit"
     for name, content in fresh.items():
         assert checked_in[name] == content, f"{name} is stale or hand-edited: regenerate it"
 

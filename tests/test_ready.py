@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import LOG_DIR, Service
+from embedq.apps.embedded import free_port
+from embedq.apps.serve import default_model_name
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedq.embedded import free_port
-from embedq.serve import default_model_name
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -103,7 +103,7 @@ def test_serve_default_model_name_of_a_folder(tmp_path: Path):
 
 @pytest.mark.parametrize("command", ["server", "worker"])
 def test_a_wrong_redis_password_stops_start_up_with_one_line(command):
-    from embedq.embedded import EmbeddedRedis
+    from embedq.apps.embedded import EmbeddedRedis
 
     with EmbeddedRedis(password="right-secret") as guarded:
         url = guarded.url.replace("right-secret", "")  # no password in the URL itself

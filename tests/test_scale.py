@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import redis
 from conftest import Service
+from embedq.apps.embedded import free_port
+from embedq.tools.bench import generated_texts
 
-from embedq.bench import generated_texts
-from embedq.embedded import free_port
 from embedq.keys import CONSUMER_GROUP, Keys
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc

@@ -28,10 +28,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from embedq.apps.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
 from embedq.client import AsyncClient, Client, EmbedqError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedq.embedded import EmbeddedRedis, EmbeddedRedisError, free_port
 from embedq.keys import Keys
 from embedq.settings import RedisSettings, SettingsError, redact_url
 

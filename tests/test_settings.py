@@ -192,7 +192,7 @@ def test_status_namespace_is_unset_unless_given(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_serve_gives_its_workers_the_shared_flags() -> None:
-    from embedq.serve import worker_argv
+    from embedq.apps.serve import worker_argv
 
     args = parse("serve", "--fp16", "--max-batch-size", "8", "--namespace", "ns", "--threads", "1")
     argv = worker_argv(args, "redis://127.0.0.1:1/0", "m")

@@ -16,8 +16,8 @@ import uuid
 import grpc
 import redis
 from conftest import stop_process, wait_healthy
+from embedq.apps.embedded import free_port
 
-from embedq.embedded import free_port
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys
 

@@ -146,7 +146,7 @@ def test_worker_devices_restarts_a_killed_child_and_stops_on_sigterm(redis_serve
 
 
 def test_worker_devices_stops_everything_when_a_child_refuses_its_configuration() -> None:
-    from embedq.embedded import EmbeddedRedis
+    from embedq.apps.embedded import EmbeddedRedis
 
     with EmbeddedRedis(password="right-secret") as guarded:
         url = guarded.url.replace("right-secret", "")

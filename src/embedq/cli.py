@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from embedq import __version__
-from embedq.logs import FORMATS, configure_logging
+from embedq.flags import add_flags, settings_of
+from embedq.logs import configure_logging
+from embedq.settings import TOP, SettingsError
 
 # Exit code of a command whose extra is not installed (argparse's usage-error code).
 MISSING_EXTRA = 2
@@ -45,7 +47,7 @@ _WORKER_NEEDS = ("redis", "prometheus_client", "torch", "transformers", "tokeniz
 
 ROLE_COMMANDS: dict[str, RoleCommand] = {
     "serve": RoleCommand(
-        "embedq.serve",
+        "embedq.apps.serve",
         "add_serve_command",
         "all",
         "run everything: private Redis, worker(s) and the gRPC server",
@@ -66,14 +68,14 @@ ROLE_COMMANDS: dict[str, RoleCommand] = {
         _WORKER_NEEDS,
     ),
     "status": RoleCommand(
-        "embedq.status",
+        "embedq.apps.status",
         "add_status_command",
         "server",
         "queue depth, pending and dead jobs, live workers and cache size, from Redis",
         ("redis",),
     ),
     "bench": RoleCommand(
-        "embedq.bench",
+        "embedq.tools.bench",
         "add_bench_command",
         "bench",
         "measure embedq against in-process sentence-transformers",
@@ -91,7 +93,7 @@ ROLE_COMMANDS: dict[str, RoleCommand] = {
 }
 
 # Global options that take a value: skipped when looking for the command name.
-_VALUE_OPTIONS = ("--log-level", "--log-format")
+_VALUE_OPTIONS = tuple(s.flag for s in settings_of(TOP) if s.flag and s.type is not bool)
 
 
 class MissingExtra(Exception):
@@ -171,19 +173,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="Sentence-BERT embeddings over gRPC, batched through a Redis queue and cache.",
     )
     parser.add_argument("--version", action="version", version=f"embedq {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("EMBEDQ_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR [EMBEDQ_LOG_LEVEL; %(default)s]",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=FORMATS,
-        type=str.lower,
-        default=(os.environ.get("EMBEDQ_LOG_FORMAT") or "text").lower(),
-        help="text lines, or JSON lines (time, level, logger, message, request_id, extra "
-        "fields) [EMBEDQ_LOG_FORMAT; %(default)s]",
-    )
+    add_flags(parser, TOP)  # --log-level, --log-format (embedq.settings declares them)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     role_names = list(ROLE_COMMANDS)
     for command in role_names[:3]:  # serve, server, worker; then the client's; then the rest
@@ -243,13 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(MissingExtra(args.command, missing), file=sys.stderr)
         return MISSING_EXTRA
-    except Exception as exc:
+    except SettingsError as exc:
         # A setting that cannot work: one line naming it (never a secret), no traceback.
-        # embedq.settings needs redis, so it is only looked at where a command loaded it.
-        settings = sys.modules.get("embedq.settings")
-        if settings is not None and isinstance(exc, settings.SettingsError):
-            parser.exit(2, f"embedq {args.command}: error: {exc}\n")
-        raise
+        parser.exit(2, f"embedq {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

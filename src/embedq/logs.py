@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import time
 
 FORMATS = ("text", "json")
@@ -85,9 +84,13 @@ def _iso_time(created: float) -> str:
 
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
-    """Root handler on stderr; `level` and `fmt` default to EMBEDQ_LOG_LEVEL / EMBEDQ_LOG_FORMAT."""
-    level = (level or os.environ.get("EMBEDQ_LOG_LEVEL") or "INFO").upper()
-    fmt = (fmt or os.environ.get("EMBEDQ_LOG_FORMAT") or "text").lower()
+    """Root handler on stderr; `level` and `fmt` default to the declared settings
+    log_level / log_format (EMBEDQ_LOG_LEVEL / EMBEDQ_LOG_FORMAT, else INFO / text)."""
+    # Here, not at the top: embedq.settings takes FORMATS from this module.
+    from embedq.settings import SETTINGS
+
+    level = (level or SETTINGS["log_level"].from_env()).upper()
+    fmt = (fmt or SETTINGS["log_format"].from_env()).lower()
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: use one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler()

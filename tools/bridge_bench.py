@@ -1,6 +1,7 @@
 """Bridge throughput against `embedq encode`, side by side in one run.
 
-    python -m embedq.bridge.bench [--texts 10000] [--runs 3] [--target HOST:PORT --redis-url URL]
+    python -m embedq.tools.bridge_bench [--texts 10000] [--runs 3]
+        [--target HOST:PORT --redis-url URL]
 
 Starts a private deployment (Redis-compatible server, one worker, one server)
 unless --target is given, then, per run, on fresh (uncached) texts of the same
@@ -52,7 +53,7 @@ def cpu_line() -> str:
 
 
 def texts_for(count: int, run: int) -> list[str]:
-    from embedq.bench import generated_texts
+    from embedq.tools.bench import generated_texts
 
     # A run tag keeps every run's texts out of the cache of earlier runs.
     return [f"{text} [{run}]" for text in generated_texts(count, seed=run)]
@@ -62,7 +63,7 @@ class Private:
     """A private deployment: Redis-compatible server, one worker, one server."""
 
     def __init__(self) -> None:
-        from embedq.embedded import EmbeddedRedis, free_port
+        from embedq.apps.embedded import EmbeddedRedis, free_port
 
         self.redis = EmbeddedRedis().start()
         self.port = free_port()
@@ -156,7 +157,7 @@ def run_bridge(target: str, broker_url: str, texts: list[str], max_in_flight: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m embedq.bridge.bench",
+        prog="python -m embedq.tools.bridge_bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Regenerate the protobuf/gRPC Python code from protos/.
 
-Run `python -m embedq.protogen` after editing a .proto file. The output is
+Run `python -m embedq.tools.protogen` after editing a .proto file. The output is
 checked in; tests/test_protos.py proves it matches what protoc emits now.
 """
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import embedq.protos
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# tools/protogen.py in a checkout: the repository is one folder up.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where the package's .proto files are: protos/ in a checkout, the installed copy otherwise.
 PROTO_ROOT = embedq.protos.root()
 DEFAULT_OUT = REPO_ROOT / "src"

@@ -545,7 +545,7 @@ def bench_worker_argv(backend: str, args: argparse.Namespace) -> list[str]:
 
 async def plumbing(args: argparse.Namespace, base: list[str], cluster: bool = False) -> dict:
     """A deployment of bench-zero workers (no model): the queue path's own ceiling."""
-    from embedq.bench import Deployment
+    from embedq.tools.bench import Deployment
 
     local = BenchCluster().start() if cluster else None
     try:
@@ -610,7 +610,7 @@ class BenchCluster:
     def __init__(self, masters: int = 3) -> None:
         import tempfile
 
-        from embedq.embedded import find_redis_binary
+        from embedq.apps.embedded import find_redis_binary
 
         self.binary = find_redis_binary()
         self.ports = [self._port() for _ in range(masters)]
@@ -701,7 +701,7 @@ def _ints(spec: str) -> list[int]:
 
 
 async def scaling(args: argparse.Namespace, base: list[str]) -> dict:
-    from embedq.bench import Deployment
+    from embedq.tools.bench import Deployment
 
     workers, servers = _ints(args.scaling_workers), _ints(args.scaling_servers)
     argv = bench_worker_argv("bench-sim", args)

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from embedq.bench_load import (
+from embedq.tools.bench_load import (
     CORE,
     NEED_REFERENCE,
     ON_MAIN,
@@ -48,6 +47,7 @@ from embedq.bench_load import (
     run_load,
     selected,
 )
+
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -141,7 +141,7 @@ class Deployment:
     ) -> Deployment:
         """A private Redis (unless redis_url), one worker per argument list, `servers` servers;
         processes named worker, worker-2, ..., server, server-2, ... Stops all on failure."""
-        from embedq.embedded import EmbeddedRedis
+        from embedq.apps.embedded import EmbeddedRedis
 
         redis_server = None if redis_url else EmbeddedRedis().start()
         deployment = cls("", redis_url or redis_server.url, {}, redis_server)
@@ -168,7 +168,7 @@ class Deployment:
         return self._spawn("worker", argv)
 
     def add_server(self) -> None:
-        from embedq.embedded import free_port
+        from embedq.apps.embedded import free_port
 
         port = free_port()
         self._spawn("server", ["--port", str(port)])
@@ -357,7 +357,7 @@ def report(results: Results, device: str, header: str = "", roofline: dict | Non
     for name, mb in results.rss_mb.items():
         lines.append(f"peak RSS {name:<25}{mb:>10.1f} MB")
     if roofline:
-        from embedq.bench_load import roofline_report
+        from embedq.tools.bench_load import roofline_report
 
         lines += roofline_report(roofline)
     return "\n".join(lines)
@@ -508,19 +508,19 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_separate(args: argparse.Namespace, scenarios: list[str]) -> dict:
-    """`http` (bench_http: HTTP /v1/embeddings beside gRPC) and `bridge` (embedq.bridge.bench:
-    a Redis Streams bridge against `embedq encode` of a file): each starts its own private
+    """`http` (bench_http: HTTP /v1/embeddings beside gRPC) and `bridge` (bridge_bench: a
+    Redis Streams bridge against `embedq encode` of a file): each starts its own private
     deployment and prints its own table; their figures join bench.json."""
     out: dict = {}
     if "http" in scenarios:
-        from embedq import bench_http
+        from embedq.tools import bench_http
 
         path = args.out / "http.json"
         argv = ["--texts", str(min(args.texts, 1024)), "--reps", str(args.reps), "--out", str(path)]
         bench_http.main(argv + (["--model", args.model] if args.model else []))
         out["http"] = json.loads(path.read_text())
     if "bridge" in scenarios:
-        from embedq.bridge import bench as bridge_bench
+        from embedq.tools import bridge_bench
 
         path = args.out / "bridge.json"
         bridge_bench.main(["--runs", str(args.reps), "--json", str(path)])

@@ -11,7 +11,7 @@ medians reported):
 
 Targets (printed, never asserted): H1 ≥ 0.95 × S1; cached HTTP single p50 ≤ 1.5 ms.
 
-Alone: `python -m embedq.bench_http [--texts N] [--reps R]` starts a private
+Alone: `python -m embedq.tools.bench_http [--texts N] [--reps R]` starts a private
 deployment (Redis, one worker, a server with --http-port). From `embedq bench`:
 start the server with `--http-port`, then `await run_http(...)` with its
 stub, URL and Deployment, and print `report_http(...)`.
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from embedq.tools import bench
 
-from embedq import bench
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -244,7 +244,7 @@ def start_deployment(args: argparse.Namespace) -> tuple[bench.Deployment, str]:
     """Redis, one worker and a server with --http-port; (deployment, HTTP base URL)."""
     import subprocess
 
-    from embedq.embedded import EmbeddedRedis, free_port
+    from embedq.apps.embedded import EmbeddedRedis, free_port
 
     redis_server = EmbeddedRedis().start()
     port, http_port = free_port(), free_port()
@@ -265,7 +265,7 @@ def start_deployment(args: argparse.Namespace) -> tuple[bench.Deployment, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m embedq.bench_http",
+        prog="python -m embedq.tools.bench_http",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -19,9 +19,10 @@ import os
 import sys
 from pathlib import Path
 
-from embedq.embedded import EmbeddedRedis
-from embedq.flags import add_flags, command_line, shared_flags
+from embedq.apps.embedded import EmbeddedRedis
 from embedq.server.cli import security_settings, server_settings
+
+from embedq.flags import add_flags, command_line, shared_flags
 from embedq.settings import SERVE, SETTINGS, WORKER, ServerSettings, redact_url
 
 # The one worker supervisor (also `embedq worker --devices`); names kept importable here.
@@ -158,7 +159,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
             raise supervisor.exception()  # a worker's configuration error
 
     # `embedq status` finds this Redis (no password in it) through this file.
-    from embedq.status import write_serve_state
+    from embedq.apps.status import write_serve_state
 
     state_file = None
     try:
