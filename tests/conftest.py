@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import embedq.apps.embedded
 import grpc
 import pytest
 from embedq.apps.embedded import EmbeddedRedis, free_port
@@ -24,9 +23,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # The module's old name, for the test modules that still import it from there
 # (tests/test_cluster.py, tests/test_faults.py: changed by work in flight).
-# Tests only: the package itself has no embedq.embedded any more. Remove this
-# line once nothing under tests/ imports embedq.embedded.
-sys.modules.setdefault("embedq.embedded", embedq.apps.embedded)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

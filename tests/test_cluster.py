@@ -25,10 +25,10 @@ from conftest import (
     stop_process,
     wait_healthy,
 )
+from embedq.apps.embedded import find_redis_binary, free_port
 from redis.crc import key_slot
 
 from embedq import streams
-from embedq.embedded import find_redis_binary, free_port
 from embedq.keys import Keys
 from embedq.settings import RedisSettings
 from embedq.v1 import embedq_pb2 as pb

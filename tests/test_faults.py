@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import redis
 from conftest import Service, log_tail
+from embedq.apps.embedded import EmbeddedRedis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedq.embedded import EmbeddedRedis
 from embedq.keys import CONSUMER_GROUP, Keys
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
