@@ -5,7 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from embedq.workers.batching import padded_tokens, plan_batches
+from embedq.workers.batching import (
+    LINGER_CAP_S,
+    RecentPeak,
+    linger_s,
+    padded_tokens,
+    plan_batches,
+)
 
 
 def check_plan(lengths: list[int], plan: list[list[int]], max_tokens: int, max_size: int) -> None:
@@ -77,3 +83,36 @@ def test_zero_length_items_fill_up_to_size() -> None:
 def test_invalid_arguments(lengths: list[int], tokens: int, size: int) -> None:
     with pytest.raises(ValueError):
         plan_batches(lengths, max_batch_tokens=tokens, max_batch_size=size)
+
+
+# -- linger: waiting consumers fill one batch -------------------------------------------
+
+
+def test_a_lone_caller_never_waits() -> None:
+    assert linger_s(1, recent_texts=1, busy_s=0.04, waited_s=0.0) == 0.0
+    assert linger_s(1, recent_texts=0, busy_s=0.04, waited_s=0.0) == 0.0
+    assert linger_s(0, recent_texts=16, busy_s=0.04, waited_s=0.0) == 0.0
+
+
+def test_fewer_texts_than_recent_hand_overs_wait_a_share_of_the_busy_time() -> None:
+    # CPU-like pass of 20 ms: up to 5 ms; what was waited counts.
+    assert linger_s(3, recent_texts=16, busy_s=0.020, waited_s=0.0) == pytest.approx(0.005)
+    assert linger_s(3, recent_texts=16, busy_s=0.020, waited_s=0.004) == pytest.approx(0.001)
+    assert linger_s(3, recent_texts=16, busy_s=0.020, waited_s=0.006) == 0.0
+    # All the recent callers are back: hand over at once.
+    assert linger_s(16, recent_texts=16, busy_s=0.020, waited_s=0.0) == 0.0
+
+
+def test_the_wait_is_capped_whatever_a_pass_costs() -> None:
+    assert linger_s(1, recent_texts=256, busy_s=2.0, waited_s=0.0) == LINGER_CAP_S
+    assert linger_s(1, recent_texts=256, busy_s=2.0, waited_s=0.0, cap_s=0.002) == 0.002
+
+
+def test_recent_peak_forgets_after_its_window() -> None:
+    peak = RecentPeak(window_s=1.0)
+    assert peak.peak(0.0) == 0
+    peak.record(16, now=10.0)
+    peak.record(4, now=10.5)
+    assert peak.peak(10.9) == 16
+    assert peak.peak(11.2) == 4
+    assert peak.peak(12.0) == 0

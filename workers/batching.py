@@ -45,3 +45,49 @@ def plan_batches(
 def padded_tokens(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
     """Tokens the encoder processes for ``batches``, padding included (what plan_batches bounds)."""
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
+
+
+# Linger: the most a reader waits for more texts before handing a read to an idle model, as a
+# share of the model's last busy time (a wait is worth it only against a pass it saves) and in
+# seconds (so latency stays bounded whatever one pass costs).
+LINGER_SHARE = 0.25
+LINGER_CAP_S = 0.010
+
+
+def linger_s(
+    pending_texts: int,
+    recent_texts: int,
+    busy_s: float,
+    waited_s: float,
+    *,
+    share: float = LINGER_SHARE,
+    cap_s: float = LINGER_CAP_S,
+) -> float:
+    """How much longer to wait for more texts before the idle model gets `pending_texts`.
+
+    Callers that each wait for their answer (an event consumer sends one text, waits, sends
+    the next) send their next texts within a few ms of each other. Handing the first arrivals
+    over alone splits them into groups that alternate (the model runs one group while the
+    other's answers travel), and small batches waste the model. So when recent hand-overs
+    carried more texts (`recent_texts`) than are pending, wait up to `share` of the model's
+    last busy time, at most `cap_s`, for the rest. A lone caller (recent_texts <= pending)
+    never waits. Returns 0 to hand over now.
+    """
+    if pending_texts <= 0 or pending_texts >= recent_texts:
+        return 0.0
+    return max(0.0, min(cap_s, share * busy_s) - waited_s)
+
+
+class RecentPeak:
+    """The largest value recorded in the last `window_s` seconds (0 when none)."""
+
+    def __init__(self, window_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self._samples: list[tuple[float, int]] = []
+
+    def record(self, value: int, now: float) -> None:
+        self._samples = [s for s in self._samples if now - s[0] < self.window_s]
+        self._samples.append((now, value))
+
+    def peak(self, now: float) -> int:
+        return max((v for t, v in self._samples if now - t < self.window_s), default=0)

@@ -56,6 +56,7 @@ from embedq.settings import WorkerSettings
 
 from . import metrics
 from .backends import PooledEncoder
+from .batching import RecentPeak, linger_s
 from .pipeline import BatchLimits, Outcome, Prepared, iter_steps, prepare
 from .prompts import read_prompts
 
@@ -175,6 +176,11 @@ class Worker:
         self._reads: queue.Queue[Read | None] = queue.Queue(2)
         # Set while the model waits for its next read.
         self._model_idle = threading.Event()
+        # Linger policy inputs: texts per recent hand-over, the model's last busy time, and
+        # since when the reader holds texts for an idle model.
+        self._handed_over = RecentPeak()
+        self._last_busy_s = 0.0
+        self._linger_since: float | None = None
         # Transient Redis trouble: retried with backoff, logged at most once per 10 s.
         self._throttled = Throttled(log)
         self._read_backoff = Backoff()
@@ -222,8 +228,10 @@ class Worker:
             self._model_idle.clear()
             if read is None:
                 return
+            started = time.monotonic()
             try:
                 self.handle(read)
+                self._last_busy_s = time.monotonic() - started
             except Exception:
                 # A bug must not kill the worker; the jobs stay pending, are
                 # redelivered and end in the dead-letter stream if they keep failing.
@@ -310,7 +318,13 @@ class Worker:
         try:
             while not self._stop.is_set():
                 idle = self._model_idle.is_set()
-                if pending.jobs and idle:
+                if pending.jobs and idle and self._lingering(pending):
+                    got = self._next_read(pending, block_ms=None)
+                    if got is not None:
+                        pending.absorb(got)
+                    else:
+                        self._stop.wait(ACCUMULATE_POLL_S)
+                elif pending.jobs and idle:
                     self._hand_over(pending)
                     pending = Read()
                 elif self._full(pending):
@@ -329,8 +343,25 @@ class Worker:
                 self._hand_over(pending)  # read, so ours: finished before stopping
             self._reads.put(None)
 
+    def _lingering(self, pending: Read) -> bool:
+        """Wait a little longer for texts before the idle model gets `pending`?
+        (batching.linger_s: waiting consumers then fill one batch, not alternating halves.)"""
+        now = time.monotonic()
+        if self._linger_since is None:
+            self._linger_since = now
+        wait = linger_s(
+            pending.texts,
+            self._handed_over.peak(now),
+            self._last_busy_s,
+            now - self._linger_since,
+            cap_s=self.settings.linger_ms / 1000,
+        )
+        return wait > 0
+
     def _hand_over(self, read: Read) -> None:
         read.prepared = prepare(read.jobs, self.encoder)
+        self._handed_over.record(read.texts, time.monotonic())
+        self._linger_since = None
         self._model_idle.clear()
         self._reads.put(read)
 

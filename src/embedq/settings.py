@@ -326,6 +326,12 @@ SETTINGS: dict[str, Setting] = _declare(
         env="EMBEDQ_CLAIM_IDLE_MS", flag="--claim-idle-ms", commands=(WORKER,),
     ),
     Setting(
+        "linger_ms", float, 10.0,
+        "at most this long (ms; and a quarter of the last forward pass) a worker with an idle "
+        "model waits for more texts when recent batches carried more (0: never waits)",
+        env="EMBEDQ_LINGER_MS", flag="--linger-ms", commands=(WORKER,),
+    ),
+    Setting(
         "max_deliveries", int, 3, "deliveries before a job is dead-lettered",
         env="EMBEDQ_MAX_DELIVERIES", flag="--max-deliveries", commands=(WORKER,),
     ),
@@ -682,6 +688,8 @@ class WorkerSettings:
     cache_ttl_s: int = setting_field("cache_ttl_s")
     # Pending jobs idle this long are claimed from a dead worker.
     claim_idle_ms: int = setting_field("claim_idle_ms")
+    # Waiting consumers: the most an idle model waits for the rest of a batch (batching.linger_s).
+    linger_ms: float = setting_field("linger_ms")
     # Deliveries after which a job goes to the dead-letter stream.
     max_deliveries: int = setting_field("max_deliveries")
     # A worker whose heartbeat is older than this is dead: another worker takes
