@@ -2,7 +2,7 @@
 
 Server and workers say *why* something failed with an ErrorKind (embedq.keys,
 from queue.proto; workers send it in Failure.kind). Only `grpc_status` turns a
-kind into a gRPC status (the HTTP front maps that status on, in http.py):
+kind into a gRPC status, and only `http_status` into an HTTP one (http.py):
 nothing else in server/ or workers/ names a grpc.StatusCode member
 (tests/test_error_kinds.py checks that).
 """
@@ -59,6 +59,25 @@ _GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.PERMISSION: grpc.StatusCode.PERMISSION_DENIED,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def http_status(kind: ErrorKind) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of an error kind (the HTTP front's
+    only such mapping)."""
+    return _HTTP_STATUS[kind]
+
+
+_HTTP_STATUS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.INVALID_INPUT: (400, "invalid_request_error"),
+    ErrorKind.TOO_LONG: (400, "invalid_request_error"),
+    ErrorKind.OVERLOADED: (429, "rate_limit_error"),
+    ErrorKind.UNAVAILABLE: (503, "server_error"),
+    ErrorKind.DEADLINE: (504, "server_error"),
+    ErrorKind.UNAUTHENTICATED: (401, "authentication_error"),
+    ErrorKind.PERMISSION: (403, "permission_error"),
+    ErrorKind.NOT_FOUND: (404, "invalid_request_error"),
+    ErrorKind.INTERNAL: (500, "server_error"),
 }
 
 

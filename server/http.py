@@ -47,14 +47,14 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2
 from redis.exceptions import RedisError
 
-from embedq.keys import RETRY_AFTER_MS_KEY
+from embedq.keys import RETRY_AFTER_MS_KEY, ErrorKind
 from embedq.logs import REQUEST_ID
 from embedq.settings import ServerSettings, SettingsError
 from embedq.v1 import embedq_pb2 as pb
 
 from . import metrics, validation
 from .auth import MISSING, TokenSet, bearer_token
-from .errors import RequestError, grpc_status, kind_of_status
+from .errors import RequestError, grpc_status, http_status, kind_of_status
 from .registry import ServedModel
 from .router import EmbedderService
 
@@ -66,31 +66,13 @@ except ImportError:  # pragma: no cover - orjson is a dependency; json still wor
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
-Code = grpc.StatusCode
 
-# gRPC status -> (HTTP status, OpenAI error type).
-HTTP_STATUS: dict[Code, tuple[int, str]] = {
-    Code.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    Code.FAILED_PRECONDITION: (400, "invalid_request_error"),
-    Code.OUT_OF_RANGE: (400, "invalid_request_error"),
-    Code.UNAUTHENTICATED: (401, "authentication_error"),
-    Code.PERMISSION_DENIED: (403, "permission_error"),
-    Code.NOT_FOUND: (404, "invalid_request_error"),
-    Code.ALREADY_EXISTS: (409, "invalid_request_error"),
-    Code.ABORTED: (409, "server_error"),
-    Code.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    Code.CANCELLED: (499, "invalid_request_error"),
-    Code.UNIMPLEMENTED: (501, "server_error"),
-    Code.UNAVAILABLE: (503, "server_error"),
-    Code.DEADLINE_EXCEEDED: (504, "server_error"),
-}
-# HTTP errors aiohttp raises itself -> the gRPC code they are counted as.
-CODE_OF_HTTP = {
-    400: Code.INVALID_ARGUMENT,
-    401: Code.UNAUTHENTICATED,
-    404: Code.NOT_FOUND,
-    405: Code.UNIMPLEMENTED,
-    413: Code.RESOURCE_EXHAUSTED,
+# HTTP errors aiohttp raises itself -> the kind they are answered and counted as.
+KIND_OF_HTTP = {
+    400: ErrorKind.INVALID_INPUT,
+    401: ErrorKind.UNAUTHENTICATED,
+    403: ErrorKind.PERMISSION,
+    404: ErrorKind.NOT_FOUND,
 }
 OPEN_PATHS = frozenset({"/health", "/healthz", "/readyz"})
 EMBEDDINGS_FIELDS = frozenset(
@@ -198,7 +180,7 @@ class HttpContext:
     def time_remaining(self) -> float | None:
         return None  # the server's default timeout; a client that leaves cancels the work
 
-    async def abort(self, code: Code, details: str = "", trailing_metadata=()) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
         error = RequestError(kind_of_status(code), details or code.name)
         for key, value in trailing_metadata or ():
             if key == RETRY_AFTER_MS_KEY and str(value).isdigit():
@@ -216,11 +198,12 @@ class HttpContext:
 
 
 class HttpError(Exception):
-    """An error answered in OpenAI's shape; `code` is what metrics count it as."""
+    """An error answered in OpenAI's shape; `code` (the kind's gRPC status) is what
+    metrics count it as."""
 
     def __init__(
         self,
-        code: Code,
+        kind: ErrorKind,
         message: str,
         param: str | None = None,
         detail: str | None = None,
@@ -230,13 +213,14 @@ class HttpError(Exception):
         retry_after_ms: int = 0,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.kind = ErrorKind(kind)
+        self.code = grpc_status(self.kind)
         self.message = message
         self.param = param
         self.detail = detail  # OpenAI's "code" field; default: the gRPC code, lower case
-        self.status, self.kind = HTTP_STATUS.get(code, (500, "server_error"))
+        self.status, self.error_type = http_status(self.kind)
         if status is not None:
-            self.status, self.kind = status, "invalid_request_error"
+            self.status, self.error_type = status, "invalid_request_error"
         self.headers = dict(headers or {})
         if self.status == 401:
             self.headers["WWW-Authenticate"] = "Bearer"
@@ -249,7 +233,7 @@ class HttpError(Exception):
     def response(self) -> web.Response:
         error = {
             "message": self.message,
-            "type": self.kind,
+            "type": self.error_type,
             "param": self.param,
             "code": self.detail or self.code.name.lower(),
         }
@@ -285,7 +269,7 @@ async def read_json(request: web.Request) -> object:
     try:
         return orjson.loads(body) if orjson is not None else json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(Code.INVALID_ARGUMENT, f"request body is not valid JSON: {exc}") from None
+        raise HttpError(ErrorKind.INVALID_INPUT, f"request body is not valid JSON: {exc}") from None
 
 
 def ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
@@ -445,7 +429,7 @@ def _input_texts(value: object) -> list[str]:
             return value
         if value and (all(map(_is_token_id, value)) or all(map(_is_token_ids, value))):
             raise HttpError(
-                Code.INVALID_ARGUMENT,
+                ErrorKind.INVALID_INPUT,
                 "input as token ids is not supported: embedq tokenizes with the model's own "
                 "tokenizer, so send the text (a string or a list of strings)",
                 "input",
@@ -453,9 +437,9 @@ def _input_texts(value: object) -> list[str]:
             )
         if not value:
             raise HttpError(
-                Code.INVALID_ARGUMENT, "input is empty: send at least one text", "input"
+                ErrorKind.INVALID_INPUT, "input is empty: send at least one text", "input"
             )
-    raise HttpError(Code.INVALID_ARGUMENT, "input must be a string or a list of strings", "input")
+    raise HttpError(ErrorKind.INVALID_INPUT, "input must be a string or a list of strings", "input")
 
 
 def _is_token_id(item: object) -> bool:
@@ -470,28 +454,28 @@ def _options(body: dict) -> pb.EncodeOptions:
     options = pb.EncodeOptions()
     if body.get("options") is not None:
         if not isinstance(body["options"], dict):
-            raise HttpError(Code.INVALID_ARGUMENT, "options must be an object", "options")
+            raise HttpError(ErrorKind.INVALID_INPUT, "options must be an object", "options")
         try:
             json_format.ParseDict(body["options"], options)
         except json_format.ParseError as exc:
-            raise HttpError(Code.INVALID_ARGUMENT, f"options: {exc}", "options") from None
+            raise HttpError(ErrorKind.INVALID_INPUT, f"options: {exc}", "options") from None
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
-            raise HttpError(Code.INVALID_ARGUMENT, "model must be a string", "model")
+            raise HttpError(ErrorKind.INVALID_INPUT, "model must be a string", "model")
         if options.model and model and options.model != model:
-            raise HttpError(Code.INVALID_ARGUMENT, "model and options.model differ", "model")
+            raise HttpError(ErrorKind.INVALID_INPUT, "model and options.model differ", "model")
         options.model = model or options.model
     dimensions = body.get("dimensions")
     if dimensions is not None:
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
             raise HttpError(
-                Code.INVALID_ARGUMENT, "dimensions must be a positive integer", "dimensions"
+                ErrorKind.INVALID_INPUT, "dimensions must be a positive integer", "dimensions"
             )
         options.dimension = dimensions
     if options.precision not in (pb.PRECISION_UNSPECIFIED, pb.PRECISION_FLOAT32):
         raise HttpError(
-            Code.INVALID_ARGUMENT,
+            ErrorKind.INVALID_INPUT,
             "/v1/embeddings answers float32 only: use POST /v1/encode for other precisions",
             "options",
         )
@@ -545,7 +529,7 @@ class HttpApi:
         method = LABELS.get((request.method, route), "unknown")
         request_id = metrics.request_id_from(request.headers.items())
         token = REQUEST_ID.set(request_id)
-        code = Code.OK
+        outcome = "OK"  # the request metrics' label: a gRPC status name
         try:
             try:
                 if self.tokens is not None and route not in OPEN_PATHS:
@@ -554,25 +538,25 @@ class HttpApi:
             except HttpError:
                 raise
             except RequestError as exc:
-                raise HttpError(exc.code, exc.message, retry_after_ms=_retry_after(exc)) from None
+                raise HttpError(exc.kind, exc.message, retry_after_ms=_retry_after(exc)) from None
             except web.HTTPException as exc:
                 raise self._http_error(request, exc) from None
             except (RedisError, OSError) as exc:
                 raise HttpError(
-                    Code.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}"
+                    ErrorKind.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}"
                 ) from None
             except asyncio.CancelledError:
-                code = Code.CANCELLED
+                outcome = "CANCELLED"
                 raise
             except Exception:
                 log.exception("%s failed", method)
-                raise HttpError(Code.INTERNAL, "internal error (see the server log)") from None
+                raise HttpError(ErrorKind.INTERNAL, "internal error (see the server log)") from None
         except HttpError as exc:
-            code = exc.code
+            outcome = exc.code.name
             response = exc.response()
             self._log_failure(method, exc, started)
         finally:
-            metrics.REQUESTS.labels(method, code.name).inc()
+            metrics.REQUESTS.labels(method, outcome).inc()
             metrics.REQUEST_DURATION.labels(method).observe(time.perf_counter() - started)
             REQUEST_ID.reset(token)
         response.headers[metrics.REQUEST_ID_KEY] = request_id
@@ -581,20 +565,20 @@ class HttpApi:
     def _check_token(self, request: web.Request) -> None:
         presented = bearer_token(request.headers.items())
         if presented is None:
-            raise HttpError(grpc_status(MISSING[0]), MISSING[1], detail="missing_api_key")
+            raise HttpError(MISSING[0], MISSING[1], detail="missing_api_key")
         if not self.tokens.matches(presented):
             # gRPC says PERMISSION_DENIED; over HTTP a bad credential is a 401.
-            raise HttpError(Code.UNAUTHENTICATED, "invalid token", detail="invalid_api_key")
+            raise HttpError(ErrorKind.UNAUTHENTICATED, "invalid token", detail="invalid_api_key")
 
     def _http_error(self, request: web.Request, exc: web.HTTPException) -> HttpError:
         """aiohttp's own refusals (no route, wrong method, body too large) in our shape."""
         status = exc.status
         if status == 404:
-            return HttpError(Code.NOT_FOUND, f"no route {request.path}", detail="unknown_url")
+            return HttpError(ErrorKind.NOT_FOUND, f"no route {request.path}", detail="unknown_url")
         if status == 405:
             allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ())))
             return HttpError(
-                Code.UNIMPLEMENTED,
+                ErrorKind.INVALID_INPUT,
                 f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
                 detail="method_not_allowed",
                 status=405,
@@ -602,13 +586,15 @@ class HttpApi:
             )
         if status == 413:
             return HttpError(
-                Code.RESOURCE_EXHAUSTED,
+                ErrorKind.OVERLOADED,
                 f"request body is over the limit of {self.settings.limits.max_message_bytes} bytes",
                 detail="request_too_large",
                 status=413,
             )
-        code = CODE_OF_HTTP.get(status, Code.INVALID_ARGUMENT if status < 500 else Code.INTERNAL)
-        return HttpError(code, exc.reason or f"HTTP {status}", status=status)
+        fallback = ErrorKind.INVALID_INPUT if status < 500 else ErrorKind.INTERNAL
+        return HttpError(
+            KIND_OF_HTTP.get(status, fallback), exc.reason or f"HTTP {status}", status=status
+        )
 
     @staticmethod
     def _log_failure(method: str, exc: HttpError, started: float) -> None:
@@ -634,11 +620,11 @@ class HttpApi:
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         if not isinstance(body, dict):
-            raise HttpError(Code.INVALID_ARGUMENT, "request body must be a JSON object")
+            raise HttpError(ErrorKind.INVALID_INPUT, "request body must be a JSON object")
         unknown = sorted(set(body) - EMBEDDINGS_FIELDS)
         if unknown:
             raise HttpError(
-                Code.INVALID_ARGUMENT,
+                ErrorKind.INVALID_INPUT,
                 f"unrecognized request argument(s): {', '.join(unknown)}",
                 unknown[0],
             )
@@ -646,7 +632,7 @@ class HttpApi:
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise HttpError(
-                Code.INVALID_ARGUMENT,
+                ErrorKind.INVALID_INPUT,
                 f"encoding_format must be 'float' or 'base64', not {encoding!r}",
                 "encoding_format",
             )
@@ -654,7 +640,7 @@ class HttpApi:
         try:
             validation.check_texts(texts, self.service.limits, field="input")
         except RequestError as exc:
-            raise HttpError(exc.code, exc.message, "input") from None
+            raise HttpError(exc.kind, exc.message, "input") from None
         metrics.TEXTS.labels("POST /v1/embeddings").inc(len(texts))
         plan = self._plan(options)
         context = self._context(request)
@@ -726,9 +712,9 @@ class HttpApi:
         try:
             model = self.service.registry.resolve(options.model)
         except RequestError as exc:
-            if exc.code is not Code.NOT_FOUND:
+            if exc.kind is not ErrorKind.NOT_FOUND:
                 raise
-            raise HttpError(exc.code, exc.message, "model", "model_not_found") from None
+            raise HttpError(exc.kind, exc.message, "model", "model_not_found") from None
         reg = model.registration
         prompt = validation.resolve_prompt(options, reg.prompts, reg.default_prompt_name)
         return TokenPlan(model, prompt, validation.truncate_flag(options))
@@ -751,7 +737,7 @@ class HttpApi:
     def _served(self) -> dict[str, ServedModel]:
         registry = self.service.registry
         if not registry.models and not registry.redis_ok:
-            raise HttpError(Code.UNAVAILABLE, "redis unavailable")
+            raise HttpError(ErrorKind.UNAVAILABLE, "redis unavailable")
         return registry.models
 
     async def models(self, request: web.Request) -> web.Response:
@@ -764,7 +750,7 @@ class HttpApi:
         model = self._served().get(name)
         if model is None:
             raise HttpError(
-                Code.NOT_FOUND, f"unknown model {name!r}", "model", detail="model_not_found"
+                ErrorKind.NOT_FOUND, f"unknown model {name!r}", "model", detail="model_not_found"
             )
         return json_response(self._model_json(model))
 
@@ -780,7 +766,7 @@ class HttpApi:
                 json_format.Parse(body or b"{}", message)
             except json_format.ParseError as exc:
                 raise HttpError(
-                    Code.INVALID_ARGUMENT, f"not a valid {request_class.DESCRIPTOR.name}: {exc}"
+                    ErrorKind.INVALID_INPUT, f"not a valid {request_class.DESCRIPTOR.name}: {exc}"
                 ) from None
             texts = metrics.texts_in(message)
             if texts:
@@ -832,7 +818,7 @@ class HttpApi:
         name = f"{SERVICE_NAME}/{model}" if model else SERVICE_NAME
         status = await self._status(name)
         if status is None:
-            raise HttpError(Code.NOT_FOUND, f"unknown health service {name!r}", "model")
+            raise HttpError(ErrorKind.NOT_FOUND, f"unknown health service {name!r}", "model")
         return self._health_response(status)
 
 

@@ -17,6 +17,7 @@ from embedq.server.errors import (
     as_request_error,
     error_of_failure,
     grpc_status,
+    http_status,
     kind_of_status,
 )
 
@@ -30,8 +31,6 @@ STATUS_USE = re.compile(r"\bStatusCode\.[A-Z]|=\s*grpc\.StatusCode\b")
 ALLOWED = {
     "server/errors.py": "the one ErrorKind -> gRPC status mapping",
     "server/metrics.py": "labels finished calls with the status they ended with; chooses none",
-    "server/http.py": "the HTTP front's own refusals (bad JSON, no route), counted under "
-    "gRPC status names in the shared request metrics",
 }
 
 
@@ -128,3 +127,10 @@ def test_any_handler_exception_becomes_a_request_error(caplog):
     # A bug: logged with its traceback, never shown to the caller.
     assert (bug.kind, bug.message) == (ErrorKind.INTERNAL, INTERNAL_MESSAGE)
     assert "Encode failed" in caplog.text and "secret detail" not in bug.message
+
+
+def test_every_kind_has_an_http_status_and_openai_type():
+    statuses = {kind: http_status(kind) for kind in ErrorKind}
+    assert statuses[ErrorKind.OVERLOADED] == (429, "rate_limit_error")
+    assert statuses[ErrorKind.UNAUTHENTICATED] == (401, "authentication_error")
+    assert all(400 <= status < 600 and error_type for status, error_type in statuses.values())
