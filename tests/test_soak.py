@@ -14,7 +14,7 @@ SOAK = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
 def test_short_soak_has_no_errors(tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(SOAK), "--streams", "4", "--seconds", "8", "--json", str(out)],
+        [sys.executable, str(SOAK), "--streams", "4", "--seconds", "5", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=280,
