@@ -24,18 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stsb_eval import cosine, read_pairs, spearman  # noqa: E402
-
-
-def encode_sorted(encoder, texts: list[str], batch: int) -> np.ndarray:
-    """Length-sorted batches (as the worker builds them), returned in input order."""
-    ids = [item.ids for item in encoder.tokenize(texts)]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = np.zeros((len(ids), encoder.spec.dimension), dtype=np.float32)
-    for start in range(0, len(order), batch):
-        rows = order[start : start + batch]
-        out[rows] = encoder.embed([ids[i] for i in rows])
-    return out
+from stsb_eval import cosine, embed_with_encoder, read_pairs, spearman  # noqa: E402
 
 
 def sync() -> None:
@@ -81,14 +70,14 @@ def main() -> int:
     reference_gpu = reference.encode(texts, batch_size=32)
     for label, fp16 in (("fp32", False), ("fp16", True)):
         encoder = PooledEncoder.load(None, device=args.device, fp16=fp16)
-        ours = encode_sorted(encoder, texts, 256)
+        ours = embed_with_encoder(encoder, texts, 256)
         n = len(first)
         result[label] = {
             "max_diff_vs_st_gpu": float(np.abs(ours - reference_gpu).max()),
             "max_diff_vs_st_cpu": float(np.abs(ours - reference_cpu).max()),
             "spearman_x100": 100 * spearman(cosine(ours[:n], ours[n:]), gold),
             "texts_per_s_batch256": len(texts)
-            / timed(lambda e=encoder: encode_sorted(e, texts, 256)),
+            / timed(lambda e=encoder: embed_with_encoder(e, texts, 256)),
         }
         del encoder
         torch.cuda.empty_cache()

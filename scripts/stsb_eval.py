@@ -45,13 +45,13 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ((ends - counts + 1 + ends) / 2)[inverse]
 
 
-def embed_with_encoder(encoder, texts: list[str]) -> np.ndarray:
+def embed_with_encoder(encoder, texts: list[str], batch: int = BATCH) -> np.ndarray:
     """Batches of similar length, as the worker builds them, in input order."""
     ids = [item.ids for item in encoder.tokenize(texts)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = np.zeros((len(ids), encoder.spec.dimension), dtype=np.float32)
-    for start in range(0, len(order), BATCH):
-        rows = order[start : start + BATCH]
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
         out[rows] = encoder.embed([ids[i] for i in rows])
     return out
 
