@@ -37,7 +37,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from embedq.tools.bench import OBJECTS, SUBJECTS, VERBS
+from embedq.tools.bench import OBJECTS, SUBJECTS, VERBS, stop_processes
 
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
@@ -444,15 +444,7 @@ class Deployment:
         raise RuntimeError(f"deployment not ready after {timeout:.0f}s")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
         self.redis.stop()
 
 

@@ -49,7 +49,7 @@ from embedq.settings import ServerSettings, setting_field
 from . import metrics
 from .errors import RequestError, deadline, error_of_failure, overloaded, unavailable
 from .registry import ServedModel
-from .supervise import Supervisor, Throttled
+from .supervise import Supervisor, Throttled, cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ KEEPALIVE_S = 5.0
 # Reply listener: first retry after a Redis error, doubling up to the cap (s).
 LISTEN_BACKOFF_S = (0.05, 1.0)
 LOST_WORK = "redis restarted and lost the queued work; retry"
-# stop(): a background task still running this long after its cancel is cancelled again.
-STOP_RECANCEL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -294,14 +292,7 @@ class Dispatcher:
         ]
 
     async def stop(self) -> None:
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            # A cancel that lands while redis-py starts a command can be swallowed
-            # (seen with redis 8.1 on Python 3.11: the XREAD goes on blocking and the
-            # loop with it), so a task still running after a while is cancelled again.
-            _done, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_S)
+        await cancel_all(self._tasks)
         with contextlib.suppress(RedisError, OSError):  # else they expire on their own
             await self._redis.delete(self.reply_key, self.reply_marker)
             for model in self._written:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from embedq.logs import LOG_EVERY_S, Throttled
 
@@ -29,7 +29,7 @@ MAX_BACKOFF_S = 5.0
 SETTLE_S = 1.0
 # A task that ran this long before failing starts its backoff afresh.
 RESET_BACKOFF_AFTER_S = 30.0
-# stop(): how long to wait before cancelling a task again.
+# cancel_all(): how long to wait before cancelling a task again.
 RECANCEL_S = 0.2
 
 
@@ -88,12 +88,17 @@ class Supervisor:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def stop(self) -> None:
-        pending = set(self._tasks.values())
-        while pending:
-            for task in pending:
-                task.cancel()
-            # A cancel that lands while redis-py starts a command can be swallowed
-            # (redis 8.1 on Python 3.11: the XREAD goes on blocking), so a task still
-            # running after a while is cancelled again (as Dispatcher.stop does).
-            _done, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        await cancel_all(self._tasks.values())
         self._tasks.clear()
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until every one has ended."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        # A cancel that lands while redis-py starts a command can be swallowed
+        # (redis 8.1 on Python 3.11: the XREAD goes on blocking), so a task still
+        # running after a while is cancelled again.
+        _done, pending = await asyncio.wait(pending, timeout=RECANCEL_S)

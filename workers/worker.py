@@ -318,26 +318,22 @@ class Worker:
         try:
             while not self._stop.is_set():
                 idle = self._model_idle.is_set()
-                if pending.jobs and idle and self._lingering(pending):
-                    got = self._next_read(pending, block_ms=None)
-                    if got is not None:
-                        pending.absorb(got)
-                    else:
-                        self._stop.wait(ACCUMULATE_POLL_S)
-                elif pending.jobs and idle:
+                full = self._full(pending)
+                if pending.jobs and idle and (full or not self._lingering(pending)):
                     self._hand_over(pending)
                     pending = Read()
-                elif self._full(pending):
+                elif full:
                     self._model_idle.wait(0.5)
                 else:
                     # An idle model with nothing pending: block until a job comes.
-                    # A busy one: poll, and stop waiting the moment it is idle.
-                    busy = bool(pending.jobs) or not idle
-                    got = self._next_read(pending, block_ms=None if busy else 1000)
+                    # Otherwise poll: while the model is busy until it is idle, while
+                    # lingering (the model idle) for a poll period.
+                    polling = bool(pending.jobs) or not idle
+                    got = self._next_read(pending, block_ms=None if polling else 1000)
                     if got is not None:
                         pending.absorb(got)
-                    elif busy:
-                        self._model_idle.wait(ACCUMULATE_POLL_S)
+                    elif polling:
+                        (self._stop if idle else self._model_idle).wait(ACCUMULATE_POLL_S)
         finally:
             if pending.jobs:
                 self._hand_over(pending)  # read, so ours: finished before stopping

@@ -432,11 +432,6 @@ def build(cls: type[T], args: argparse.Namespace | None = None, **given: Any) ->
     return cls(**values, **given)
 
 
-def env(name: str, default: str | None = None) -> str | None:
-    """EMBEDQ_<name> as a string (kept for callers not yet on SETTINGS)."""
-    return os.environ.get(f"EMBEDQ_{name}", default)
-
-
 # Query parameters redis-py accepts that carry a secret.
 SECRET_QUERY_KEYS = frozenset({"password", "ssl_password"})
 
