@@ -57,7 +57,7 @@ from embedq.settings import WorkerSettings
 from . import metrics
 from .backends import PooledEncoder
 from .batching import RecentPeak, linger_s
-from .pipeline import BatchLimits, Outcome, Prepared, iter_steps, prepare
+from .pipeline import BatchLimits, Outcome, Prepared, Pretokenized, iter_steps, prepare, pretokenize
 from .prompts import read_prompts
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,16 @@ class Read:
     entry_ids: list[bytes] = field(default_factory=list)
     # Items each job had when queued (the backlog counter counted them).
     sizes: list[int] = field(default_factory=list)
-    # Deduplicated and tokenized by the reader, while the model ran the read before.
+    # Texts tokenized by the reader as they came, while the model ran the read before.
+    tokens: Pretokenized = field(default_factory=dict)
+    # Deduplicated and tokenized, at hand-over to the model.
     prepared: Prepared | None = None
 
     def absorb(self, other: Read) -> None:
         self.jobs += other.jobs
         self.entry_ids += other.entry_ids
         self.sizes += other.sizes
+        self.tokens.update(other.tokens)
 
     @property
     def texts(self) -> int:
@@ -355,7 +358,7 @@ class Worker:
         return wait > 0
 
     def _hand_over(self, read: Read) -> None:
-        read.prepared = prepare(read.jobs, self.encoder)
+        read.prepared = prepare(read.jobs, self.encoder, known=read.tokens)
         self._handed_over.record(read.texts, time.monotonic())
         self._linger_since = None
         self._model_idle.clear()
@@ -380,6 +383,7 @@ class Worker:
                 return None
             read = self._decode(entries)
             self._drop_cancelled(read.jobs)
+            self._pretokenize(read)
             return read if read.jobs else None
         except (RedisError, OSError) as exc:
             name = type(exc).__name__
@@ -501,6 +505,15 @@ class Worker:
             read.sizes.append(len(job.items))
         return read
 
+    def _pretokenize(self, read: Read) -> None:
+        """Tokenize a read's texts now, while the model is busy; on failure the hand-over
+        tokenizes them (and reports what fails to its callers)."""
+        try:
+            pretokenize(read.jobs, self.encoder, read.tokens)
+        except Exception:  # noqa: BLE001 - prepare() tokenizes again and answers the callers
+            log.debug("tokenizing ahead failed; left to the hand-over", exc_info=True)
+            read.tokens.clear()
+
     def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:
         """Remove items whose caller cancelled or gave up (one round trip)."""
         asked = [(job, self.keys.cancelled(job.reply_to)) for job in jobs if job.items]
@@ -579,8 +592,10 @@ class Worker:
             pipe = self.redis.pipeline(transaction=False)
             if dead_letter is not None:
                 pipe.xadd(self.keys.dead_letters(self.name), dead_letter, maxlen=DEAD_LETTER_MAXLEN)
+            ttl = self.settings.cache_ttl_s
             for key, value in outcome.cache.items():
-                pipe.set(key, value, ex=self.settings.cache_ttl_s)
+                # The raw command: redis-py's set() costs a third more per key (measured).
+                pipe.execute_command("SET", key, value, "EX", ttl)
             for reply_to, reply in outcome.replies.items():
                 pipe.xadd(reply_to, encode_message(reply), maxlen=REPLY_MAXLEN, approximate=True)
                 pipe.expire(reply_to, REPLY_TTL_S)
