@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from embedq.server.errors import RequestError
 from embedq.server.queue import Dispatcher, QueueBounds, Variant
 from embedq.server.registry import ServedModel
-from embedq.workers.pipeline import Outcome, run_jobs
+from embedq.workers.pipeline import Outcome, iter_steps, prepare, pretokenize, run_jobs
 from fault_worker import FaultyEncoder
 from helpers_tiny_model import write_tiny_bert
 from redis.exceptions import ResponseError
@@ -281,6 +281,10 @@ class CountingEncoder:
         self.embedded += len(batch)
         return self.inner.embed(batch, normalize=normalize)
 
+    def tokenize(self, texts):
+        self.tokenized = [*getattr(self, "tokenized", []), *texts]
+        return self.inner.tokenize(texts)
+
 
 def test_run_jobs_encodes_each_text_once_and_caches_it(tiny_encoder):
     counting = CountingEncoder(tiny_encoder)
@@ -297,6 +301,31 @@ def test_run_jobs_encodes_each_text_once_and_caches_it(tiny_encoder):
         keys.cache(variant, text_sha256(t)) for t in ["hello world", "the fox"]
     }
     assert outcome.cache[keys.cache(variant, text_sha256("the fox"))] == mine[2].tobytes()
+
+
+def test_texts_tokenized_ahead_are_not_tokenized_again(tiny_encoder):
+    """The reader tokenizes jobs as they arrive (pretokenize), while the model runs; the
+    hand-over (prepare) tokenizes only what is new, and the vectors stay the same."""
+    counting, keys = CountingEncoder(tiny_encoder), Keys("t")
+    early = [job(["hello world", "the fox"]), job(["hello world"], "s", prompt="q: ")]
+    known: dict = {}
+    pretokenize(early, counting, known)
+    tokenize_job = job(["not for the model"], "tok", kind=queue_pb2.JOB_KIND_TOKENIZE)
+    pretokenize([tokenize_job], counting, known)  # tokenize jobs are answered at hand-over
+    assert counting.tokenized == ["hello world", "the fox", "q: hello world"]
+    late = job(["the fox", "a new text"], "late")
+    prepared = prepare([*early, late], counting, known=known)
+    assert counting.tokenized[3:] == ["a new text"]
+    steps = iter_steps([*early, late], counting, keys, prepared=prepared)
+    merged = Outcome()
+    for step in steps:
+        merged.merge(step.outcome)
+    expected = run_jobs([*early, late], tiny_encoder, keys)
+    for reply_to, reply in expected.replies.items():
+        assert rows(merged.replies[reply_to]).keys() == rows(reply).keys()
+        for ticket, vector in rows(reply).items():
+            assert np.array_equal(rows(merged.replies[reply_to])[ticket], vector)
+    assert merged.cache == expected.cache
 
 
 def test_run_jobs_fails_items_with_their_kinds(tiny_encoder):
