@@ -85,9 +85,18 @@ class Variant:
     @functools.cached_property  # read per text on the hot path: hash once
     def fingerprint(self) -> str:
         reg = self.model.registration
-        return variant_fingerprint(
-            reg.fingerprint, normalize=self.normalize, truncate=self.truncate, prompt=self.prompt
-        )
+        return _variant_fingerprint(reg.fingerprint, self.normalize, self.truncate, self.prompt)
+
+
+@functools.lru_cache(maxsize=1024)
+def _variant_fingerprint(
+    model_fingerprint: str, normalize: bool, truncate: bool, prompt: str
+) -> str:
+    """variant_fingerprint, hashed once per option set: a stream of one-text messages makes a
+    Variant per message."""
+    return variant_fingerprint(
+        model_fingerprint, normalize=normalize, truncate=truncate, prompt=prompt
+    )
 
 
 @dataclass

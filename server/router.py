@@ -368,7 +368,10 @@ class Credits:
         self._messages = messages
         self._texts = texts
         self._max_texts = texts
-        self._freed = asyncio.Condition()
+        # Set when credits come back. An event, not a lock: a stream's one reader takes
+        # credits, its one writer returns them, and the usual case (credits left) then
+        # costs no await at all (profiled: per-message overhead of waiting streams).
+        self._freed = asyncio.Event()
 
     def _cost(self, message: object) -> int:
         # A message bigger than the whole budget still goes, alone.
@@ -376,17 +379,17 @@ class Credits:
 
     async def acquire(self, message: object) -> int:
         cost = self._cost(message)
-        async with self._freed:
-            await self._freed.wait_for(lambda: self._messages > 0 and self._texts >= cost)
-            self._messages -= 1
-            self._texts -= cost
+        while not (self._messages > 0 and self._texts >= cost):
+            self._freed.clear()
+            await self._freed.wait()
+        self._messages -= 1
+        self._texts -= cost
         return cost
 
-    async def release(self, cost: int) -> None:
-        async with self._freed:
-            self._messages += 1
-            self._texts += cost
-            self._freed.notify_all()
+    def release(self, cost: int) -> None:
+        self._messages += 1
+        self._texts += cost
+        self._freed.set()
 
 
 async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
@@ -427,7 +430,7 @@ async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
             response, cost = item
             yield response
             # Resumed: gRPC has taken the response, so its credits come back.
-            await credits.release(cost)
+            credits.release(cost)
         await reader
     finally:
         reader.cancel()
