@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import multiprocessing
 import os
 import random
 import statistics
@@ -588,9 +589,67 @@ async def plumbing_measure(target: str, nodes: list, base: list[str], count: int
         "texts": count,
         "uncached_batches_256": uncached,
         "waiting_streams_64": {"texts": len(streamed), "texts_per_s": len(streamed) / elapsed},
+        "waiting_streams_64_grpc_floor": await grpc_floor(base, len(streamed)),
         "cached_batches_256": cached,
         "idle_redis_commands_per_s": sum(idle["calls"].values()),
     }
+
+
+class EchoEmbedder(embedq_pb2_grpc.EmbedderServicer):
+    """Answers each EncodeStream message at once with a zero vector of the model's shape: no
+    Redis, no worker, no validation. What the same waiting streams reach against it is the
+    floor that gRPC's Python server and client alone set on this machine."""
+
+    def __init__(self, dimension: int) -> None:
+        self.dimension, self.blob = dimension, bytes(4 * dimension)
+
+    async def EncodeStream(self, request_iterator, context):
+        async for message in request_iterator:
+            yield pb.EncodeStreamResponse(
+                id=message.id,
+                model="echo",
+                dimension=self.dimension,
+                dtype=pb.DTYPE_FLOAT32,
+                count=1,
+                embeddings=self.blob,
+                cached=[False],
+            )
+
+
+def serve_echo(port: int, dimension: int) -> None:
+    """A bare grpc.aio server with EchoEmbedder, in its own process (see grpc_floor)."""
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        embedq_pb2_grpc.add_EmbedderServicer_to_server(EchoEmbedder(dimension), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+async def grpc_floor(base: list[str], count: int, streams: int = 64, dimension: int = 384) -> dict:
+    """64 waiting streams against EchoEmbedder in another process: gRPC's own ceiling."""
+    from embedq.apps.embedded import free_port
+
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=serve_echo, args=(port, dimension), daemon=True
+    )
+    process.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), timeout=60)
+            stub = embedq_pb2_grpc.EmbedderStub(channel)
+            texts = UniqueTexts(base).take(count)
+            meter = CpuMeter({"echo server": process.pid, "bench": os.getpid()})
+            elapsed = await timed_async(lambda: waiting_streams(stub, texts, streams))
+            cpu = meter.percent()
+    finally:
+        process.terminate()
+        process.join(timeout=10)
+    return {"texts": count, "texts_per_s": count / elapsed, "cpu_percent": cpu}
 
 
 async def _counted(nodes: list, idle: dict, texts: list[str], make) -> dict:
@@ -934,18 +993,25 @@ def streams_report(s: dict) -> list[str]:
 
 def plumbing_report(name: str, p: dict) -> list[str]:
     u, c = p["uncached_batches_256"], p["cached_batches_256"]
+    floor = p["waiting_streams_64_grpc_floor"]
     return [
         f"{name}: {p['workers']} bench-zero worker(s), {p['redis']} Redis, {p['texts']} texts",
         f"  uncached batches of 256: {_f(u['texts_per_s'])} texts/s   target >= 25,000"
         f"   (machine {u['machine_busy_percent']:.0f} % busy)",
         f"  64 waiting streams: {_f(p['waiting_streams_64']['texts_per_s'])} texts/s"
         "   target >= 10,000",
+        f"    the same streams against a bare grpc.aio echo server (no Redis, no worker): "
+        f"{_f(floor['texts_per_s'])} messages/s, {_cpu(floor['cpu_percent'])}",
         f"  cached batches of 256: {_f(c['texts_per_s'])} texts/s   target >= 150,000",
         f"  Redis per uncached text: {u['commands_per_text']:.3f} commands, "
         f"{u['bytes_in_per_text']:.0f} B in, {u['bytes_out_per_text']:.0f} B out",
         f"  Redis per cached text: {c['commands_per_text']:.3f} commands, "
         f"{c['bytes_in_per_text']:.0f} B in, {c['bytes_out_per_text']:.0f} B out",
     ]
+
+
+def _cpu(percent: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.0f} % of a core" for name, value in percent.items())
 
 
 def scaling_report(s: dict) -> list[str]:
