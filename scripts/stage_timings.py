@@ -95,6 +95,7 @@ def run_server_role(events_path: str, argv: list[str]) -> int:
 
 def run_worker_role(events_path: str, argv: list[str]) -> int:
     from embedq.workers.backends import PooledEncoder
+    from embedq.workers.backends.simulated import BenchEncoder
     from embedq.workers.worker import Worker
 
     from embedq.cli import main
@@ -103,6 +104,7 @@ def run_worker_role(events_path: str, argv: list[str]) -> int:
     _probe(Worker, "_drop_cancelled", "cancelcheck")
     _probe(PooledEncoder, "tokenize", "tokenize")
     _probe(PooledEncoder, "embed", "forward")
+    _probe(BenchEncoder, "embed", "forward")  # bench-zero / bench-sim: no model
     _probe(Worker, "_write", "write")
     _dump_on_exit(events_path)
     return main(argv)
@@ -255,6 +257,11 @@ def main() -> int:
         help="run the server and worker from this embedq install (a before/after comparison: "
         "pip install --no-deps --target DIR <old checkout>)",
     )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        help="the worker's backend; bench-zero times the plumbing alone (no model)",
+    )
     parser.add_argument("rest", nargs="*")
     args = parser.parse_args()
     if args.role == "server":
@@ -273,7 +280,10 @@ def drive(args: argparse.Namespace) -> int:
     with EmbeddedRedis() as redis:
         common = ["--redis-url", redis.url, "--namespace", "stages"]
         path = args.pythonpath
-        worker = _spawn("worker", tmp / "worker.json", ["worker", *common], tmp / "w.log", path)
+        backend = ["--backend", args.backend]
+        backend += ["--allow-bench-backend"] if args.backend.startswith("bench-") else []
+        worker_args = ["worker", *common, *backend]
+        worker = _spawn("worker", tmp / "worker.json", worker_args, tmp / "w.log", path)
         serve_args = ["server", "--port", str(port), *common]
         server = _spawn("server", tmp / "server.json", serve_args, tmp / "s.log", path)
         try:
@@ -290,7 +300,8 @@ def drive(args: argparse.Namespace) -> int:
                 proc.terminate()
                 proc.wait(timeout=30)
         events = [tuple(e) for f in ("worker.json", "server.json") for e in _load(tmp / f)]
-    print(cpu_line(), f"; code: {args.pythonpath or 'this checkout'}")
+    code = args.pythonpath or "this checkout"
+    print(cpu_line(), f"; code: {code}; worker backend: {args.backend}")
     print(f"single uncached text, {len(windows)} calls one after another (medians, ms):")
     for label, ms in stage_table(windows, events):
         print(f"  {label:<42} {ms:8.2f}")
