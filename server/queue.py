@@ -117,6 +117,11 @@ class Call:
     # queued yet (popped from the end: kept in reverse order).
     hashes: list[str] | None = None
     unrouted: list[int] = field(default_factory=list)
+    # Missed rows repeating an earlier row's text, by that row: they wait on its ticket, so
+    # one text gets one vector even when a window queues its rows far apart.
+    repeats: dict[int, list[int]] = field(default_factory=dict)
+    # How many rows `repeats` holds (not attached to a ticket yet).
+    repeats_held: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -166,7 +171,28 @@ class Call:
     @property
     def queued(self) -> int:
         """Rows queued and not answered yet (not counting those still to queue)."""
-        return self.remaining - len(self.unrouted)
+        return self.remaining - len(self.unrouted) - self.repeats_held
+
+    def hold_repeats(self, misses: list[int]) -> list[int]:
+        """The missed rows whose text is new to this call; the others go to `repeats`."""
+        if self.hashes is None:
+            return misses
+        first: dict[str, int] = {}
+        kept = []
+        for row in misses:
+            earlier = first.setdefault(self.hashes[row], row)
+            if earlier == row:
+                kept.append(row)
+            else:
+                self.repeats.setdefault(earlier, []).append(row)
+                self.repeats_held += 1
+        return kept
+
+    def rows_of(self, row: int) -> list[int]:
+        """`row` and the rows repeating its text (released from `repeats`)."""
+        repeats = self.repeats.pop(row, [])
+        self.repeats_held -= len(repeats)
+        return [row, *repeats]
 
     def seconds_left(self) -> float:
         return self.deadline_unix_ms / 1000 - time.time()
@@ -352,6 +378,8 @@ class Dispatcher:
     def _forget(self, call: Call) -> None:
         """Drop a finished, failed or abandoned call's interest in its tickets."""
         call.unrouted.clear()
+        call.repeats.clear()
+        call.repeats_held = 0
         self._refills.pop(id(call), None)
         for ticket_id in call.tickets:
             ticket = self._tickets.get(ticket_id)
@@ -526,6 +554,7 @@ class Dispatcher:
         misses = call.fill_hits(values) if values else list(range(len(call.texts)))
         if not misses:
             return
+        misses = call.hold_repeats(misses)
         new = [row for row in misses if self._joinable(self._dedupe_key(call, row), call) is None]
         refusal = self._refusal(call, len(misses), len(new), load)
         if refusal is not None:
@@ -540,7 +569,8 @@ class Dispatcher:
         """Queue the call's next missed rows, up to CALL_WINDOW of them in flight."""
         while call.unrouted and call.queued < CALL_WINDOW:
             row = call.unrouted.pop()
-            self._wait_for(call, row, call.texts[row], self._dedupe_key(call, row), jobs)
+            rows = call.rows_of(row)
+            self._wait_for(call, rows, call.texts[row], self._dedupe_key(call, row), jobs)
 
     def _refusal(
         self, call: Call, misses: int, new: int, load: dict[str, ModelLoad]
@@ -612,12 +642,12 @@ class Dispatcher:
     def _wait_for(
         self,
         call: Call,
-        row: int,
+        rows: list[int],
         text: str,
         dedupe_key: tuple[str, str] | None,
         jobs: dict[tuple, queue_pb2.Job],
     ) -> None:
-        """Attach (call, row) to the ticket in flight for this text, or a new one."""
+        """Attach the call's `rows` (all of this text) to its ticket in flight, or a new one."""
         ticket_id = self._joinable(dedupe_key, call)
         if ticket_id is None:
             ticket_id = next(self._next_ticket)
@@ -630,7 +660,7 @@ class Dispatcher:
             job = self._job_for(call, jobs)
             job.items.add(ticket=ticket_id, text=text)
             job.deadline_unix_ms = max(job.deadline_unix_ms, call.deadline_unix_ms)
-        self._tickets[ticket_id].waiters.append((call, row))
+        self._tickets[ticket_id].waiters.extend((call, row) for row in rows)
         call.tickets.append(ticket_id)
 
     def _job_for(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> queue_pb2.Job:

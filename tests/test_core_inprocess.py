@@ -184,6 +184,23 @@ def test_the_same_text_in_flight_is_sent_to_the_worker_once(redis_server):
     run(redis_server, body)
 
 
+def test_a_text_repeated_across_windows_of_one_call_is_encoded_once(redis_server):
+    """A call over CALL_WINDOW texts is queued a window at a time; a text at its first and
+    last rows must still be one ticket (else two forward passes give it two vectors that
+    differ in the last bits: found by the fuzz test)."""
+    from embedq.server.queue import CALL_WINDOW
+
+    async def body(c: Core) -> None:
+        texts = [f"text {i}" for i in range(CALL_WINDOW + 44)]
+        texts[-1] = texts[-2] = texts[0]
+        vectors, _cached = await c.dispatcher.encode(c.variant(), texts, 10)
+        assert c.worker.seen.count(texts[0]) == 1
+        assert sorted(c.worker.seen) == sorted(set(texts))
+        assert np.array_equal(vectors[0], vectors[-1]) and np.array_equal(vectors[0], vectors[-2])
+
+    run(redis_server, body)
+
+
 def test_a_deadline_that_expires_fails_the_call_and_cancels_its_work(redis_server):
     async def body(c: Core) -> None:
         started = time.monotonic()
