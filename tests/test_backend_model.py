@@ -24,6 +24,7 @@ from embedq.workers.backends import (  # noqa: E402
     bundled_model_path,
     resolve_model_source,
 )
+from embedq.workers.backends.packing import pack  # noqa: E402
 from embedq.workers.batching import plan_batches  # noqa: E402
 from helpers_tiny_model import TINY_TEXTS, module_entry, write_tiny_bert  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
@@ -166,6 +167,24 @@ def test_vectors_match_sentence_transformers(encoder, reference, texts) -> None:
     print(f"max abs diff vs sentence-transformers over {len(texts)} texts: {diff:.3e}")
     assert diff <= TOLERANCE
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_packed_batches_match_sentence_transformers(encoder, reference, texts) -> None:
+    """A batch in arrival order (lengths mixed) runs packed on the CPU, several texts to a
+    row; its vectors are still the reference's, and the padded batch's."""
+    assert encoder._transformer._packing  # proven on probes at load, for this model here
+    batch = texts[:64]
+    tokens = [t.ids for t in encoder.tokenize(batch)]
+    assert pack(tokens, pad_id=0).input_ids.shape[0] < len(batch)  # rows shared
+    packed = encoder.embed(tokens)
+    theirs = reference.encode(batch, batch_size=32, convert_to_numpy=True)
+    assert float(np.abs(packed - theirs).max()) <= TOLERANCE
+    encoder._transformer._packing = False
+    try:
+        padded = encoder.embed(tokens)
+    finally:
+        encoder._transformer._packing = True
+    assert float(np.abs(packed - padded).max()) <= TOLERANCE
 
 
 def test_token_ids_match_reference(encoder, reference, texts) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
+from embedq.workers.backends.packing import pack, pack_rows
 from embedq.workers.batching import (
     LINGER_CAP_S,
     RecentPeak,
@@ -116,3 +118,39 @@ def test_recent_peak_forgets_after_its_window() -> None:
     assert peak.peak(10.9) == 16
     assert peak.peak(11.2) == 4
     assert peak.peak(12.0) == 0
+
+
+# -- packed batches (workers/backends/packing.py) -------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_packed_rows_hold_every_text_once_within_the_width(seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 70))]
+    width = max(lengths)
+    rows = pack_rows(lengths, width)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= width for row in rows)
+    assert pack_rows(lengths, width) == rows  # deterministic
+
+
+def test_a_text_longer_than_the_width_gets_its_own_row() -> None:
+    assert pack_rows([5, 30, 4, 3], 10) == [[1], [0, 2], [3]]
+
+
+def test_packed_inputs_give_each_text_its_own_positions_and_attention() -> None:
+    batch = [[101, 7, 102], [101, 8, 9, 10, 102], [101, 102]]
+    packed = pack(batch, pad_id=0)
+    assert packed.input_ids.shape == (2, 5)  # the 2-token text shares the 3-token one's row
+    for index, ids in enumerate(batch):
+        rows = packed.gather_rows[index, : len(ids)]
+        cols = packed.gather_cols[index, : len(ids)]
+        assert packed.input_ids[rows, cols].tolist() == ids
+        assert packed.position_ids[rows, cols].tolist() == list(range(len(ids)))
+        assert packed.mask[index].tolist() == [1] * len(ids) + [0] * (5 - len(ids))
+        row = rows[0]
+        seen = packed.attention[row, 0][np.ix_(cols, range(5))]
+        # Each token sees exactly its own text's tokens.
+        assert (seen.sum(axis=1) == len(ids)).all() and seen[:, cols].all()
+    # Every slot sees something (padding sees itself): no all-masked softmax row.
+    assert packed.attention.any(axis=-1).all()

@@ -328,10 +328,11 @@ class Worker:
                 elif full:
                     self._model_idle.wait(0.5)
                 else:
-                    # An idle model with nothing pending: block until a job comes.
-                    # Otherwise poll: while the model is busy until it is idle, while
-                    # lingering (the model idle) for a poll period.
-                    polling = bool(pending.jobs) or not idle
+                    # Nothing pending: block until a job comes, busy model or not (polling
+                    # Redis every few ms while the model runs slowed its passes on a shared
+                    # CPU, measured). Texts pending: poll, while the model is busy until it
+                    # is idle, while lingering (the model idle) for a poll period.
+                    polling = bool(pending.jobs)
                     got = self._next_read(pending, block_ms=None if polling else 1000)
                     if got is not None:
                         pending.absorb(got)

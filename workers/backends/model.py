@@ -80,6 +80,7 @@ class PooledEncoder:
         pooling = load_pooling(layout.pooling_dir, config, hidden)
         spec = _spec(name, folder, transformer, pooling, layout.normalize, half, backend)
         apply_backend(backend, transformer, spec.fingerprint)
+        transformer.check_packing(lambda hidden, mask: pooling(hidden.float(), mask))
         return cls(spec, transformer, pooling)
 
     @property

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from .packing import pack
 from .source import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ _HUB_KEYS = {"trust_remote_code", "token", "revision", "cache_dir", "local_files
 # Self-check probes: long enough to be truncated by any max_seq_length up to this size.
 _PROBE_TEXT = "Hello, World! Ünïcödé 東京 🙂 [SEP] x"
 _PROBE_LIMIT = 8192
+# Packed batches (packing.py) must give the padded batch's vectors within this, or are not used.
+_PACKING_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Transformer:
         self._token_types = (
             "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
         )
+        # Decided at load by check_packing (a proof on probe texts, not an assumption).
+        self._packing = False
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, half: bool) -> Transformer:
@@ -176,15 +181,71 @@ class Transformer:
         return list(self.tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
 
     def forward(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-        """Pads ``batch`` and runs the encoder: (token embeddings, attention mask) on self.device.
-        The caller holds torch.inference_mode()."""
+        """Runs the encoder on ``batch``: (token embeddings, attention mask) on self.device, one
+        padded row per text. Packed (packing.py) when the model passed the check at load and
+        packing saves rows. The caller holds torch.inference_mode()."""
+        if self._packing and len(batch) > 1:
+            packed = pack(batch, self._pad_id)
+            if packed.input_ids.shape[0] < len(batch):
+                return self._forward_packed(packed)
+        return self._forward_padded(batch)
+
+    def _forward_padded(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         input_ids, mask = self._pad(batch)
-        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        return self._run(input_ids, mask), mask
+
+    def _forward_packed(self, packed: Any) -> tuple[Tensor, Tensor]:
+        def on_device(array: np.ndarray) -> Tensor:
+            return torch.from_numpy(array).to(self.device)
+
+        input_ids = on_device(packed.input_ids)
+        hidden = self._run(
+            input_ids,
+            on_device(packed.attention),
+            position_ids=on_device(packed.position_ids),
+        )
+        rows, cols = on_device(packed.gather_rows), on_device(packed.gather_cols)
+        return hidden[rows, cols], on_device(packed.mask)
+
+    def _run(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
         if self._token_types:
             inputs["token_type_ids"] = torch.zeros_like(input_ids)
         output = self.model(**inputs)
         hidden = getattr(output, "last_hidden_state", None)
-        return (output[0] if hidden is None else hidden), mask
+        return output[0] if hidden is None else hidden
+
+    def check_packing(self, pooled: Any) -> None:
+        """Use packed batches only where they are proven equal here: on the CPU (where padding
+        is paid in full; a GPU runs small batches at almost the cost of none), for a model
+        that takes position ids and runs SDPA attention (which reads a boolean mask), right-
+        padded, and whose vectors for probe texts of several lengths match the padded
+        batch's within _PACKING_TOLERANCE. `pooled(hidden, mask)`: the pooling module."""
+        forward = getattr(self.model, "forward", None)  # ONNX runtimes have none
+        forward_params = inspect.signature(forward).parameters if forward else {}
+        config = getattr(self.model, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        if (
+            self.device.type != "cpu"
+            or "position_ids" not in forward_params
+            or implementation != "sdpa"
+            or self._left_pad
+        ):
+            return
+        probes = ["a", "a short probe", "Hello, World! A longer probe sentence, with a comma."]
+        batch = [item.ids for item in self.tokenize([*probes, *probes[:2]])]
+        with torch.inference_mode():
+            padded = pooled(*self._forward_padded(batch))
+            try:
+                packed = pooled(*self._forward_packed(pack(batch, self._pad_id)))
+            except Exception as exc:  # noqa: BLE001 - a model that refuses is simply not packed
+                logger.info("packed batches off: the model refused them (%s)", exc)
+                return
+        error = float((padded - packed).abs().max())
+        self._packing = error <= _PACKING_TOLERANCE
+        logger.info(
+            "packed batches %s (probe max |diff| %.1e)", "on" if self._packing else "off", error
+        )
 
     def _pad(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         width = max(1, max(len(ids) for ids in batch))
