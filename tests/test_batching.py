@@ -141,7 +141,9 @@ def test_a_text_longer_than_the_width_gets_its_own_row() -> None:
 def test_packed_inputs_give_each_text_its_own_positions_and_attention() -> None:
     batch = [[101, 7, 102], [101, 8, 9, 10, 102], [101, 102]]
     packed = pack(batch, pad_id=0)
-    assert packed.input_ids.shape == (2, 5)  # the 2-token text shares the 3-token one's row
+    # Rows of up to 1.5 x 5 tokens: the 5- and 3-token texts share one, the 2-token one waits.
+    assert packed.input_ids.shape == (2, 8)
+    width = packed.input_ids.shape[1]
     for index, ids in enumerate(batch):
         rows = packed.gather_rows[index, : len(ids)]
         cols = packed.gather_cols[index, : len(ids)]
@@ -149,7 +151,7 @@ def test_packed_inputs_give_each_text_its_own_positions_and_attention() -> None:
         assert packed.position_ids[rows, cols].tolist() == list(range(len(ids)))
         assert packed.mask[index].tolist() == [1] * len(ids) + [0] * (5 - len(ids))
         row = rows[0]
-        seen = packed.attention[row, 0][np.ix_(cols, range(5))]
+        seen = packed.attention[row, 0][np.ix_(cols, range(width))]
         # Each token sees exactly its own text's tokens.
         assert (seen.sum(axis=1) == len(ids)).all() and seen[:, cols].all()
     # Every slot sees something (padding sees itself): no all-masked softmax row.

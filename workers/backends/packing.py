@@ -4,17 +4,23 @@ A padded batch pads every text to the longest one, and the encoder computes the 
 like real tokens. Requests arrive in arbitrary order (an event consumer's one text cannot
 wait to be sorted by length), so small batches are mostly padding: measured on a 2-core
 CPU with all-MiniLM-L6-v2, 16 random STS-like texts per pass ran at 0.64 x the rate of
-length-sorted batches. Packing puts texts side by side in rows as wide as the longest text,
-each text attending only to itself (a block-diagonal attention mask) with its own positions
-from 0, so every text's token embeddings are what it alone would get.
+length-sorted batches. Packing puts texts side by side in rows (ROW_WIDTH_FACTOR x the
+longest text), each text attending only to itself (a block-diagonal attention mask) with
+its own positions from 0, so every text's token embeddings are what it alone would get.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# Rows are this much wider than the batch's longest text: rows fill better (less padding at
+# their ends) for a little more attention per row. Measured on arrival-order batches of 16:
+# 1.5 and 2 ran 4-12 % faster than 1; batches of 32 were the same either way.
+ROW_WIDTH_FACTOR = 1.5
 
 
 def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
@@ -44,24 +50,25 @@ class PackedBatch:
     position_ids: np.ndarray  # (rows, width) int64: each text counts from 0
     attention: np.ndarray  # (rows, 1, width, width) bool: a token sees its own text only
     # For text i and position p < len(text i): row and column of that token; the rest
-    # point at (0, 0) and are masked out by `mask`.
+    # point at (0, 0) and are masked out by `mask`. Gathered, they make a padded batch.
     gather_rows: np.ndarray  # (texts, longest) int64
     gather_cols: np.ndarray  # (texts, longest) int64
     mask: np.ndarray  # (texts, longest) int64: 1 for real tokens (right-padded layout)
 
 
 def pack(batch: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
-    """The packed form of `batch` (token id lists), rows as wide as its longest text."""
+    """The packed form of `batch` (token id lists)."""
     lengths = [len(ids) for ids in batch]
-    width = max(1, max(lengths))
-    rows = pack_rows(lengths, width)
+    longest = max(1, max(lengths))
+    rows = pack_rows(lengths, math.ceil(ROW_WIDTH_FACTOR * longest))
+    width = max(sum(lengths[i] for i in row) for row in rows)  # the fullest row, no wider
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     position_ids = np.zeros((len(rows), width), dtype=np.int64)
     # Segment of each slot: the text's index, -1 for padding at a row's end.
     segment = np.full((len(rows), width), -1, dtype=np.int64)
-    gather_rows = np.zeros((len(batch), width), dtype=np.int64)
-    gather_cols = np.zeros((len(batch), width), dtype=np.int64)
-    mask = np.zeros((len(batch), width), dtype=np.int64)
+    gather_rows = np.zeros((len(batch), longest), dtype=np.int64)
+    gather_cols = np.zeros((len(batch), longest), dtype=np.int64)
+    mask = np.zeros((len(batch), longest), dtype=np.int64)
     for row, members in enumerate(rows):
         start = 0
         for index in members:
