@@ -3,7 +3,8 @@
 `FaultyEncoder` wraps a worker's encoder. EMBEDQ_FAULT_INJECT="raise:<marker>"
 makes the forward pass over a batch holding a text that contains <marker>
 raise; "crash:<marker>" kills the process there instead (as an out-of-memory
-kill or a segfault in a native kernel would). Tests use it to prove that callers
+kill or a segfault in a native kernel would); "tokenize-raise:<marker>" makes
+tokenizing such a text raise (on the worker's reader thread). Tests use it to prove that callers
 get an error, not silence.
 
 EMBEDQ_FAULT_INJECT_TASK="replies=/tmp/f" makes the server's background task
@@ -44,6 +45,8 @@ class FaultyEncoder:
         return getattr(self._inner, name)
 
     def tokenize(self, texts: Sequence[str]) -> list:
+        if self.mode == "tokenize-raise" and any(self.marker in text for text in texts):
+            raise RuntimeError(f"injected tokenizer fault on a text containing {self.marker!r}")
         tokenized = self._inner.tokenize(texts)
         if self.marker:
             with self._lock:

@@ -172,10 +172,12 @@ def test_vectors_match_sentence_transformers(encoder, reference, texts) -> None:
 def test_packed_batches_match_sentence_transformers(encoder, reference, texts) -> None:
     """A batch in arrival order (lengths mixed) runs packed on the CPU, several texts to a
     row; its vectors are still the reference's, and the padded batch's."""
-    assert encoder._transformer._packing  # proven on probes at load, for this model here
+    if not encoder._transformer._packing:  # proven on probes at load, or off (logged)
+        pytest.skip("packing is off for this model here (GPU, no SDPA, or probes differ)")
     batch = texts[:64]
     tokens = [t.ids for t in encoder.tokenize(batch)]
-    assert pack(tokens, pad_id=0).input_ids.shape[0] < len(batch)  # rows shared
+    packed_batch = pack(tokens, pad_id=0, max_width=encoder.spec.max_seq_length)
+    assert packed_batch is not None and packed_batch.input_ids.shape[0] < len(batch)
     packed = encoder.embed(tokens)
     theirs = reference.encode(batch, batch_size=32, convert_to_numpy=True)
     assert float(np.abs(packed - theirs).max()) <= TOLERANCE

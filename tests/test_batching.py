@@ -140,9 +140,9 @@ def test_a_text_longer_than_the_width_gets_its_own_row() -> None:
 
 def test_packed_inputs_give_each_text_its_own_positions_and_attention() -> None:
     batch = [[101, 7, 102], [101, 8, 9, 10, 102], [101, 102]]
-    packed = pack(batch, pad_id=0)
+    packed = pack(batch, pad_id=0, max_width=16)
     # Rows of up to 1.5 x 5 tokens: the 5- and 3-token texts share one, the 2-token one waits.
-    assert packed.input_ids.shape == (2, 8)
+    assert packed is not None and packed.input_ids.shape == (2, 8)
     width = packed.input_ids.shape[1]
     for index, ids in enumerate(batch):
         rows = packed.gather_rows[index, : len(ids)]
@@ -156,3 +156,11 @@ def test_packed_inputs_give_each_text_its_own_positions_and_attention() -> None:
         assert (seen.sum(axis=1) == len(ids)).all() and seen[:, cols].all()
     # Every slot sees something (padding sees itself): no all-masked softmax row.
     assert packed.attention.any(axis=-1).all()
+
+
+def test_packing_is_skipped_when_it_saves_no_row_or_a_text_is_empty() -> None:
+    assert pack([[1, 2, 3], [4, 5, 6]], pad_id=0, max_width=4) is None  # rows capped at 4
+    assert pack([[1, 2], [], [3]], pad_id=0, max_width=16) is None
+    assert pack([[1, 2]], pad_id=0, max_width=16) is None
+    packed = pack([[1, 2], [3]], pad_id=0, max_width=16)
+    assert packed is not None and packed.input_ids.shape == (1, 3)

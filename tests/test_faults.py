@@ -193,6 +193,25 @@ def test_job_that_kills_workers_is_dead_lettered(deployment, fault_injection, mo
         assert stub.Encode(pb.EncodeRequest(texts=["harmless"]), timeout=60).count == 1
 
 
+def test_a_text_the_tokenizer_fails_on_is_dead_lettered_not_hung(
+    deployment, fault_injection, monkeypatch
+):
+    """Tokenizing fails on the worker's reader thread: the read stays pending (claimed again,
+    then dead-lettered, so the caller gets an error), and the reader goes on serving."""
+    monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "tokenize-raise:BADTOKENS")
+    svc = deployment()
+    svc.start_worker("--claim-idle-ms", "500", "--max-deliveries", "1")
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Encode(pb.EncodeRequest(texts=["BADTOKENS here"]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        assert "dead-letter" in info.value.details()
+        assert stub.Encode(pb.EncodeRequest(texts=["still serving"]), timeout=30).count == 1
+    assert svc.workers[0].poll() is None
+
+
 class HealthWatch:
     """Polls health ("" and embedq.v1.Embedder) every 50 ms and records changes."""
 

@@ -651,6 +651,9 @@ async def grpc_floor(base: list[str], count: int, streams: int = 64, dimension: 
     finally:
         process.terminate()
         process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
     return {"texts": count, "texts_per_s": count / elapsed, "cpu_percent": cpu}
 
 

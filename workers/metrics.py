@@ -32,7 +32,7 @@ BATCH_TEXTS = Histogram(
 )
 BATCH_TOKENS = Histogram(
     "embedq_worker_batch_tokens",
-    "Padded tokens per forward pass (texts x longest text)",
+    "Tokens per forward pass as if padded (texts x longest text; packed batches compute fewer)",
     buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
 )
 BUSY = Counter("embedq_worker_busy_seconds", "Seconds spent handling jobs, not waiting for them")

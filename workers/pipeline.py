@@ -149,8 +149,9 @@ class _Group:
 
 @dataclass
 class Prepared:
-    """A read made ready for the model: deduplicated and tokenized (no model needed,
-    so the worker's reader thread does this while the model runs the previous read)."""
+    """A read made ready for the model: deduplicated and tokenized (no model needed: the
+    worker's reader thread does this at hand-over, with the texts it tokenized ahead while
+    the model ran the previous read)."""
 
     tracker: _Tracker
     groups: list[_Group]

@@ -71,8 +71,8 @@ TAKEOVER_PERIOD_S = 1.0
 WRITE_QUEUE_STEPS = 64
 # Reads with fewer encoded texts say little about capacity (per-call overhead).
 RATE_MIN_TEXTS = 32
-# While the model is busy the reader polls for more jobs this often (it stops
-# waiting the moment the model is idle).
+# While texts wait for a busy model the reader polls for more jobs this often (it
+# stops waiting the moment the model is idle); with nothing pending it blocks on Redis.
 ACCUMULATE_POLL_S = 0.002
 # Texts gathered for the next read, in max_batch_size units: past it the reader waits.
 ACCUMULATE_BATCHES = 4
@@ -359,9 +359,16 @@ class Worker:
         return wait > 0
 
     def _hand_over(self, read: Read) -> None:
-        read.prepared = prepare(read.jobs, self.encoder, known=read.tokens)
-        self._handed_over.record(read.texts, time.monotonic())
         self._linger_since = None
+        try:
+            read.prepared = prepare(read.jobs, self.encoder, known=read.tokens)
+        except Exception:
+            # A bug must not stop the reader (the model would wait forever): the jobs stay
+            # pending, are claimed again and end in the dead-letter stream, whose callers
+            # get an error, if they keep failing.
+            log.exception("preparing a read of %d jobs failed; they stay pending", len(read.jobs))
+            return
+        self._handed_over.record(read.texts, time.monotonic())
         self._model_idle.clear()
         self._reads.put(read)
 
@@ -378,7 +385,7 @@ class Worker:
             entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
             self._read_backoff.reset()  # Redis answered
             if not entries:
-                if block_ms:  # idle: nothing queued or being encoded anywhere?
+                if block_ms:  # nothing came for a while: is anything queued anywhere?
                     keys = [self.jobs_key, self.keys.backlog(self.name)]
                     self._reset_idle_backlog(keys=keys)
                 return None
@@ -508,11 +515,11 @@ class Worker:
 
     def _pretokenize(self, read: Read) -> None:
         """Tokenize a read's texts now, while the model is busy; on failure the hand-over
-        tokenizes them (and reports what fails to its callers)."""
+        tokenizes them again (and leaves the jobs pending if that fails too)."""
         try:
             pretokenize(read.jobs, self.encoder, read.tokens)
-        except Exception:  # noqa: BLE001 - prepare() tokenizes again and answers the callers
-            log.debug("tokenizing ahead failed; left to the hand-over", exc_info=True)
+        except Exception:  # noqa: BLE001 - the hand-over tokenizes again (see _hand_over)
+            log.warning("tokenizing ahead failed; left to the hand-over", exc_info=True)
             read.tokens.clear()
 
     def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:

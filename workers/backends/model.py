@@ -110,7 +110,8 @@ class PooledEncoder:
             return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
 
     def encode(self, texts: Sequence[str], normalize: bool | None = None) -> np.ndarray:
-        """tokenize + embed in one padded batch: convenience for small inputs and tests."""
+        """tokenize + embed in one batch (padded, or packed: see packing.py): convenience for
+        small inputs and tests."""
         return self.embed([item.ids for item in self.tokenize(texts)], normalize=normalize)
 
 

@@ -6,7 +6,8 @@ wait to be sorted by length), so small batches are mostly padding: measured on a
 CPU with all-MiniLM-L6-v2, 16 random STS-like texts per pass ran at 0.64 x the rate of
 length-sorted batches. Packing puts texts side by side in rows (ROW_WIDTH_FACTOR x the
 longest text), each text attending only to itself (a block-diagonal attention mask) with
-its own positions from 0, so every text's token embeddings are what it alone would get.
+its own positions from 0, so every text's token embeddings are what it alone would get (up to
+float rounding: the worker checks within 1e-5 at load, see Transformer.check_packing).
 """
 
 from __future__ import annotations
@@ -56,11 +57,17 @@ class PackedBatch:
     mask: np.ndarray  # (texts, longest) int64: 1 for real tokens (right-padded layout)
 
 
-def pack(batch: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
-    """The packed form of `batch` (token id lists)."""
+def pack(batch: Sequence[Sequence[int]], pad_id: int, max_width: int) -> PackedBatch | None:
+    """The packed form of `batch` (token id lists), rows at most `max_width` tokens wide
+    (the model's max_seq_length: model code may size buffers by the input's width) unless
+    one text is longer. None when packing would save no row, or a text has no tokens."""
     lengths = [len(ids) for ids in batch]
-    longest = max(1, max(lengths))
-    rows = pack_rows(lengths, math.ceil(ROW_WIDTH_FACTOR * longest))
+    if len(lengths) < 2 or min(lengths) == 0:
+        return None
+    longest = max(lengths)
+    rows = pack_rows(lengths, max(longest, min(max_width, math.ceil(ROW_WIDTH_FACTOR * longest))))
+    if len(rows) == len(lengths):
+        return None
     width = max(sum(lengths[i] for i in row) for row in rows)  # the fullest row, no wider
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     position_ids = np.zeros((len(rows), width), dtype=np.int64)

@@ -33,6 +33,7 @@ _PROBE_TEXT = "Hello, World! Ünïcödé 東京 🙂 [SEP] x"
 _PROBE_LIMIT = 8192
 # Packed batches (packing.py) must give the padded batch's vectors within this, or are not used.
 _PACKING_TOLERANCE = 1e-5
+_PACKING_PROBE_WORDS = 128
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,13 @@ class Transformer:
         """Runs the encoder on ``batch``: (token embeddings, attention mask) on self.device, one
         padded row per text. Packed (packing.py) when the model passed the check at load and
         packing saves rows. The caller holds torch.inference_mode()."""
-        if self._packing and len(batch) > 1:
-            packed = pack(batch, self._pad_id)
-            if packed.input_ids.shape[0] < len(batch):
+        packed = pack(batch, self._pad_id, self.settings.max_seq_length) if self._packing else None
+        if packed is not None:
+            try:
                 return self._forward_packed(packed)
+            except Exception:  # noqa: BLE001 - the padded path is always there
+                logger.exception("a packed batch failed; packing off, batches run padded")
+                self._packing = False
         return self._forward_padded(batch)
 
     def _forward_padded(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -232,12 +236,20 @@ class Transformer:
             or self._left_pad
         ):
             return
-        probes = ["a", "a short probe", "Hello, World! A longer probe sentence, with a comma."]
-        batch = [item.ids for item in self.tokenize([*probes, *probes[:2]])]
+        # Short texts, and a long one (truncated to max_seq_length, at most _PACKING_PROBE_WORDS
+        # words: a long-context model's full width would cost gigabytes here), so that wide
+        # rows are proven too. Rows are never wider than max_seq_length (see pack()).
+        short = ["a", "a short probe", "Hello, World! A longer probe sentence, with a comma."]
+        words = min(self.settings.max_seq_length, _PACKING_PROBE_WORDS)
+        longest = " ".join(["probe"] * words)
+        batch = [item.ids for item in self.tokenize([*short, *short[:2], longest, *short])]
+        packed_batch = pack(batch, self._pad_id, self.settings.max_seq_length)
+        if packed_batch is None:
+            return
         with torch.inference_mode():
             padded = pooled(*self._forward_padded(batch))
             try:
-                packed = pooled(*self._forward_packed(pack(batch, self._pad_id)))
+                packed = pooled(*self._forward_packed(packed_batch))
             except Exception as exc:  # noqa: BLE001 - a model that refuses is simply not packed
                 logger.info("packed batches off: the model refused them (%s)", exc)
                 return
