@@ -172,6 +172,14 @@ def test_poison_text_fails_its_caller_only(deployment, fault_injection, monkeypa
     assert svc.workers[0].poll() is None
 
 
+def assert_dead_lettered(stub, text: str) -> None:
+    """Encoding `text` fails with INTERNAL naming the dead-letter stream (not a timeout)."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Encode(pb.EncodeRequest(texts=[text]), timeout=90)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "dead-letter" in info.value.details()
+
+
 def test_job_that_kills_workers_is_dead_lettered(deployment, fault_injection, monkeypatch):
     """A text that crashes every worker that takes it: after N deliveries it goes
     to the dead-letter stream and the caller gets an error, not silence."""
@@ -183,10 +191,7 @@ def test_job_that_kills_workers_is_dead_lettered(deployment, fault_injection, mo
     keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
     channel, stub = stub_for(svc)
     with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Encode(pb.EncodeRequest(texts=["KILLER text"]), timeout=90)
-        assert info.value.code() == grpc.StatusCode.INTERNAL
-        assert "dead-letter" in info.value.details()
+        assert_dead_lettered(stub, "KILLER text")
         assert client.xlen(keys.dead_letters(MODEL)) == 1
         survivors = [w for w in svc.workers if w.poll() is None]
         assert len(survivors) == 1
@@ -204,10 +209,7 @@ def test_a_text_the_tokenizer_fails_on_is_dead_lettered_not_hung(
     svc.start_server()
     channel, stub = stub_for(svc)
     with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Encode(pb.EncodeRequest(texts=["BADTOKENS here"]), timeout=60)
-        assert info.value.code() == grpc.StatusCode.INTERNAL
-        assert "dead-letter" in info.value.details()
+        assert_dead_lettered(stub, "BADTOKENS here")
         assert stub.Encode(pb.EncodeRequest(texts=["still serving"]), timeout=30).count == 1
     assert svc.workers[0].poll() is None
 
