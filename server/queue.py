@@ -85,18 +85,9 @@ class Variant:
     @functools.cached_property  # read per text on the hot path: hash once
     def fingerprint(self) -> str:
         reg = self.model.registration
-        return _variant_fingerprint(reg.fingerprint, self.normalize, self.truncate, self.prompt)
-
-
-@functools.lru_cache(maxsize=1024)
-def _variant_fingerprint(
-    model_fingerprint: str, normalize: bool, truncate: bool, prompt: str
-) -> str:
-    """variant_fingerprint, hashed once per option set: a stream of one-text messages makes a
-    Variant per message."""
-    return variant_fingerprint(
-        model_fingerprint, normalize=normalize, truncate=truncate, prompt=prompt
-    )
+        return variant_fingerprint(
+            reg.fingerprint, normalize=self.normalize, truncate=self.truncate, prompt=self.prompt
+        )
 
 
 @dataclass
@@ -120,8 +111,6 @@ class Call:
     # Missed rows repeating an earlier row's text, by that row: they wait on its ticket, so
     # one text gets one vector even when a window queues its rows far apart.
     repeats: dict[int, list[int]] = field(default_factory=dict)
-    # How many rows `repeats` holds (not attached to a ticket yet).
-    repeats_held: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -171,7 +160,8 @@ class Call:
     @property
     def queued(self) -> int:
         """Rows queued and not answered yet (not counting those still to queue)."""
-        return self.remaining - len(self.unrouted) - self.repeats_held
+        held = sum(map(len, self.repeats.values()))  # rows not attached to a ticket yet
+        return self.remaining - len(self.unrouted) - held
 
     def hold_repeats(self, misses: list[int]) -> list[int]:
         """The missed rows whose text is new to this call; the others go to `repeats`."""
@@ -185,14 +175,11 @@ class Call:
                 kept.append(row)
             else:
                 self.repeats.setdefault(earlier, []).append(row)
-                self.repeats_held += 1
         return kept
 
     def rows_of(self, row: int) -> list[int]:
         """`row` and the rows repeating its text (released from `repeats`)."""
-        repeats = self.repeats.pop(row, [])
-        self.repeats_held -= len(repeats)
-        return [row, *repeats]
+        return [row, *self.repeats.pop(row, [])]
 
     def seconds_left(self) -> float:
         return self.deadline_unix_ms / 1000 - time.time()
@@ -379,7 +366,6 @@ class Dispatcher:
         """Drop a finished, failed or abandoned call's interest in its tickets."""
         call.unrouted.clear()
         call.repeats.clear()
-        call.repeats_held = 0
         self._refills.pop(id(call), None)
         for ticket_id in call.tickets:
             ticket = self._tickets.get(ticket_id)

@@ -290,6 +290,7 @@ class CountingEncoder:
 
     def __init__(self, inner) -> None:
         self.inner, self.spec, self.embedded = inner, inner.spec, 0
+        self.tokenized: list[str] = []
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -299,7 +300,7 @@ class CountingEncoder:
         return self.inner.embed(batch, normalize=normalize)
 
     def tokenize(self, texts):
-        self.tokenized = [*getattr(self, "tokenized", []), *texts]
+        self.tokenized.extend(texts)
         return self.inner.tokenize(texts)
 
 

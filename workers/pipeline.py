@@ -9,7 +9,6 @@ deadlines are checked before every batch, not once per read.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import defaultdict
@@ -184,7 +183,8 @@ def prepare(
     known: Pretokenized | None = None,
 ) -> Prepared:
     """Fail what expired while queued, answer tokenize jobs, dedupe and tokenize the rest
-    (texts in `known`, from pretokenize(), are not tokenized again)."""
+    (texts in `known`, from pretokenize(), are not tokenized again; new ones are added)."""
+    known = {} if known is None else known
     tracker = _Tracker(jobs)
     # Texts are shared across jobs only when they become the same vectors.
     work: dict[tuple[bool, str], _Work] = defaultdict(_Work)
@@ -202,7 +202,7 @@ def prepare(
     for (normalize, prompt), texts in work.items():
         # The prompt is part of the text the model reads (and counts toward
         # max_seq_length), as in sentence-transformers.
-        tokenized = _tokenized([prompt + text for text in texts.texts], encoder, known or {})
+        tokenized = _tokenized([prompt + text for text in texts.texts], encoder, known)
         _reject_over_length(texts, tokenized, encoder.spec.max_seq_length, tracker)
         groups.append(_Group(normalize, prompt, texts, tokenized))
     return Prepared(tracker, groups)
@@ -213,7 +213,7 @@ def _tokenized(
 ) -> list[TokenizedText]:
     missing = [text for text in texts if text not in known]
     if missing:
-        known = {**known, **dict(zip(missing, encoder.tokenize(missing), strict=True))}
+        known.update(zip(missing, encoder.tokenize(missing), strict=True))
     return [known[text] for text in texts]
 
 
@@ -342,27 +342,25 @@ def _answer_batch(
             for job_index, ticket in group.waiting[index]:
                 tracker.fail(job_index, ticket, ErrorKind.INTERNAL, error)
         return
-    rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
     # One conversion per batch, each row's bytes a slice of it (profiled: per-text numpy
     # calls were a visible part of a worker's time when the model is fast).
     blob = vectors.astype("<f4", copy=False).tobytes()
-    size = len(blob) // max(1, len(batch))
+    size = vectors.shape[1] * 4
+    row_bytes = [blob[position * size : (position + 1) * size] for position in range(len(batch))]
+    rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for position, index in enumerate(batch):
-        row = blob[position * size : (position + 1) * size]
         for job_index, ticket in group.waiting[index]:
             job = tracker.jobs[job_index]
             rows[job.reply_to].append((ticket, position))
             tracker.answered(job_index)
-            _cache_vector(job, group.texts[index], row, encoder, keys, tracker.outcome)
+            _cache_vector(
+                job, group.texts[index], row_bytes[position], encoder, keys, tracker.outcome
+            )
     for reply_to, pairs in rows.items():
         reply = tracker.outcome.reply(reply_to)
         reply.tickets.extend(ticket for ticket, _ in pairs)
         reply.dimension = encoder.spec.dimension
-        positions = [position for _, position in pairs]
-        if positions == list(range(len(batch))):
-            reply.vectors += blob  # the whole batch, in order: the usual case
-        else:
-            reply.vectors += b"".join(blob[p * size : (p + 1) * size] for p in positions)
+        reply.vectors += b"".join(row_bytes[position] for _, position in pairs)
 
 
 def _cache_vector(
@@ -375,14 +373,10 @@ def _cache_vector(
 ) -> None:
     # Keyed by this worker's own fingerprint: if a server's view of the model
     # is stale, it misses the cache rather than read another model's vectors.
-    variant = _variant(encoder.spec.fingerprint, job.normalize, job.truncate, job.prompt)
+    variant = variant_fingerprint(
+        encoder.spec.fingerprint, normalize=job.normalize, truncate=job.truncate, prompt=job.prompt
+    )
     outcome.cache[keys.cache(variant, text_sha256(text))] = row
-
-
-@functools.lru_cache(maxsize=1024)
-def _variant(fingerprint: str, normalize: bool, truncate: bool, prompt: str) -> str:
-    """variant_fingerprint, hashed once per option set rather than once per text."""
-    return variant_fingerprint(fingerprint, normalize=normalize, truncate=truncate, prompt=prompt)
 
 
 def _tokenize_job(

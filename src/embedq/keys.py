@@ -11,6 +11,7 @@ slot. Cache keys carry no tag: the cache spreads over the cluster.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# Cached: servers and workers ask for it per message or per text, with few option sets.
+@functools.lru_cache(maxsize=1024)
 def variant_fingerprint(
     model_fingerprint: str, *, normalize: bool, truncate: bool, prompt: str = ""
 ) -> str:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from .packing import pack
+from .packing import PackedBatch, pack
 from .source import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Transformer:
         input_ids, mask = self._pad(batch)
         return self._run(input_ids, mask), mask
 
-    def _forward_packed(self, packed: Any) -> tuple[Tensor, Tensor]:
+    def _forward_packed(self, packed: PackedBatch) -> tuple[Tensor, Tensor]:
         def on_device(array: np.ndarray) -> Tensor:
             return torch.from_numpy(array).to(self.device)
 
