@@ -10,8 +10,8 @@ answer), and prints the median time of every stage:
   recv → lookup (MGET) → enqueue (XADD) → worker read → cancel check →
   tokenize → forward → write → reply read → response
 
-and, for the waiting consumers, how the worker's wall time splits into
-reading, encoding, writing and idle.
+and, for the waiting consumers, the model's share of wall time in forward passes,
+the gap between passes, and what the reader and writer threads do beside them.
 
     python scripts/stage_timings.py [--calls 200] [--streams 16] [--seconds 10]
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -226,21 +227,36 @@ def stage_table(windows, events) -> list[tuple[str, float]]:
     return table
 
 
-def worker_split(events, start: float, end: float) -> dict[str, float]:
-    """Share of the worker's wall time per activity during [start, end]."""
-    spans: dict[str, float] = {}
+def _spans(events, start: float, end: float) -> dict[str, list[tuple[float, float]]]:
+    """(start, end) of every probed call per tag that began within [start, end]."""
+    spans: dict[str, list[tuple[float, float]]] = {}
     opened: dict[str, float] = {}
     for t, name in sorted(events):
-        if not start <= t <= end:
-            continue
         tag, kind = name.split(":")
-        if kind == "start":
+        if kind == "start" and start <= t <= end:
             opened[tag] = t
-        elif tag in opened:
-            spans[tag] = spans.get(tag, 0.0) + t - opened.pop(tag)
+        elif kind == "end" and tag in opened:
+            spans.setdefault(tag, []).append((opened.pop(tag), t))
+    return spans
+
+
+def worker_split(events, start: float, end: float) -> dict[str, float | None]:
+    """The worker during [start, end]. The model thread: its share of wall time in forward
+    passes (the rest it waits for a read) and the median gap between two passes. The reader
+    and writer threads run beside the passes, so their shares overlap the model's (a read
+    that blocks on Redis counts while it blocks)."""
+    spans = _spans(events, start, end)
     wall = end - start
-    out = {tag: round(100 * s / wall, 1) for tag, s in spans.items()}
-    out["other/idle"] = round(100 - sum(out.values()), 1)
+    share = {tag: round(100 * sum(b - a for a, b in s) / wall, 1) for tag, s in spans.items()}
+    passes = sorted(spans.get("forward", []))
+    gaps = [later[0] - earlier[1] for earlier, later in itertools.pairwise(passes)]
+    out: dict[str, float | None] = {
+        "model: forward %": share.pop("forward", 0.0),
+        "model: median gap between passes (ms)": (
+            round(1000 * statistics.median(gaps), 2) if gaps else None
+        ),
+    }
+    out.update({f"{tag} % (reader/writer)": value for tag, value in share.items()})
     return out
 
 
@@ -308,7 +324,8 @@ def drive(args: argparse.Namespace) -> int:
     rate = done / (s_end - s_start)
     print(f"\n{args.streams} waiting EncodeStream consumers: {rate:.0f} texts/s")
     worker_events = [e for e in _load(tmp / "worker.json")]
-    print("  worker wall time split (%):", worker_split(worker_events, s_start, s_end))
+    for label, value in worker_split(worker_events, s_start, s_end).items():
+        print(f"  worker {label:<45} {value}")
     return 0
 
 
