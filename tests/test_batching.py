@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 from embedq.workers.backends.packing import pack, pack_rows
 from embedq.workers.batching import (
-    IDLE_BLOCK_MS,
     LINGER_CAP_S,
     RecentPeak,
     linger_s,
     padded_tokens,
     plan_batches,
-    read_block_ms,
 )
 
 
@@ -166,9 +164,3 @@ def test_packing_is_skipped_when_it_saves_no_row_or_a_text_is_empty() -> None:
     assert pack([[1, 2]], pad_id=0, max_width=16) is None
     packed = pack([[1, 2], [3]], pad_id=0, max_width=16)
     assert packed is not None and packed.input_ids.shape == (1, 3)
-
-
-def test_a_lingering_read_blocks_for_the_rest_of_the_linger_only():
-    assert read_block_ms(0, linger_left_s=0.0) == IDLE_BLOCK_MS  # nothing pending: a while
-    assert read_block_ms(3, linger_left_s=0.0042) == 5  # rounded up: never wakes early
-    assert read_block_ms(3, linger_left_s=0.0) == 1  # 0 would block forever in XREADGROUP

@@ -7,7 +7,6 @@ functions: no Redis, no model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 
@@ -77,20 +76,6 @@ def linger_s(
     if pending_texts <= 0 or pending_texts >= recent_texts:
         return 0.0
     return max(0.0, min(cap_s, share * busy_s) - waited_s)
-
-
-# With nothing pending the reader blocks on Redis this long (ms) at a time.
-IDLE_BLOCK_MS = 1000
-
-
-def read_block_ms(pending_texts: int, linger_left_s: float) -> int:
-    """How long the reader's next Redis read may block while the model is idle: with texts
-    pending (lingering), the rest of the linger, at least 1 ms, so that a job coming meanwhile
-    is taken at once (a sleep-and-poll loop took it up to a poll period late); with none,
-    IDLE_BLOCK_MS."""
-    if pending_texts <= 0:
-        return IDLE_BLOCK_MS
-    return max(1, math.ceil(linger_left_s * 1000))
 
 
 class RecentPeak:

@@ -56,7 +56,7 @@ from embedq.settings import WorkerSettings
 
 from . import metrics
 from .backends import PooledEncoder
-from .batching import IDLE_BLOCK_MS, RecentPeak, linger_s, read_block_ms
+from .batching import RecentPeak, linger_s
 from .pipeline import BatchLimits, Outcome, Prepared, Pretokenized, iter_steps, prepare, pretokenize
 from .prompts import read_prompts
 
@@ -184,7 +184,6 @@ class Worker:
         self._handed_over = RecentPeak()
         self._last_busy_s = 0.0
         self._linger_since: float | None = None
-        self._linger_left_s = 0.0
         # Transient Redis trouble: retried with backoff, logged at most once per 10 s.
         self._throttled = Throttled(log)
         self._read_backoff = Backoff()
@@ -331,16 +330,14 @@ class Worker:
                 else:
                     # Nothing pending: block until a job comes, busy model or not (polling
                     # Redis every few ms while the model runs slowed its passes on a shared
-                    # CPU, measured). Lingering (texts pending, the model idle): block for
-                    # the rest of the linger, so the next job is handed on the moment it
-                    # comes. Texts pending for a busy model: poll until the model is idle.
-                    busy = bool(pending.jobs) and not idle
-                    block_ms = None if busy else read_block_ms(pending.texts, self._linger_left_s)
-                    got = self._next_read(pending, block_ms)
+                    # CPU, measured). Texts pending: poll, while the model is busy until it
+                    # is idle, while lingering (the model idle) for a poll period.
+                    polling = bool(pending.jobs)
+                    got = self._next_read(pending, block_ms=None if polling else 1000)
                     if got is not None:
                         pending.absorb(got)
-                    elif busy:
-                        self._model_idle.wait(ACCUMULATE_POLL_S)
+                    elif polling:
+                        (self._stop if idle else self._model_idle).wait(ACCUMULATE_POLL_S)
         finally:
             if pending.jobs:
                 self._hand_over(pending)  # read, so ours: finished before stopping
@@ -352,14 +349,14 @@ class Worker:
         now = time.monotonic()
         if self._linger_since is None:
             self._linger_since = now
-        self._linger_left_s = linger_s(
+        wait = linger_s(
             pending.texts,
             self._handed_over.peak(now),
             self._last_busy_s,
             now - self._linger_since,
             cap_s=self.settings.linger_ms / 1000,
         )
-        return self._linger_left_s > 0
+        return wait > 0
 
     def _hand_over(self, read: Read) -> None:
         self._linger_since = None
@@ -388,7 +385,7 @@ class Worker:
             entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
             self._read_backoff.reset()  # Redis answered
             if not entries:
-                if block_ms == IDLE_BLOCK_MS:  # nothing for a while: anything queued anywhere?
+                if block_ms:  # nothing came for a while: is anything queued anywhere?
                     keys = [self.jobs_key, self.keys.backlog(self.name)]
                     self._reset_idle_backlog(keys=keys)
                 return None
