@@ -47,7 +47,10 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
     )
     check_machine(result)
     assert result["scenarios"] == ["core", "burst", "slow-reader", "streams"]
-    assert {"R", "S1", "S2", "S3"} <= set(result["throughput_texts_per_s"])
+    throughput = result["throughput_texts_per_s"]
+    assert {"R", "S1", "S2", "S3"} <= set(throughput)
+    assert throughput["R"]["paired_ratio_to_R"] == 1.0
+    assert all(throughput[name]["paired_ratio_to_R"] > 0 for name in ("S1", "S2", "S3"))
     roof = result["roofline"]
     assert roof["peak_gflops"] > 0 and roof["flops_per_token"] > 0
     assert {"gflops", "percent_of_peak"} <= set(roof["S1"]) and "formula" in roof
@@ -62,6 +65,7 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
     assert "server_rss_growth_mb" in slow and "p99" in slow["other_encode_ms"]
     streams = load["streams"]
     assert streams["streams"] == 16 and streams["ratio_to_R"] > 0
+    assert streams["paired_ratio_to_R"] > 0
 
 
 def test_plumbing_and_scaling(tmp_path: Path) -> None:
@@ -97,6 +101,14 @@ def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
         [*BENCH, "--out", str(tmp_path), "--scenario", "nope"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "unknown scenario" in done.stderr
+
+
+def test_paired_ratio_cancels_a_host_that_slows_between_reps() -> None:
+    # The host slowed in rep 2 (R and the scenario alike) and during rep 3's scenario: the
+    # paired ratio stays 0.9, the ratio of medians (54 / 80) falls to 0.675.
+    assert bench_load.paired_ratio([90, 54, 40], [100, 60, 80]) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        bench_load.paired_ratio([1, 2], [1])
 
 
 def test_helpers(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ slow-reader, streams (waiting consumers), plumbing (bench-zero workers: no model
 (1-8 bench-sim workers behind 1-2 servers). Headers name the CPU, its AVX2/AVX-512/VNNI/AMX
 and the GPU.
 
-Speed is reported, never asserted: targets are printed beside the figures.
+Speed is reported, never asserted: targets are printed beside the figures. "× R" is the
+ratio of medians; "paired" is the median of each rep's ratio to the R measured just before it,
+steadier on a host whose speed drifts between reps.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from embedq.tools.bench_load import (
     load_report,
     machine,
     machine_line,
+    paired_ratio,
     roofline,
     run_load,
     selected,
@@ -300,6 +303,11 @@ class Results:
     def median(self, name: str) -> float:
         return statistics.median(self.throughput[name])
 
+    def paired_ratio(self, name: str) -> float:
+        """Median over reps of `name` / R of the same rep: each rep measures R and the
+        scenarios back to back, so a host that slows down between reps cancels out."""
+        return paired_ratio(self.throughput[name], self.throughput["R"])
+
 
 def reference_latencies(model, texts: list[str]) -> list[float]:
     singles = []
@@ -347,7 +355,7 @@ def report(results: Results, device: str, header: str = "", roofline: dict | Non
     lines = [
         f"embedq bench: {results.texts} texts, {results.reps} reps, device {device}, medians",
         *([header] if header else []),
-        f"{'scenario':<34}{'texts/s':>10}{'× R':>8}   target",
+        f"{'scenario':<34}{'texts/s':>10}{'× R':>8}{'paired':>8}   target",
     ]
     names = {
         "R": "R  sentence-transformers (bs 32)",
@@ -356,8 +364,9 @@ def report(results: Results, device: str, header: str = "", roofline: dict | Non
         "S3": "S3 cached Encode ×64",
     }
     for key, label in names.items():
-        value = results.median(key)
-        lines.append(f"{label:<34}{value:>10.1f}{value / r:>8.2f}   {TARGETS.get(key, '')}")
+        value, paired = results.median(key), results.paired_ratio(key)
+        target = TARGETS.get(key, "")
+        lines.append(f"{label:<34}{value:>10.1f}{value / r:>8.2f}{paired:>8.2f}   {target}")
     lines.append(f"{'latency (ms)':<34}{'p50':>10}{'p99':>8}")
     for key, values in results.latency_ms.items():
         lines.append(f"{key:<34}{percentile(values, 50):>10.2f}{percentile(values, 99):>8.2f}")
@@ -378,7 +387,12 @@ def summary(results: Results, device: str, command: str) -> dict:
         "texts": results.texts,
         "reps": results.reps,
         "throughput_texts_per_s": {
-            k: {"median": results.median(k), "runs": v, "ratio_to_R": results.median(k) / r}
+            k: {
+                "median": results.median(k),
+                "runs": v,
+                "ratio_to_R": results.median(k) / r,
+                "paired_ratio_to_R": results.paired_ratio(k),
+            }
             for k, v in results.throughput.items()
         },
         "latency_ms": {
