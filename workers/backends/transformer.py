@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +219,7 @@ class Transformer:
         hidden = getattr(output, "last_hidden_state", None)
         return output[0] if hidden is None else hidden
 
-    def check_packing(self, pooled: Any) -> None:
+    def check_packing(self, pooled: Callable[[Tensor, Tensor], Tensor]) -> None:
         """Use packed batches only where they are proven equal here: on the CPU (where padding
         is paid in full; a GPU runs small batches at almost the cost of none), for a model
         that takes position ids and runs SDPA attention (which reads a boolean mask), right-
