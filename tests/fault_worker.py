@@ -100,6 +100,8 @@ def install_task_faults() -> None:
 
 async def _failing_while(path: str, coro) -> None:
     """Run `coro`; raise while the file at `path` exists."""
+    from embedq.server.supervise import cancel_all
+
     task = asyncio.ensure_future(coro)
     try:
         while not task.done():
@@ -108,9 +110,12 @@ async def _failing_while(path: str, coro) -> None:
             await asyncio.wait({task}, timeout=0.1)
         task.result()
     finally:
-        task.cancel()
+        # Not a bare cancel-and-await: redis-py can swallow a cancel that lands as
+        # the XREAD starts, and the loop would then run on with this await stuck
+        # behind it forever, so the injected fault never reached the supervisor
+        # (a CI run saw health stay SERVING). cancel_all cancels again until it ends.
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+            await cancel_all([task])
 
 
 def main(argv: list[str] | None = None) -> int:
