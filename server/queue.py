@@ -120,38 +120,40 @@ class Call:
         self.tokens = [None] * n if self.kind == TOKENIZE else []
         self.remaining = n
 
-    def _row_done(self) -> None:
-        self.remaining -= 1
+    def _rows_done(self, count: int = 1) -> None:
+        self.remaining -= count
         if self.remaining == 0 and not self.future.done():
             self.future.set_result(self)
 
     def set_rows(self, rows: list[int], vectors: np.ndarray) -> None:
         """Computed (not cached) vectors for several rows at once."""
         self.vectors[rows] = vectors
-        self.remaining -= len(rows)
-        if self.remaining == 0 and not self.future.done():
-            self.future.set_result(self)
+        self._rows_done(len(rows))
 
     def fill_hits(self, values: list[bytes | None]) -> list[int]:
         """Fill the rows the cache had, in one copy; return the missed rows.
         A value of the wrong size is a miss, never served."""
         size = self.vectors.shape[1] * 4
+        if None not in values and set(map(len, values)) == {size}:
+            # Every row cached (the common case for hot texts): the joined values become
+            # the matrix (writable), with no per-row scatter into the zeros.
+            joined = bytearray().join(values)  # type: ignore[arg-type]
+            self.vectors = np.frombuffer(joined, dtype="<f4").reshape(len(values), -1)
+            self.cached[:] = True
+            self._rows_done(len(values))
+            return []
         hits = [row for row, value in enumerate(values) if value is not None and len(value) == size]
         if hits:
             packed = b"".join([values[row] for row in hits])  # type: ignore[misc]
             self.vectors[hits] = np.frombuffer(packed, dtype="<f4").reshape(len(hits), -1)
             self.cached[hits] = True
-            self.remaining -= len(hits)
-            if self.remaining == 0 and not self.future.done():
-                self.future.set_result(self)
-        if len(hits) == len(self.texts):
-            return []
+            self._rows_done(len(hits))
         hit = set(hits)
         return [row for row in range(len(self.texts)) if row not in hit]
 
     def set_tokens(self, row: int, tokens: queue_pb2.Tokens) -> None:
         self.tokens[row] = tokens
-        self._row_done()
+        self._rows_done()
 
     def fail(self, error: RequestError) -> None:
         if not self.future.done():
@@ -591,8 +593,8 @@ class Dispatcher:
         and the queued work of each model involved, in one round trip."""
         cache_keys: list[str] = []
         for call in calls:
-            fingerprint = call.variant.fingerprint
-            cache_keys += [self._keys.cache(fingerprint, sha) for sha in call.hashes or ()]
+            prefix = self._keys.cache_prefix(call.variant.fingerprint)
+            cache_keys += [prefix + sha for sha in call.hashes or ()]
         models = sorted({call.variant.model.name for call in calls})
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.

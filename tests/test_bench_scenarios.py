@@ -86,6 +86,7 @@ def test_plumbing_and_scaling(tmp_path: Path) -> None:
             assert {"bytes_in_per_text", "bytes_out_per_text", "by_command"} <= set(got)
         assert plumbing["waiting_streams_64"]["texts_per_s"] > 0
     assert result["load"]["plumbing"]["waiting_streams_64_grpc_floor"]["texts_per_s"] > 0
+    assert result["load"]["plumbing"]["cached_batches_256_grpc_floor"]["texts_per_s"] > 0
     assert result["load"]["plumbing-cluster"]["redis"] == "cluster"
     scaling = result["load"]["scaling"]
     assert [(p["workers"], p["servers"]) for p in scaling["points"]] == [(1, 1), (2, 1)]

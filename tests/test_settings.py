@@ -243,3 +243,46 @@ def test_each_flag_belongs_to_known_commands_and_is_unique_per_command() -> None
     for setting in SETTINGS.values():
         assert set(setting.commands) <= {SERVE, "server", WORKER, STATUS, TOP}
         assert bool(setting.flag) == bool(setting.commands), setting.name
+
+
+def test_the_async_client_packs_in_c_exactly_as_redis_py_packs_in_python(redis_server) -> None:
+    """connect_async's connections pack commands with hiredis: the same bytes as redis-py's own
+    asyncio packer for every kind of argument the service sends, and the commands work."""
+    import asyncio
+
+    from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+
+    from embedq.settings import packing_in_c
+
+    commands = [
+        ("MGET", "k1", "k:{slot}:é"),
+        ("SET", b"key", b"\x00\xff" * 300, "EX", 300),
+        ("XADD", "stream", "MAXLEN", "~", 1000, "*", "m", memoryview(b"payload")),
+        ("CONFIG GET", "maxmemory"),
+        ("ZADD", "z", 1.5, "member"),
+    ]
+    stock, fast = Connection(), packing_in_c(Connection)()
+    for command in commands:
+        assert b"".join(fast.pack_command(*command)) == b"".join(stock.pack_command(*command))
+    assert b"".join(fast.pack_commands(commands)) == b"".join(stock.pack_commands(commands))
+    for base in (Connection, SSLConnection, UnixDomainSocketConnection):
+        assert issubclass(packing_in_c(base), base)
+
+    settings = RedisSettings(url=redis_server.url, namespace="packing-test")
+
+    async def round_trip() -> None:
+        client = settings.connect_async()
+        assert client.connection_pool.connection_class.__name__ == "HiredisPackingConnection"
+        key = f"packing-test:{id(client)}"
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(key, b"\x00\x01" * 1000, ex=60)
+                pipe.mget([key, f"{key}:missing"])
+                results = await pipe.execute()
+            assert results == [True, [b"\x00\x01" * 1000, None]]
+            assert await client.ttl(key) > 0
+        finally:
+            await client.delete(key)
+            await client.aclose()
+
+    asyncio.run(round_trip())

@@ -116,7 +116,12 @@ class Keys:
 
     def cache(self, variant: str, sha256_hex: str) -> str:
         """Cache entry: raw little-endian float32 vector bytes."""
-        return f"{self.namespace}:v1:emb:{variant}:{sha256_hex}"
+        return self.cache_prefix(variant) + sha256_hex
+
+    def cache_prefix(self, variant: str) -> str:
+        """What every cache key of `variant` starts with (the text's hash follows): built
+        once per call, not once per text, on the servers' look-up path."""
+        return f"{self.namespace}:v1:emb:{variant}:"
 
     def cache_pattern(self) -> str:
         """SCAN MATCH pattern of every cache entry of this namespace (all variants)."""

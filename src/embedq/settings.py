@@ -14,6 +14,7 @@ Secrets (the Redis password, bearer tokens) are never logged or shown in
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -584,7 +585,32 @@ class RedisSettings:
         # retry connection errors (not timeouts) briefly, so that a stale connection
         # is not reported as an outage (it made health flap again ~10 s later).
         retry = {"retry": _connection_retry(), "retry_on_error": [redis.ConnectionError]}
-        return aioredis.Redis.from_url(self.url, **{**self._kwargs(), **retry, **extra})
+        client = aioredis.Redis.from_url(self.url, **{**self._kwargs(), **retry, **extra})
+        pool = client.connection_pool
+        pool.connection_class = packing_in_c(pool.connection_class)
+        return client
+
+
+@functools.cache
+def packing_in_c(connection_class: type) -> type:
+    """`connection_class` (plain, TLS or unix socket: what the URL chose) packing its
+    commands with hiredis, as redis-py's sync client already does; its asyncio client
+    packs them in Python, argument by argument. Measured on the cached path (one MGET
+    of 256 keys per call): 0.67 µs of server CPU per key in Python, 0.09 in hiredis,
+    and the server's event loop is the serial stage there (docs/benchmarks.md)."""
+    from redis.connection import HiredisRespSerializer
+    from redis.utils import HIREDIS_AVAILABLE
+
+    if not HIREDIS_AVAILABLE:
+        return connection_class
+    packer = HiredisRespSerializer()
+
+    def pack_command(self: Any, *args: Any) -> list[bytes]:
+        # pack_commands (pipelines) calls this per command, so pipelines pack in C too.
+        return packer.pack(*args)
+
+    name = f"HiredisPacking{connection_class.__name__}"
+    return type(name, (connection_class,), {"pack_command": pack_command})
 
 
 def _connection_retry() -> Any:
