@@ -259,7 +259,7 @@ def test_the_async_client_packs_in_c_exactly_as_redis_py_packs_in_python(redis_s
         ("SET", b"key", b"\x00\xff" * 300, "EX", 300),
         ("XADD", "stream", "MAXLEN", "~", 1000, "*", "m", memoryview(b"payload")),
         ("CONFIG GET", "maxmemory"),
-        ("ZADD", "z", 1.5, "member"),
+        ("ZADD", "z", 1.5, "member", 1700000000.123456, "now", 1e-07, "tiny", 10**20, "big"),
     ]
     stock, fast = Connection(), packing_in_c(Connection)()
     for command in commands:
