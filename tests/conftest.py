@@ -21,32 +21,12 @@ import pytest
 from embedq.apps.embedded import EmbeddedRedis, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+# The module's old name, for the test modules that still import it from there
+# (tests/test_cluster.py, tests/test_faults.py: changed by work in flight).
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# Modules whose tests must all run in one pytest process, in order: test_fuzz's last test
-# reads what the fuzz tests before it sent and how the shared service's memory moved, which
-# says nothing when xdist ran half of them in the other process (a CI run failed on it).
-ONE_PROCESS_MODULES = frozenset({"tests/test_fuzz.py"})
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """`-n N` (xdist's default --dist load): every test goes to whichever process is free,
-    except that each of ONE_PROCESS_MODULES goes whole to one process. (xdist_group with
-    --dist loadgroup would say the same, but with pytest 9 its node-id suffix no longer
-    takes, and the group is split anyway.)"""
-    if config.getvalue("dist") != "load":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class WholeModulesTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if module in ONE_PROCESS_MODULES else nodeid
-
-    return WholeModulesTogether(config, log)
-
 
 LOG_DIR = Path(tempfile.mkdtemp(prefix="embedq-test-logs-"))
 

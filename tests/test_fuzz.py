@@ -37,6 +37,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,11 @@ TIMEOUT_S = 60.0
 
 # Requests sent by this module, by RPC (stream messages count one each).
 SENT: collections.Counter[str] = collections.Counter()
+# In this pytest process: requests sent by each test, and each generated test's example budget.
+# With `-n 2` xdist may run part of this module in the other process (with its own service),
+# so the last test checks what ran here, test by test.
+SENT_BY_TEST: collections.Counter[str] = collections.Counter()
+EXAMPLES: dict[str, int] = {}
 UNIQUE = itertools.count()
 
 FUZZ = settings(
@@ -83,8 +89,23 @@ FUZZ = settings(
 )
 
 
-def fuzz(examples: int) -> settings:
-    return settings(FUZZ, max_examples=examples)
+def fuzz(examples: int) -> Callable[[Callable], Callable]:
+    """FUZZ with `examples` examples; the test's budget is kept in EXAMPLES."""
+
+    def decorate(test: Callable) -> Callable:
+        EXAMPLES[test.__name__] = examples
+        return settings(FUZZ, max_examples=examples)(test)
+
+    return decorate
+
+
+@pytest.fixture(autouse=True)
+def count_requests(request):
+    """SENT_BY_TEST[test] += the requests this test sent (here, in this process)."""
+    before = sum(n for rpc, n in SENT.items() if "flood" not in rpc)
+    yield
+    after = sum(n for rpc, n in SENT.items() if "flood" not in rpc)
+    SENT_BY_TEST[request.node.originalname] += after - before
 
 
 # -- oracle ---------------------------------------------------------------------
@@ -1005,7 +1026,7 @@ FUZZ_TESTS = {
 }
 
 
-def test_still_serving_with_bounded_memory(request, stub, service):
+def test_still_serving_with_bounded_memory(stub, service):
     """Runs last in this module: everything above left the service healthy."""
     assert service.server.poll() is None
     assert all(worker.poll() is None for worker in service.workers)
@@ -1022,6 +1043,10 @@ def test_still_serving_with_bounded_memory(request, stub, service):
             f"({after[name] - baseline[name]:+.0f} MB)"
         )
     assert after["server"] - baseline["server"] < SERVER_RSS_GROWTH_MB
-    module_tests = {item.name.split("[")[0] for item in request.session.items}
-    if module_tests >= FUZZ_TESTS:  # the whole module ran
+    ran_here = set(SENT_BY_TEST) & FUZZ_TESTS
+    if ran_here == FUZZ_TESTS:  # the whole module ran, in this process
         assert total >= 1000, dict(SENT)
+    # Each generated test that ran here sent a request per example at least (fewer only if
+    # hypothesis gave up early): half its budget is the floor, whatever xdist split off.
+    for name in ran_here & EXAMPLES.keys():
+        assert SENT_BY_TEST[name] >= EXAMPLES[name] // 2, (name, dict(SENT_BY_TEST))
