@@ -99,13 +99,17 @@ def fuzz(examples: int) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def requests_sent() -> int:
+    """SENT summed, less the flood test's messages (one test, sent in bulk)."""
+    return sum(n for rpc, n in SENT.items() if "flood" not in rpc)
+
+
 @pytest.fixture(autouse=True)
 def count_requests(request):
     """SENT_BY_TEST[test] += the requests this test sent (here, in this process)."""
-    before = sum(n for rpc, n in SENT.items() if "flood" not in rpc)
+    before = requests_sent()
     yield
-    after = sum(n for rpc, n in SENT.items() if "flood" not in rpc)
-    SENT_BY_TEST[request.node.originalname] += after - before
+    SENT_BY_TEST[request.node.originalname] += requests_sent() - before
 
 
 # -- oracle ---------------------------------------------------------------------
@@ -1033,7 +1037,7 @@ def test_still_serving_with_bounded_memory(stub, service):
     response = stub.Encode(pb.EncodeRequest(texts=["still serving after the fuzz"]), timeout=60)
     check_vectors(response, ["still serving after the fuzz"], pb.EncodeOptions())
     after = process_rss(service)
-    total = sum(n for rpc, n in SENT.items() if "flood" not in rpc)
+    total = requests_sent()
     print(f"\nfuzz requests sent: {total} {dict(SENT)}")
     cold, baseline = RSS["cold"], RSS["baseline"]
     for name in ("server", "worker"):

@@ -675,21 +675,9 @@ async def grpc_floor(
             stub = embedq_pb2_grpc.EmbedderStub(channel)
             source, pids = UniqueTexts(base), {"echo server": process.pid, "bench": os.getpid()}
             texts = source.take(count)
-            meter = CpuMeter(pids)
-            elapsed = await timed_async(lambda: waiting_streams(stub, texts, streams))
-            streamed = {
-                "texts": count,
-                "texts_per_s": count / elapsed,
-                "cpu_percent": meter.percent(),
-            }
-            texts = source.take(batched)
-            meter = CpuMeter(pids)
-            elapsed = await timed_async(lambda: encode_window(stub, texts, 256, 8))
-            calls = {
-                "texts": batched,
-                "texts_per_s": batched / elapsed,
-                "cpu_percent": meter.percent(),
-            }
+            streamed = await _floor_run(pids, count, lambda: waiting_streams(stub, texts, streams))
+            more = source.take(batched)
+            calls = await _floor_run(pids, batched, lambda: encode_window(stub, more, 256, 8))
     finally:
         process.terminate()
         process.join(timeout=10)
@@ -697,6 +685,13 @@ async def grpc_floor(
             process.kill()
             process.join()
     return streamed, calls
+
+
+async def _floor_run(pids: dict[str, int], texts: int, make) -> dict:
+    """Texts/s of one timed run against the echo server, and its processes' CPU."""
+    meter = CpuMeter(pids)
+    elapsed = await timed_async(make)
+    return {"texts": texts, "texts_per_s": texts / elapsed, "cpu_percent": meter.percent()}
 
 
 async def _counted(nodes: list, idle: dict, texts: list[str], make) -> dict:
@@ -1041,23 +1036,16 @@ def streams_report(s: dict) -> list[str]:
 
 def plumbing_report(name: str, p: dict) -> list[str]:
     u, c = p["uncached_batches_256"], p["cached_batches_256"]
-    floor = p.get("waiting_streams_64_grpc_floor")  # standalone Redis only
-    floor_line = (
-        [
-            "    the same streams against a bare grpc.aio echo server (no Redis, no worker): "
-            f"{_f(floor['texts_per_s'])} messages/s, {_cpu(floor['cpu_percent'])}"
-        ]
-        if floor
-        else []
+    # The gRPC floors are measured with standalone Redis only.
+    floor_line = _floor_line(
+        p.get("waiting_streams_64_grpc_floor"),
+        "the same streams against a bare grpc.aio echo server (no Redis, no worker)",
+        "messages/s",
     )
-    cached_floor = p.get("cached_batches_256_grpc_floor")  # standalone Redis only
-    cached_floor_line = (
-        [
-            "    the same calls against the bare echo server (answers as a cache hit would): "
-            f"{_f(cached_floor['texts_per_s'])} texts/s, {_cpu(cached_floor['cpu_percent'])}"
-        ]
-        if cached_floor
-        else []
+    cached_floor_line = _floor_line(
+        p.get("cached_batches_256_grpc_floor"),
+        "the same calls against the bare echo server (answers as a cache hit would)",
+        "texts/s",
     )
     return [
         f"{name}: {p['workers']} bench-zero worker(s), {p['redis']} Redis, {p['texts']} texts",
@@ -1074,6 +1062,12 @@ def plumbing_report(name: str, p: dict) -> list[str]:
         f"  Redis per cached text: {c['commands_per_text']:.3f} commands, "
         f"{c['bytes_in_per_text']:.0f} B in, {c['bytes_out_per_text']:.0f} B out",
     ]
+
+
+def _floor_line(floor: dict | None, what: str, unit: str) -> list[str]:
+    if not floor:
+        return []
+    return [f"    {what}: {_f(floor['texts_per_s'])} {unit}, {_cpu(floor['cpu_percent'])}"]
 
 
 def _cpu(percent: dict[str, float]) -> str:
