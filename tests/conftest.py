@@ -21,9 +21,6 @@ import pytest
 from embedq.apps.embedded import EmbeddedRedis, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# The module's old name, for the test modules that still import it from there
-# (tests/test_cluster.py, tests/test_faults.py: changed by work in flight).
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -521,7 +521,7 @@ def scrape(server: HttpServer) -> dict[tuple[str, str], float]:
     }
 
 
-def test_metrics_count_routes_as_methods(main, client, deployment):
+def test_metrics_count_routes_as_methods(main, client, deployment, pki):
     before = scrape(main)
     client.embeddings.create(model=MODEL, input=TEXTS[0])
     with pytest.raises(openai.NotFoundError):
@@ -536,5 +536,9 @@ def test_metrics_count_routes_as_methods(main, client, deployment):
     assert delta("POST /v1/embeddings", "NOT_FOUND") == 1
     assert delta("unknown", "NOT_FOUND") == 1
     secure = deployment["secure"]
-    counted = scrape(secure)
-    assert counted.get(("POST /v1/embeddings", "UNAUTHENTICATED"), 0) >= 1
+    refused_before = scrape(secure).get(("POST /v1/embeddings", "UNAUTHENTICATED"), 0)
+    tls = ssl.create_default_context(cafile=str(pki.ca))
+    status, _ = post(f"{secure.base_url}/v1/embeddings", {"input": "hi"}, context=tls)
+    assert status == 401
+    refused = scrape(secure).get(("POST /v1/embeddings", "UNAUTHENTICATED"), 0)
+    assert refused - refused_before == 1

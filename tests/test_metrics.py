@@ -82,10 +82,17 @@ def test_metrics_count_requests_cache_and_batches(deployment, stub):
         stub.Encode(pb.EncodeRequest(), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    after = scrape(server_port)
-
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
+
+    # grpc's abort() sends the status before the handler's bookkeeping resumes, so the
+    # refused call can reach the client a moment before it is counted.
+    deadline = time.monotonic() + 10
+    after = scrape(server_port)
+    while delta("embedq_request_duration_seconds_count", method="Encode") < 4:
+        assert time.monotonic() < deadline, "the refused call was never counted"
+        time.sleep(0.05)
+        after = scrape(server_port)
 
     assert delta("embedq_requests_total", method="Encode", code="OK") == 3
     assert delta("embedq_requests_total", method="Encode", code="INVALID_ARGUMENT") == 1
