@@ -63,6 +63,8 @@ class ModelRegistry:
         self._default = default_model
         self._stale_s = worker_stale_s
         self._models: dict[str, ServedModel] = {}
+        # When each model last had a live worker (see _keep_vanished).
+        self._live_at: dict[str, float] = {}
         self.redis_ok = False
         self._throttled = Throttled(log)
 
@@ -96,10 +98,25 @@ class ModelRegistry:
                 pipe.zrangebyscore(self._keys.workers(reg.name), since, "+inf")
                 pipe.hgetall(self._keys.rates(reg.name))
             results = await pipe.execute()
-        self._models = {
+        models = {
             reg.name: _served(reg, live, rates)
             for reg, live, rates in zip(registrations, results[::2], results[1::2], strict=True)
         }
+        self._models = self._keep_vanished(models, time.time())
+
+    def _keep_vanished(self, models: dict[str, ServedModel], now: float) -> dict[str, ServedModel]:
+        """`models` plus those that vanished from Redis while they still had live
+        workers, for as long as a worker's heartbeat counts as live: a Redis that
+        restarted empty holds no registrations until each worker's next heartbeat
+        re-publishes its own, and calls meanwhile should be queued, not refused."""
+        for name, model in models.items():
+            if model.workers_alive:
+                self._live_at[name] = now
+        kept = dict(models)
+        for name, model in self._models.items():
+            if name not in kept and now - self._live_at.get(name, 0.0) < self._stale_s:
+                kept[name] = model
+        return kept
 
     async def run(self, interval_s: float = 1.0) -> None:
         """Refresh forever; a Redis outage only marks the registry stale (logged at

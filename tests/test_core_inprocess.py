@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 from embedq.server.errors import RequestError
 from embedq.server.queue import Dispatcher, QueueBounds, Variant
-from embedq.server.registry import ServedModel
+from embedq.server.registry import ModelRegistry, ServedModel
 from embedq.workers.pipeline import Outcome, iter_steps, prepare, pretokenize, run_jobs
 from fault_worker import FaultyEncoder
 from helpers_tiny_model import write_tiny_bert
@@ -260,6 +260,46 @@ def test_a_worker_failure_reaches_its_caller_with_its_kind(redis_server):
         assert caught.value.message == "texts[1]: over"
 
     run(redis_server, body)
+
+
+# -- ModelRegistry ---------------------------------------------------------------------
+
+
+def test_the_registry_keeps_a_live_model_through_a_redis_that_restarted_empty(redis_server):
+    """Between a Redis restart and the workers' next heartbeat there are no
+    registrations: a model whose workers were alive is kept (calls are queued, not
+    refused with "no model is registered yet") until its heartbeat would be stale."""
+
+    async def main() -> None:
+        keys = Keys(f"reg{uuid.uuid4().hex[:8]}")
+        redis = aioredis.Redis.from_url(redis_server.url)
+        registry = ModelRegistry(redis, keys, worker_stale_s=0.5)
+        registry.redis_ok = True  # what run() sets after a refresh that worked
+        registration = queue_pb2.ModelRegistration(name=MODEL, fingerprint="fp", dimension=DIM)
+        try:
+            await redis.hset(keys.models(), MODEL, registration.SerializeToString())
+            await redis.zadd(keys.workers(MODEL), {"w1": time.time()})
+            await registry.refresh()
+            assert registry.resolve("").workers_alive == 1
+            await redis.delete(keys.models(), keys.workers(MODEL))  # restarted empty
+            await registry.refresh()
+            assert registry.resolve(MODEL).name == MODEL
+            await asyncio.sleep(0.6)  # no heartbeat came back: the model is gone
+            await registry.refresh()
+            with pytest.raises(RequestError, match="no model is registered yet"):
+                registry.resolve(MODEL)
+            # A model with no live worker is not kept when its registration goes.
+            await redis.hset(keys.models(), MODEL, registration.SerializeToString())
+            await registry.refresh()
+            assert registry.resolve(MODEL).workers_alive == 0
+            await redis.delete(keys.models())
+            await registry.refresh()
+            assert registry.models == {}
+        finally:
+            await redis.delete(keys.models(), keys.workers(MODEL))
+            await redis.aclose()
+
+    asyncio.run(main())
 
 
 # -- run_jobs with the tiny model -------------------------------------------------------
