@@ -25,6 +25,12 @@ from .supervise import Throttled
 
 log = logging.getLogger(__name__)
 
+# How long a model whose registration vanished while it had live workers is still served:
+# a Redis that restarted empty holds no registrations until each worker's next heartbeat
+# (1 s, after its reconnect) re-publishes its own. Short, because meanwhile the model counts
+# its old workers as alive: if they are really gone, calls wait instead of being refused.
+REPUBLISH_GRACE_S = 5.0
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -57,14 +63,16 @@ class ModelRegistry:
         *,
         default_model: str = "",
         worker_stale_s: float = 15.0,
+        republish_grace_s: float = REPUBLISH_GRACE_S,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._default = default_model
         self._stale_s = worker_stale_s
         self._models: dict[str, ServedModel] = {}
-        # When each model last had a live worker (see _keep_vanished).
-        self._live_at: dict[str, float] = {}
+        self._grace_s = republish_grace_s
+        # When the models kept by _keep_vanished were first found missing.
+        self._vanished_at: dict[str, float] = {}
         self.redis_ok = False
         self._throttled = Throttled(log)
 
@@ -80,7 +88,10 @@ class ModelRegistry:
             return next(iter(self._models))
         return ""
 
-    async def refresh(self) -> None:
+    async def refresh(self, now: float | None = None) -> None:
+        """Read the registrations and live workers (as of `now`, Unix seconds; tests
+        pass their own clock)."""
+        now = time.time() if now is None else now
         raw = await self._redis.hgetall(self._keys.models())
         registrations = []
         for name, value in raw.items():
@@ -92,7 +103,7 @@ class ModelRegistry:
                     "skipped registration %r: not a ModelRegistration",
                     name,
                 )
-        since = time.time() - self._stale_s
+        since = now - self._stale_s
         async with self._redis.pipeline(transaction=False) as pipe:
             for reg in registrations:
                 pipe.zrangebyscore(self._keys.workers(reg.name), since, "+inf")
@@ -102,20 +113,25 @@ class ModelRegistry:
             reg.name: _served(reg, live, rates)
             for reg, live, rates in zip(registrations, results[::2], results[1::2], strict=True)
         }
-        self._models = self._keep_vanished(models, time.time())
+        self._models = self._keep_vanished(models, now)
 
     def _keep_vanished(self, models: dict[str, ServedModel], now: float) -> dict[str, ServedModel]:
-        """`models` plus those that vanished from Redis while they still had live
-        workers, for as long as a worker's heartbeat counts as live: a Redis that
-        restarted empty holds no registrations until each worker's next heartbeat
-        re-publishes its own, and calls meanwhile should be queued, not refused."""
-        for name, model in models.items():
-            if model.workers_alive:
-                self._live_at[name] = now
+        """`models` plus those that vanished from Redis while they had live workers, for
+        REPUBLISH_GRACE_S from the first refresh that missed them (not from the last that
+        saw them: an outage longer than the grace must not use it up), so that calls sent
+        before the workers re-publish are queued rather than refused."""
         kept = dict(models)
         for name, model in self._models.items():
-            if name not in kept and now - self._live_at.get(name, 0.0) < self._stale_s:
+            if name in models or not model.workers_alive:
+                continue
+            missing_since = self._vanished_at.setdefault(name, now)
+            if now - missing_since < self._grace_s:
                 kept[name] = model
+        self._vanished_at = {
+            name: at
+            for name, at in self._vanished_at.items()
+            if name in kept and name not in models
+        }
         return kept
 
     async def run(self, interval_s: float = 1.0) -> None:

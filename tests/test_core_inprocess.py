@@ -266,35 +266,40 @@ def test_a_worker_failure_reaches_its_caller_with_its_kind(redis_server):
 
 
 def test_the_registry_keeps_a_live_model_through_a_redis_that_restarted_empty(redis_server):
-    """Between a Redis restart and the workers' next heartbeat there are no
-    registrations: a model whose workers were alive is kept (calls are queued, not
-    refused with "no model is registered yet") until its heartbeat would be stale."""
+    """Between a Redis restart and the workers' next heartbeat there are no registrations:
+    a model whose workers were alive is kept (calls are queued, not refused with "no model
+    is registered yet") for the grace counted from the first refresh that missed it, even
+    after a long outage; a model with no live worker is not kept. Clocks are made up."""
 
     async def main() -> None:
         keys = Keys(f"reg{uuid.uuid4().hex[:8]}")
         redis = aioredis.Redis.from_url(redis_server.url)
-        registry = ModelRegistry(redis, keys, worker_stale_s=0.5)
+        registry = ModelRegistry(redis, keys, worker_stale_s=15, republish_grace_s=5)
         registry.redis_ok = True  # what run() sets after a refresh that worked
-        registration = queue_pb2.ModelRegistration(name=MODEL, fingerprint="fp", dimension=DIM)
+        live = queue_pb2.ModelRegistration(name=MODEL, fingerprint="fp", dimension=DIM)
+        idle = queue_pb2.ModelRegistration(name="idle", fingerprint="fp2", dimension=DIM)
+        t0 = time.time()
         try:
-            await redis.hset(keys.models(), MODEL, registration.SerializeToString())
-            await redis.zadd(keys.workers(MODEL), {"w1": time.time()})
-            await registry.refresh()
-            assert registry.resolve("").workers_alive == 1
+            await redis.hset(keys.models(), MODEL, live.SerializeToString())
+            await redis.hset(keys.models(), "idle", idle.SerializeToString())
+            await redis.zadd(keys.workers(MODEL), {"w1": t0})
+            await registry.refresh(now=t0)
+            assert registry.resolve(MODEL).workers_alive == 1
+            assert registry.resolve("idle").workers_alive == 0
             await redis.delete(keys.models(), keys.workers(MODEL))  # restarted empty
-            await registry.refresh()
+            await registry.refresh(now=t0 + 100)  # first refresh after a 100 s outage
+            assert set(registry.models) == {MODEL}  # "idle" had no live worker: not kept
+            await registry.refresh(now=t0 + 104)
             assert registry.resolve(MODEL).name == MODEL
-            await asyncio.sleep(0.6)  # no heartbeat came back: the model is gone
-            await registry.refresh()
+            await registry.refresh(now=t0 + 105)  # no heartbeat re-published it in 5 s
             with pytest.raises(RequestError, match="no model is registered yet"):
                 registry.resolve(MODEL)
-            # A model with no live worker is not kept when its registration goes.
-            await redis.hset(keys.models(), MODEL, registration.SerializeToString())
-            await registry.refresh()
-            assert registry.resolve(MODEL).workers_alive == 0
-            await redis.delete(keys.models())
-            await registry.refresh()
-            assert registry.models == {}
+            await redis.hset(keys.models(), MODEL, live.SerializeToString())  # back
+            await redis.zadd(keys.workers(MODEL), {"w1": t0 + 106})
+            await registry.refresh(now=t0 + 106)
+            await redis.delete(keys.models(), keys.workers(MODEL))  # and a second restart
+            await registry.refresh(now=t0 + 107)
+            assert registry.resolve(MODEL).name == MODEL  # a new grace, not the old one
         finally:
             await redis.delete(keys.models(), keys.workers(MODEL))
             await redis.aclose()

@@ -85,8 +85,9 @@ def test_metrics_count_requests_cache_and_batches(deployment, stub):
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    # grpc's abort() sends the status before the handler's bookkeeping resumes, so the
-    # refused call can reach the client a moment before it is counted.
+    # grpc's abort() sends the status before the interceptor's bookkeeping (_Call.end)
+    # resumes, so the refused call can reach the client a moment before it is counted.
+    # _Call.end counts the request before its duration: waiting for the duration suffices.
     deadline = time.monotonic() + 10
     after = scrape(server_port)
     while delta("embedq_request_duration_seconds_count", method="Encode") < 4:
