@@ -121,17 +121,15 @@ class ModelRegistry:
         saw them: an outage longer than the grace must not use it up), so that calls sent
         before the workers re-publish are queued rather than refused."""
         kept = dict(models)
+        vanished_at: dict[str, float] = {}
         for name, model in self._models.items():
             if name in models or not model.workers_alive:
                 continue
-            missing_since = self._vanished_at.setdefault(name, now)
-            if now - missing_since < self._grace_s:
+            since = self._vanished_at.get(name, now)
+            if now - since < self._grace_s:
                 kept[name] = model
-        self._vanished_at = {
-            name: at
-            for name, at in self._vanished_at.items()
-            if name in kept and name not in models
-        }
+                vanished_at[name] = since
+        self._vanished_at = vanished_at
         return kept
 
     async def run(self, interval_s: float = 1.0) -> None:

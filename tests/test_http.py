@@ -536,9 +536,9 @@ def test_metrics_count_routes_as_methods(main, client, deployment, pki):
     assert delta("POST /v1/embeddings", "NOT_FOUND") == 1
     assert delta("unknown", "NOT_FOUND") == 1
     secure = deployment["secure"]
-    refused_before = scrape(secure).get(("POST /v1/embeddings", "UNAUTHENTICATED"), 0)
+    refused = ("POST /v1/embeddings", "UNAUTHENTICATED")
+    refused_before = scrape(secure).get(refused, 0)
     tls = ssl.create_default_context(cafile=str(pki.ca))
     status, _ = post(f"{secure.base_url}/v1/embeddings", {"input": "hi"}, context=tls)
     assert status == 401
-    refused = scrape(secure).get(("POST /v1/embeddings", "UNAUTHENTICATED"), 0)
-    assert refused - refused_before == 1
+    assert scrape(secure).get(refused, 0) - refused_before == 1
