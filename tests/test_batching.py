@@ -13,6 +13,7 @@ from embedq.workers.batching import (
     linger_s,
     padded_tokens,
     plan_batches,
+    read_block_ms,
 )
 
 
@@ -164,3 +165,19 @@ def test_packing_is_skipped_when_it_saves_no_row_or_a_text_is_empty() -> None:
     assert pack([[1, 2]], pad_id=0, max_width=16) is None
     packed = pack([[1, 2], [3]], pad_id=0, max_width=16)
     assert packed is not None and packed.input_ids.shape == (1, 3)
+
+
+def test_the_reader_blocks_when_idle_or_lingering_for_a_slow_pass_else_polls() -> None:
+    def block(pending: bool, idle: bool, linger: float) -> int | None:
+        return read_block_ms(pending, idle, linger, poll_s=0.002, idle_block_ms=1000)
+
+    # Nothing pending: block until a job comes, whatever the model does.
+    assert block(False, idle=True, linger=0.0) == 1000
+    assert block(False, idle=False, linger=0.0) == 1000
+    # Texts pending, the model busy: poll (its end, not a job, ends the wait).
+    assert block(True, idle=False, linger=0.0) is None
+    # Lingering for a slow pass: block for the rest of the linger (whole ms, never 0).
+    assert block(True, idle=True, linger=0.0075) == 8
+    assert block(True, idle=True, linger=0.002) == 2
+    # A fast model's short linger: poll, so that jobs streaming in come several per read.
+    assert block(True, idle=True, linger=0.0015) is None

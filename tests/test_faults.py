@@ -126,6 +126,27 @@ def test_sigkilled_worker_loses_nothing(deployment, reference_model):
     assert pending_count(client, keys) == 0
 
 
+def test_jobs_waiting_for_their_busy_worker_are_not_claimed_as_stale(deployment):
+    """A read runs a forward pass at a time, so its last jobs wait for the worker's own
+    model longer than --claim-idle-ms. They are its work in progress, not stale: nobody
+    claims them (with --max-deliveries 1 a second delivery would dead-letter them, and
+    their callers would get INTERNAL), and every call is answered once."""
+    svc = deployment()
+    # A slow accelerator, simulated: passes of at most 4 texts, 150 ms each, so 64 texts
+    # take ~2.4 s, eight times the claim idle time.
+    svc.start_worker(
+        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "150"),
+        *("--max-batch-size", "4", "--claim-idle-ms", "300", "--max-deliveries", "1"),
+    )
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    calls = [pb.EncodeRequest(texts=[f"held {i} text {j}" for j in range(8)]) for i in range(8)]
+    with channel, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stub.Encode, call, timeout=60) for call in calls]
+        counts = [future.result().count for future in futures]
+    assert counts == [8] * 8
+
+
 def test_streams_survive_a_worker_kill_exactly_once(deployment):
     svc = deployment()
     svc.start_worker("--claim-idle-ms", "1500")

@@ -56,7 +56,7 @@ from embedq.settings import WorkerSettings
 
 from . import metrics
 from .backends import PooledEncoder
-from .batching import RecentPeak, linger_s
+from .batching import RecentPeak, linger_s, read_block_ms
 from .pipeline import BatchLimits, Outcome, Prepared, Pretokenized, iter_steps, prepare, pretokenize
 from .prompts import read_prompts
 
@@ -74,6 +74,8 @@ RATE_MIN_TEXTS = 32
 # While texts wait for a busy model the reader polls for more jobs this often (it
 # stops waiting the moment the model is idle); with nothing pending it blocks on Redis.
 ACCUMULATE_POLL_S = 0.002
+# With nothing pending the reader blocks on Redis this long per read (ms).
+IDLE_BLOCK_MS = 1000
 # Texts gathered for the next read, in max_batch_size units: past it the reader waits.
 ACCUMULATE_BATCHES = 4
 # A read that starts within this of the previous one's end was waiting for the model.
@@ -104,6 +106,34 @@ class Read:
     @property
     def texts(self) -> int:
         return sum(self.sizes)
+
+
+class HeldEntries:
+    """Job entries this worker has read and not acknowledged yet (thread-safe).
+
+    A read runs one forward pass at a time while the reader gathers the next jobs, so a
+    job can wait for this worker's own model longer than claim_idle_ms. XAUTOCLAIM, this
+    worker's or another's, then took it as stale and counted a delivery each time: a busy
+    worker dead-lettered its own queue (seen with --claim-idle-ms 1500 on a loaded machine).
+    The heartbeat touches held entries instead (see Worker._touch_held).
+    """
+
+    def __init__(self) -> None:
+        self._ids: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def hold(self, ids: list[bytes]) -> None:
+        with self._lock:
+            self._ids.update(ids)
+
+    def release(self, ids: list[bytes]) -> None:
+        """Acknowledged, or given up on (then claimable again: the dead-letter path)."""
+        with self._lock:
+            self._ids.difference_update(ids)
+
+    def ids(self) -> list[bytes]:
+        with self._lock:
+            return sorted(self._ids)
 
 
 @dataclass
@@ -182,6 +212,10 @@ class Worker:
         # Linger policy inputs: texts per recent hand-over, the model's last busy time, and
         # since when the reader holds texts for an idle model.
         self._handed_over = RecentPeak()
+        self._held = HeldEntries()
+        # When the model last finished a forward pass (monotonic s): held entries are
+        # touched only while it makes progress (see _touch_held).
+        self._progress_at = time.monotonic()
         self._last_busy_s = 0.0
         self._linger_since: float | None = None
         # Transient Redis trouble: retried with backoff, logged at most once per 10 s.
@@ -228,6 +262,7 @@ class Worker:
         while True:
             self._model_idle.set()
             read = self._reads.get()
+            self._progress_at = time.monotonic()
             self._model_idle.clear()
             if read is None:
                 return
@@ -239,6 +274,7 @@ class Worker:
                 # A bug must not kill the worker; the jobs stay pending, are
                 # redelivered and end in the dead-letter stream if they keep failing.
                 log.exception("processing a read failed; its jobs stay pending")
+                self._held.release(read.entry_ids)
 
     # -- registration -----------------------------------------------------------
 
@@ -285,7 +321,9 @@ class Worker:
             pipe.execute()
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        # Often enough that held entries never look idle for claim_idle_ms.
+        period = min(HEARTBEAT_S, self.settings.claim_idle_ms / 3000)
+        while not self._stop.wait(period):
             try:
                 now = time.time()
                 pipe = self.redis.pipeline(transaction=False)
@@ -296,8 +334,24 @@ class Worker:
                 # Re-publish in case Redis restarted empty.
                 pipe.hsetnx(self.keys.models(), self.name, self.registration().SerializeToString())
                 pipe.execute()
+                # After the beat: a failed touch (say, NOGROUP after a restart) must not stop it.
+                self._touch_held()
             except (RedisError, OSError):
                 pass
+
+    def _touch_held(self) -> None:
+        """Reset the idle time of the entries this worker holds: XCLAIM to itself with
+        JUSTID, which counts no delivery, so that no XAUTOCLAIM takes them as stale while
+        they wait for this worker's model. (Entries acknowledged meanwhile are no longer
+        pending: XCLAIM skips them.) Not while a pass has run longer than claim_idle_ms:
+        a model stuck with the heartbeat alive leaves its jobs to the other workers'
+        XAUTOCLAIM, the safety net it always was."""
+        stuck_s = time.monotonic() - self._progress_at
+        if not self._model_idle.is_set() and stuck_s > self.settings.claim_idle_ms / 1000:
+            return
+        held = self._held.ids()
+        if held:
+            self.redis.xclaim(self.jobs_key, CONSUMER_GROUP, self.worker_id, 0, held, justid=True)
 
     def _wait_for_redis(self) -> None:
         while not self._stop.is_set():
@@ -322,30 +376,37 @@ class Worker:
             while not self._stop.is_set():
                 idle = self._model_idle.is_set()
                 full = self._full(pending)
-                if pending.jobs and idle and (full or not self._lingering(pending)):
+                linger = self._linger_left(pending) if pending.jobs and idle and not full else 0.0
+                if pending.jobs and idle and linger <= 0:
                     self._hand_over(pending)
                     pending = Read()
                 elif full:
                     self._model_idle.wait(0.5)
                 else:
-                    # Nothing pending: block until a job comes, busy model or not (polling
-                    # Redis every few ms while the model runs slowed its passes on a shared
-                    # CPU, measured). Texts pending: poll, while the model is busy until it
-                    # is idle, while lingering (the model idle) for a poll period.
-                    polling = bool(pending.jobs)
-                    got = self._next_read(pending, block_ms=None if polling else 1000)
+                    # Block, poll or sleep: batching.read_block_ms says which and why.
+                    block_ms = read_block_ms(
+                        bool(pending.jobs),
+                        idle,
+                        linger,
+                        poll_s=ACCUMULATE_POLL_S,
+                        idle_block_ms=IDLE_BLOCK_MS,
+                    )
+                    got = self._next_read(pending, block_ms)
                     if got is not None:
                         pending.absorb(got)
-                    elif polling:
-                        (self._stop if idle else self._model_idle).wait(ACCUMULATE_POLL_S)
+                    elif pending.jobs and idle and linger < ACCUMULATE_POLL_S:
+                        self._stop.wait(linger)  # a whole poll period would overshoot it
+                    elif pending.jobs and not idle:
+                        self._model_idle.wait(ACCUMULATE_POLL_S)
         finally:
             if pending.jobs:
                 self._hand_over(pending)  # read, so ours: finished before stopping
             self._reads.put(None)
 
-    def _lingering(self, pending: Read) -> bool:
-        """Wait a little longer for texts before the idle model gets `pending`?
-        (batching.linger_s: waiting consumers then fill one batch, not alternating halves.)"""
+    def _linger_left(self, pending: Read) -> float:
+        """How much longer to wait for texts before the idle model gets `pending` (s; 0:
+        hand over now). batching.linger_s: waiting consumers then fill one batch, not
+        alternating halves."""
         now = time.monotonic()
         if self._linger_since is None:
             self._linger_since = now
@@ -356,7 +417,7 @@ class Worker:
             now - self._linger_since,
             cap_s=self.settings.linger_ms / 1000,
         )
-        return wait > 0
+        return wait
 
     def _hand_over(self, read: Read) -> None:
         self._linger_since = None
@@ -367,6 +428,7 @@ class Worker:
             # pending, are claimed again and end in the dead-letter stream, whose callers
             # get an error, if they keep failing.
             log.exception("preparing a read of %d jobs failed; they stay pending", len(read.jobs))
+            self._held.release(read.entry_ids)
             return
         self._handed_over.record(read.texts, time.monotonic())
         self._model_idle.clear()
@@ -385,11 +447,12 @@ class Worker:
             entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
             self._read_backoff.reset()  # Redis answered
             if not entries:
-                if block_ms:  # nothing came for a while: is anything queued anywhere?
+                if block_ms == IDLE_BLOCK_MS:  # nothing came for a while: anything queued?
                     keys = [self.jobs_key, self.keys.backlog(self.name)]
                     self._reset_idle_backlog(keys=keys)
                 return None
             read = self._decode(entries)
+            self._held.hold(read.entry_ids)
             self._drop_cancelled(read.jobs)
             self._pretokenize(read)
             return read if read.jobs else None
@@ -553,6 +616,7 @@ class Worker:
                 for reply_to, reply in step.outcome.replies.items()
                 for failure in reply.failures
             )
+            self._progress_at = time.monotonic()
             entry_ids = [read.entry_ids[i] for i in step.finished_jobs]
             done = sum(read.sizes[i] for i in step.finished_jobs)
             self._writes.put(Write(step.outcome, entry_ids, done))
@@ -614,11 +678,13 @@ class Worker:
                 pipe.decrby(self.keys.backlog(self.name), write.texts_done)
             try:
                 pipe.execute()
+                self._held.release(entry_ids)
                 return
             except ResponseError as exc:
                 # A command was refused (say, NOGROUP after a Redis restart); the
                 # others ran. Retrying would repeat the refusal forever.
                 log.warning("redis refused part of a result write: %s", exc)
+                self._held.release(entry_ids)
                 return
             except (RedisError, OSError) as exc:
                 if self._stop.is_set():
