@@ -237,6 +237,18 @@ class ModelLoad:
         return self.texts + self.admitted
 
 
+@dataclass
+class Writes:
+    """What one flush writes: its jobs (XADD) and their markers, the cancellations."""
+
+    seq: int  # the flush's sequence number (its tickets carry it; its markers get it)
+    jobs: dict[tuple, queue_pb2.Job]
+    calls: list[Call]  # failed if the writes fail
+    models: list[str]
+    markers: list[str]  # job streams' markers of `models`, then the reply stream's
+    abandoned: list[int]
+
+
 def late_refusal(
     model: str, capacity: float, queued: int, new: int, seconds_left: float
 ) -> RequestError | None:
@@ -420,74 +432,103 @@ class Dispatcher:
 
     # -- flushing: cache look-up and enqueue ---------------------------------
 
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._abandoned or self._refills)
+
     async def _flush_loop(self) -> None:
         while True:
-            if not (self._inbox or self._abandoned or self._refills):
+            if not self._has_work():
                 await self._wakeup.wait()
             self._wakeup.clear()
-            while self._inbox or self._abandoned or self._refills:
+            writes: Writes | None = None  # a flush's writes, to go with the next look-up
+            while self._has_work() or writes is not None:
                 calls, self._inbox = self._inbox, []
                 calls = [call for call in calls if not call.future.done()]
                 refills = [c for c in self._refills.values() if not c.future.done()]
                 self._refills = {}
+                failing = calls + refills + (writes.calls if writes is not None else [])
                 try:
-                    await self._flush(calls, refills)
+                    writes = await self._flush(calls, refills, writes)
                 except (RedisError, OSError) as exc:
+                    writes = None
                     self._throttled.warning(
                         "flush", "queueing work failed (%s); failing its calls", type(exc).__name__
                     )
-                    error = unavailable(f"redis unavailable: {type(exc).__name__}")
-                    for call in calls + refills:
-                        call.fail(error)
-                        self._forget(call)
+                    self._fail_all(failing, unavailable(f"redis unavailable: {type(exc).__name__}"))
                 except Exception:
                     # A bug, not Redis: its calls get an answer; the supervisor
                     # logs and restarts this loop.
                     error = unavailable("the server failed to queue the work; retry")
-                    for call in calls + refills:
-                        call.fail(error)
-                        self._forget(call)
+                    self._fail_all(failing, error)
                     raise
 
-    def _send_cancellations(self, pipe) -> None:
-        """Tell workers which tickets nobody waits for any more (queued in `pipe`)."""
-        if not self._abandoned:
-            return
-        key = self._keys.cancelled(self.reply_key)
-        abandoned, self._abandoned = self._abandoned, []
-        pipe.sadd(key, *abandoned)
-        pipe.expire(key, REPLY_TTL_S)
+    def _fail_all(self, calls: list[Call], error: RequestError) -> None:
+        for call in calls:
+            call.fail(error)
+            self._forget(call)
 
-    async def _flush(self, calls: list[Call], refills: list[Call] = ()) -> None:
-        """One round trip to look up, one to enqueue (and pass on cancellations)."""
+    async def _flush(
+        self, calls: list[Call], refills: list[Call] = (), ahead: Writes | None = None
+    ) -> Writes | None:
+        """Look the calls up and route them; `ahead` (the last flush's writes) goes in the
+        same round trip. Returns this flush's writes when more work is already waiting
+        (they then go ahead of its look-up: one round trip for both), else sends them."""
         self._seq += 1
         seq = self._seq  # stamped on the tickets this flush queues
         for call in calls:
             if call.kind == ENCODE:
                 call.hashes = [text_sha256(text) for text in call.texts]
-        cached, load = await self._lookup(calls) if calls else ({}, {})
+        if calls:
+            cached, load = await self._lookup(calls, ahead)
+        else:
+            cached, load = {}, {}
+            if ahead is not None:
+                await self._send(ahead)
         jobs: dict[tuple, queue_pb2.Job] = {}
         for call in refills:
             self._queue_window(call, jobs)
         for call in calls:
             self._route(call, cached.get(id(call), []), load, jobs)
-        if jobs or self._abandoned:
-            models = sorted({model for _kind, model, *_options in jobs})
-            markers = [self._keys.job_marker(m, self.server_id) for m in models]
-            markers += [self.reply_marker] if jobs else []
-            async with self._redis.pipeline(transaction=False) as pipe:
-                # Each marker's GET runs on its node before our XADDs, its SET after.
-                for key in markers:
-                    pipe.get(key)
-                for (_kind, model, *_options), job in jobs.items():
-                    pipe.xadd(self._keys.jobs(model), encode_message(job))
-                    pipe.incrby(self._keys.backlog(model), len(job.items))
-                for key in markers:
-                    pipe.set(key, seq, ex=REPLY_TTL_S)
-                self._send_cancellations(pipe)
-                results = await pipe.execute()
-            if jobs:
-                self._check_markers(models, results[: len(markers)], seq)
+        if not (jobs or self._abandoned):
+            return None
+        writes = self._writes(seq, jobs, calls + list(refills))
+        if self._inbox and not self.cluster:
+            return writes
+        await self._send(writes)
+        return None
+
+    def _writes(self, seq: int, jobs: dict[tuple, queue_pb2.Job], calls: list[Call]) -> Writes:
+        models = sorted({model for _kind, model, *_options in jobs})
+        markers = [self._keys.job_marker(m, self.server_id) for m in models]
+        markers += [self.reply_marker] if jobs else []
+        abandoned, self._abandoned = self._abandoned, []
+        return Writes(seq, jobs, calls, models, markers, abandoned)
+
+    def _queue_writes(self, pipe, writes: Writes) -> None:
+        """The XADDs of a flush, between GET and SET of the markers beside them (each
+        marker's GET runs on its node before our XADDs, its SET after), and the
+        cancellations (workers skip the tickets nobody waits for any more)."""
+        for key in writes.markers:
+            pipe.get(key)
+        for (_kind, model, *_options), job in writes.jobs.items():
+            pipe.xadd(self._keys.jobs(model), encode_message(job))
+            pipe.incrby(self._keys.backlog(model), len(job.items))
+        for key in writes.markers:
+            pipe.set(key, writes.seq, ex=REPLY_TTL_S)
+        if writes.abandoned:
+            key = self._keys.cancelled(self.reply_key)
+            pipe.sadd(key, *writes.abandoned)
+            pipe.expire(key, REPLY_TTL_S)
+
+    def _wrote(self, writes: Writes, results: list) -> None:
+        if writes.jobs:
+            self._check_markers(writes.models, results[: len(writes.markers)], writes.seq)
+
+    async def _send(self, writes: Writes) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self._queue_writes(pipe, writes)
+            results = await pipe.execute()
+        self._wrote(writes, results)
 
     def _check_markers(self, models: list[str], values: list, seq: int) -> None:
         """After flush `seq`: its GETs of the markers (job streams of `models`, then
@@ -587,15 +628,19 @@ class Dispatcher:
         return late_refusal(model.name, model.capacity, model_load.ahead, new, call.seconds_left())
 
     async def _lookup(
-        self, calls: list[Call]
+        self, calls: list[Call], ahead: Writes | None = None
     ) -> tuple[dict[int, list[bytes | None]], dict[str, ModelLoad]]:
         """The cached values of every text of every call, by id(call) (one MGET),
-        and the queued work of each model involved, in one round trip."""
+        and the queued work of each model involved, in one round trip (after the
+        writes `ahead`, which then count in that work)."""
         cache_keys: list[str] = []
         for call in calls:
             prefix = self._keys.cache_prefix(call.variant.fingerprint)
             cache_keys += [prefix + sha for sha in call.hashes or ()]
         models = sorted({call.variant.model.name for call in calls})
+        if ahead is not None and self.cluster:
+            await self._send(ahead)  # keys of several slots: not one pipeline
+            ahead = None
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
             values = await self.mget(cache_keys) if cache_keys else []
@@ -605,12 +650,18 @@ class Dispatcher:
                 counts.append(await self._redis.get(self._keys.backlog(model)))
         else:
             async with self._redis.pipeline(transaction=False) as pipe:
+                if ahead is not None:
+                    self._queue_writes(pipe, ahead)
+                written = len(pipe.command_stack)
                 if cache_keys:
                     pipe.mget(cache_keys)
                 for model in models:
                     pipe.xlen(self._keys.jobs(model))
                     pipe.get(self._keys.backlog(model))
                 results = await pipe.execute()
+            if ahead is not None:
+                self._wrote(ahead, results[:written])
+            results = results[written:]
             values = results[0] if cache_keys else []
             counts = results[1 if cache_keys else 0 :]
         load = {

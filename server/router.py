@@ -410,7 +410,8 @@ async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
 
     async def answer_one(message, cost: int) -> None:
         response = await answer(message, context)
-        await responses.put((response, cost))
+        # Never full: every queued response holds one of the STREAM_WINDOW message credits.
+        responses.put_nowait((response, cost))
 
     async def read_all() -> None:
         try:
@@ -422,7 +423,7 @@ async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
             while tasks:
                 await asyncio.gather(*list(tasks))
         finally:
-            await responses.put(None)
+            responses.put_nowait(None)
 
     reader = asyncio.create_task(read_all())
     try:

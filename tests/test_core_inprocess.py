@@ -262,6 +262,77 @@ def test_a_worker_failure_reaches_its_caller_with_its_kind(redis_server):
     run(redis_server, body)
 
 
+def _calls_arriving_during_the_first_look_up(c: Core, texts: list[str], later: list) -> None:
+    """Make `later` get one encode task per text, started while the dispatcher's first
+    look-up is in flight (they are in its inbox when that flush has routed its calls)."""
+    look_up = c.dispatcher._lookup
+
+    async def look_up_then_more(calls, ahead=None):
+        result = await look_up(calls, ahead)
+        if not later:
+            later.extend(
+                asyncio.create_task(c.dispatcher.encode(c.variant(), [text], 10)) for text in texts
+            )
+            await asyncio.sleep(0)  # their calls reach the inbox
+        return result
+
+    c.dispatcher._lookup = look_up_then_more
+
+
+def test_a_flush_sends_its_jobs_with_the_next_look_up_when_calls_wait(redis_server):
+    """Calls that came during a flush's look-up: that flush's jobs (XADD) go in the same
+    round trip as their look-up, not in one of their own, and every call is answered."""
+
+    async def body(c: Core) -> None:
+        sent_alone: list[int] = []
+        send = c.dispatcher._send
+
+        async def record(writes):
+            sent_alone.append(writes.seq)
+            await send(writes)
+
+        c.dispatcher._send = record
+        later: list[asyncio.Task] = []
+        _calls_arriving_during_the_first_look_up(c, ["two", "three"], later)
+        first, _cached = await c.dispatcher.encode(c.variant(), ["one"], 10)
+        answers = [vectors for vectors, _cached in await asyncio.gather(*later)]
+        assert np.array_equal(first[0], fake_vector("one"))
+        for text, vectors in zip(["two", "three"], answers, strict=True):
+            assert np.array_equal(vectors[0], fake_vector(text))
+        assert sorted(c.worker.seen) == ["one", "three", "two"]
+        # Flush 1 (one) wrote with flush 2's look-up (two, three); only flush 2's went alone.
+        assert sent_alone == [2]
+
+    run(redis_server, body)
+
+
+def test_calls_whose_jobs_rode_with_a_failed_look_up_fail_not_hang(redis_server):
+    """The round trip that carries one flush's jobs and the next flush's look-up fails:
+    the calls of both get UNAVAILABLE at once, none waits for its deadline."""
+
+    async def body(c: Core) -> None:
+        later: list[asyncio.Task] = []
+        _calls_arriving_during_the_first_look_up(c, ["two"], later)
+        look_up = c.dispatcher._lookup
+
+        async def fail_when_carrying_jobs(calls, ahead=None):
+            if ahead is not None:
+                raise ConnectionError("redis went away")
+            return await look_up(calls, ahead)
+
+        c.dispatcher._lookup = fail_when_carrying_jobs
+        started = time.monotonic()
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(c.variant(), ["one"], 10)
+        assert caught.value.kind is ErrorKind.UNAVAILABLE
+        with pytest.raises(RequestError) as caught_later:
+            await later[0]
+        assert caught_later.value.kind is ErrorKind.UNAVAILABLE
+        assert time.monotonic() - started < 5
+
+    run(redis_server, body)
+
+
 # -- ModelRegistry ---------------------------------------------------------------------
 
 
