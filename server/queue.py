@@ -247,6 +247,12 @@ class Writes:
     models: list[str]
     markers: list[str]  # job streams' markers of `models`, then the reply stream's
     abandoned: list[int]
+    sent: bool = False  # their round trip came back (or failed and their calls with it)
+
+
+def _unsent(writes: Writes | None) -> list[Call]:
+    """The calls of writes whose round trip never came back: they fail with the flush."""
+    return writes.calls if writes is not None and not writes.sent else []
 
 
 def late_refusal(
@@ -446,21 +452,22 @@ class Dispatcher:
                 calls = [call for call in calls if not call.future.done()]
                 refills = [c for c in self._refills.values() if not c.future.done()]
                 self._refills = {}
-                failing = calls + refills + (writes.calls if writes is not None else [])
+                ahead, writes = writes, None
                 try:
-                    writes = await self._flush(calls, refills, writes)
+                    writes = await self._flush(calls, refills, ahead)
                 except (RedisError, OSError) as exc:
-                    writes = None
-                    self._throttled.warning(
-                        "flush", "queueing work failed (%s); failing its calls", type(exc).__name__
-                    )
-                    self._fail_all(failing, unavailable(f"redis unavailable: {type(exc).__name__}"))
+                    self._fail_all(calls + refills + _unsent(ahead), self._redis_failed(exc))
                 except Exception:
                     # A bug, not Redis: its calls get an answer; the supervisor
                     # logs and restarts this loop.
                     error = unavailable("the server failed to queue the work; retry")
-                    self._fail_all(failing, error)
+                    self._fail_all(calls + refills + _unsent(ahead), error)
                     raise
+
+    def _redis_failed(self, exc: BaseException) -> RequestError:
+        name = type(exc).__name__
+        self._throttled.warning("flush", "queueing work failed (%s); failing its calls", name)
+        return unavailable(f"redis unavailable: {name}")
 
     def _fail_all(self, calls: list[Call], error: RequestError) -> None:
         for call in calls:
@@ -521,8 +528,19 @@ class Dispatcher:
             pipe.expire(key, REPLY_TTL_S)
 
     def _wrote(self, writes: Writes, results: list) -> None:
+        writes.sent = True
         if writes.jobs:
             self._check_markers(writes.models, results[: len(writes.markers)], writes.seq)
+
+    def _wrote_or_failed(self, writes: Writes, results: list) -> None:
+        """The writes' part of a pipeline run with raise_on_error=False: a refused write
+        (say, OOM or READONLY) fails their calls only, not the look-up beside them."""
+        refused = next((r for r in results if isinstance(r, Exception)), None)
+        if refused is None:
+            self._wrote(writes, results)
+            return
+        writes.sent = True  # answered: failed here, not again by the flush loop
+        self._fail_all(writes.calls, self._redis_failed(refused))
 
     async def _send(self, writes: Writes) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -658,10 +676,13 @@ class Dispatcher:
                 for model in models:
                     pipe.xlen(self._keys.jobs(model))
                     pipe.get(self._keys.backlog(model))
-                results = await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
             if ahead is not None:
-                self._wrote(ahead, results[:written])
+                self._wrote_or_failed(ahead, results[:written])
             results = results[written:]
+            refused = next((r for r in results if isinstance(r, Exception)), None)
+            if refused is not None:
+                raise refused
             values = results[0] if cache_keys else []
             counts = results[1 if cache_keys else 0 :]
         load = {

@@ -9,11 +9,12 @@ import pytest
 from embedq.workers.backends.packing import pack, pack_rows
 from embedq.workers.batching import (
     LINGER_CAP_S,
+    ReaderWait,
     RecentPeak,
     linger_s,
     padded_tokens,
     plan_batches,
-    read_block_ms,
+    reader_wait,
 )
 
 
@@ -167,17 +168,20 @@ def test_packing_is_skipped_when_it_saves_no_row_or_a_text_is_empty() -> None:
     assert packed is not None and packed.input_ids.shape == (1, 3)
 
 
-def test_the_reader_blocks_when_idle_or_lingering_for_a_slow_pass_else_polls() -> None:
-    def block(pending: bool, idle: bool, linger: float) -> int | None:
-        return read_block_ms(pending, idle, linger, poll_s=0.002, idle_block_ms=1000)
+def test_the_reader_blocks_only_with_nothing_pending_and_polls_a_slow_linger_often() -> None:
+    def wait(pending: bool, idle: bool, linger: float) -> ReaderWait:
+        return reader_wait(
+            pending, idle, linger, poll_s=0.002, linger_poll_s=0.0005, idle_block_ms=1000
+        )
 
-    # Nothing pending: block until a job comes, whatever the model does.
-    assert block(False, idle=True, linger=0.0) == 1000
-    assert block(False, idle=False, linger=0.0) == 1000
-    # Texts pending, the model busy: poll (its end, not a job, ends the wait).
-    assert block(True, idle=False, linger=0.0) is None
-    # Lingering for a slow pass: block for the rest of the linger (whole ms, never 0).
-    assert block(True, idle=True, linger=0.0075) == 8
-    assert block(True, idle=True, linger=0.002) == 2
-    # A fast model's short linger: poll, so that jobs streaming in come several per read.
-    assert block(True, idle=True, linger=0.0015) is None
+    # Nothing pending: block on Redis until a job comes, whatever the model does.
+    assert wait(False, idle=True, linger=0.0) == ReaderWait(1000)
+    assert wait(False, idle=False, linger=0.0) == ReaderWait(1000)
+    # Texts pending, the model busy: poll every period (its end, not a job, ends the wait).
+    assert wait(True, idle=False, linger=0.0) == ReaderWait(None, 0.002)
+    # Lingering for a slow pass: poll often, never a blocking read (an idle Redis would
+    # time it out only at its next cron tick), never past the linger.
+    assert wait(True, idle=True, linger=0.0075) == ReaderWait(None, 0.0005)
+    assert wait(True, idle=True, linger=0.002) == ReaderWait(None, 0.0005)
+    # A fast model's short linger: sleep the rest of it, taking several jobs per read.
+    assert wait(True, idle=True, linger=0.0015) == ReaderWait(None, 0.0015)

@@ -333,6 +333,36 @@ def test_calls_whose_jobs_rode_with_a_failed_look_up_fail_not_hang(redis_server)
     run(redis_server, body)
 
 
+def test_a_refused_write_fails_its_own_calls_not_the_look_up_it_rode_with(redis_server):
+    """Redis refuses the jobs of one flush (here an XADD error; in production OOM or READONLY)
+    in the round trip that also carries the next flush's look-up: the refused calls get
+    UNAVAILABLE, and the calls looked up beside them are still answered from the cache."""
+
+    async def body(c: Core) -> None:
+        await c.dispatcher.encode(c.variant(), ["two"], 10)  # now cached
+        other = Variant(
+            ServedModel(
+                queue_pb2.ModelRegistration(name="other", fingerprint="fp2", dimension=DIM),
+                workers_alive=1,
+            ),
+            True,
+            True,
+        )
+        # A stream whose last id is the largest there is: XLEN reads it, XADD is refused.
+        await c.redis.xadd(c.keys.jobs("other"), {"f": "v"}, id=f"{2**64 - 1}-{2**64 - 1}")
+        later: list[asyncio.Task] = []
+        _calls_arriving_during_the_first_look_up(c, ["two"], later)
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(other, ["refused"], 10)
+        assert caught.value.kind is ErrorKind.UNAVAILABLE
+        vectors, cached = await later[0]
+        assert cached.tolist() == [True]
+        assert np.array_equal(vectors[0], fake_vector("two"))
+        await c.redis.delete(c.keys.jobs("other"))
+
+    run(redis_server, body)
+
+
 # -- ModelRegistry ---------------------------------------------------------------------
 
 

@@ -129,14 +129,16 @@ def test_sigkilled_worker_loses_nothing(deployment, reference_model):
 def test_jobs_waiting_for_their_busy_worker_are_not_claimed_as_stale(deployment):
     """A read runs a forward pass at a time, so its last jobs wait for the worker's own
     model longer than --claim-idle-ms. They are its work in progress, not stale: nobody
-    claims them (with --max-deliveries 1 a second delivery would dead-letter them, and
-    their callers would get INTERNAL), and every call is answered once."""
+    claims them (claims would count deliveries until the jobs were dead-lettered, and their
+    callers would get INTERNAL), and every call is answered once."""
     svc = deployment()
-    # A slow accelerator, simulated: passes of at most 4 texts, 150 ms each, so 64 texts
-    # take ~2.4 s, eight times the claim idle time.
+    # A slow accelerator, simulated: passes of at most 4 texts, 300 ms each. A read of 16
+    # texts (what the reader gathers at most) takes 1.2 s, twice the claim idle time, so the
+    # jobs gathered meanwhile wait that long: the old worker claimed them back as stale and
+    # dead-lettered them. The heartbeat touches them every 200 ms (a third of the claim time).
     svc.start_worker(
-        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "150"),
-        *("--max-batch-size", "4", "--claim-idle-ms", "300", "--max-deliveries", "1"),
+        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "300"),
+        *("--max-batch-size", "4", "--claim-idle-ms", "600", "--max-deliveries", "1"),
     )
     svc.start_server()
     channel, stub = stub_for(svc)

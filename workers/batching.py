@@ -7,8 +7,8 @@ functions: no Redis, no model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 def plan_batches(
@@ -79,25 +79,46 @@ def linger_s(
     return max(0.0, min(cap_s, share * busy_s) - waited_s)
 
 
-def read_block_ms(
-    pending: bool, model_idle: bool, linger_left_s: float, *, poll_s: float, idle_block_ms: int
-) -> int | None:
-    """How long the reader's next read may block on Redis (ms; None: not at all, poll).
+@dataclass(frozen=True)
+class ReaderWait:
+    """How the reader waits for more jobs: a read that blocks on Redis for `block_ms`
+    (None: a read that does not block), then, if it brought nothing, a sleep of `sleep_s`."""
 
-    Nothing pending: `idle_block_ms`, busy model or not (polling Redis every few ms while
-    the model runs slowed its passes on a shared CPU, measured). Texts pending and the
-    model busy: poll (the model's end, not a job, ends that wait). Lingering (model idle)
-    with a poll period or more left, which only a slow pass allows: block for the rest of
-    the linger, so that the text it waits for is taken when it comes, not at the next poll
-    (a waiting consumer's last text waited ~1 ms for it, measured). A shorter linger, a
-    fast model's: poll, so that jobs streaming in are taken several per read, not one by
-    one (a reader that woke per job cost a fast model a fifth of its throughput).
+    block_ms: int | None
+    sleep_s: float = 0.0
+
+
+def reader_wait(
+    pending: bool,
+    model_idle: bool,
+    linger_left_s: float,
+    *,
+    poll_s: float,
+    linger_poll_s: float,
+    idle_block_ms: int,
+) -> ReaderWait:
+    """How the reader waits next, given whether texts are pending, whether the model is idle
+    and how long the linger has left (s).
+
+    Nothing pending: block on Redis for `idle_block_ms`, busy model or not (polling Redis
+    every few ms while the model ran slowed its passes on a shared CPU, measured). Texts
+    pending and the model busy: poll every `poll_s` (the model's end, not a job, ends that
+    wait). Lingering with a poll period or more left, which only a slow pass allows: poll
+    every `linger_poll_s`, so that the text it waits for is taken soon after it is queued (at
+    `poll_s` a waiting consumer's last text waited ~1 ms for the next poll, measured). Not a
+    blocking read: an idle Redis checks a blocked read's timeout only at its next cron tick
+    (measured: XREADGROUP BLOCK 8 returned after ~100 ms at Redis's default hz 10), so a
+    text that never comes would hold the model that long. A shorter linger, a fast model's:
+    sleep the rest of it, so that jobs streaming in are taken several per read (a reader that
+    woke per job cost a fast model a fifth of its throughput, measured).
     """
     if not pending:
-        return idle_block_ms
-    if model_idle and linger_left_s >= poll_s:
-        return math.ceil(linger_left_s * 1000)
-    return None
+        return ReaderWait(idle_block_ms)
+    if not model_idle:
+        return ReaderWait(None, poll_s)
+    if linger_left_s >= poll_s:
+        return ReaderWait(None, min(linger_poll_s, linger_left_s))
+    return ReaderWait(None, linger_left_s)
 
 
 class RecentPeak:

@@ -56,7 +56,7 @@ from embedq.settings import WorkerSettings
 
 from . import metrics
 from .backends import PooledEncoder
-from .batching import RecentPeak, linger_s, read_block_ms
+from .batching import RecentPeak, linger_s, reader_wait
 from .pipeline import BatchLimits, Outcome, Prepared, Pretokenized, iter_steps, prepare, pretokenize
 from .prompts import read_prompts
 
@@ -74,6 +74,9 @@ RATE_MIN_TEXTS = 32
 # While texts wait for a busy model the reader polls for more jobs this often (it
 # stops waiting the moment the model is idle); with nothing pending it blocks on Redis.
 ACCUMULATE_POLL_S = 0.002
+# While the model is idle and waits a slow pass's linger for more texts, the reader polls
+# this often (batching.reader_wait says why not a blocking read).
+LINGER_POLL_S = 0.0005
 # With nothing pending the reader blocks on Redis this long per read (ms).
 IDLE_BLOCK_MS = 1000
 # Texts gathered for the next read, in max_batch_size units: past it the reader waits.
@@ -321,8 +324,9 @@ class Worker:
             pipe.execute()
 
     def _heartbeat_loop(self) -> None:
-        # Often enough that held entries never look idle for claim_idle_ms.
-        period = min(HEARTBEAT_S, self.settings.claim_idle_ms / 3000)
+        # Often enough that held entries never look idle for claim_idle_ms (a floor, so
+        # that a tiny claim time cannot spin the loop).
+        period = max(0.05, min(HEARTBEAT_S, self.settings.claim_idle_ms / 3000))
         while not self._stop.wait(period):
             try:
                 now = time.time()
@@ -383,21 +387,20 @@ class Worker:
                 elif full:
                     self._model_idle.wait(0.5)
                 else:
-                    # Block, poll or sleep: batching.read_block_ms says which and why.
-                    block_ms = read_block_ms(
+                    # Block, poll or sleep: batching.reader_wait says which and why.
+                    wait = reader_wait(
                         bool(pending.jobs),
                         idle,
                         linger,
                         poll_s=ACCUMULATE_POLL_S,
+                        linger_poll_s=LINGER_POLL_S,
                         idle_block_ms=IDLE_BLOCK_MS,
                     )
-                    got = self._next_read(pending, block_ms)
+                    got = self._next_read(pending, wait.block_ms, idle=not pending.jobs)
                     if got is not None:
                         pending.absorb(got)
-                    elif pending.jobs and idle and linger < ACCUMULATE_POLL_S:
-                        self._stop.wait(linger)  # a whole poll period would overshoot it
-                    elif pending.jobs and not idle:
-                        self._model_idle.wait(ACCUMULATE_POLL_S)
+                    elif wait.sleep_s > 0:
+                        (self._stop if idle else self._model_idle).wait(wait.sleep_s)
         finally:
             if pending.jobs:
                 self._hand_over(pending)  # read, so ours: finished before stopping
@@ -431,6 +434,7 @@ class Worker:
             self._held.release(read.entry_ids)
             return
         self._handed_over.record(read.texts, time.monotonic())
+        self._progress_at = time.monotonic()  # before the model counts as busy
         self._model_idle.clear()
         self._reads.put(read)
 
@@ -440,22 +444,25 @@ class Worker:
             or read.texts >= ACCUMULATE_BATCHES * self.settings.max_batch_size
         )
 
-    def _next_read(self, pending: Read, block_ms: int | None) -> Read | None:
+    def _next_read(self, pending: Read, block_ms: int | None, *, idle: bool) -> Read | None:
         """The next jobs to run (None: nothing came); Redis trouble is waited out."""
         try:
             count = max(1, self.settings.read_count - len(pending.jobs))
             entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
             self._read_backoff.reset()  # Redis answered
             if not entries:
-                if block_ms == IDLE_BLOCK_MS:  # nothing came for a while: anything queued?
+                if idle:  # nothing came for a while: is anything queued anywhere?
                     keys = [self.jobs_key, self.keys.backlog(self.name)]
                     self._reset_idle_backlog(keys=keys)
                 return None
             read = self._decode(entries)
-            self._held.hold(read.entry_ids)
             self._drop_cancelled(read.jobs)
             self._pretokenize(read)
-            return read if read.jobs else None
+            if not read.jobs:
+                return None
+            # Only now: a read that failed above stays pending untouched, claimed again.
+            self._held.hold(read.entry_ids)
+            return read
         except (RedisError, OSError) as exc:
             name = type(exc).__name__
             self._throttled.warning("read", "reading jobs: redis trouble (%s); retrying", name)
