@@ -499,7 +499,7 @@ class Dispatcher:
         if not (jobs or self._abandoned):
             return None
         writes = self._writes(seq, jobs, calls + list(refills))
-        if self._inbox and not self.cluster:
+        if self._inbox and not self.cluster:  # a cluster's keys span slots: not one pipeline
             return writes
         await self._send(writes)
         return None
@@ -650,15 +650,12 @@ class Dispatcher:
     ) -> tuple[dict[int, list[bytes | None]], dict[str, ModelLoad]]:
         """The cached values of every text of every call, by id(call) (one MGET),
         and the queued work of each model involved, in one round trip (after the
-        writes `ahead`, which then count in that work)."""
+        writes `ahead`, which then count in that work; never on a cluster: see _flush)."""
         cache_keys: list[str] = []
         for call in calls:
             prefix = self._keys.cache_prefix(call.variant.fingerprint)
             cache_keys += [prefix + sha for sha in call.hashes or ()]
         models = sorted({call.variant.model.name for call in calls})
-        if ahead is not None and self.cluster:
-            await self._send(ahead)  # keys of several slots: not one pipeline
-            ahead = None
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
             values = await self.mget(cache_keys) if cache_keys else []

@@ -216,8 +216,8 @@ class Worker:
         # since when the reader holds texts for an idle model.
         self._handed_over = RecentPeak()
         self._held = HeldEntries()
-        # When the model last finished a forward pass (monotonic s): held entries are
-        # touched only while it makes progress (see _touch_held).
+        # When the model last got a read or finished a forward pass (monotonic s): held
+        # entries are touched only while it makes progress (see _touch_held).
         self._progress_at = time.monotonic()
         self._last_busy_s = 0.0
         self._linger_since: float | None = None
@@ -265,7 +265,6 @@ class Worker:
         while True:
             self._model_idle.set()
             read = self._reads.get()
-            self._progress_at = time.monotonic()
             self._model_idle.clear()
             if read is None:
                 return
@@ -396,7 +395,7 @@ class Worker:
                         linger_poll_s=LINGER_POLL_S,
                         idle_block_ms=IDLE_BLOCK_MS,
                     )
-                    got = self._next_read(pending, wait.block_ms, idle=not pending.jobs)
+                    got = self._next_read(pending, wait.block_ms, nothing_pending=not pending.jobs)
                     if got is not None:
                         pending.absorb(got)
                     elif wait.sleep_s > 0:
@@ -444,14 +443,16 @@ class Worker:
             or read.texts >= ACCUMULATE_BATCHES * self.settings.max_batch_size
         )
 
-    def _next_read(self, pending: Read, block_ms: int | None, *, idle: bool) -> Read | None:
+    def _next_read(
+        self, pending: Read, block_ms: int | None, *, nothing_pending: bool
+    ) -> Read | None:
         """The next jobs to run (None: nothing came); Redis trouble is waited out."""
         try:
             count = max(1, self.settings.read_count - len(pending.jobs))
             entries = self._take_over_dead() or self._claim_stale() or self._read(count, block_ms)
             self._read_backoff.reset()  # Redis answered
             if not entries:
-                if idle:  # nothing came for a while: is anything queued anywhere?
+                if nothing_pending:  # nothing came for a while: anything queued anywhere?
                     keys = [self.jobs_key, self.keys.backlog(self.name)]
                     self._reset_idle_backlog(keys=keys)
                 return None
@@ -685,17 +686,16 @@ class Worker:
                 pipe.decrby(self.keys.backlog(self.name), write.texts_done)
             try:
                 pipe.execute()
-                self._held.release(entry_ids)
-                return
             except ResponseError as exc:
                 # A command was refused (say, NOGROUP after a Redis restart); the
                 # others ran. Retrying would repeat the refusal forever.
                 log.warning("redis refused part of a result write: %s", exc)
-                self._held.release(entry_ids)
-                return
             except (RedisError, OSError) as exc:
                 if self._stop.is_set():
                     raise
                 name = type(exc).__name__
                 self._throttled.warning("write", "writing results failed (%s); retrying", name)
                 time.sleep(backoff.next())
+                continue
+            self._held.release(entry_ids)
+            return
