@@ -84,16 +84,17 @@ def test_every_pair_of_ascii_characters(bundled: Tokenizer, normalizer: str) -> 
 
 
 def test_known_words_stay_bounded(bundled: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ascii_tokens, "KNOWN_WORDS", 50)
+    """The word table holds at most KNOWN_BYTES (estimated), starting over past it; words
+    too long for WordPiece are never kept; the ids stay the full pipeline's throughout."""
+    monkeypatch.setattr(ascii_tokens, "KNOWN_BYTES", 20_000)
     shortcut = shortcut_of(bundled)
-    texts = varied_texts(300)
+    texts = varied_texts(300) + ["x" * 5000 + " y" * 10, "Q" * 101]
     full = full_ids(bundled)
     for start in range(0, len(texts), 40):
         batch = texts[start : start + 40]
         assert shortcut.ids(batch, full) == full(batch)
-        words = {word for text in batch for word in ascii_tokens.BERT_WORDS.findall(text.lower())}
-        # Past the bound the table starts over with the batch's new words.
-        assert len(shortcut._known) <= 50 + len(words)
+        assert 0 < shortcut._known_bytes <= 20_000
+        assert max(map(len, shortcut._known)) <= ascii_tokens.KNOWN_WORD_CHARS
 
 
 def test_other_pre_tokenizers_take_the_shorter_pipeline(bundled: Tokenizer) -> None:
@@ -138,6 +139,35 @@ def test_cased_normalizer_keeps_case(bundled: Tokenizer) -> None:
 )
 def test_refused_for_a_normalizer_that_looks_at_neighbours(bundled: Tokenizer, normalizer) -> None:
     other = with_normalizer(bundled, normalizers.Sequence([normalizers.Lowercase(), normalizer]))
+    assert AsciiShortcut.build(other) is None
+
+
+@pytest.mark.parametrize(
+    ("normalizer", "token", "text"),
+    [
+        (None, "café", "a cafe here and a CAFE there"),  # BERT's normalizer strips accents
+        (None, "new\tword", "a new word here"),  # ... and turns the tab into a space
+        (normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]), "ﬁle", "the FILE"),
+    ],
+    ids=["accent", "tab", "ligature"],
+)
+def test_added_tokens_matched_after_normalizing(bundled: Tokenizer, normalizer, token, text):
+    """A `normalized` added token matches its normalized content: an ASCII text holding that
+    form takes the full pipeline."""
+    from tokenizers import AddedToken
+
+    other = Tokenizer.from_str(bundled.to_str())
+    if normalizer is not None:
+        other.normalizer = normalizer
+    other.add_tokens([AddedToken(token, normalized=True)])
+    added_id = other.token_to_id(token)
+    assert added_id in full_ids(other)([text])[0]
+    assert_same(other, [text, "plain text", text.upper()])
+
+
+def test_refused_with_many_added_tokens(bundled: Tokenizer) -> None:
+    other = Tokenizer.from_str(bundled.to_str())
+    other.add_tokens([f"tok{i}" for i in range(ascii_tokens.MAX_ADDED_TOKENS)])
     assert AsciiShortcut.build(other) is None
 
 
