@@ -149,6 +149,28 @@ def test_jobs_waiting_for_their_busy_worker_are_not_claimed_as_stale(deployment)
     assert counts == [8] * 8
 
 
+def test_a_stuck_models_worker_does_not_claim_its_own_jobs(deployment):
+    """A pass longer than --claim-idle-ms (the model stuck, as far as anyone can tell): the
+    heartbeat stops touching the worker's held jobs, so that other workers may take them.
+    The worker's own reader must not claim them, neither during the pass nor right after it
+    (before the heartbeat touches them again): a claim counts a delivery, and here the first
+    one dead-lettered them. With no other worker, they are answered after the pass."""
+    svc = deployment()
+    # One pass of at most 4 texts takes 2.5 s; a job stops being touched 0.6 s into a pass
+    # and looks stale 0.6 s later; the reader looks for stale jobs every 0.3 s.
+    svc.start_worker(
+        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "2500"),
+        *("--max-batch-size", "4", "--claim-idle-ms", "600", "--max-deliveries", "1"),
+    )
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    calls = [pb.EncodeRequest(texts=[f"stuck {i} text {j}" for j in range(4)]) for i in range(2)]
+    with channel, ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(stub.Encode, call, timeout=60) for call in calls]
+        counts = [future.result().count for future in futures]
+    assert counts == [4, 4]
+
+
 def test_streams_survive_a_worker_kill_exactly_once(deployment):
     svc = deployment()
     svc.start_worker("--claim-idle-ms", "1500")

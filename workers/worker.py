@@ -349,12 +349,16 @@ class Worker:
         pending: XCLAIM skips them.) Not while a pass has run longer than claim_idle_ms:
         a model stuck with the heartbeat alive leaves its jobs to the other workers'
         XAUTOCLAIM, the safety net it always was."""
-        stuck_s = time.monotonic() - self._progress_at
-        if not self._model_idle.is_set() and stuck_s > self.settings.claim_idle_ms / 1000:
+        if self._model_stuck():
             return
         held = self._held.ids()
         if held:
             self.redis.xclaim(self.jobs_key, CONSUMER_GROUP, self.worker_id, 0, held, justid=True)
+
+    def _model_stuck(self) -> bool:
+        """A pass has run longer than claim_idle_ms: this worker's jobs are for the others."""
+        stuck_s = time.monotonic() - self._progress_at
+        return not self._model_idle.is_set() and stuck_s > self.settings.claim_idle_ms / 1000
 
     def _wait_for_redis(self) -> None:
         while not self._stop.is_set():
@@ -526,17 +530,34 @@ class Worker:
         return entries
 
     def _claim_stale(self) -> list[Entry]:
-        """Jobs left pending too long by anyone, at most once per idle period."""
+        """Jobs left pending too long by anyone, at most once per idle period. None while
+        this worker's own model is stuck: it could not run them (its own held jobs, untouched
+        now, included), and each claim would count a delivery towards dead-lettering them."""
         now = time.monotonic()
-        if now - self._last_claim < self.settings.claim_idle_ms / 2000:
+        if now - self._last_claim < self.settings.claim_idle_ms / 2000 or self._model_stuck():
             return []
         self._last_claim = now
-        _next, claimed, *_ = self.redis.xautoclaim(
+        held = set(self._held.ids())
+        stale = self.redis.xpending_range(
+            self.jobs_key,
+            CONSUMER_GROUP,
+            min="-",
+            max="+",
+            count=self.settings.read_count + len(held),
+            idle=self.settings.claim_idle_ms,
+        )
+        # Not the entries this worker holds: they wait for its own model (right after a
+        # long pass, before the heartbeat has touched them again), and a claim would count
+        # a delivery and read them twice.
+        ids = [p["message_id"] for p in stale if p["message_id"] not in held]
+        if not ids:
+            return []
+        claimed = self.redis.xclaim(
             self.jobs_key,
             CONSUMER_GROUP,
             self.worker_id,
             min_idle_time=self.settings.claim_idle_ms,
-            count=self.settings.read_count,
+            message_ids=ids[: self.settings.read_count],
         )
         return self._drop_poison([entry for entry in claimed if entry[1]])
 
