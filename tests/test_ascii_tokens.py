@@ -113,10 +113,16 @@ def test_sentences_and_mixed_scripts(bundled: Tokenizer) -> None:
     assert_same(bundled, texts)
 
 
+@pytest.fixture(scope="module")
+def bundled_shortcut(bundled: Tokenizer) -> AsciiShortcut:
+    return shortcut_of(bundled)  # built once (a build checks every ASCII pair: ~0.1 s)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(st.text(alphabet=ASCII, max_size=12), st.sampled_from(PIECES))))
-def test_random_ascii_texts(bundled: Tokenizer, parts: list[str]) -> None:
-    assert_same(bundled, ["".join(parts), " ".join(parts)])
+def test_random_ascii_texts(bundled, bundled_shortcut: AsciiShortcut, parts: list[str]) -> None:
+    texts, full = ["".join(parts), " ".join(parts)], full_ids(bundled)
+    assert bundled_shortcut.ids(texts, full) == full(texts)
 
 
 def test_lowercase_sequence_of_a_cased_vocabulary(tiny_lowercased: Tokenizer) -> None:
