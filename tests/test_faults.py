@@ -126,27 +126,36 @@ def test_sigkilled_worker_loses_nothing(deployment, reference_model):
     assert pending_count(client, keys) == 0
 
 
+def row_counts_from_a_slow_accelerator(deployment, pass_ms: int, calls: int, texts: int):
+    """Rows per call for `calls` Encode calls of `texts` new texts sent at once to one
+    worker with a simulated accelerator (passes of at most 4 texts, `pass_ms` each) that
+    claims after 600 ms idle and dead-letters on the first claim (--max-deliveries 1)."""
+    svc = deployment()
+    svc.start_worker(
+        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", str(pass_ms)),
+        *("--max-batch-size", "4", "--claim-idle-ms", "600", "--max-deliveries", "1"),
+    )
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    requests = [
+        pb.EncodeRequest(texts=[f"slow {pass_ms} call {i} text {j}" for j in range(texts)])
+        for i in range(calls)
+    ]
+    with channel, ThreadPoolExecutor(calls) as pool:
+        futures = [pool.submit(stub.Encode, request, timeout=60) for request in requests]
+        return [future.result().count for future in futures]
+
+
 def test_jobs_waiting_for_their_busy_worker_are_not_claimed_as_stale(deployment):
     """A read runs a forward pass at a time, so its last jobs wait for the worker's own
     model longer than --claim-idle-ms. They are its work in progress, not stale: nobody
     claims them (claims would count deliveries until the jobs were dead-lettered, and their
     callers would get INTERNAL), and every call is answered once."""
-    svc = deployment()
-    # A slow accelerator, simulated: passes of at most 4 texts, 300 ms each. A read of 16
-    # texts (what the reader gathers at most) takes 1.2 s, twice the claim idle time, so the
-    # jobs gathered meanwhile wait that long: the old worker claimed them back as stale and
-    # dead-lettered them. The heartbeat touches them every 200 ms (a third of the claim time).
-    svc.start_worker(
-        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "300"),
-        *("--max-batch-size", "4", "--claim-idle-ms", "600", "--max-deliveries", "1"),
-    )
-    svc.start_server()
-    channel, stub = stub_for(svc)
-    calls = [pb.EncodeRequest(texts=[f"held {i} text {j}" for j in range(8)]) for i in range(8)]
-    with channel, ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stub.Encode, call, timeout=60) for call in calls]
-        counts = [future.result().count for future in futures]
-    assert counts == [8] * 8
+    # Passes of 300 ms: a read of 16 texts (what the reader gathers at most) takes 1.2 s,
+    # twice the claim idle time, so the jobs gathered meanwhile wait that long: the old
+    # worker claimed them back as stale and dead-lettered them. The heartbeat touches them
+    # every 200 ms (a third of the claim time).
+    assert row_counts_from_a_slow_accelerator(deployment, 300, calls=8, texts=8) == [8] * 8
 
 
 def test_a_stuck_models_worker_does_not_claim_its_own_jobs(deployment):
@@ -155,20 +164,9 @@ def test_a_stuck_models_worker_does_not_claim_its_own_jobs(deployment):
     The worker's own reader must not claim them, neither during the pass nor right after it
     (before the heartbeat touches them again): a claim counts a delivery, and here the first
     one dead-lettered them. With no other worker, they are answered after the pass."""
-    svc = deployment()
-    # One pass of at most 4 texts takes 2.5 s; a job stops being touched 0.6 s into a pass
-    # and looks stale 0.6 s later; the reader looks for stale jobs every 0.3 s.
-    svc.start_worker(
-        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "2500"),
-        *("--max-batch-size", "4", "--claim-idle-ms", "600", "--max-deliveries", "1"),
-    )
-    svc.start_server()
-    channel, stub = stub_for(svc)
-    calls = [pb.EncodeRequest(texts=[f"stuck {i} text {j}" for j in range(4)]) for i in range(2)]
-    with channel, ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(stub.Encode, call, timeout=60) for call in calls]
-        counts = [future.result().count for future in futures]
-    assert counts == [4, 4]
+    # Passes of 2.5 s: a job stops being touched 0.6 s into a pass and looks stale 0.6 s
+    # later; the reader looks for stale jobs every 0.3 s.
+    assert row_counts_from_a_slow_accelerator(deployment, 2500, calls=2, texts=4) == [4, 4]
 
 
 def test_streams_survive_a_worker_kill_exactly_once(deployment):

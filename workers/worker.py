@@ -115,7 +115,7 @@ class HeldEntries:
     """Job entries this worker has read and not acknowledged yet (thread-safe).
 
     A read runs one forward pass at a time while the reader gathers the next jobs, so a
-    job can wait for this worker's own model longer than claim_idle_ms. XAUTOCLAIM, this
+    job can wait for this worker's own model longer than claim_idle_ms. A claim, this
     worker's or another's, then took it as stale and counted a delivery each time: a busy
     worker dead-lettered its own queue (seen with --claim-idle-ms 1500 on a loaded machine).
     The heartbeat touches held entries instead (see Worker._touch_held).
@@ -344,11 +344,11 @@ class Worker:
 
     def _touch_held(self) -> None:
         """Reset the idle time of the entries this worker holds: XCLAIM to itself with
-        JUSTID, which counts no delivery, so that no XAUTOCLAIM takes them as stale while
+        JUSTID, which counts no delivery, so that no claim takes them as stale while
         they wait for this worker's model. (Entries acknowledged meanwhile are no longer
         pending: XCLAIM skips them.) Not while a pass has run longer than claim_idle_ms:
         a model stuck with the heartbeat alive leaves its jobs to the other workers'
-        XAUTOCLAIM, the safety net it always was."""
+        claims, the safety net it always was."""
         if self._model_stuck():
             return
         held = self._held.ids()
