@@ -46,22 +46,34 @@ def test_replies_come_in_order_and_every_command_runs(client) -> None:
 def test_an_error_reply_is_raised_after_the_other_commands_ran(client) -> None:
     client, p = client
     client.set(f"{p}:text", "not a number")
-    with pytest.raises(redis.ResponseError, match="not an integer"):
+    connection_id = _pooled_connection_id(client)
+    with pytest.raises(redis.ResponseError, match=r"command #2 \(INCR\): .*not an integer"):
         packed.execute(
             client,
             [("SET", f"{p}:before", 1), ("INCR", f"{p}:text"), ("SET", f"{p}:after", 2)],
         )
     assert client.mget(f"{p}:before", f"{p}:after") == [b"1", b"2"]
-    # Every reply was read: the pooled connection answers the next call, not the last one's.
+    # Every reply was read: the same pooled connection (not a new one) answers the next
+    # call with its own replies, not the last one's leftovers.
     assert packed.execute(client, [("GET", f"{p}:after"), ("PING",)]) == [b"2", b"PONG"]
+    assert _pooled_connection_id(client) == connection_id
 
 
-def test_a_connection_the_server_closed_is_replaced(client) -> None:
+def test_a_connection_the_server_closed_is_replaced(client, redis_server) -> None:
     client, p = client
     packed.execute(client, [("SET", f"{p}:k", 1)])
-    own = client.connection_pool._available_connections[0]  # the one packed.execute used
-    client.client_kill_filter(_id=_client_id(client, own))
+    connection_id = _pooled_connection_id(client)
+    with redis.Redis.from_url(redis_server.url) as other:
+        assert other.client_kill_filter(_id=connection_id) == 1
     assert packed.execute(client, [("GET", f"{p}:k")]) == [b"1"]
+    assert _pooled_connection_id(client) != connection_id
+
+
+def test_an_argument_redis_cannot_take_is_a_redis_error(client) -> None:
+    client, p = client
+    with pytest.raises(redis.DataError):
+        packed.execute(client, [("SET", f"{p}:k", None)])
+    assert packed.execute(client, [("PING",)]) == [b"PONG"]
 
 
 def test_without_hiredis_the_pipeline_gives_the_same_effects(client, monkeypatch) -> None:
@@ -76,7 +88,7 @@ def test_nothing_to_run_sends_nothing(client) -> None:
     assert packed.execute(client[0], []) == []
 
 
-def _client_id(client: redis.Redis, connection) -> int:
-    """The server-side id of one pooled connection (CLIENT ID sent on it)."""
-    connection.send_command("CLIENT", "ID")
-    return int(connection.read_response())
+def _pooled_connection_id(client: redis.Redis) -> int:
+    """The server-side id of the connection packed.execute uses (the pool's only one)."""
+    (reply,) = packed.execute(client, [("CLIENT", "ID")])
+    return int(reply)

@@ -711,7 +711,7 @@ class Worker:
         if dead_letter is not None:
             key = self.keys.dead_letters(self.name)
             fields = [part for item in dead_letter.items() for part in item]
-            commands.append(("XADD", key, "MAXLEN", DEAD_LETTER_MAXLEN, "*", *fields))
+            commands.append(("XADD", key, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*", *fields))
         ttl = self.settings.cache_ttl_s
         commands += [("SET", key, value, "EX", ttl) for key, value in write.outcome.cache.items()]
         for reply_to, reply in write.outcome.replies.items():
