@@ -4,8 +4,9 @@
 makes the forward pass over a batch holding a text that contains <marker>
 raise; "crash:<marker>" kills the process there instead (as an out-of-memory
 kill or a segfault in a native kernel would); "tokenize-raise:<marker>" makes
-tokenizing such a text raise (on the worker's reader thread). Tests use it to prove that callers
-get an error, not silence.
+tokenizing such a text raise (on the worker's reader thread); "write-raise:<marker>"
+makes the writer thread's next result write after such a batch raise (a bug in the
+write path). Tests use it to prove that callers get an error, not silence.
 
 EMBEDQ_FAULT_INJECT_TASK="replies=/tmp/f" makes the server's background task
 named "replies" raise RuntimeError whenever the file /tmp/f exists (checked every
@@ -38,8 +39,10 @@ class FaultyEncoder:
         self._inner = inner
         self.mode, _, self.marker = spec.partition(":")
         self._marked: set[tuple[int, ...]] = set()
-        # tokenize() runs on the worker's reader thread, embed() on its main one.
+        # tokenize() runs on the worker's reader thread, embed() on its main one, and
+        # take_write_fault() on its writer.
         self._lock = threading.Lock()
+        self._write_faults = 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
@@ -62,7 +65,17 @@ class FaultyEncoder:
             os._exit(CRASH_EXIT_CODE)
         if hit and self.mode == "raise":
             raise RuntimeError(f"injected fault on a text containing {self.marker!r}")
+        if hit and self.mode == "write-raise":
+            with self._lock:
+                self._write_faults += 1
         return self._inner.embed(batch, *args, **kwargs)
+
+    def take_write_fault(self) -> bool:
+        """Whether the next result write is to fail (one per marked batch encoded)."""
+        with self._lock:
+            due = self._write_faults > 0
+            self._write_faults -= due
+        return due
 
 
 def install() -> None:
@@ -76,6 +89,11 @@ def install() -> None:
         def __init__(self, settings, encoder=None) -> None:
             super().__init__(settings, encoder)
             self.encoder = FaultyEncoder(self.encoder, spec)
+
+        def _write_commands(self, write, dead_letter):
+            if dead_letter is None and self.encoder.take_write_fault():
+                raise RuntimeError(f"injected result-write fault after {spec!r}")
+            return super()._write_commands(write, dead_letter)
 
     # workers/cli.py imports Worker when the command runs, so it gets this one.
     worker.Worker = FaultyWorker

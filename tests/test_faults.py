@@ -246,15 +246,33 @@ def test_a_text_the_tokenizer_fails_on_is_dead_lettered_not_hung(
 ):
     """Tokenizing fails on the worker's reader thread: the read stays pending (claimed again,
     then dead-lettered, so the caller gets an error), and the reader goes on serving."""
-    monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "tokenize-raise:BADTOKENS")
+    dead_lettered_then_serving(deployment, monkeypatch, "tokenize-raise:BADTOKENS")
+
+
+def dead_lettered_then_serving(deployment, monkeypatch, fault: str) -> Service:
+    """One worker with `fault` (MODE:MARKER) injected: a text holding the marker ends in
+    the dead-letter stream (its caller gets INTERNAL), the next call is served, and the
+    worker is still running."""
+    monkeypatch.setenv("EMBEDQ_FAULT_INJECT", fault)
     svc = deployment()
     svc.start_worker("--claim-idle-ms", "500", "--max-deliveries", "1")
     svc.start_server()
     channel, stub = stub_for(svc)
     with channel:
-        assert_dead_lettered(stub, "BADTOKENS here")
+        assert_dead_lettered(stub, f"{fault.partition(':')[2]} here")
         assert stub.Encode(pb.EncodeRequest(texts=["still serving"]), timeout=30).count == 1
     assert svc.workers[0].poll() is None
+    return svc
+
+
+def test_a_result_write_that_fails_is_dead_lettered_not_hung(
+    deployment, fault_injection, monkeypatch
+):
+    """A bug in the writer thread's result write: the writer goes on (a dead one left every
+    later call hanging till its deadline); the jobs stay pending, are claimed again and
+    dead-lettered, so the caller gets an error; the worker still serves."""
+    svc = dead_lettered_then_serving(deployment, monkeypatch, "write-raise:BADWRITE")
+    assert "writing results failed" in log_tail(f"worker-{svc.namespace}-0", lines=400)
 
 
 class HealthWatch:

@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import DataError, RedisError, ResponseError
 
 from embedq import packed, streams
 from embedq.internal.v1 import queue_pb2
@@ -675,9 +675,21 @@ class Worker:
                 write.absorb(more)
             try:
                 self._write(write)
+            except DataError:
+                self._drop_unwritable(write)  # our own arguments: retrying cannot help
             except (RedisError, OSError):
                 log.error("stopping with results unwritten; their jobs stay pending")
                 return
+            except Exception:  # noqa: BLE001 - a bug must not stop the writer (see below)
+                self._drop_unwritable(write)
+
+    def _drop_unwritable(self, write: Write) -> None:
+        """Give up a write that cannot succeed (a bug), not the writer: a dead writer would
+        leave results piling up and the heartbeat keeping the jobs held, so callers hang.
+        Released, the jobs go stale, are claimed again and end in the dead-letter stream
+        if their writes keep failing."""
+        log.exception("writing results failed; their %d jobs stay pending", len(write.entry_ids))
+        self._held.release(write.entry_ids)
 
     def _write(self, write: Write, dead_letter: dict | None = None) -> None:
         """Cache, replies, ack and delete: one round trip, retried until Redis takes it.
@@ -690,6 +702,8 @@ class Worker:
         while True:
             try:
                 packed.execute(self.redis, commands)
+            except DataError:
+                raise  # an argument Redis cannot take: not Redis's fault (see _write_loop)
             except ResponseError as exc:
                 # A command was refused (say, NOGROUP after a Redis restart); the
                 # others ran. Retrying would repeat the refusal forever.
