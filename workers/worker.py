@@ -501,7 +501,7 @@ class Worker:
             name = name if isinstance(name, bytes) else str(name).encode()
             if consumer["pending"] and name not in live:
                 claimed += self._claim_from(name)
-        return self._drop_poison([entry for entry in claimed if entry[1]])
+        return claimed
 
     def _claim_from(self, consumer: bytes) -> list[Entry]:
         pending = self.redis.xpending_range(
@@ -512,14 +512,9 @@ class Worker:
             count=self.settings.read_count,
             consumername=consumer,
         )
-        ids = [p["message_id"] for p in pending]
-        if not ids:
-            return []
         # A minimum idle time, so that two workers taking over at once do not
         # both run the same jobs (the first claim resets the idle time).
-        entries = self.redis.xclaim(
-            self.jobs_key, CONSUMER_GROUP, self.worker_id, min_idle_time=500, message_ids=ids
-        )
+        entries = self._claim(pending, min_idle_ms=500)
         if entries:
             log.warning(
                 "took over %d pending jobs of worker %s (no heartbeat for %.0fs)",
@@ -549,29 +544,29 @@ class Worker:
         # Not the entries this worker holds: they wait for its own model (right after a
         # long pass, before the heartbeat has touched them again), and a claim would count
         # a delivery and read them twice.
-        ids = [p["message_id"] for p in stale if p["message_id"] not in held]
-        if not ids:
+        others = [p for p in stale if p["message_id"] not in held]
+        return self._claim(others[: self.settings.read_count], self.settings.claim_idle_ms)
+
+    def _claim(self, pending: list[dict], min_idle_ms: int) -> list[Entry]:
+        """XCLAIM entries as XPENDING listed them; those delivered more than
+        --max-deliveries times, this claim included, are dead-lettered, not returned.
+        (XPENDING's count plus this claim is exact: an entry claimed or touched by anyone
+        since is no longer idle for min_idle_ms, and XCLAIM leaves it.)"""
+        if not pending:
             return []
+        deliveries = {p["message_id"]: p["times_delivered"] + 1 for p in pending}
         claimed = self.redis.xclaim(
             self.jobs_key,
             CONSUMER_GROUP,
             self.worker_id,
-            min_idle_time=self.settings.claim_idle_ms,
-            message_ids=ids[: self.settings.read_count],
+            min_idle_time=min_idle_ms,
+            message_ids=list(deliveries),
         )
-        return self._drop_poison([entry for entry in claimed if entry[1]])
-
-    def _drop_poison(self, entries: list[Entry]) -> list[Entry]:
-        """Dead-letter jobs delivered too often; return the rest."""
-        if not entries:
-            return []
-        pending = self.redis.xpending_range(
-            self.jobs_key, CONSUMER_GROUP, min=entries[0][0], max=entries[-1][0], count=len(entries)
-        )
-        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
         keep = []
-        for entry_id, fields in entries:
-            if deliveries.get(entry_id, 0) > self.settings.max_deliveries:
+        for entry_id, fields in claimed:
+            if not fields:  # deleted meanwhile (answered, acknowledged): nothing to run
+                continue
+            if deliveries[entry_id] > self.settings.max_deliveries:
                 self._dead_letter(entry_id, fields)
             else:
                 keep.append((entry_id, fields))

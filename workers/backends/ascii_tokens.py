@@ -88,7 +88,7 @@ class AsciiShortcut:
         suffix: list[int],
         split: Callable[[str], list[str]] | None = None,
     ) -> None:
-        self._bare = bare  # the tokenizer without normalizer and post-processor
+        # The tokenizer without normalizer and post-processor, for words not known yet.
         self._encode = getattr(bare, "encode_batch_fast", bare.encode_batch)
         self._table = table  # ASCII character -> its normalized text
         self._fold = fold  # the same map for printable ASCII as a str method, if there is one
