@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -29,6 +30,8 @@ from .errors import RequestError, as_request_error, invalid, unavailable
 from .output import OutputSpec, output_spec, ranking_vectors, shape
 from .queue import Dispatcher, Variant
 from .registry import ModelRegistry
+
+log = logging.getLogger(__name__)
 
 # Messages of one stream being worked on or waiting to be sent; reading the
 # stream pauses beyond it (and HTTP/2 flow control then holds the client).
@@ -98,17 +101,36 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            if isinstance(exc, RequestError) and context.cancelled():
-                # The caller is gone (its deadline passed, or it hung up): there is nobody
-                # to send a status to, and grpc would log the failed send as an error.
+            if isinstance(exc, RequestError) and caller_gone(context):
+                # There is nobody to send a status to, and grpc would log the failed
+                # send as an error (with a traceback, once per call: a burst's worth).
                 raise asyncio.CancelledError from None
             error = as_request_error(exc, handler.__name__)
             hint = (
                 ((RETRY_AFTER_MS_KEY, str(error.retry_after_ms)),) if error.retry_after_ms else ()
             )
-            await context.abort(error.code, error.message, trailing_metadata=hint)
+            try:
+                await context.abort(error.code, error.message, trailing_metadata=hint)
+            except grpc.aio.AbortError:
+                raise  # the status was sent: how abort() ends the handler
+            except Exception as failed:  # noqa: BLE001 - grpc's ExecuteBatchError, private
+                # The call ended under us: its caller left between the check above and
+                # the send (a deadline and our own wait for its texts end together).
+                log.info(
+                    "%s: the caller left before its %s status could be sent (%s)",
+                    handler.__name__,
+                    error.code.name,
+                    type(failed).__name__,
+                )
+                raise asyncio.CancelledError from None
 
     return wrapped
+
+
+def caller_gone(context: grpc.aio.ServicerContext) -> bool:
+    """The caller hung up or its deadline has passed: a status would reach nobody."""
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
 
 
 def as_error(exc: BaseException) -> pb.Error:

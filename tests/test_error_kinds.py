@@ -134,3 +134,71 @@ def test_every_kind_has_an_http_status_and_openai_type():
     assert statuses[ErrorKind.OVERLOADED] == (429, "rate_limit_error")
     assert statuses[ErrorKind.UNAUTHENTICATED] == (401, "authentication_error")
     assert all(400 <= status < 600 and error_type for status, error_type in statuses.values())
+
+
+class _Context:
+    """The part of grpc.aio.ServicerContext that `unary` uses: a call whose caller may be
+    gone and whose status send may fail (as grpc's does when the call ended under it)."""
+
+    def __init__(self, *, cancelled=False, remaining=5.0, send_fails=False) -> None:
+        self._cancelled, self._remaining, self._send_fails = cancelled, remaining, send_fails
+        self.aborted: list[grpc.StatusCode] = []
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+    async def abort(self, code, details, trailing_metadata=()):
+        self.aborted.append(code)
+        if self._send_fails:
+            raise RuntimeError('Failed "execute_batch"')  # what grpc raises, privately typed
+        raise grpc.aio.AbortError()
+
+
+def _handler_failing_with(exc: Exception):
+    from embedq.server.router import unary
+
+    class Servicer:
+        @unary
+        async def Encode(self, request, context):
+            raise exc
+
+    return Servicer().Encode
+
+
+@pytest.mark.parametrize(
+    ("context", "sent"),
+    [
+        (_Context(), True),  # the caller waits: it gets the status
+        (_Context(cancelled=True), False),  # hung up
+        (_Context(remaining=0.0), False),  # its deadline passed, grpc has not noticed yet
+        (_Context(remaining=None), True),  # no deadline at all
+    ],
+)
+def test_a_status_goes_only_to_a_caller_still_there(context, sent, caplog):
+    import asyncio
+
+    from embedq.server.errors import deadline
+
+    handler = _handler_failing_with(deadline("no result within 1.0s"))
+    expected = grpc.aio.AbortError if sent else asyncio.CancelledError
+    with pytest.raises(expected):
+        asyncio.run(handler(b"", context))
+    assert context.aborted == ([grpc.StatusCode.DEADLINE_EXCEEDED] if sent else [])
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_status_send_that_fails_because_the_caller_left_is_not_an_error(caplog):
+    """grpc logs an exception out of a handler as ERROR with its traceback (one per call:
+    a burst's worth of them when deadlines and our waits end together)."""
+    import asyncio
+
+    context = _Context(send_fails=True)
+    failure = redis.ConnectionError("redis went away")
+    with caplog.at_level("INFO"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(_handler_failing_with(failure)(b"", context))
+    assert context.aborted == [grpc.StatusCode.UNAVAILABLE]
+    assert "caller left before its UNAVAILABLE status could be sent" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
