@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -39,6 +40,11 @@ STREAM_WINDOW = 1024
 # Texts of those messages: bounds the memory a stream holds whatever it sends,
 # and how much of the workers' queue one stream can take ahead of other callers.
 STREAM_TEXT_WINDOW = 512
+# ... and, once the model's rate is measured, to this much of its work, so that another
+# caller's text waits behind at most about this long of one stream's (a 512-text window
+# was 1.8-2.5 s on a 2-core CPU); never below a batch, so a lone stream keeps it busy.
+STREAM_WINDOW_S = 0.5
+STREAM_MIN_TEXT_WINDOW = 64
 
 
 class Undecodable:
@@ -111,8 +117,9 @@ def unary(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             )
             try:
                 await context.abort(error.code, error.message, trailing_metadata=hint)
-            except grpc.aio.AbortError:
-                raise  # the status was sent: how abort() ends the handler
+            except (grpc.aio.AbortError, RequestError):
+                # Sent: how abort() ends a gRPC handler (the HTTP front's raises the status).
+                raise
             except Exception as failed:  # noqa: BLE001 - grpc's ExecuteBatchError, private
                 # The call ended under us: its caller left between the check above and
                 # the send (a deadline and our own wait for its texts end together).
@@ -184,6 +191,14 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         dimension = variant.model.registration.dimension
         return variant, output_spec(options, dimension, variant.normalize)
 
+    def _stream_text_window(self) -> int:
+        """A new stream's text window, from the default model's measured rate (with no
+        default, the fastest model's: a stream may use any of them)."""
+        models = self.registry.models
+        default = models.get(self.registry.default_name)
+        rates = [default.capacity] if default else [m.capacity for m in models.values()]
+        return stream_text_window(max(rates, default=0.0))
+
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         default = self.settings.default_timeout_s
@@ -234,7 +249,10 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     async def EncodeStream(
         self, request_iterator, context
     ) -> AsyncIterator[pb.EncodeStreamResponse]:
-        async for response in answer_stream(request_iterator, self._answer_encode, context):
+        answers = answer_stream(
+            request_iterator, self._answer_encode, context, self._stream_text_window()
+        )
+        async for response in answers:
             yield response
 
     # -- Similarity -------------------------------------------------------------
@@ -276,7 +294,10 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         return pb.SimilarityStreamResponse(id=message.id, response=response)
 
     async def SimilarityStream(self, request_iterator, context):
-        async for response in answer_stream(request_iterator, self._answer_similarity, context):
+        answers = answer_stream(
+            request_iterator, self._answer_similarity, context, self._stream_text_window()
+        )
+        async for response in answers:
             yield response
 
     # -- Lookup, Tokenize, Info -------------------------------------------------
@@ -414,12 +435,23 @@ class Credits:
         self._freed.set()
 
 
-async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
+def stream_text_window(capacity: float) -> int:
+    """Texts a new stream may have in flight, given its model's measured texts/s (0: not
+    measured yet, the full window)."""
+    if capacity <= 0:
+        return STREAM_TEXT_WINDOW
+    timed = math.ceil(capacity * STREAM_WINDOW_S)
+    return max(STREAM_MIN_TEXT_WINDOW, min(STREAM_TEXT_WINDOW, timed))
+
+
+async def answer_stream(
+    request_iterator, answer, context, text_window: int = STREAM_TEXT_WINDOW
+) -> AsyncIterator:
     """Answer each message of a bidirectional stream as soon as it is ready.
 
     A reader task takes messages as they come and starts one answer per
     message; responses go out in completion order. A message holds credits
-    (STREAM_WINDOW messages, STREAM_TEXT_WINDOW texts) from when it is read
+    (STREAM_WINDOW messages, `text_window` texts) from when it is read
     until its response is sent: a client that sends without reading is held
     by HTTP/2 flow control once they run out, so a stream's memory is bounded.
     Every message gets exactly one response, and when the client cancels,
@@ -427,7 +459,7 @@ async def answer_stream(request_iterator, answer, context) -> AsyncIterator:
     """
     # Bounded: every queued response holds credits, so at most STREAM_WINDOW (+ the end).
     responses: asyncio.Queue = asyncio.Queue(STREAM_WINDOW + 1)
-    credits = Credits(STREAM_WINDOW, STREAM_TEXT_WINDOW)
+    credits = Credits(STREAM_WINDOW, text_window)
     tasks: set[asyncio.Task] = set()
 
     async def answer_one(message, cost: int) -> None:

@@ -202,3 +202,18 @@ def test_a_status_send_that_fails_because_the_caller_left_is_not_an_error(caplog
     assert context.aborted == [grpc.StatusCode.UNAVAILABLE]
     assert "caller left before its UNAVAILABLE status could be sent" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_the_http_fronts_abort_raises_its_status_through(caplog):
+    """HttpContext.abort raises the status as a RequestError (the HTTP front turns it into the
+    response); that is a status sent, not a failed send to a caller who left."""
+    import asyncio
+
+    from embedq.server.errors import deadline
+    from embedq.server.http import HttpContext
+
+    handler = _handler_failing_with(deadline("no result within 1.0s"))
+    with caplog.at_level("INFO"), pytest.raises(RequestError) as caught:
+        asyncio.run(handler(b"", HttpContext("test")))
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "caller left" not in caplog.text

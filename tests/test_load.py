@@ -8,6 +8,7 @@ the properties are orderings, status codes and bounds.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -20,6 +21,12 @@ import pytest
 import redis
 from conftest import Service, new_service
 from embedq.server.queue import late_refusal
+from embedq.server.router import (
+    STREAM_MIN_TEXT_WINDOW,
+    STREAM_TEXT_WINDOW,
+    STREAM_WINDOW_S,
+    stream_text_window,
+)
 from embedq.workers.pipeline import BatchLimits, iter_steps
 
 from embedq.internal.v1 import queue_pb2
@@ -193,6 +200,20 @@ def test_a_small_request_is_not_queued_behind_a_huge_one(busy_service: Service):
         assert huge.result().count == 1000
 
 
+def settled_capacity(stub, timeout: float = 30.0) -> float:
+    """The capacity the server will use next: two readings 2.5 s apart (beyond a worker
+    heartbeat and a registry refresh) agree, with nothing encoding meanwhile."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        capacity = stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
+        if capacity == last:
+            return capacity
+        last = capacity
+        time.sleep(2.5)
+    raise AssertionError("the published capacity did not settle")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -221,9 +242,17 @@ def test_a_stream_that_never_reads_holds_bounded_memory(busy_service: Service):
         ) as other,
     ):
         stub = embedq_pb2_grpc.EmbedderStub(channel)
+        wait_for_capacity(stub)
+        capacity = settled_capacity(stub)  # the stream's window is timed from it
+        model = stub.Info(pb.InfoRequest(), timeout=5).models[0].name
+        backlog_key = Keys(busy_service.namespace).backlog(model)
         before = rss_mb(pid)
         call = stub.EncodeStream(requests(), timeout=120)  # responses never read
-        time.sleep(5)
+        backlog = []  # texts queued or being encoded: only this stream's now
+        with redis.Redis.from_url(busy_service.redis_url) as client:
+            for _ in range(50):
+                time.sleep(0.1)
+                backlog.append(int(client.get(backlog_key) or 0))
         growth = rss_mb(pid) - before
         # Other callers are still served while it sits there.
         other_stub = embedq_pb2_grpc.EmbedderStub(other)
@@ -232,6 +261,19 @@ def test_a_stream_that_never_reads_holds_bounded_memory(busy_service: Service):
         call.cancel()
     assert offered > 5000  # the client really tried to send a lot
     assert growth < 30, f"server grew {growth:.1f} MB"
+    # Another caller's texts queue behind about STREAM_WINDOW_S of this stream's work, not
+    # STREAM_TEXT_WINDOW texts. The backlog counter drops a job's texts when the whole job is
+    # acknowledged, so a job partly answered (at most a window of texts) still counts: seen
+    # 174-181 with a window of 139-143 on 2 cores, and 537 when the window was 512 texts.
+    window = stream_text_window(capacity)
+    assert 0 < max(backlog) <= 2 * window, (max(backlog), window, capacity)
+
+
+def test_a_streams_text_window_is_half_a_second_of_the_models_work():
+    assert stream_text_window(0.0) == STREAM_TEXT_WINDOW  # not measured yet: the full window
+    assert stream_text_window(300.0) == math.ceil(300 * STREAM_WINDOW_S) < STREAM_TEXT_WINDOW
+    assert stream_text_window(10.0) == STREAM_MIN_TEXT_WINDOW  # still a batch's worth
+    assert stream_text_window(50_000.0) == STREAM_TEXT_WINDOW  # a GPU: the memory bound
 
 
 def test_a_killed_workers_jobs_are_taken_over_in_seconds(redis_server):
