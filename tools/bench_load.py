@@ -331,13 +331,17 @@ async def burst_client(stub, source: UniqueTexts, per_call: int, deadline: float
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 tally.calls["refused"] += 1
                 tally.refusal_ms.append((time.perf_counter() - started) * 1000)
-                await asyncio.sleep(retry_after_s(error))
+                pause = retry_after_s(error)
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 tally.calls["deadline_exceeded"] += 1
+                pause = 0.0
             else:
                 tally.calls["other"] += 1
                 tally.other_codes[code.name] += 1
-                await asyncio.sleep(RETRY_AFTER_DEFAULT_S)
+                pause = RETRY_AFTER_DEFAULT_S
+            # Never past the burst's end: a client that would call again only after it
+            # has stopped, so the goodput's elapsed time is the burst's, not its sleep.
+            await asyncio.sleep(max(0.0, min(pause, stop_at - time.monotonic())))
             continue
         tally.calls["ok"] += 1
         tally.ok_texts += per_call
