@@ -718,14 +718,13 @@ class Worker:
         a worker killed mid-write leaves its jobs pending for another to answer."""
         commands: list[tuple] = []
         if dead_letter is not None:
-            key = self.keys.dead_letters(self.name)
-            fields = [part for item in dead_letter.items() for part in item]
-            commands.append(("XADD", key, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*", *fields))
+            commands.append(
+                _xadd(self.keys.dead_letters(self.name), dead_letter, DEAD_LETTER_MAXLEN)
+            )
         ttl = self.settings.cache_ttl_s
         commands += [("SET", key, value, "EX", ttl) for key, value in write.outcome.cache.items()]
         for reply_to, reply in write.outcome.replies.items():
-            fields = [part for item in encode_message(reply).items() for part in item]
-            commands.append(("XADD", reply_to, "MAXLEN", "~", REPLY_MAXLEN, "*", *fields))
+            commands.append(_xadd(reply_to, encode_message(reply), REPLY_MAXLEN))
             commands.append(("EXPIRE", reply_to, REPLY_TTL_S))
         if write.entry_ids:
             commands.append(("XACK", self.jobs_key, CONSUMER_GROUP, *write.entry_ids))
@@ -733,3 +732,16 @@ class Worker:
         if write.texts_done:
             commands.append(("DECRBY", self.keys.backlog(self.name), write.texts_done))
         return commands
+
+
+def _xadd(key: str, fields: dict, maxlen: int) -> tuple:
+    """XADD of `fields` with an approximate MAXLEN (trimmed in whole nodes: cheap)."""
+    return (
+        "XADD",
+        key,
+        "MAXLEN",
+        "~",
+        maxlen,
+        "*",
+        *(part for item in fields.items() for part in item),
+    )
