@@ -24,6 +24,7 @@ from embedq.workers.backends import (  # noqa: E402
     bundled_model_path,
     resolve_model_source,
 )
+from embedq.workers.backends.lean_bert import ATTENTION_GROUP, LeanBert  # noqa: E402
 from embedq.workers.backends.packing import pack  # noqa: E402
 from embedq.workers.batching import plan_batches  # noqa: E402
 from helpers_tiny_model import TINY_TEXTS, module_entry, write_tiny_bert  # noqa: E402
@@ -187,6 +188,43 @@ def test_packed_batches_match_sentence_transformers(encoder, reference, texts) -
     finally:
         encoder._transformer._packing = True
     assert float(np.abs(packed - padded).max()) <= TOLERANCE
+
+
+def test_lean_forward_matches_sentence_transformers(encoder, reference, texts) -> None:
+    """The bundled BERT runs the lean forward on the CPU (proven on probes at load): batches
+    of one text, of one attention group and of several (sorted by length, a truncated text
+    among them) give the reference's vectors, and the Hugging Face forward's."""
+    transformer = encoder._transformer
+    assert transformer._lean is not None, "the bundled BERT should run the lean forward here"
+    truncated = [i for i, t in enumerate(encoder.tokenize(texts)) if t.truncated]
+    rng = random.Random(7)
+    theirs = reference.encode(texts, batch_size=32, convert_to_numpy=True)
+    for size in (1, 5, ATTENTION_GROUP, ATTENTION_GROUP + 1, 3 * ATTENTION_GROUP + 5):
+        rows = rng.sample(range(len(texts)), size - 1) + [truncated[0]]
+        tokens = [t.ids for t in encoder.tokenize([texts[i] for i in rows])]
+        lean = encoder.embed(tokens)
+        assert float(np.abs(lean - theirs[rows]).max()) <= TOLERANCE, size
+        transformer._lean = None
+        try:
+            hugging_face = encoder.embed(tokens)
+        finally:
+            transformer._lean = LeanBert.build(transformer.model)
+        assert float(np.abs(lean - hugging_face).max()) <= TOLERANCE, size
+
+
+def test_lean_forward_only_for_what_it_reproduces(encoder) -> None:
+    """Not a BERT, or a BERT whose linear layers are not plain (a quantized copy): no lean
+    forward, the model's own runs."""
+    import torch
+
+    assert LeanBert.build(torch.nn.Linear(4, 4)) is None
+    quantized = torch.ao.quantization.quantize_dynamic(
+        encoder._transformer.model, {torch.nn.Linear}, dtype=torch.qint8
+    )
+    assert LeanBert.build(quantized) is None
+    training = LeanBert.build(encoder._transformer.model.train())
+    encoder._transformer.model.eval()
+    assert training is None
 
 
 def test_token_ids_match_reference(encoder, reference, texts) -> None:

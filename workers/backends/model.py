@@ -80,7 +80,12 @@ class PooledEncoder:
         pooling = load_pooling(layout.pooling_dir, config, hidden)
         spec = _spec(name, folder, transformer, pooling, layout.normalize, half, backend)
         apply_backend(backend, transformer, spec.fingerprint)
-        transformer.check_packing(lambda hidden, mask: pooling(hidden.float(), mask))
+
+        def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return pooling(hidden.float(), mask)
+
+        transformer.check_packing(pooled)
+        transformer.check_lean(pooled)
         return cls(spec, transformer, pooling)
 
     @property

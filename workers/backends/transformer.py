@@ -7,6 +7,7 @@ Matches the sentence-transformers 6.2 ``Transformer`` module: the same tokenizer
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -21,6 +22,7 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from .ascii_tokens import AsciiShortcut
+from .lean_bert import LeanBert
 from .packing import PackedBatch, pack
 from .source import UnsupportedModelError
 
@@ -35,6 +37,7 @@ _PROBE_LIMIT = 8192
 # Packed batches (packing.py) must give the padded batch's vectors within this, or are not used.
 _PACKING_TOLERANCE = 1e-5
 _PACKING_PROBE_WORDS = 128
+_LEAN_PROBES = ("a", "a short probe", "Hello, World! A longer probe sentence, with a comma.")
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,10 @@ class Transformer:
         self._token_types = (
             "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
         )
-        # Decided at load by check_packing (a proof on probe texts, not an assumption).
+        # Decided at load by check_packing and check_lean (proofs on probe texts, not
+        # assumptions). The lean forward, where on, runs every batch.
         self._packing = False
+        self._lean: LeanBert | None = None
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, half: bool) -> Transformer:
@@ -196,8 +201,15 @@ class Transformer:
 
     def forward(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         """Runs the encoder on ``batch``: (token embeddings, attention mask) on self.device, one
-        padded row per text. Packed (packing.py) when the model passed the check at load and
-        packing saves rows. The caller holds torch.inference_mode()."""
+        padded row per text. Lean (lean_bert.py: real tokens only) or packed (packing.py) when
+        the model passed that check at load (packed: when it saves rows). The caller holds
+        torch.inference_mode()."""
+        if self._lean is not None:
+            try:
+                return self._lean.forward(batch)
+            except Exception:  # noqa: BLE001 - the Hugging Face forward is always there
+                logger.exception("a lean forward pass failed; lean forward off")
+                self._lean = None
         packed = pack(batch, self._pad_id, self.settings.max_seq_length) if self._packing else None
         if packed is not None:
             try:
@@ -259,18 +271,44 @@ class Transformer:
         packed_batch = pack(batch, self._pad_id, self.settings.max_seq_length)
         if packed_batch is None:
             return
+        packed = functools.partial(self._forward_packed, packed_batch)
+        self._packing = self._matches_padded("packed batches", batch, packed, pooled)
+
+    def check_lean(self, pooled: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Use the lean forward (lean_bert.py) only where it is proven equal here: on the CPU
+        (where it was measured), for a model LeanBert recognises, whose vectors for probe
+        texts of several lengths, more than one attention group of them, match the padded
+        batch's within _PACKING_TOLERANCE."""
+        lean = LeanBert.build(self.model) if self.device.type == "cpu" else None
+        if lean is None:
+            return
+        texts = [*_LEAN_PROBES, " ".join(["probe"] * min(self.settings.max_seq_length, 64))]
+        texts = [f"{text} {i}" for i in range(5) for text in texts]  # > ATTENTION_GROUP texts
+        batch = [item.ids for item in self.tokenize(texts)]
+        forward = functools.partial(lean.forward, batch)
+        if self._matches_padded("lean forward", batch, forward, pooled):
+            self._lean = lean
+
+    def _matches_padded(
+        self,
+        what: str,
+        batch: list[list[int]],
+        forward: Callable[[], tuple[Tensor, Tensor]],
+        pooled: Callable[[Tensor, Tensor], Tensor],
+    ) -> bool:
+        """Whether `forward()` gives the padded batch's vectors for `batch` within
+        _PACKING_TOLERANCE (logged either way; a model that refuses it: False)."""
         with torch.inference_mode():
             padded = pooled(*self._forward_padded(batch))
             try:
-                packed = pooled(*self._forward_packed(packed_batch))
-            except Exception as exc:  # noqa: BLE001 - a model that refuses is simply not packed
-                logger.info("packed batches off: the model refused them (%s)", exc)
-                return
-        error = float((padded - packed).abs().max())
-        self._packing = error <= _PACKING_TOLERANCE
-        logger.info(
-            "packed batches %s (probe max |diff| %.1e)", "on" if self._packing else "off", error
-        )
+                candidate = pooled(*forward())
+            except Exception as exc:  # noqa: BLE001 - a model that refuses keeps the padded path
+                logger.info("%s off: the model refused them (%s)", what, exc)
+                return False
+        error = float((padded - candidate).abs().max())
+        proven = error <= _PACKING_TOLERANCE
+        logger.info("%s %s (probe max |diff| %.1e)", what, "on" if proven else "off", error)
+        return proven
 
     def _pad(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         width = max(1, max(len(ids) for ids in batch))
