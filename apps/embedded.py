@@ -44,10 +44,22 @@ def find_redis_binary() -> str:
     )
 
 
+# Ports free_port has handed out in this process: their servers may not have bound them yet.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now and that this process has not handed out before: the
+    kernel may offer a port again while the server it went to is still starting (seen in
+    tests: an HTTP front's port answered by another server's gRPC)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError(f"no free port on {host} that this process has not handed out already")
 
 
 class EmbeddedRedis:

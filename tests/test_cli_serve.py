@@ -58,6 +58,24 @@ def test_server_without_redis_url_explains():
     assert result.returncode == 2 and "--redis-url" in result.stderr
 
 
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """Servers started together get distinct ports even where the kernel offers one again
+    (here: every bind(0) offers the same two ports until they are used up)."""
+    import socket
+
+    from embedq.apps import embedded
+
+    offered = iter([40001, 40001, 40002, 40001, 40002, 40003])
+
+    class OfferingAgain(socket.socket):
+        def getsockname(self):
+            return ("127.0.0.1", next(offered))
+
+    monkeypatch.setattr(embedded.socket, "socket", OfferingAgain)
+    monkeypatch.setattr(embedded, "_HANDED_OUT", set())
+    assert [embedded.free_port() for _ in range(3)] == [40001, 40002, 40003]
+
+
 def test_parse_devices():
     assert parse_devices("cpu") == ["cpu"]
     assert parse_devices("0,1") == ["cuda:0", "cuda:1"]
