@@ -212,6 +212,16 @@ def test_lean_forward_matches_sentence_transformers(encoder, reference, texts) -
         assert float(np.abs(lean - hugging_face).max()) <= TOLERANCE, size
 
 
+def test_a_text_of_no_tokens_leaves_the_lean_forward_on(encoder) -> None:
+    """Token lists come from tokenize() (special tokens included), but a batch with an empty
+    one runs the padded path rather than turning the lean forward off for good."""
+    ids = encoder.tokenize(["hello world"])[0].ids
+    assert not encoder.embed([[]]).any()
+    vectors = encoder.embed([[], ids])
+    assert encoder._transformer._lean is not None
+    np.testing.assert_allclose(vectors[1], encoder.embed([ids])[0], atol=TOLERANCE)
+
+
 def test_lean_forward_only_for_what_it_reproduces(encoder) -> None:
     """Not a BERT, or a BERT whose linear layers are not plain (a quantized copy): no lean
     forward, the model's own runs."""

@@ -204,7 +204,7 @@ class Transformer:
         padded row per text. Lean (lean_bert.py: real tokens only) or packed (packing.py) when
         the model passed that check at load (packed: when it saves rows). The caller holds
         torch.inference_mode()."""
-        if self._lean is not None:
+        if self._lean is not None and all(batch):  # a text of no tokens: the padded path's
             try:
                 return self._lean.forward(batch)
             except Exception:  # noqa: BLE001 - the Hugging Face forward is always there
