@@ -24,7 +24,7 @@ from embedq.workers.backends import (  # noqa: E402
     bundled_model_path,
     resolve_model_source,
 )
-from embedq.workers.backends.lean_bert import ATTENTION_GROUP, LeanBert  # noqa: E402
+from embedq.workers.backends.lean_bert import ATTENTION_GROUP, LeanBert, pays_off  # noqa: E402
 from embedq.workers.backends.packing import pack  # noqa: E402
 from embedq.workers.batching import plan_batches  # noqa: E402
 from helpers_tiny_model import TINY_TEXTS, module_entry, write_tiny_bert  # noqa: E402
@@ -202,6 +202,7 @@ def test_lean_forward_matches_sentence_transformers(encoder, reference, texts) -
     for size in (1, 5, ATTENTION_GROUP, ATTENTION_GROUP + 1, 3 * ATTENTION_GROUP + 5):
         rows = rng.sample(range(len(texts)), size - 1) + [truncated[0]]
         tokens = [t.ids for t in encoder.tokenize([texts[i] for i in rows])]
+        assert pays_off([len(ids) for ids in tokens]), size  # so the lean forward runs them
         lean = encoder.embed(tokens)
         assert float(np.abs(lean - theirs[rows]).max()) <= TOLERANCE, size
         transformer._lean = None
@@ -220,6 +221,24 @@ def test_a_text_of_no_tokens_leaves_the_lean_forward_on(encoder) -> None:
     vectors = encoder.embed([[], ids])
     assert encoder._transformer._lean is not None
     np.testing.assert_allclose(vectors[1], encoder.embed([ids])[0], atol=TOLERANCE)
+
+
+def test_lean_forward_where_it_pays_off() -> None:
+    """A small batch, or one with padding to save; not many texts of equal length (long
+    chunks of a document), where its index copies cost more than Hugging Face's fixed cost."""
+    assert pays_off([7]) and pays_off([256]) and pays_off([30, 30]) and pays_off([16] * 16)
+    assert pays_off([12, 30, 9, 25]) and pays_off([20] * 18 + [10] * 2)
+    assert not pays_off([256] * 48) and not pays_off([256, 256]) and not pays_off([20] * 20)
+    assert not pays_off([]) and not pays_off([0, 0])
+
+
+def test_a_batch_the_model_itself_refuses_leaves_the_lean_forward_on(encoder) -> None:
+    """A token id past the vocabulary fails in Hugging Face's forward too: the batch's error
+    is raised, and the lean forward is not blamed for it."""
+    ids = encoder.tokenize(["hello world"])[0].ids
+    with pytest.raises(IndexError):
+        encoder.embed([[ids[0], 10**7, ids[-1]], ids])
+    assert encoder._transformer._lean is not None
 
 
 def test_lean_forward_only_for_what_it_reproduces(encoder) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from .ascii_tokens import AsciiShortcut
-from .lean_bert import LeanBert
+from .lean_bert import LeanBert, pays_off
 from .packing import PackedBatch, pack
 from .source import UnsupportedModelError
 
@@ -202,14 +202,20 @@ class Transformer:
     def forward(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         """Runs the encoder on ``batch``: (token embeddings, attention mask) on self.device, one
         padded row per text. Lean (lean_bert.py: real tokens only) or packed (packing.py) when
-        the model passed that check at load (packed: when it saves rows). The caller holds
-        torch.inference_mode()."""
-        if self._lean is not None and all(batch):  # a text of no tokens: the padded path's
+        the model passed that check at load and it pays off for this batch (lean: pays_off;
+        packed: when it saves rows). The caller holds torch.inference_mode()."""
+        if self._lean is not None and all(batch) and pays_off([len(ids) for ids in batch]):
             try:
                 return self._lean.forward(batch)
             except Exception:  # noqa: BLE001 - the Hugging Face forward is always there
-                logger.exception("a lean forward pass failed; lean forward off")
+                # Raises, and the lean forward stays on, when the batch itself is bad.
+                result = self._forward_hugging_face(batch)
+                logger.exception("a lean pass failed where Hugging Face's did not: lean off")
                 self._lean = None
+                return result
+        return self._forward_hugging_face(batch)
+
+    def _forward_hugging_face(self, batch: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         packed = pack(batch, self._pad_id, self.settings.max_seq_length) if self._packing else None
         if packed is not None:
             try:
