@@ -88,7 +88,7 @@ class Transformer:
             "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in forward_params
         )
         # Decided at load by check_packing and check_lean (proofs on probe texts, not
-        # assumptions). The lean forward, where on, runs every batch.
+        # assumptions). The lean forward, where on, runs the batches it pays off for.
         self._packing = False
         self._lean: LeanBert | None = None
 
@@ -309,7 +309,7 @@ class Transformer:
             try:
                 candidate = pooled(*forward())
             except Exception as exc:  # noqa: BLE001 - a model that refuses keeps the padded path
-                logger.info("%s off: the model refused them (%s)", what, exc)
+                logger.info("%s off: the model refused the probes (%s)", what, exc)
                 return False
         error = float((padded - candidate).abs().max())
         proven = error <= _PACKING_TOLERANCE
