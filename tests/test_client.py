@@ -31,7 +31,7 @@ from embedq.client import (
     RetryPolicy,
     text_sha256,
 )
-from embedq.client._retry import NO_RETRY, retry_after, retryable
+from embedq.client._retry import MIN_ATTEMPT_S, NO_RETRY, retry_after, retryable
 from sentence_transformers.util.quantization import quantize_embeddings
 
 ATOL = 1e-5
@@ -791,7 +791,9 @@ def test_pause_honours_the_hint_the_deadline_and_max_attempts() -> None:
     # Never past the deadline: a pause that would end after it gives up at once.
     assert policy.pause(2, unavailable("3000"), 2.0, half) is None
     assert policy.pause(4, unavailable(), 0.5, half) is None
-    assert policy.pause(4, unavailable(), 0.9, half) == pytest.approx(0.8)
+    assert policy.pause(4, unavailable(), 1.0, half) == pytest.approx(0.8)
+    # Nor an attempt that would start less than MIN_ATTEMPT_S before it.
+    assert policy.pause(4, unavailable(), 0.8 + MIN_ATTEMPT_S / 2, half) is None
     # At most max_attempts attempts in all.
     assert policy.pause(5, unavailable(), None, half) is not None
     assert policy.pause(6, unavailable(), None, half) is None

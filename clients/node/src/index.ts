@@ -38,6 +38,7 @@ export { type CallOptions, type EncodeOptions, METRIC_NAMES, type MetricName } f
 export { PROTO_FILE, resolveProtoRoot } from "./proto";
 export {
   DEFAULT_RETRY_POLICY,
+  MIN_ATTEMPT_MS,
   NO_RETRY,
   RETRY_AFTER_KEY,
   RETRYABLE_CODES,

@@ -7,7 +7,8 @@ import { type Metadata, status } from "@grpc/grpc-js";
  * random factor in [1 - jitter, 1 + jitter]. A `retry-after-ms` hint in the
  * server's trailing metadata replaces that pause (jitter only lengthens it).
  * The call gives up, rejecting with the last error at once, after
- * `maxAttempts` attempts in all or when the pause would end past its deadline.
+ * `maxAttempts` attempts in all or when the pause would end past its deadline (or less than
+ * MIN_ATTEMPT_MS before it).
  *
  * Done here rather than with gRPC's service-config `retryPolicy`, which
  * honours only `grpc-retry-pushback-ms`, not embedq's `retry-after-ms`.
@@ -93,6 +94,9 @@ export function backoffMs(policy: RetryPolicy, attempt: number, rand: () => numb
   return nominal * (1 - policy.jitter + 2 * policy.jitter * rand());
 }
 
+/** An attempt is not started with less than this many ms left before the call's deadline. */
+export const MIN_ATTEMPT_MS = 100;
+
 /**
  * Ms to wait before attempt `attempt` after `err`, or undefined: give up.
  * `remainingMs`: time left until the call's deadline (undefined: none).
@@ -107,6 +111,8 @@ export function retryPauseMs(
   if (attempt > policy.maxAttempts || !isRetryable(err, policy.codes)) return undefined;
   const hint = retryAfterMs(err.metadata);
   const pause = hint === undefined ? backoffMs(policy, attempt, rand) : hint * (1 + policy.jitter * rand());
-  if (remainingMs !== undefined && pause >= remainingMs) return undefined; // would end past the deadline
+  // The next attempt would start past the deadline, or so close to it that it could only end in
+  // DEADLINE_EXCEEDED on a busy machine, hiding the refusal the caller needs to see.
+  if (remainingMs !== undefined && pause + MIN_ATTEMPT_MS > remainingMs) return undefined;
   return pause;
 }

@@ -9,7 +9,15 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import * as grpc from "@grpc/grpc-js";
-import { DEFAULT_RETRY_POLICY, EmbedqClient, EmbedqError, NO_RETRY, retryAfterMs, retryPauseMs } from "../src";
+import {
+  DEFAULT_RETRY_POLICY,
+  EmbedqClient,
+  EmbedqError,
+  MIN_ATTEMPT_MS,
+  NO_RETRY,
+  retryAfterMs,
+  retryPauseMs,
+} from "../src";
 import { embedderClient } from "../src/proto";
 import { backoffMs, isRetryable, toRetryPolicy } from "../src/retry";
 
@@ -50,7 +58,8 @@ describe("retry policy", () => {
     assert.ok(Math.abs((retryPauseMs(p, 2, unavailable("3000"), undefined, half) ?? 0) - 3300) < 1e-6);
     assert.equal(retryPauseMs(p, 2, unavailable("3000"), 2000, half), undefined); // past the deadline
     assert.equal(retryPauseMs(p, 4, unavailable(), 500, half), undefined);
-    assert.ok(Math.abs((retryPauseMs(p, 4, unavailable(), 900, half) ?? 0) - 800) < 1e-6);
+    assert.ok(Math.abs((retryPauseMs(p, 4, unavailable(), 1000, half) ?? 0) - 800) < 1e-6);
+    assert.equal(retryPauseMs(p, 4, unavailable(), 800 + MIN_ATTEMPT_MS / 2, half), undefined); // too close
     assert.notEqual(retryPauseMs(p, 5, unavailable(), undefined, half), undefined);
     assert.equal(retryPauseMs(p, 6, unavailable(), undefined, half), undefined);
     assert.equal(retryPauseMs(NO_RETRY, 2, unavailable(), undefined, half), undefined);
