@@ -883,8 +883,11 @@ def test_unavailable_is_retried_until_a_worker_comes(lonely) -> None:
 def test_resource_exhausted_is_retried_and_its_hint_read(lonely) -> None:
     """A stopped (but registered) worker keeps one text pending, so with
     EMBEDQ_MAX_PENDING_TEXTS=1 the next miss is refused: RESOURCE_EXHAUSTED."""
-    if not lonely.workers:
+    if not lonely.workers:  # the test before starts one; alone (or after it failed), here
         lonely.start_worker()
+        # Until the server's registry has seen the worker, a miss is UNAVAILABLE, not refused.
+        with Client(lonely.target, timeout=60, retry=PATIENT) as c:
+            c.encode(fresh("seen"))
     worker = lonely.workers[0]
     results: dict[str, object] = {}
 
