@@ -195,7 +195,8 @@ def test_lean_forward_matches_sentence_transformers(encoder, reference, texts) -
     of one text, of one attention group and of several (sorted by length, a truncated text
     among them) give the reference's vectors, and the Hugging Face forward's."""
     transformer = encoder._transformer
-    assert transformer._lean is not None, "the bundled BERT should run the lean forward here"
+    lean_forward = transformer._lean
+    assert lean_forward is not None, "the bundled BERT should run the lean forward here"
     truncated = [i for i, t in enumerate(encoder.tokenize(texts)) if t.truncated]
     rng = random.Random(7)
     theirs = reference.encode(texts, batch_size=32, convert_to_numpy=True)
@@ -209,7 +210,7 @@ def test_lean_forward_matches_sentence_transformers(encoder, reference, texts) -
         try:
             hugging_face = encoder.embed(tokens)
         finally:
-            transformer._lean = LeanBert.build(transformer.model)
+            transformer._lean = lean_forward
         assert float(np.abs(lean - hugging_face).max()) <= TOLERANCE, size
 
 
@@ -251,9 +252,10 @@ def test_lean_forward_only_for_what_it_reproduces(encoder) -> None:
         encoder._transformer.model, {torch.nn.Linear}, dtype=torch.qint8
     )
     assert LeanBert.build(quantized) is None
-    training = LeanBert.build(encoder._transformer.model.train())
-    encoder._transformer.model.eval()
-    assert training is None
+    try:
+        assert LeanBert.build(encoder._transformer.model.train()) is None
+    finally:
+        encoder._transformer.model.eval()
 
 
 def test_token_ids_match_reference(encoder, reference, texts) -> None:
