@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import time
@@ -222,23 +223,31 @@ def _wrap(handler: grpc.RpcMethodHandler, path: str, metadata) -> grpc.RpcMethod
     async def stream_out(request, context):
         token = call.begin(context)
         try:
-            responses = behaviour(request, context)
-            if hasattr(responses, "__aiter__"):
-                async for response in responses:
-                    yield response
-            else:  # a handler that writes with context.write() and returns
-                await responses
+            async for response in behaviour(request, context):
+                yield response
         except BaseException as exc:
             call.end(exc, context, token)
             raise
         call.end(None, context, token)
 
+    async def stream_written(request, context):
+        # A handler that writes with context.write() and returns: wrapped as a coroutine,
+        # so that gRPC leaves the writing to it (see router.send_all).
+        token = call.begin(context)
+        try:
+            await behaviour(request, context)
+        except BaseException as exc:
+            call.end(exc, context, token)
+            raise
+        call.end(None, context, token)
+
+    wrapped = stream_written if inspect.iscoroutinefunction(behaviour) else stream_out
     make = (
         grpc.stream_stream_rpc_method_handler
         if handler.stream_stream
         else grpc.unary_stream_rpc_method_handler
     )
-    return make(stream_out, **kwargs)
+    return make(wrapped, **kwargs)
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):

@@ -8,6 +8,7 @@ matrices until they become one `bytes` field: no per-float Python work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -140,6 +141,29 @@ def caller_gone(context: grpc.aio.ServicerContext) -> bool:
     return context.cancelled() or (remaining is not None and remaining <= 0)
 
 
+async def send_all(responses: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+    """Write a stream's responses as they come (the handler is a writer, not a generator).
+
+    A write fails when the call is over: the caller cancelled (a reader that stopped
+    reading, then hung up with answers unsent), its deadline passed, or the connection
+    dropped. There is nobody left to answer, so the handler ends as cancelled with one
+    INFO line. gRPC's own loop over a generator's responses logged each such failed send
+    as an ERROR with a traceback (measured: every slow-reader stream its client cancelled).
+    """
+    async with contextlib.aclosing(responses):
+        async for response in responses:
+            try:
+                await context.write(response)
+            except asyncio.CancelledError:
+                raise
+            except Exception as failed:  # noqa: BLE001 - grpc's ExecuteBatchError, private
+                log.info(
+                    "stream ended by its caller before a response could be sent (%s)",
+                    type(failed).__name__,
+                )
+                raise asyncio.CancelledError from None
+
+
 def as_error(exc: BaseException) -> pb.Error:
     """One stream message's failure, as its response's `error`."""
     error = as_request_error(exc, "stream message")
@@ -246,14 +270,11 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
             return pb.EncodeStreamResponse(id=message.id, error=as_error(exc))
         return pb.EncodeStreamResponse(id=message.id, **packed)
 
-    async def EncodeStream(
-        self, request_iterator, context
-    ) -> AsyncIterator[pb.EncodeStreamResponse]:
+    async def EncodeStream(self, request_iterator, context) -> None:
         answers = answer_stream(
             request_iterator, self._answer_encode, context, self._stream_text_window()
         )
-        async for response in answers:
-            yield response
+        await send_all(answers, context)
 
     # -- Similarity -------------------------------------------------------------
 
@@ -293,12 +314,11 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
             return pb.SimilarityStreamResponse(id=message.id, error=as_error(exc))
         return pb.SimilarityStreamResponse(id=message.id, response=response)
 
-    async def SimilarityStream(self, request_iterator, context):
+    async def SimilarityStream(self, request_iterator, context) -> None:
         answers = answer_stream(
             request_iterator, self._answer_similarity, context, self._stream_text_window()
         )
-        async for response in answers:
-            yield response
+        await send_all(answers, context)
 
     # -- Lookup, Tokenize, Info -------------------------------------------------
 

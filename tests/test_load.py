@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from conftest import Service, new_service
+from conftest import LOG_DIR, Service, new_service
 from embedq.server.queue import late_refusal
 from embedq.server.router import (
     STREAM_MIN_TEXT_WINDOW,
@@ -267,6 +267,46 @@ def test_a_stream_that_never_reads_holds_bounded_memory(busy_service: Service):
     # 174-181 with a window of 139-143 on 2 cores, and 537 when the window was 512 texts.
     window = stream_text_window(capacity)
     assert 0 < max(backlog) <= 2 * window, (max(backlog), window, capacity)
+
+
+def test_a_stream_cancelled_with_answers_unsent_ends_quietly(redis_server):
+    """A client that stopped reading, then hangs up: its handler ends as cancelled with one
+    INFO line. When gRPC wrote the answers itself, each such cancel logged an ERROR
+    "ExecuteBatchError raised in core" with a traceback (seen with answers coming fast: a
+    bench-zero worker here, which answers in microseconds)."""
+    import asyncio
+
+    service = new_service(redis_server, "--backend", "bench-zero", "--allow-bench-backend")
+
+    async def hang_up_unread() -> None:
+        async def requests():
+            for i in range(100_000):
+                yield pb.EncodeStreamRequest(id=str(i), texts=[f"unread {i} {uuid.uuid4().hex}"])
+
+        async with grpc.aio.insecure_channel(service.target) as channel:
+            call = embedq_pb2_grpc.EmbedderStub(channel).EncodeStream(requests(), timeout=60)
+            await asyncio.sleep(3)  # answers pile up unread; the server stops reading
+            call.cancel()
+
+    try:
+        asyncio.run(hang_up_unread())
+        server_log = wait_for_log(service, "stream ended by its caller")
+    finally:
+        service.stop()
+    assert "ExecuteBatchError raised in core" not in server_log
+    assert "Traceback" not in server_log
+    assert "stream ended by its caller before a response could be sent" in server_log
+
+
+def wait_for_log(service: Service, text: str, timeout: float = 10.0) -> str:
+    """The server's log once it holds `text` (or after `timeout`)."""
+    path = LOG_DIR / f"server-{service.namespace}.log"
+    deadline = time.monotonic() + timeout
+    while text not in (content := path.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return content
 
 
 def test_a_streams_text_window_is_half_a_second_of_the_models_work():
