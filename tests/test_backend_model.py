@@ -214,6 +214,22 @@ def test_lean_forward_matches_sentence_transformers(encoder, reference, texts) -
         assert float(np.abs(lean - hugging_face).max()) <= TOLERANCE, size
 
 
+def test_lean_forward_keeps_no_second_copy_of_the_projections(encoder) -> None:
+    """Query, key and value weights live once: the model's own are rows of the lean forward's
+    stacked matrix (a copy beside them was a quarter of each layer's weights)."""
+    lean = encoder._transformer._lean
+    model = encoder._transformer.model
+    for layer, stacked in zip(model.encoder.layer, lean._layers, strict=True):
+        attention = layer.attention.self
+        for index, projection in enumerate((attention.query, attention.key, attention.value)):
+            rows = projection.weight.shape[0]
+            assert projection.weight.untyped_storage().data_ptr() == (
+                stacked.qkv_weight.untyped_storage().data_ptr()
+            )
+            assert projection.weight.data_ptr() == stacked.qkv_weight[index * rows].data_ptr()
+            assert projection.bias.data_ptr() == stacked.qkv_bias[index * rows :].data_ptr()
+
+
 def test_a_text_of_no_tokens_leaves_the_lean_forward_on(encoder) -> None:
     """Token lists come from tokenize() (special tokens included), but a batch with an empty
     one runs the padded path rather than turning the lean forward off for good."""

@@ -144,6 +144,7 @@ def _layer(layer: nn.Module) -> _Layer:
     with torch.no_grad():  # a plain copy: no autograd history kept with it
         qkv_weight = torch.cat([p.weight for p in projections])
         qkv_bias = torch.cat([p.bias for p in projections])
+    _share(projections, qkv_weight, qkv_bias)
     return _Layer(
         qkv_weight=qkv_weight,
         qkv_bias=qkv_bias,
@@ -156,6 +157,18 @@ def _layer(layer: nn.Module) -> _Layer:
         out=layer.output.dense,
         out_norm=layer.output.LayerNorm,
     )
+
+
+def _share(projections: Sequence[nn.Linear], weight: Tensor, bias: Tensor) -> None:
+    """Point the projections' own weights at their rows of the stacked copy: the model keeps
+    one copy of them, not two (a quarter of an encoder layer's weights: 10 MB for MiniLM-L6,
+    ~300 MB for a BERT-large), and both forwards read the same numbers."""
+    rows = 0
+    for projection in projections:
+        size = projection.weight.shape[0]
+        projection.weight.data = weight[rows : rows + size]
+        projection.bias.data = bias[rows : rows + size]
+        rows += size
 
 
 def _run_layer(layer: _Layer, hidden: Tensor, layout: _Layout) -> Tensor:
