@@ -260,6 +260,51 @@ def worker_split(events, start: float, end: float) -> dict[str, float | None]:
     return out
 
 
+# The chain of one gap between two passes (waiting consumers): (label, tag, edge) in order,
+# each the first such span edge after the previous one's.
+GAP_CHAIN = [
+    ("pass ends → its results are written", "write", "end"),
+    ("→ the server has read the reply", "reply", "end"),
+    ("→ the last answer is built", "rpc", "last-end"),
+    ("→ the first new message is looked up", "lookup", "start"),
+    ("→ the last new message is queued", "flush", "last-end"),
+    ("→ the next pass starts", "forward", "start"),
+]
+
+
+def gap_split(events, start: float, end: float) -> list[tuple[str, float]]:
+    """Where the model's idle gaps go while consumers wait (medians, ms): the chain from one
+    pass's end to the next's start through the writer, the server and the consumers."""
+    spans = _spans(events, start, end)
+    passes = sorted(spans.get("forward", []))
+    rows: dict[str, list[float]] = {label: [] for label, _tag, _edge in GAP_CHAIN}
+    for earlier, later in itertools.pairwise(passes):
+        at, steps = earlier[1], []
+        for label, tag, edge in GAP_CHAIN:
+            if tag == "forward":
+                found = later[0]
+            elif edge == "last-end" and tag == "rpc":  # answers built before any new lookup
+                lookups = [a for a, _b in spans.get("lookup", []) if a >= at]
+                until = min(lookups, default=later[0])
+                ends = [b for _a, b in spans.get(tag, []) if at <= b <= until]
+                found = max(ends) if ends else None
+            elif edge == "last-end":
+                ends = [b for _a, b in spans.get(tag, []) if at <= b <= later[0]]
+                found = max(ends) if ends else None
+            else:
+                index = 1 if edge == "end" else 0
+                edges = [span[index] for span in spans.get(tag, []) if span[0] >= at]
+                found = min(edges) if edges else None
+            if found is None or found > later[0]:
+                break
+            steps.append((label, (found - at) * 1000))
+            at = found
+        else:
+            for label, ms in steps:
+                rows[label].append(ms)
+    return [(label, statistics.median(v)) for label, v in rows.items() if v]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--role", choices=["server", "worker"], help=argparse.SUPPRESS)
@@ -326,6 +371,9 @@ def drive(args: argparse.Namespace) -> int:
     worker_events = [e for e in _load(tmp / "worker.json")]
     for label, value in worker_split(worker_events, s_start, s_end).items():
         print(f"  worker {label:<45} {value}")
+    print("  the gap, step by step (medians, ms):")
+    for label, ms in gap_split(events, s_start, s_end):
+        print(f"    {label:<48} {ms:8.2f}")
     return 0
 
 
