@@ -65,6 +65,12 @@ def _probe(cls: type, name: str, tag: str, *, only_if_result: bool = False) -> N
     setattr(cls, name, wrapped)
 
 
+def _point(tag: str) -> None:
+    """An instant event of this process (a span of 1 ns: its end sorts after its start)."""
+    now = time.time()
+    EVENTS.extend(((now, f"{tag}:start"), (now + 1e-9, f"{tag}:end")))
+
+
 def _dump_on_exit(path: str) -> None:
     import atexit
     import signal
@@ -167,6 +173,7 @@ async def waiting_streams(target: str, streams: int, seconds: float) -> tuple[in
                 text = await queue.get()
                 if text is None:
                     return
+                _point("ask")  # handed to gRPC to send
                 yield pb.EncodeStreamRequest(id=str(i), texts=[text])
 
         call = stub.EncodeStream(requests())
@@ -174,6 +181,7 @@ async def waiting_streams(target: str, streams: int, seconds: float) -> tuple[in
         texts = (f"Consumer {index} reads event {i} on the weather ({tag})." for i in range(10**9))
         await queue.put(next(texts))
         async for _response in call:
+            _point("got")
             done += 1
             await queue.put(None if time.monotonic() > stop_at else next(texts))
 
@@ -266,6 +274,8 @@ GAP_CHAIN = [
     ("pass ends → its results are written", "write", "end"),
     ("→ the server has read the reply", "reply", "end"),
     ("→ the last answer is built", "rpc", "last-end"),
+    ("→ the client has the first answer", "got", "start"),
+    ("→ the client sends the first new text", "ask", "start"),
     ("→ the first new message is looked up", "lookup", "start"),
     ("→ the last new message is queued", "flush", "last-end"),
     ("→ the next pass starts", "forward", "start"),
@@ -361,6 +371,7 @@ def drive(args: argparse.Namespace) -> int:
                 proc.terminate()
                 proc.wait(timeout=30)
         events = [tuple(e) for f in ("worker.json", "server.json") for e in _load(tmp / f)]
+        events += EVENTS  # the consumers' own (this process)
     code = args.pythonpath or "this checkout"
     print(cpu_line(), f"; code: {code}; worker backend: {args.backend}")
     print(f"single uncached text, {len(windows)} calls one after another (medians, ms):")
