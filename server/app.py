@@ -20,6 +20,7 @@ from embedq.v1 import embedq_pb2
 
 from .auth import BearerTokenInterceptor, TokenSet, token_set
 from .metrics import ObservabilityInterceptor, start_metrics_server, track_gauges
+from .nearcache import NearCache
 from .queue import Dispatcher, QueueBounds
 from .registry import ModelRegistry
 from .router import EmbedderService, add_to_server
@@ -203,7 +204,10 @@ async def serve(
         redis, keys, default_model=settings.default_model, worker_stale_s=settings.worker_stale_s
     )
     bounds = QueueBounds.from_settings(settings)
-    dispatcher = Dispatcher(redis, keys, server_id=settings.server_id, bounds=bounds)
+    near_cache = NearCache(int(settings.near_cache_mb * 1024 * 1024))
+    dispatcher = Dispatcher(
+        redis, keys, server_id=settings.server_id, bounds=bounds, near_cache=near_cache
+    )
     server = build_grpc_server(settings, tokens)
     service = EmbedderService(settings, dispatcher, registry, redis, keys)
     add_to_server(service, server)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from embedq.server.errors import RequestError
+from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
 from embedq.server.queue import Dispatcher, QueueBounds, Variant
 from embedq.server.registry import ModelRegistry, ServedModel
 from embedq.workers.pipeline import Outcome, iter_steps, prepare, pretokenize, run_jobs
@@ -124,7 +125,10 @@ class Core:
 
 @contextlib.asynccontextmanager
 async def core(
-    redis_url: str, bounds: QueueBounds | None = None, answer=fake_outcome
+    redis_url: str,
+    bounds: QueueBounds | None = None,
+    answer=fake_outcome,
+    near_cache: NearCache | None = None,
 ) -> AsyncIterator[Core]:
     """A Dispatcher and a fake worker on a fresh namespace of the test Redis."""
     keys = Keys(f"core{uuid.uuid4().hex[:8]}")
@@ -132,7 +136,8 @@ async def core(
     worker_redis = aioredis.Redis.from_url(redis_url)
     worker = FakeWorker(worker_redis, keys, answer)
     worker_task = asyncio.create_task(worker.run())
-    dispatcher = Dispatcher(server_redis, keys, bounds=bounds or QueueBounds())
+    bounds = bounds or QueueBounds()
+    dispatcher = Dispatcher(server_redis, keys, bounds=bounds, near_cache=near_cache)
     await dispatcher.start()
     try:
         yield Core(dispatcher, worker, server_redis, keys)
@@ -169,6 +174,52 @@ def test_misses_are_computed_then_served_from_the_cache(redis_server):
         assert np.array_equal(again[:2], vectors)
 
     run(redis_server, body)
+
+
+def test_hot_texts_are_answered_from_the_near_cache_without_redis(redis_server):
+    async def mgets(c: Core) -> int:
+        return (await c.redis.info("commandstats")).get("cmdstat_mget", {}).get("calls", 0)
+
+    async def body(c: Core) -> None:
+        texts, near = ["alpha", "beta"], c.dispatcher.near_cache
+        computed, _cached = await c.dispatcher.encode(c.variant(), texts, 10)
+        assert len(near) == 0  # a worker's answer is not kept near: only what Redis returns
+        first, cached = await c.dispatcher.encode(c.variant(), texts, 10)
+        assert cached.all() and len(near) == 2 and np.array_equal(first, computed)
+        before = await mgets(c)
+        again, cached = await c.dispatcher.encode(c.variant(), texts, 10)
+        assert await mgets(c) == before  # no Redis round trip
+        assert cached.all() and np.array_equal(again, computed)
+        again[0] = 0  # the caller's copy, not the cache's
+        assert np.array_equal((await c.dispatcher.encode(c.variant(), texts, 10))[0], computed)
+        # One text not near: the whole call goes the usual way (one MGET for all).
+        mixed, cached = await c.dispatcher.encode(c.variant(), ["alpha", "gamma"], 10)
+        assert cached.tolist() == [True, False] and await mgets(c) == before + 1
+        assert c.worker.seen == [*texts, "gamma"]
+        # Another variant (say, normalize off) is another cache key: not served from near.
+        other = Variant(c.variant().model, False, True)
+        _vectors, cached = await c.dispatcher.encode(other, texts, 10)
+        assert not cached.any()
+
+    run(redis_server, body, near_cache=NearCache(1 << 20))
+
+
+def test_the_near_cache_drops_the_least_recently_used_past_its_budget():
+    entry = len("k0") + 16 + ENTRY_OVERHEAD_BYTES
+    near = NearCache(3 * entry)
+    for name in ("k0", "k1", "k2"):
+        near.put(name, bytes(16))
+    assert near.get_all(["k0"]) == [bytes(16)]  # k0 now the most recently used
+    near.put("k3", bytes(16))
+    assert near.get_all(["k1"]) is None and len(near) == 3 and near.bytes == 3 * entry
+    assert near.get_all(["k0", "k2", "k3"]) is not None
+    near.put("k2", bytes(16))  # again: replaced, not counted twice
+    assert near.bytes == 3 * entry
+    near.put("huge", bytes(4 * entry))  # bigger than the whole budget: not kept
+    assert near.get_all(["huge"]) is None and len(near) == 3
+    off = NearCache(0)
+    off.put("k0", bytes(16))
+    assert len(off) == 0 and off.get_all(["k0"]) is None
 
 
 def test_the_same_text_in_flight_is_sent_to_the_worker_once(redis_server):

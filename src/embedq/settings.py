@@ -229,6 +229,12 @@ SETTINGS: dict[str, Setting] = _declare(
         env="EMBEDQ_MAX_PENDING_CHARS",
     ),
     Setting(
+        "near_cache_mb", float, 64.0,
+        "memory (MB) for the vectors this server read from the Redis cache lately: a call whose "
+        "texts are all there is answered without a Redis round trip; 0: off",
+        env="EMBEDQ_NEAR_CACHE_MB", flag="--near-cache-mb", commands=SERVERS,
+    ),
+    Setting(
         "server_id", str, None, "name of the server's reply stream; unique per running server",
         env="EMBEDQ_SERVER_ID", shown="random",
     ),
@@ -667,6 +673,8 @@ class ServerSettings:
     max_queued_jobs: int = setting_field("max_queued_jobs")
     max_pending_texts: int = setting_field("max_pending_texts")
     max_pending_chars: int = setting_field("max_pending_chars")
+    # The dispatcher's near cache of vectors read from Redis (embedq.server.nearcache).
+    near_cache_mb: float = setting_field("near_cache_mb")
     # Name of the reply stream; None: random.
     server_id: str | None = setting_field("server_id")
     # Health "" stays NOT_SERVING until a worker has registered once (embedq serve:
