@@ -70,6 +70,10 @@ REQUEST_DURATION = Histogram(
 TEXTS = Counter("embedq_texts", "Texts received (hashes too, for Lookup), by method", ["method"])
 CACHE_HITS = Counter("embedq_cache_hits", "Texts answered from the Redis cache")
 CACHE_MISSES = Counter("embedq_cache_misses", "Texts not in the cache (queued for a worker)")
+NEAR_CACHE_HITS = Counter(
+    "embedq_near_cache_hits",
+    "Texts answered from the server's near cache, no Redis round trip (in embedq_cache_hits too)",
+)
 QUEUE_DEPTH = Gauge("embedq_queue_depth", "Jobs in a model's stream (XLEN)", ["model"])
 WORKERS_ALIVE = Gauge(
     "embedq_workers_alive", "Workers of a model with a recent heartbeat", ["model"]
@@ -82,6 +86,12 @@ def record_cache_lookup(hits: int, looked_up: int) -> None:
         CACHE_HITS.inc(hits)
     if looked_up > hits:
         CACHE_MISSES.inc(looked_up - hits)
+
+
+def record_near_cache_hits(hits: int) -> None:
+    """A call answered whole from the near cache (server/nearcache.py)."""
+    record_cache_lookup(hits, hits)
+    NEAR_CACHE_HITS.inc(hits)
 
 
 def method_label(path: str) -> str:

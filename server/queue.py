@@ -398,7 +398,7 @@ class Dispatcher:
         if values is None or set(map(len, values)) != {call.vectors.shape[1] * 4}:
             return False
         call.fill_hits(values)  # every row, so the call is done
-        metrics.record_cache_lookup(len(values), len(values))
+        metrics.record_near_cache_hits(len(values))
         return True
 
     def _forget(self, call: Call) -> None:

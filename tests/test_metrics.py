@@ -78,6 +78,8 @@ def test_metrics_count_requests_cache_and_batches(deployment, stub):
         assert not any(stub.Encode(pb.EncodeRequest(texts=texts), timeout=60).cached)
     repeated = fresh[0] + fresh[1][:1]
     assert all(stub.Encode(pb.EncodeRequest(texts=repeated), timeout=60).cached)  # hits
+    # Hits again: now from the server's near cache (it keeps what Redis returned).
+    assert all(stub.Encode(pb.EncodeRequest(texts=repeated), timeout=60).cached)
     with pytest.raises(grpc.RpcError) as info:
         stub.Encode(pb.EncodeRequest(), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -90,16 +92,17 @@ def test_metrics_count_requests_cache_and_batches(deployment, stub):
     # _Call.end counts the request before its duration: waiting for the duration suffices.
     deadline = time.monotonic() + 10
     after = scrape(server_port)
-    while delta("embedq_request_duration_seconds_count", method="Encode") < 4:
+    while delta("embedq_request_duration_seconds_count", method="Encode") < 5:
         assert time.monotonic() < deadline, "the refused call was never counted"
         time.sleep(0.05)
         after = scrape(server_port)
 
-    assert delta("embedq_requests_total", method="Encode", code="OK") == 3
+    assert delta("embedq_requests_total", method="Encode", code="OK") == 4
     assert delta("embedq_requests_total", method="Encode", code="INVALID_ARGUMENT") == 1
-    assert delta("embedq_request_duration_seconds_count", method="Encode") == 4
-    assert delta("embedq_texts_total", method="Encode") == 6 + len(repeated)
-    assert delta("embedq_cache_hits_total") == len(repeated)
+    assert delta("embedq_request_duration_seconds_count", method="Encode") == 5
+    assert delta("embedq_texts_total", method="Encode") == 6 + 2 * len(repeated)
+    assert delta("embedq_cache_hits_total") == 2 * len(repeated)
+    assert delta("embedq_near_cache_hits_total") == len(repeated)
     assert delta("embedq_cache_misses_total") == 6
 
     model = "all-MiniLM-L6-v2"
