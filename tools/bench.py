@@ -128,6 +128,10 @@ class Deployment:
     _redis: object = None
 
     targets: list[str] = field(default_factory=list)  # every server (target is the first)
+    # The servers' --near-cache-mb (None: their default). Off where a scenario makes texts
+    # uncached again by deleting them from Redis (fresh): a server's near cache would still
+    # answer them. External servers (--target) are not ours: fresh() makes texts new there.
+    near_cache_mb: float | None = 0.0
 
     @classmethod
     def start(cls, args: argparse.Namespace) -> Deployment:
@@ -141,7 +145,11 @@ class Deployment:
 
     @classmethod
     def launch(
-        cls, workers: list[list[str]], servers: int = 1, redis_url: str | None = None
+        cls,
+        workers: list[list[str]],
+        servers: int = 1,
+        redis_url: str | None = None,
+        near_cache_mb: float | None = 0.0,
     ) -> Deployment:
         """A private Redis (unless redis_url), one worker per argument list, `servers` servers;
         processes named worker, worker-2, ..., server, server-2, ... Stops all on failure."""
@@ -149,6 +157,7 @@ class Deployment:
 
         redis_server = None if redis_url else EmbeddedRedis().start()
         deployment = cls("", redis_url or redis_server.url, {}, redis_server)
+        deployment.near_cache_mb = near_cache_mb
         try:
             for extra in workers:
                 deployment.add_worker(extra)
@@ -171,12 +180,17 @@ class Deployment:
     def add_worker(self, argv: list[str]) -> subprocess.Popen:
         return self._spawn("worker", argv)
 
-    def add_server(self) -> None:
+    def add_server(self, near_cache: bool = False) -> str:
+        """Start one more server (near_cache: with the server's default near cache, else the
+        deployment's near_cache_mb); its target."""
         from embedq.apps.embedded import free_port
 
         port = free_port()
-        self._spawn("server", ["--port", str(port)])
+        near = None if near_cache else self.near_cache_mb
+        near_flag = [] if near is None else ["--near-cache-mb", str(near)]
+        self._spawn("server", ["--port", str(port), *near_flag])
         self.targets.append(f"127.0.0.1:{port}")
+        return self.targets[-1]
 
     def wait_ready(self, timeout: float = 180, workers: int = 1) -> None:
         """Every server answers Info with at least `workers` live workers."""
@@ -199,9 +213,9 @@ class Deployment:
         return bool(info.models) and info.models[0].workers_alive >= workers
 
     def fresh(self, texts: list[str], run: int) -> list[str]:
-        """Texts no earlier run has cached: flush when we can reach Redis,
-        else make them new by a run prefix."""
-        if self.redis_url:
+        """Texts no earlier run has cached: flush when we can reach Redis and our servers
+        keep no near cache, else make them new by a run prefix."""
+        if self.redis_url and self.procs and self.near_cache_mb == 0:
             self.flush_cache()
             return texts
         return [f"[run {run}] {text}" for text in texts]
@@ -343,6 +357,21 @@ async def run_all(
         singles = deployment.fresh(texts[:100], 999)
         results.latency_ms["uncached single"] = await single_latencies(stub, singles)
         results.latency_ms["cached single"] = await single_latencies(stub, singles)
+    if deployment.procs:
+        near = await near_cached_latencies(deployment, singles)
+        results.latency_ms["cached single, near cache"] = near
+
+
+async def near_cached_latencies(deployment: Deployment, singles: list[str]) -> list[float]:
+    """Cached single-text latency through one more server that keeps its default near cache
+    (the main one runs without: see Deployment.near_cache_mb): a first pass fills it from
+    Redis, the second is timed."""
+    target = deployment.add_server(near_cache=True)
+    deployment.wait_ready()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        await single_latencies(stub, singles)
+        return await single_latencies(stub, singles)
 
 
 # -- report ---------------------------------------------------------------------

@@ -253,6 +253,7 @@ def start_deployment(args: argparse.Namespace) -> tuple[bench.Deployment, str]:
     worker = [*cli, "worker", *redis_flag, "--devices", args.devices]
     worker += ["--model", args.model] if args.model else []
     server = [*cli, "server", *redis_flag, "--port", str(port), "--http-port", str(http_port)]
+    server += ["--near-cache-mb", "0"]  # fresh() deletes texts from Redis: see Deployment
     procs = {"worker": subprocess.Popen(worker), "server": subprocess.Popen(server)}
     deployment = bench.Deployment(f"127.0.0.1:{port}", redis_server.url, procs, redis_server)
     try:

@@ -562,7 +562,9 @@ async def plumbing(args: argparse.Namespace, base: list[str], cluster: bool = Fa
     try:
         argv = bench_worker_argv("bench-zero", args)
         url = local.url if local else None
-        deployment = Deployment.launch([argv] * args.plumbing_workers, redis_url=url)
+        # The servers' own near cache: these texts are new, never flushed (see fresh()).
+        workers = [argv] * args.plumbing_workers
+        deployment = Deployment.launch(workers, redis_url=url, near_cache_mb=None)
         try:
             nodes = local.clients() if local else [_redis(deployment.redis_url)]
             out = await plumbing_measure(deployment.target, nodes, base, args.plumbing_texts)
@@ -810,7 +812,7 @@ async def scaling(args: argparse.Namespace, base: list[str]) -> dict:
 
     workers, servers = _ints(args.scaling_workers), _ints(args.scaling_servers)
     argv = bench_worker_argv("bench-sim", args)
-    deployment = Deployment.launch([argv], servers=max(servers))
+    deployment = Deployment.launch([argv], servers=max(servers), near_cache_mb=None)
     points, source = [], UniqueTexts(base)
     try:
         for count in workers:
