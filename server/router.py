@@ -19,7 +19,7 @@ from pathlib import PurePath
 import grpc
 import numpy as np
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from embedq import __version__
 from embedq.keys import RETRY_AFTER_MS_KEY, Keys, text_sha256
@@ -154,8 +154,8 @@ async def send_all(responses: AsyncIterator, context: grpc.aio.ServicerContext) 
         async for response in responses:
             try:
                 await context.write(response)
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, EncodeError, TypeError):
+                raise  # cancelled here, or a response that cannot be serialized: a bug
             except Exception as failed:  # noqa: BLE001 - grpc's ExecuteBatchError, private
                 log.info(
                     "stream ended by its caller before a response could be sent (%s)",

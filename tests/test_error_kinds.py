@@ -217,3 +217,51 @@ def test_the_http_fronts_abort_raises_its_status_through(caplog):
         asyncio.run(handler(b"", HttpContext("test")))
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "caller left" not in caplog.text
+
+
+class _Writer:
+    """The part of grpc.aio.ServicerContext that `send_all` uses: writes that succeed until
+    the call is over, then fail as gRPC's do (privately typed), or with `error`."""
+
+    def __init__(self, fail_after: int, error: Exception) -> None:
+        self.fail_after, self.error, self.written = fail_after, error, []
+
+    async def write(self, response) -> None:
+        if len(self.written) == self.fail_after:
+            raise self.error
+        self.written.append(response)
+
+
+async def _responses(count: int, closed: list[bool]):
+    try:
+        for i in range(count):
+            yield i
+    finally:
+        closed.append(True)
+
+
+def test_a_stream_write_that_fails_because_the_call_is_over_ends_it_quietly(caplog):
+    """A stream whose caller left with answers unsent: cancelled with one INFO line (gRPC logs
+    a failed send of a generator's response as an ERROR with a traceback), and the answers'
+    generator is closed at once (it cancels the work still in flight)."""
+    import asyncio
+
+    from embedq.server.router import send_all
+
+    writer, closed = _Writer(2, RuntimeError('Failed "execute_batch"')), []
+    with caplog.at_level("INFO"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(send_all(_responses(5, closed), writer))
+    assert writer.written == [0, 1] and closed == [True]
+    assert "stream ended by its caller before a response could be sent" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_a_stream_response_that_cannot_be_sent_is_a_bug_not_a_caller_gone():
+    import asyncio
+
+    from embedq.server.router import send_all
+
+    writer, closed = _Writer(0, TypeError("not a message")), []
+    with pytest.raises(TypeError):
+        asyncio.run(send_all(_responses(3, closed), writer))
+    assert closed == [True]
