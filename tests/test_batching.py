@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from embedq.workers.backends.packing import pack, pack_rows
 from embedq.workers.batching import (
+    FRESH_JOB_MS,
     LINGER_CAP_S,
     ReaderWait,
     RecentPeak,
     linger_s,
+    needs_cancel_check,
     padded_tokens,
     plan_batches,
     reader_wait,
@@ -185,3 +187,16 @@ def test_the_reader_blocks_only_with_nothing_pending_and_polls_a_slow_linger_oft
     assert wait(True, idle=True, linger=0.002) == ReaderWait(None, 0.0005)
     # A fast model's short linger: sleep the rest of it, taking several jobs per read.
     assert wait(True, idle=True, linger=0.0015) == ReaderWait(None, 0.0015)
+
+
+def test_a_fresh_read_for_an_idle_model_skips_the_cancel_check():
+    """Jobs queued a moment ago (the entry id's ms) and run at once: no round trip to ask
+    whether their callers left. Jobs that waited, or that wait behind a busy model: asked."""
+    now = 1_733_500_000_000.0
+    fresh = [f"{int(now) - 3}-0".encode(), f"{int(now) - 1}-5".encode()]
+    assert not needs_cancel_check(fresh, now, model_idle=True)
+    assert needs_cancel_check(fresh, now, model_idle=False)
+    waited = [*fresh, f"{int(now) - FRESH_JOB_MS}-0".encode()]
+    assert needs_cancel_check(waited, now, model_idle=True)
+    assert needs_cancel_check(["not-an-id"], now, model_idle=True)
+    assert not needs_cancel_check([f"{int(now)}-0"], now, model_idle=True)  # str ids too

@@ -121,6 +121,39 @@ def reader_wait(
     return ReaderWait(None, linger_left_s)
 
 
+# Jobs queued less than this long ago (ms), read while the model is idle, are encoded without
+# asking Redis whether their callers left (see needs_cancel_check).
+FRESH_JOB_MS = 50
+
+
+def needs_cancel_check(
+    entry_ids: Sequence[bytes | str],
+    now_ms: float,
+    model_idle: bool,
+    fresh_ms: float = FRESH_JOB_MS,
+) -> bool:
+    """Whether to ask Redis which items of a read their callers gave up on (a round trip).
+
+    A caller that leaves within a few ms of queueing its job is rare, and an idle model runs a
+    fresh read at once: encoding such an item now costs less than the round trip every lone
+    request would pay on its path (measured: ~0.2 ms of a single text's ~14 ms on a 2-core
+    CPU). Jobs that waited (a backlog, a burst: when callers give up), or that will wait behind
+    a busy model's pass, are checked. An entry id carries its queueing time (Redis's clock,
+    ms); one that does not parse is checked.
+    """
+    if not model_idle:
+        return True
+    try:
+        return any(now_ms - _entry_ms(entry_id) >= fresh_ms for entry_id in entry_ids)
+    except ValueError:
+        return True
+
+
+def _entry_ms(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
+
+
 class RecentPeak:
     """The largest value recorded in the last `window_s` seconds (0 when none)."""
 

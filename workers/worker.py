@@ -56,7 +56,7 @@ from embedq.settings import WorkerSettings
 
 from . import metrics
 from .backends import PooledEncoder
-from .batching import RecentPeak, linger_s, reader_wait
+from .batching import RecentPeak, linger_s, needs_cancel_check, reader_wait
 from .pipeline import BatchLimits, Outcome, Prepared, Pretokenized, iter_steps, prepare, pretokenize
 from .prompts import read_prompts
 
@@ -461,7 +461,8 @@ class Worker:
                     self._reset_idle_backlog(keys=keys)
                 return None
             read = self._decode(entries)
-            self._drop_cancelled(read.jobs)
+            if needs_cancel_check(read.entry_ids, time.time() * 1000, self._model_idle.is_set()):
+                self._drop_cancelled(read.jobs)
             self._pretokenize(read)
             if not read.jobs:
                 return None
