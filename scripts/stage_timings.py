@@ -268,18 +268,31 @@ def worker_split(events, start: float, end: float) -> dict[str, float | None]:
     return out
 
 
-# The chain of one gap between two passes (waiting consumers): (label, tag, edge) in order,
-# each the first such span edge after the previous one's.
+# The chain of one gap between two passes (waiting consumers), in order: (label, tag, edge,
+# until). Each step is the first `edge` ("start" or "end") of a `tag` span that starts after
+# the previous step, or for "last" the last end of one before `until` (the first start of that
+# tag after the previous step; None: the next pass).
 GAP_CHAIN = [
-    ("pass ends → its results are written", "write", "end"),
-    ("→ the server has read the reply", "reply", "end"),
-    ("→ the last answer is built", "rpc", "last-end"),
-    ("→ the client has the first answer", "got", "start"),
-    ("→ the client sends the first new text", "ask", "start"),
-    ("→ the first new message is looked up", "lookup", "start"),
-    ("→ the last new message is queued", "flush", "last-end"),
-    ("→ the next pass starts", "forward", "start"),
+    ("pass ends → its results are written", "write", "end", None),
+    ("→ the server has read the reply", "reply", "end", None),
+    ("→ the last answer is built", "rpc", "last", "lookup"),
+    ("→ the client has the first answer", "got", "start", None),
+    ("→ the client sends the first new text", "ask", "start", None),
+    ("→ the first new message is looked up", "lookup", "start", None),
+    ("→ the last new message is queued", "flush", "last", None),
+    ("→ the next pass starts", "forward", "start", None),
 ]
+
+
+def _chain_step(spans, tag: str, edge: str, until: str | None, at: float, next_pass: float):
+    """When one GAP_CHAIN step happened after `at` (None: not before the next pass)."""
+    if edge == "last":
+        bound = min((a for a, _b in spans.get(until, []) if a >= at), default=next_pass)
+        ends = [b for _a, b in spans.get(tag, []) if at <= b <= min(bound, next_pass)]
+        return max(ends, default=None)
+    index = 1 if edge == "end" else 0
+    found = min((span[index] for span in spans.get(tag, []) if span[0] >= at), default=None)
+    return found if found is not None and found <= next_pass else None
 
 
 def gap_split(events, start: float, end: float) -> list[tuple[str, float]]:
@@ -287,25 +300,12 @@ def gap_split(events, start: float, end: float) -> list[tuple[str, float]]:
     pass's end to the next's start through the writer, the server and the consumers."""
     spans = _spans(events, start, end)
     passes = sorted(spans.get("forward", []))
-    rows: dict[str, list[float]] = {label: [] for label, _tag, _edge in GAP_CHAIN}
+    rows: dict[str, list[float]] = {label: [] for label, *_rest in GAP_CHAIN}
     for earlier, later in itertools.pairwise(passes):
         at, steps = earlier[1], []
-        for label, tag, edge in GAP_CHAIN:
-            if tag == "forward":
-                found = later[0]
-            elif edge == "last-end" and tag == "rpc":  # answers built before any new lookup
-                lookups = [a for a, _b in spans.get("lookup", []) if a >= at]
-                until = min(lookups, default=later[0])
-                ends = [b for _a, b in spans.get(tag, []) if at <= b <= until]
-                found = max(ends) if ends else None
-            elif edge == "last-end":
-                ends = [b for _a, b in spans.get(tag, []) if at <= b <= later[0]]
-                found = max(ends) if ends else None
-            else:
-                index = 1 if edge == "end" else 0
-                edges = [span[index] for span in spans.get(tag, []) if span[0] >= at]
-                found = min(edges) if edges else None
-            if found is None or found > later[0]:
+        for label, tag, edge, until in GAP_CHAIN:
+            found = _chain_step(spans, tag, edge, until, at, later[0])
+            if found is None:
                 break
             steps.append((label, (found - at) * 1000))
             at = found
