@@ -532,9 +532,7 @@ def test_texts_tokenized_ahead_are_not_tokenized_again(tiny_encoder):
     prepared = prepare([*early, late], counting, known=known)
     assert counting.tokenized[3:] == ["a new text"]
     steps = iter_steps([*early, late], counting, keys, prepared=prepared)
-    merged = Outcome()
-    for step in steps:
-        merged.merge(step.outcome)
+    merged = Outcome.combined([step.outcome for step in steps])
     expected = run_jobs([*early, late], tiny_encoder, keys)
     for reply_to, reply in expected.replies.items():
         assert rows(merged.replies[reply_to]).keys() == rows(reply).keys()

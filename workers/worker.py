@@ -146,11 +146,16 @@ class Write:
     outcome: Outcome
     entry_ids: list[bytes] = field(default_factory=list)
     texts_done: int = 0
+    # Outcomes absorbed after the first: combined once, when written.
+    later: list[Outcome] = field(default_factory=list)
 
     def absorb(self, other: Write) -> None:
-        self.outcome.merge(other.outcome)
+        self.later += [other.outcome, *other.later]
         self.entry_ids.extend(other.entry_ids)
         self.texts_done += other.texts_done
+
+    def results(self) -> Outcome:
+        return Outcome.combined([self.outcome, *self.later])
 
 
 class Backoff:
@@ -722,9 +727,9 @@ class Worker:
             commands.append(
                 _xadd(self.keys.dead_letters(self.name), dead_letter, DEAD_LETTER_MAXLEN)
             )
-        ttl = self.settings.cache_ttl_s
-        commands += [("SET", key, value, "EX", ttl) for key, value in write.outcome.cache.items()]
-        for reply_to, reply in write.outcome.replies.items():
+        ttl, outcome = self.settings.cache_ttl_s, write.results()
+        commands += [("SET", key, value, "EX", ttl) for key, value in outcome.cache.items()]
+        for reply_to, reply in outcome.replies.items():
             commands.append(_xadd(reply_to, encode_message(reply), REPLY_MAXLEN))
             commands.append(("EXPIRE", reply_to, REPLY_TTL_S))
         if write.entry_ids:

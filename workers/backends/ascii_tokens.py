@@ -33,10 +33,11 @@ full pipeline on probe texts before it is used.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # Normalizers that map every ASCII character independently of its neighbours (the
@@ -144,32 +145,33 @@ class AsciiShortcut:
         """Ids without special tokens of normalized ASCII texts."""
         if self._split is None:
             return [encoding.ids for encoding in self._encode(plain, add_special_tokens=False)]
-        split = [self._split(text) for text in plain]
-        ids_of = self._word_ids({word for words in split for word in words})
-        return [[i for word in words for i in ids_of[word]] for words in split]
-
-    def _word_ids(self, words: set[str]) -> dict[str, list[int]]:
-        """Each word's ids: known ones looked up, new ones by the Rust model (one call).
-        A local result, so that another thread starting the table over does no harm."""
-        known, found, new = self._known, {}, []
-        for word in words:
-            ids = known.get(word)
-            if ids is None:
-                new.append(word)
-            else:
-                found[word] = ids
+        split = list(map(self._split, plain))
+        # _keep replaces a full table instead of emptying it, so this one stays whole while
+        # another thread starts over.
+        ids_of: Mapping[str, list[int]] = self._known
+        new = {word for words in split for word in words if word not in ids_of}
         if new:
-            encodings = self._encode(new, add_special_tokens=False)
-            learnt = {word: encoding.ids for word, encoding in zip(new, encodings, strict=True)}
-            found.update(learnt)
-            self._keep(learnt)
-        return found
+            ids_of = self._learn(new, ids_of)
+        get = ids_of.__getitem__
+        return [list(itertools.chain.from_iterable(map(get, words))) for words in split]
+
+    def _learn(self, words: set[str], table: dict[str, list[int]]) -> Mapping[str, list[int]]:
+        """`table` and the ids of `words` (new to it) from the Rust model, in one call; they
+        are kept in the shared table too, within its budget."""
+        new = list(words)
+        encodings = self._encode(new, add_special_tokens=False)
+        learnt = {word: encoding.ids for word, encoding in zip(new, encodings, strict=True)}
+        self._keep(learnt)
+        if all(word in table for word in new):
+            return table  # the usual case: _keep put them in it
+        # Some were not kept (too long) or the table started over: both, looked up slower.
+        return collections.ChainMap(learnt, table)
 
     def _keep(self, learnt: dict[str, list[int]]) -> None:
         kept = {word: ids for word, ids in learnt.items() if len(word) <= KNOWN_WORD_CHARS}
         size = sum(len(word) + 36 * len(ids) + 150 for word, ids in kept.items())
         if self._known_bytes + size > KNOWN_BYTES:
-            self._known.clear()
+            self._known = {}
             self._known_bytes = 0
         if size <= KNOWN_BYTES:
             self._known.update(kept)
