@@ -482,6 +482,35 @@ def rows(reply: queue_pb2.Reply) -> dict[int, np.ndarray]:
     return dict(zip(reply.tickets, matrix, strict=True))
 
 
+def test_outcomes_combine_in_order_once() -> None:
+    """What a writer that fell behind sends in one round trip: each reply stream's tickets
+    and rows in step order, every cache entry, failures and counts; one outcome as is."""
+
+    def outcome(reply_to: str, tickets: list[int], fill: float, encoded: int) -> Outcome:
+        out = Outcome(texts_encoded=encoded)
+        reply = out.reply(reply_to)
+        reply.tickets.extend(tickets)
+        reply.dimension = 2
+        reply.vectors = np.full((len(tickets), 2), fill, "<f4").tobytes()
+        out.cache[f"{reply_to}:{fill}"] = b"x"
+        return out
+
+    first, second, third = (
+        outcome("a", [1, 2], 1, 2),
+        outcome("b", [7], 2, 1),
+        outcome("a", [3], 3, 1),
+    )
+    third.fail(job([], "a"), 9, ErrorKind.DEADLINE, "late")
+    combined = Outcome.combined([first, second, third])
+    assert list(combined.replies) == ["a", "b"]
+    a = combined.replies["a"]
+    assert list(a.tickets) == [1, 2, 3] and [f.ticket for f in a.failures] == [9]
+    assert {t: v.tolist() for t, v in rows(a).items()} == {1: [1, 1], 2: [1, 1], 3: [3, 3]}
+    assert rows(combined.replies["b"])[7].tolist() == [2, 2]
+    assert set(combined.cache) == {"a:1", "b:2", "a:3"} and combined.texts_encoded == 4
+    assert Outcome.combined([first]) is first and Outcome.combined([]).empty
+
+
 class CountingEncoder:
     """Delegates to an encoder, counting the texts it runs through the model."""
 
