@@ -76,7 +76,7 @@ def test_plumbing_and_scaling(tmp_path: Path) -> None:
         *("--scenario", "plumbing", "--scenario", "scaling", "--redis-cluster"),
         *("--plumbing-texts", "600", "--scaling-workers", "1,2", "--scaling-servers", "1"),
         *("--scaling-seconds", "1"),
-        *("--sim-forward-ms", "2"),
+        *("--sim-forward-ms", "2", "--reps", "2"),
     )
     check_machine(result)
     assert result["roofline"] is None and "throughput_texts_per_s" not in result
@@ -87,6 +87,11 @@ def test_plumbing_and_scaling(tmp_path: Path) -> None:
             assert got["texts_per_s"] > 0 and got["commands_per_text"] >= 0
             assert {"bytes_in_per_text", "bytes_out_per_text", "by_command"} <= set(got)
         assert plumbing["waiting_streams_64"]["texts_per_s"] > 0
+        # Each phase is the median of --reps runs (of two, the slower), every run beside it.
+        for phase in ("uncached_batches_256", "cached_batches_256", "waiting_streams_64"):
+            runs = plumbing[phase]["runs"]
+            assert len(runs) == plumbing["reps"] == 2
+            assert plumbing[phase]["texts_per_s"] == min(runs)
     assert result["load"]["plumbing"]["waiting_streams_64_grpc_floor"]["texts_per_s"] > 0
     assert result["load"]["plumbing"]["cached_batches_256_grpc_floor"]["texts_per_s"] > 0
     assert result["load"]["plumbing-cluster"]["redis"] == "cluster"
