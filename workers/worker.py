@@ -143,19 +143,15 @@ class HeldEntries:
 class Write:
     """Results to write and the entries they finish (acknowledged with them)."""
 
-    outcome: Outcome
+    # Steps' outcomes, combined once when written (Outcome.combined).
+    outcomes: list[Outcome]
     entry_ids: list[bytes] = field(default_factory=list)
     texts_done: int = 0
-    # Outcomes absorbed after the first: combined once, when written.
-    later: list[Outcome] = field(default_factory=list)
 
     def absorb(self, other: Write) -> None:
-        self.later += [other.outcome, *other.later]
+        self.outcomes += other.outcomes
         self.entry_ids.extend(other.entry_ids)
         self.texts_done += other.texts_done
-
-    def results(self) -> Outcome:
-        return Outcome.combined([self.outcome, *self.later])
 
 
 class Backoff:
@@ -587,7 +583,7 @@ class Worker:
         message = f"job failed on {self.settings.max_deliveries} deliveries and was dead-lettered"
         for item in job.items:
             outcome.fail(job, item.ticket, ErrorKind.INTERNAL, message)
-        self._write(Write(outcome, [entry_id], len(job.items)), dead_letter=fields)
+        self._write(Write([outcome], [entry_id], len(job.items)), dead_letter=fields)
         metrics.dead_lettered()
 
     def _decode(self, entries: list[Entry]) -> Read:
@@ -598,7 +594,7 @@ class Worker:
             except (KeyError, DecodeError):
                 # Nobody can be answered for bytes we cannot read; keep them for a human.
                 log.error("malformed job %s dead-lettered", entry_id)
-                self._write(Write(Outcome(), [entry_id]), dead_letter=fields)
+                self._write(Write([], [entry_id]), dead_letter=fields)
                 metrics.dead_lettered()
                 continue
             read.jobs.append(job)
@@ -647,7 +643,7 @@ class Worker:
             self._progress_at = time.monotonic()
             entry_ids = [read.entry_ids[i] for i in step.finished_jobs]
             done = sum(read.sizes[i] for i in step.finished_jobs)
-            self._writes.put(Write(step.outcome, entry_ids, done))
+            self._writes.put(Write([step.outcome], entry_ids, done))
         ended = time.perf_counter()
         busy = ended - begun
         saturated = begun - self._last_read_end < SATURATED_GAP_S
@@ -727,7 +723,7 @@ class Worker:
             commands.append(
                 _xadd(self.keys.dead_letters(self.name), dead_letter, DEAD_LETTER_MAXLEN)
             )
-        ttl, outcome = self.settings.cache_ttl_s, write.results()
+        ttl, outcome = self.settings.cache_ttl_s, Outcome.combined(write.outcomes)
         commands += [("SET", key, value, "EX", ttl) for key, value in outcome.cache.items()]
         for reply_to, reply in outcome.replies.items():
             commands.append(_xadd(reply_to, encode_message(reply), REPLY_MAXLEN))
