@@ -93,7 +93,9 @@ def run_server_role(events_path: str, argv: list[str]) -> int:
 
     _probe(EmbedderService, "Encode", "rpc")
     _probe(EmbedderService, "_answer_encode", "rpc")
-    _probe(Dispatcher, "_lookup", "lookup")
+    # The look-up, whichever way it went (one round trip with the enqueue, or MGET alone);
+    # code before the one-trip flush (--pythonpath) has only _lookup.
+    _probe(Dispatcher, "_look_up" if hasattr(Dispatcher, "_look_up") else "_lookup", "lookup")
     _probe(Dispatcher, "_flush", "flush")
     _probe(Dispatcher, "_on_reply", "reply")
     _dump_on_exit(events_path)
@@ -206,8 +208,8 @@ def _by_window(events: list[tuple[float, str]], windows: list[tuple[float, float
 STAGES = [
     ("client → server handler", "client", "rpc:start"),
     ("handler → cache look-up sent", "rpc:start", "lookup:start"),
-    ("cache look-up (MGET round trip)", "lookup:start", "lookup:end"),
-    ("enqueue (XADD round trip)", "lookup:end", "flush:end"),
+    ("cache look-up (MGET, or one trip with the enqueue)", "lookup:start", "lookup:end"),
+    ("enqueue (XADD round trip, if a second one)", "lookup:end", "flush:end"),
     ("XADD → worker read returns", "flush:end", "read:end"),
     # The cancel check (SMISMEMBER) runs in between only for jobs that waited, or a busy model.
     ("read → tokenize done", "read:end", "tokenize:end"),

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from embedq import streams
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import (
+    PAYLOAD_FIELD,
     REPLY_TTL_S,
     Keys,
     decode_reply,
@@ -46,7 +47,7 @@ from embedq.keys import (
 )
 from embedq.settings import ServerSettings, setting_field
 
-from . import metrics
+from . import metrics, one_trip
 from .errors import RequestError, deadline, error_of_failure, overloaded, unavailable
 from .nearcache import NearCache
 from .registry import ServedModel
@@ -72,6 +73,16 @@ KEEPALIVE_S = 5.0
 # Reply listener: first retry after a Redis error, doubling up to the cap (s).
 LISTEN_BACKOFF_S = (0.05, 1.0)
 LOST_WORK = "redis restarted and lost the queued work; retry"
+# One round trip for look-up and enqueue (one_trip.py) while at least this share of recent
+# look-ups found none of their texts cached (else flushes would mostly be routed twice), for
+# flushes of at most this many texts.
+ONE_TRIP_ALL_NEW_SHARE = 0.5
+ONE_TRIP_TEXTS = 256
+# Weight of the latest look-up in that share (an exponential average).
+ALL_NEW_WEIGHT = 0.2
+# A Redis that refused the script (scripting disabled, not allowed, out of memory...) is
+# asked again after this long; meanwhile flushes take two round trips (s).
+ONE_TRIP_PAUSE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -256,16 +267,22 @@ def _unsent(writes: Writes | None) -> list[Call]:
     return writes.calls if writes is not None and not writes.sent else []
 
 
+def admit_limit(capacity: float, new: int, seconds_left: float) -> float:
+    """The most texts that may be queued ahead of `new` ones for them to be encoded within
+    `seconds_left` at `capacity` texts/s (inf: capacity not measured, admit)."""
+    if capacity <= 0:
+        return math.inf
+    return capacity * seconds_left * ADMIT_SHARE - new
+
+
 def late_refusal(
     model: str, capacity: float, queued: int, new: int, seconds_left: float
 ) -> RequestError | None:
     """RESOURCE_EXHAUSTED when `new` texts behind `queued` ones cannot be encoded
     within `seconds_left` at `capacity` texts/s (0: not measured, admit)."""
-    if capacity <= 0:
+    if queued <= admit_limit(capacity, new, seconds_left):
         return None
     budget = seconds_left * ADMIT_SHARE
-    if (queued + new) / capacity <= budget:
-        return None
     if new / capacity > budget:
         return overloaded(
             f"{new} new texts need about {new / capacity:.1f}s at model {model!r}'s measured "
@@ -323,6 +340,13 @@ class Dispatcher:
         self._reply_written = 0  # seq of the last completed flush, reply marker
         self.reply_marker = keys.reply_marker(self.reply_key)
         self._throttled = Throttled(log)
+        # One-trip flushes (one_trip.py): the last queue lengths read per model, the
+        # recent share of look-ups that found nothing cached, and when the script may run.
+        self.one_trip_texts = ONE_TRIP_TEXTS  # 0: always two round trips
+        self._one_trip_script = redis.register_script(one_trip.SCRIPT)
+        self._one_trip_after = 0.0  # time.monotonic() before which it is not used
+        self._last_load: dict[str, ModelLoad] = {}
+        self._all_new_share = 1.0
 
     # -- public API -----------------------------------------------------------
 
@@ -505,7 +529,10 @@ class Dispatcher:
             if call.kind == ENCODE and call.hashes is None:
                 call.hashes = [text_sha256(text) for text in call.texts]
         if calls:
-            cached, load = await self._lookup(calls, ahead)
+            found = await self._look_up(calls, refills, ahead, seq)
+            if found is None:
+                return None  # all new: looked up and queued in one round trip
+            cached, load = found
         else:
             cached, load = {}, {}
             if ahead is not None:
@@ -627,7 +654,17 @@ class Dispatcher:
             call.fail(refusal)
             self._forget(call)
             return
-        load[call.variant.model.name].admitted += len(new)
+        self._admit(call, misses, len(new), load, jobs)
+
+    def _admit(
+        self,
+        call: Call,
+        misses: list[int],
+        new: int,
+        load: dict[str, ModelLoad],
+        jobs: dict[tuple, queue_pb2.Job],
+    ) -> None:
+        load[call.variant.model.name].admitted += new
         call.unrouted = misses[::-1]
         self._queue_window(call, jobs)
 
@@ -664,16 +701,133 @@ class Dispatcher:
             )
         return late_refusal(model.name, model.capacity, model_load.ahead, new, call.seconds_left())
 
+    async def _look_up(
+        self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int
+    ) -> tuple[dict[int, list[bytes | None]], dict[str, ModelLoad]] | None:
+        """What _lookup returns; None when the calls' texts were all new and went to the
+        workers in the same round trip (one_trip.py)."""
+        fits = self._one_trip_fits(calls, refills, ahead)
+        routed = self._route_as_misses(calls, seq) if fits else None
+        if routed is None:
+            return await self._lookup(calls, ahead)
+        jobs, limits = routed
+        try:
+            reply = await self._one_trip(calls, jobs, limits, seq)
+        except ResponseError as exc:
+            self._unroute(calls, seq)
+            self._one_trip_after = time.monotonic() + ONE_TRIP_PAUSE_S
+            self._throttled.warning(
+                "one-trip",
+                "redis refused the one-trip look-up script (%s; a Redis user needs +evalsha and "
+                "+script|load for it): flushes take two round trips for %.0fs",
+                type(exc).__name__,
+                ONE_TRIP_PAUSE_S,
+            )
+            return await self._lookup(calls, ahead)
+        found = self._digest(calls, self._cache_keys(calls), reply.values, reply.counts)
+        if reply.markers is not None:
+            return None
+        self._unroute(calls, seq)  # some text was cached or the queue grew: route again
+        return found
+
+    def _one_trip_fits(self, calls: list[Call], refills: list[Call], ahead: Writes | None) -> bool:
+        """Whether this flush may try one round trip: nothing else rides with it, recent
+        look-ups mostly found nothing cached, and it is small enough to route twice."""
+        return (
+            ahead is None
+            and not refills
+            and not self._abandoned
+            and not self.cluster
+            and self._all_new_share >= ONE_TRIP_ALL_NEW_SHARE
+            and time.monotonic() >= self._one_trip_after
+            and sum(len(call.texts) for call in calls) <= self.one_trip_texts
+        )
+
+    def _route_as_misses(
+        self, calls: list[Call], seq: int
+    ) -> tuple[dict[tuple, queue_pb2.Job], dict[str, float]] | None:
+        """Route every call of flush `seq` as if none of its texts were cached, admitted
+        against the last queue lengths read; with each model's backlog under which all are
+        still admitted. None, with nothing routed, where a call would be refused or would
+        wait on work queued by an earlier flush (its rows could then be answered while the
+        script runs, and routed again after it)."""
+        load = {name: ModelLoad(last.jobs, last.texts) for name, last in self._last_load.items()}
+        jobs: dict[tuple, queue_pb2.Job] = {}
+        limits: dict[str, float] = {}
+        for call in calls:
+            model = call.variant.model
+            model_load = load.setdefault(model.name, ModelLoad(0, 0))
+            misses = call.hold_repeats(list(range(len(call.texts))))
+            joined = [self._joinable(self._dedupe_key(call, row), call) for row in misses]
+            earlier = any(t is not None and self._tickets[t].seq != seq for t in joined)
+            new = joined.count(None)
+            if earlier or self._refusal(call, len(misses), new, load) is not None:
+                self._unroute(calls, seq)
+                return None
+            limit = admit_limit(model.capacity, new, call.seconds_left()) - model_load.admitted
+            limits[model.name] = min(limits.get(model.name, math.inf), limit)
+            self._admit(call, misses, new, load, jobs)
+        return (jobs, limits) if jobs else None
+
+    def _unroute(self, calls: list[Call], seq: int) -> None:
+        """Undo _route_as_misses: the tickets of flush `seq` dropped, never sent."""
+        for call in calls:
+            for ticket_id in call.tickets:
+                ticket = self._tickets.get(ticket_id)
+                if ticket is not None and ticket.seq == seq:
+                    self._drop_ticket(ticket_id)
+            call.tickets.clear()
+            call.unrouted.clear()
+            call.repeats.clear()
+
+    async def _one_trip(
+        self,
+        calls: list[Call],
+        jobs: dict[tuple, queue_pb2.Job],
+        limits: dict[str, float],
+        seq: int,
+    ) -> one_trip.TripReply:
+        """Look up and, if all missed and all are still admitted, queue `jobs`: one script."""
+        writes = self._writes(seq, jobs, calls)
+        queues = [
+            one_trip.ModelQueue(
+                model, self._keys.jobs(model), self._keys.backlog(model), limits[model]
+            )
+            for model in sorted(limits)
+        ]
+        trip = one_trip.Trip(
+            cache_keys=self._cache_keys(calls),
+            models=queues,
+            max_jobs=self.bounds.max_queued_jobs,
+            jobs=[
+                one_trip.Job(model, len(job.items), job.SerializeToString())
+                for (_kind, model, *_options), job in jobs.items()
+            ],
+            markers=writes.markers,
+            seq=seq,
+            ttl_s=REPLY_TTL_S,
+            field=PAYLOAD_FIELD,
+        )
+        raw = await self._one_trip_script(keys=trip.keys(), args=trip.args())
+        reply = one_trip.TripReply.parse(raw)
+        if reply.markers is not None:
+            self._wrote(writes, reply.markers)
+        return reply
+
+    def _cache_keys(self, calls: list[Call]) -> list[str]:
+        cache_keys: list[str] = []
+        for call in calls:
+            prefix = self._keys.cache_prefix(call.variant.fingerprint)
+            cache_keys += [prefix + sha for sha in call.hashes or ()]
+        return cache_keys
+
     async def _lookup(
         self, calls: list[Call], ahead: Writes | None = None
     ) -> tuple[dict[int, list[bytes | None]], dict[str, ModelLoad]]:
         """The cached values of every text of every call, by id(call) (one MGET),
         and the queued work of each model involved, in one round trip (after the
         writes `ahead`, which then count in that work; never on a cluster: see _flush)."""
-        cache_keys: list[str] = []
-        for call in calls:
-            prefix = self._keys.cache_prefix(call.variant.fingerprint)
-            cache_keys += [prefix + sha for sha in call.hashes or ()]
+        cache_keys = self._cache_keys(calls)
         models = sorted({call.variant.model.name for call in calls})
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
@@ -701,10 +855,19 @@ class Dispatcher:
                 raise refused
             values = results[0] if cache_keys else []
             counts = results[1 if cache_keys else 0 :]
+        return self._digest(calls, cache_keys, values, counts)
+
+    def _digest(
+        self, calls: list[Call], cache_keys: list[str], values: list, counts: list
+    ) -> tuple[dict[int, list[bytes | None]], dict[str, ModelLoad]]:
+        """A look-up's values by id(call), and each model's queued work (`counts`: jobs,
+        then texts, per model in name order); the near cache and statistics fed."""
+        models = sorted({call.variant.model.name for call in calls})
         load = {
             model: ModelLoad(int(jobs), max(0, int(texts or 0)))
             for model, jobs, texts in zip(models, counts[::2], counts[1::2], strict=True)
         }
+        self._last_load.update(load)
         for key, value in zip(cache_keys, values, strict=True):
             if value is not None:
                 self.near_cache.put(key, value)
@@ -716,6 +879,8 @@ class Dispatcher:
                 start += len(call.hashes)
         found = sum(value is not None for value in values)
         metrics.record_cache_lookup(found, len(values))
+        if values:
+            self._all_new_share += ((found == 0) - self._all_new_share) * ALL_NEW_WEIGHT
         return by_call, load
 
     def _wait_for(

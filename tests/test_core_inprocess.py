@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import redis
 import redis.asyncio as aioredis
 from embedq.server.errors import RequestError
 from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
@@ -129,10 +130,12 @@ async def core(
     bounds: QueueBounds | None = None,
     answer=fake_outcome,
     near_cache: NearCache | None = None,
+    server_url: str | None = None,
 ) -> AsyncIterator[Core]:
-    """A Dispatcher and a fake worker on a fresh namespace of the test Redis."""
+    """A Dispatcher and a fake worker on a fresh namespace of the test Redis (the
+    dispatcher's connection through `server_url` when given: say, as another user)."""
     keys = Keys(f"core{uuid.uuid4().hex[:8]}")
-    server_redis = aioredis.Redis.from_url(redis_url)
+    server_redis = aioredis.Redis.from_url(server_url or redis_url)
     worker_redis = aioredis.Redis.from_url(redis_url)
     worker = FakeWorker(worker_redis, keys, answer)
     worker_task = asyncio.create_task(worker.run())
@@ -315,7 +318,9 @@ def test_a_worker_failure_reaches_its_caller_with_its_kind(redis_server):
 
 def _calls_arriving_during_the_first_look_up(c: Core, texts: list[str], later: list) -> None:
     """Make `later` get one encode task per text, started while the dispatcher's first
-    look-up is in flight (they are in its inbox when that flush has routed its calls)."""
+    look-up is in flight (they are in its inbox when that flush has routed its calls).
+    Flushes take two round trips here (look-up, then enqueue): what rides with what."""
+    c.dispatcher.one_trip_texts = 0
     look_up = c.dispatcher._lookup
 
     async def look_up_then_more(calls, ahead=None):
@@ -412,6 +417,98 @@ def test_a_refused_write_fails_its_own_calls_not_the_look_up_it_rode_with(redis_
         await c.redis.delete(c.keys.jobs("other"))
 
     run(redis_server, body)
+
+
+def _count_round_trips(c: Core) -> dict[str, int]:
+    """Count the dispatcher's look-ups (_lookup), lone enqueues (_send) and one-trip scripts."""
+    counts = {"lookup": 0, "send": 0, "one_trip": 0}
+    dispatcher = c.dispatcher
+    for name, attribute in (("lookup", "_lookup"), ("send", "_send"), ("one_trip", "_one_trip")):
+        original = getattr(dispatcher, attribute)
+
+        async def counted(*args, _original=original, _name=name, **kwargs):
+            counts[_name] += 1
+            return await _original(*args, **kwargs)
+
+        setattr(dispatcher, attribute, counted)
+    return counts
+
+
+def test_new_texts_are_looked_up_and_queued_in_one_round_trip(redis_server):
+    async def body(c: Core) -> None:
+        trips = _count_round_trips(c)
+        vectors, cached = await c.dispatcher.encode(c.variant(), ["fresh", "new", "fresh"], 10)
+        assert trips == {"lookup": 0, "send": 0, "one_trip": 1}
+        assert not cached.any() and c.worker.seen == ["fresh", "new"]
+        assert np.array_equal(
+            vectors, np.stack([fake_vector(t) for t in ["fresh", "new", "fresh"]])
+        )
+        # The backlog counter and the markers were written as the two-trip path writes them.
+        model = c.keys.job_marker(MODEL, c.dispatcher.server_id)
+        assert await c.redis.get(model) == await c.redis.get(c.dispatcher.reply_marker) == b"1"
+
+    run(redis_server, body)
+
+
+def test_a_cached_text_sends_the_flush_the_usual_way_from_the_script_s_read(redis_server):
+    """The script finds a text cached: it writes nothing, and the flush routes the misses
+    from what the script read (no second look-up) and queues them in one more round trip."""
+
+    async def body(c: Core) -> None:
+        await c.dispatcher.encode(c.variant(), ["alpha"], 10)  # computed, now cached
+        trips = _count_round_trips(c)
+        vectors, cached = await c.dispatcher.encode(c.variant(), ["alpha", "beta"], 10)
+        assert cached.tolist() == [True, False]
+        assert trips == {"lookup": 0, "send": 1, "one_trip": 1}
+        assert c.worker.seen == ["alpha", "beta"]  # alpha was not queued again
+        assert np.array_equal(vectors, np.stack([fake_vector("alpha"), fake_vector("beta")]))
+        assert not c.dispatcher._tickets and not c.dispatcher._in_flight
+
+    run(redis_server, body)
+
+
+def test_the_script_admits_against_the_queue_it_reads_not_the_last_one_known(redis_server):
+    """The dispatcher last saw an empty queue; another server has since queued 100 texts.
+    At a measured 10 texts/s with 1 s left, the script must not queue the text, and the call
+    is refused as the two-trip path refuses it."""
+
+    async def body(c: Core) -> None:
+        await c.redis.set(c.keys.backlog(MODEL), 100)
+        with pytest.raises(RequestError) as caught:
+            await c.dispatcher.encode(c.variant(capacity=10.0), ["late"], 1.0)
+        assert caught.value.kind is ErrorKind.OVERLOADED
+        assert caught.value.retry_after_ms and "100 texts queued" in caught.value.message
+        assert c.worker.seen == [] and await c.redis.xlen(c.keys.jobs(MODEL)) == 0
+        await c.redis.delete(c.keys.backlog(MODEL))
+
+    run(redis_server, body)
+
+
+def test_a_redis_user_without_scripting_gets_two_round_trips(redis_server):
+    """A least-privilege ACL user without EVALSHA: the script is refused (NOPERM), once,
+    and every flush looks up and queues in two round trips, with the same answers."""
+    admin = redis.Redis.from_url(redis_server.url)
+    user, password = f"noscript-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all", "-@scripting"
+    )
+    host = redis_server.url.split("://", 1)[1]
+
+    async def body(c: Core) -> None:
+        trips = _count_round_trips(c)
+        vectors, _cached = await c.dispatcher.encode(c.variant(), ["one"], 10)
+        vectors_two, _cached = await c.dispatcher.encode(c.variant(), ["two"], 10)
+        assert np.array_equal(vectors[0], fake_vector("one"))
+        assert np.array_equal(vectors_two[0], fake_vector("two"))
+        # Tried once, then paused: each flush looked up and queued in two round trips.
+        assert trips == {"lookup": 2, "send": 2, "one_trip": 1}
+        assert c.worker.seen == ["one", "two"] and not c.dispatcher._tickets
+
+    try:
+        run(redis_server, body, server_url=f"redis://{user}:{password}@{host}")
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
 
 
 # -- ModelRegistry ---------------------------------------------------------------------
