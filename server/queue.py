@@ -711,8 +711,9 @@ class Dispatcher:
         if routed is None:
             return await self._lookup(calls, ahead)
         jobs, limits = routed
+        cache_keys = self._cache_keys(calls)
         try:
-            reply = await self._one_trip(calls, jobs, limits, seq)
+            reply = await self._one_trip(calls, cache_keys, jobs, limits, seq)
         except ResponseError as exc:
             self._unroute(calls, seq)
             self._one_trip_after = time.monotonic() + ONE_TRIP_PAUSE_S
@@ -724,7 +725,7 @@ class Dispatcher:
                 ONE_TRIP_PAUSE_S,
             )
             return await self._lookup(calls, ahead)
-        found = self._digest(calls, self._cache_keys(calls), reply.values, reply.counts)
+        found = self._digest(calls, cache_keys, reply.values, reply.counts)
         if reply.markers is not None:
             return None
         self._unroute(calls, seq)  # some text was cached or the queue grew: route again
@@ -783,6 +784,7 @@ class Dispatcher:
     async def _one_trip(
         self,
         calls: list[Call],
+        cache_keys: list[str],
         jobs: dict[tuple, queue_pb2.Job],
         limits: dict[str, float],
         seq: int,
@@ -796,7 +798,7 @@ class Dispatcher:
             for model in sorted(limits)
         ]
         trip = one_trip.Trip(
-            cache_keys=self._cache_keys(calls),
+            cache_keys=cache_keys,
             models=queues,
             max_jobs=self.bounds.max_queued_jobs,
             jobs=[
