@@ -648,13 +648,17 @@ class Dispatcher:
         if not misses:
             return
         misses = call.hold_repeats(misses)
-        new = [row for row in misses if self._joinable(self._dedupe_key(call, row), call) is None]
-        refusal = self._refusal(call, len(misses), len(new), load)
+        new = self._joined(call, misses).count(None)
+        refusal = self._refusal(call, len(misses), new, load)
         if refusal is not None:
             call.fail(refusal)
             self._forget(call)
             return
-        self._admit(call, misses, len(new), load, jobs)
+        self._admit(call, misses, new, load, jobs)
+
+    def _joined(self, call: Call, rows: list[int]) -> list[int | None]:
+        """Per row, the in-flight ticket it would wait on (None: it needs a new one)."""
+        return [self._joinable(self._dedupe_key(call, row), call) for row in rows]
 
     def _admit(
         self,
@@ -759,7 +763,7 @@ class Dispatcher:
             model = call.variant.model
             model_load = load.setdefault(model.name, ModelLoad(0, 0))
             misses = call.hold_repeats(list(range(len(call.texts))))
-            joined = [self._joinable(self._dedupe_key(call, row), call) for row in misses]
+            joined = self._joined(call, misses)
             earlier = any(t is not None and self._tickets[t].seq != seq for t in joined)
             new = joined.count(None)
             if earlier or self._refusal(call, len(misses), new, load) is not None:
