@@ -51,6 +51,11 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
     assert {"R", "S1", "S2", "S3"} <= set(throughput)
     assert throughput["R"]["paired_ratio_to_R"] == 1.0
     assert all(throughput[name]["paired_ratio_to_R"] > 0 for name in ("S1", "S2", "S3"))
+    latency = result["latency_ms"]
+    assert {"R single", "uncached single", "cached single", "cached single, near cache"} <= set(
+        latency
+    )
+    assert "p50" in latency["uncached − R single, same text"]  # per text, R alternating
     roof = result["roofline"]
     assert roof["peak_gflops"] > 0 and roof["flops_per_token"] > 0
     assert {"gflops", "percent_of_peak"} <= set(roof["S1"]) and "formula" in roof

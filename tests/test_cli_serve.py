@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import Service, log_tail, stop_process, wait_healthy
 from embedq.apps.embedded import free_port
-from embedq.workers.cli import parse_devices
+from embedq.workers.cli import OPENMP_SPIN_COUNT, limit_openmp_spin, parse_devices
 from helpers_tiny_model import TINY_TEXTS, write_tiny_bert
 
 from embedq.v1 import embedq_pb2 as pb
@@ -82,6 +82,44 @@ def test_parse_devices():
     assert parse_devices("cuda:3") == ["cuda:3"]
     with pytest.raises(Exception, match="bad device"):
         parse_devices("gpu-zero")
+
+
+def test_openmp_spin_is_shortened_unless_the_user_chose():
+    environ: dict[str, str] = {}
+    assert limit_openmp_spin(environ, loaded={})
+    assert environ == {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+    for chosen in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        environ = dict(chosen)
+        assert not limit_openmp_spin(environ, loaded={})
+        assert environ == chosen
+    environ = {}  # too late once torch (and libgomp with it) is loaded
+    assert not limit_openmp_spin(environ, loaded={"torch": object()})
+    assert environ == {}
+
+
+# A worker command whose device lookup reports what OpenMP would read and stops there.
+_SPIN_PROBE = """
+import os, sys
+import embedq.workers.cli as cli
+def report(spec):
+    print(os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules)
+    raise SystemExit(0)
+cli.parse_devices = report
+from embedq.cli import main
+main(["worker", "--redis-url", "redis://127.0.0.1:1", "--devices", "auto"])
+"""
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [(None, OPENMP_SPIN_COUNT), ("5000", "5000")])
+def test_the_worker_command_sets_the_spin_before_torch_loads(chosen, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if chosen:
+        env["GOMP_SPINCOUNT"] = chosen
+    result = subprocess.run(
+        [sys.executable, "-c", _SPIN_PROBE], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [expected, "False"]
 
 
 def _port_open(port: int) -> bool:
