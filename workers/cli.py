@@ -34,7 +34,7 @@ __all__ = [
 # measured on an AMD EPYC. A worker shares its machine with the server, Redis and the
 # callers, and in the gap between two passes for waiting consumers that spin takes a core
 # from the very processes that carry the answers out and the next texts in (16 waiting
-# streams, 2 cores: 0.75 -> 0.82 x R, docs/benchmarks.md). 20,000 iterations (about 1 ms)
+# streams on 2 cores: about 6 % more texts/s, docs/benchmarks.md). 20,000 iterations (~1 ms)
 # still spans the gaps between one pass's own operations (2,000 made a one-text pass ~8 ms
 # slower: its threads slept and woke per operation).
 OPENMP_SPIN_COUNT = "20000"
