@@ -27,6 +27,7 @@ import asyncio
 import csv
 import functools
 import json
+import math
 import os
 import random
 import statistics
@@ -359,8 +360,9 @@ async def run_all(
             started = time.perf_counter()
             await encode_batches(stub, batch)  # every text cached by S2 just now
             results.throughput["S3"].append(len(texts) / (time.perf_counter() - started))
-        singles = deployment.fresh(texts[:SINGLES], 999)
-        reference, uncached = await interleaved_singles(model, stub, texts[:SINGLES], singles)
+        originals = texts[:SINGLES]
+        singles = deployment.fresh(originals, 999)
+        reference, uncached = await interleaved_singles(model, stub, originals, singles)
         results.latency_ms["R single"] = reference
         results.latency_ms["uncached single"] = uncached
         pairs = zip(uncached, reference, strict=True)
@@ -375,10 +377,10 @@ async def interleaved_singles(
     model, stub, texts: list[str], uncached: list[str], blocks: int = SINGLE_BLOCKS
 ) -> tuple[list[float], list[float]]:
     """R's and embedq's uncached single-text latencies, in alternating blocks of the same
-    texts (`uncached[i]` is `texts[i]` made new): a host whose speed drifts within the run
-    slows both alike, and each text is compared with itself (one block each, back to back,
-    put embedq at R + 0.5 to R + 3 ms from one run to the next on one noisy host)."""
-    size = max(1, -(-len(texts) // blocks))
+    texts (`uncached[i]` is `texts[i]` made new), so that a host whose speed drifts within
+    the run slows both alike and each text is compared with itself. (Measured as one block
+    each, back to back, embedq came out anywhere from R + 0.5 to R + 3 ms on one noisy host.)"""
+    size = max(1, math.ceil(len(texts) / blocks))
     reference: list[float] = []
     answered: list[float] = []
     for start in range(0, len(texts), size):
