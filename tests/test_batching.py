@@ -73,6 +73,47 @@ def test_sorting_reduces_padding_vs_arrival_order() -> None:
     assert padded_tokens(lengths, plan) < 1.1 * sum(lengths)
 
 
+def spans_of(lengths: list[int], span_tokens: int) -> list[set[int]]:
+    """Consecutive items, cut where the next would pass span_tokens (each span >= 1 item)."""
+    spans: list[set[int]] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if not spans or total + length > span_tokens:
+            spans.append(set())
+            total = 0
+        spans[-1].add(index)
+        total += length
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_spans_keep_budgets_and_arrival_order(seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 16), rng.randint(100, 600)]) for _ in range(300)]
+    span = rng.choice([50, 700, 4096])
+    plan = plan_batches(lengths, max_batch_tokens=1024, max_batch_size=32, span_tokens=span)
+    check_plan(lengths, plan, 1024, 32)
+    # Each batch lies within one span, and the spans' batches come in arrival order: the
+    # first arrivals are answered first.
+    spans = spans_of(lengths, span)
+    owner = [next(n for n, members in enumerate(spans) if set(batch) <= members) for batch in plan]
+    assert owner == sorted(owner) and set(owner) == set(range(len(spans)))
+
+
+def test_spans_answer_first_arrivals_first() -> None:
+    # Two calls, each a long text and two short ones, two texts a batch: one length order
+    # over both calls puts call 2's long text in the first batch and its short ones in the
+    # last, so both calls end with the last batch; spans of 12 tokens keep the calls apart.
+    lengths = [10, 1, 1, 10, 1, 1]
+    whole = plan_batches(lengths, max_batch_tokens=100, max_batch_size=2)
+    assert whole == [[0, 3], [1, 2], [4, 5]]
+    spans = plan_batches(lengths, max_batch_tokens=100, max_batch_size=2, span_tokens=12)
+    assert spans == [[0, 1], [2], [3, 4], [5]]
+    # An item longer than a span is a span of its own.
+    lone = plan_batches([50, 2, 2], max_batch_tokens=100, max_batch_size=8, span_tokens=10)
+    assert lone == [[0], [1, 2]]
+
+
 def test_deterministic_and_stable_for_ties() -> None:
     lengths = [4, 9, 4, 9, 4]
     first = plan_batches(lengths, max_batch_tokens=18, max_batch_size=8)

@@ -65,6 +65,10 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
         assert key in burst
     assert set(burst["percent_calls"]) == {"ok", "refused", "deadline_exceeded", "other"}
     assert burst["calls"] > 0 and burst["capacity_texts_per_s"] > 0
+    # Measured just before and just after the burst (the host drifts): their mean.
+    before, after = burst["capacity_before_after"]
+    assert before > 0 and after > 0
+    assert burst["capacity_texts_per_s"] == pytest.approx((before + after) / 2)
     # Capacity is measured on the burst's own (longer) texts; core's S1 is only reported.
     assert burst["s1_core_texts_per_s"] > 0
     slow = load["slow-reader"]
@@ -144,6 +148,13 @@ def test_helpers(tmp_path: Path) -> None:
     assert 0 <= busy <= total
     burst = bench_load._burst(SimpleNamespace(duration=5.0), "worse-burst")
     assert (burst["clients"], burst["per_call"], burst["deadline"]) == (64, 256, 20.0)
+    # A burst's goodput is divided by the mean of the capacity just before and just after it.
+    rated = bench_load.with_capacity({"goodput_texts_per_s": 200.0}, 300.0, 200.0)
+    assert rated["capacity_texts_per_s"] == 250.0 and rated["goodput_over_capacity"] == 0.8
+    assert (
+        bench_load.with_capacity({"goodput_texts_per_s": 1.0}, 0.0, 0.0)["goodput_over_capacity"]
+        is None
+    )
 
 
 def test_retry_after_hint() -> None:

@@ -115,6 +115,28 @@ def test_results_of_an_early_batch_come_before_later_batches_run(encoder):
     assert np.abs(np.stack([got[t] for t in range(1, 41)]) - expected).max() <= 1e-5
 
 
+def test_a_read_answers_its_first_jobs_first(encoder):
+    # Each job (one caller's request) holds long and short texts. One length order over the
+    # whole read would put every job's texts in its first and its last batches, so all three
+    # would be answered only when the read ends; a caller's request is done with its last text.
+    long = "A long sentence about the trains that ran late in the rain again, {} {} {}."
+    jobs = [
+        encode_job(
+            [long.format(tag, i, "x" * (i % 5)) if i % 2 else f"{tag} {i}." for i in range(48)],
+            reply_to=tag,
+        )
+        for tag in ("a", "b", "c")
+    ]
+    counting = CountingEncoder(encoder)
+    limits = BatchLimits(max_batch_tokens=512, max_batch_size=64)
+    finished_after: dict[int, int] = {}
+    for step in iter_steps(jobs, counting, Keys("t"), limits):
+        finished_after.update(dict.fromkeys(step.finished_jobs, counting.passes))
+    passes = counting.passes
+    assert finished_after[0] < finished_after[1] < finished_after[2] == passes
+    assert finished_after[0] <= passes // 2
+
+
 def test_items_that_expire_between_batches_are_not_encoded(encoder):
     counting = CountingEncoder(encoder)
     now = int(time.time() * 1000)

@@ -368,8 +368,8 @@ async def burst(
     per_call: int,
     deadline: float,
     duration: float,
-    capacity: float,
 ) -> dict:
+    """The burst's outcomes; its capacity is added by run_bursts (see with_capacity)."""
     source, tally = UniqueTexts(base), BurstTally()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
@@ -383,10 +383,10 @@ async def burst(
         )
         elapsed = time.monotonic() - started  # until the last call of the burst ended
         recovery = await time_to_recover(stub, source)
-    return burst_summary(tally, clients, per_call, deadline, elapsed, capacity, recovery)
+    return burst_summary(tally, clients, per_call, deadline, elapsed, recovery)
 
 
-def burst_summary(tally, clients, per_call, deadline, elapsed, capacity, recovery) -> dict:
+def burst_summary(tally, clients, per_call, deadline, elapsed, recovery) -> dict:
     total = max(1, sum(tally.calls.values()))
     goodput = tally.ok_texts / elapsed
     share = {k: 100 * tally.calls[k] / total for k in ("ok", "refused", "deadline_exceeded")}
@@ -397,8 +397,6 @@ def burst_summary(tally, clients, per_call, deadline, elapsed, capacity, recover
         "seconds": elapsed,
         "calls": sum(tally.calls.values()),
         "goodput_texts_per_s": goodput,
-        "capacity_texts_per_s": capacity,
-        "goodput_over_capacity": goodput / capacity if capacity else None,
         "percent_calls": {**share, "other": 100 * tally.calls["other"] / total},
         "percent_ok_or_fast_refusal": 100
         * (tally.calls["ok"] + sum(1 for ms in tally.refusal_ms if ms <= 100))
@@ -941,17 +939,10 @@ async def run_load(
     args: argparse.Namespace, scenarios: list[str], deployment, model, texts: list[str], s1=None
 ) -> dict:
     """The selected load scenarios, one after another; `s1`: S1 texts/s if core measured it
-    (reported beside the burst's capacity, never used as it: see measure_capacity)."""
+    (reported beside the bursts' capacity, never used as it: see measure_capacity)."""
     out: dict = {}
     if {"burst", "worse-burst"} & set(scenarios):
-        capacity = await measure_capacity(deployment, texts)
-        for name in ("burst", "worse-burst"):
-            if name in scenarios:
-                out[name] = await burst(
-                    deployment.target, texts, capacity=capacity, **_burst(args, name)
-                )
-                out[name]["s1_core_texts_per_s"] = s1
-                await settle(deployment.target)
+        out.update(await run_bursts(args, scenarios, deployment, texts, s1))
     if "slow-reader" in scenarios:
         pid = deployment.procs["server"].pid if "server" in deployment.procs else None
         out["slow-reader"] = await slow_reader(
@@ -970,6 +961,38 @@ async def run_load(
         args.out.mkdir(parents=True, exist_ok=True)
         draw_scaling(out["scaling"], args.out / "scaling.png")
     return out
+
+
+async def run_bursts(
+    args: argparse.Namespace, scenarios: list[str], deployment, texts: list[str], s1
+) -> dict:
+    """Each selected burst between two measurements of the capacity (see measure_capacity);
+    one between two bursts serves both."""
+    out: dict = {}
+    before = await measure_capacity(deployment, texts)
+    for name in ("burst", "worse-burst"):
+        if name not in scenarios:
+            continue
+        result = await burst(deployment.target, texts, **_burst(args, name))
+        await settle(deployment.target)
+        after = await measure_capacity(deployment, texts)
+        out[name] = {**with_capacity(result, before, after), "s1_core_texts_per_s": s1}
+        before = after
+    return out
+
+
+def with_capacity(result: dict, before: float, after: float) -> dict:
+    """A burst's result with its capacity: the mean of the capacity measured just before and
+    just after it. This host's speed drifts by a quarter within a minute; one measurement
+    before the burst's half minute set the goodput ratio alone (measured: capacity 294.7
+    texts/s before one burst, 210-246 before three others, goodput 189-220 in all four)."""
+    capacity = (before + after) / 2
+    return {
+        **result,
+        "capacity_texts_per_s": capacity,
+        "capacity_before_after": [before, after],
+        "goodput_over_capacity": result["goodput_texts_per_s"] / capacity if capacity else None,
+    }
 
 
 def _burst(args: argparse.Namespace, name: str) -> dict:
@@ -1035,13 +1058,14 @@ def roofline_report(roof: dict) -> list[str]:
 def burst_report(name: str, b: dict) -> list[str]:
     share = b["percent_calls"]
     s1 = b.get("s1_core_texts_per_s")
+    before, after = b["capacity_before_after"]
     return [
         f"{name}: {b['clients']} clients x {b['texts_per_call']} texts, {b['deadline_s']:g} s "
         f"deadline, {b['seconds']:.1f} s, {b['calls']} calls",
         f"  goodput {_f(b['goodput_texts_per_s'])} texts/s = "
         f"{_f(b['goodput_over_capacity'], 2)} x capacity ({_f(b['capacity_texts_per_s'])}: "
-        "S1's calls of these texts, just before)   target >= 0.8"
-        + (f"; S1 on core's shorter texts {_f(s1)}" if s1 else ""),
+        f"S1's calls of these texts, mean of {_f(before)} before and {_f(after)} after)"
+        "   target >= 0.8" + (f"; S1 on core's shorter texts {_f(s1)}" if s1 else ""),
         f"  ok {share['ok']:.1f} %, refused {share['refused']:.1f} % (p50/p99 "
         f"{_f(b['refusal_ms']['p50'])}/{_f(b['refusal_ms']['p99'])} ms; target <= 100), "
         f"deadline {share['deadline_exceeded']:.1f} %, other {share['other']:.1f} % "

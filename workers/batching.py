@@ -10,23 +10,63 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# A read is batched in arrival order, a span of about this many batches' worth of tokens at a
+# time (see plan_batches).
+SPAN_BATCHES = 2
+
 
 def plan_batches(
-    lengths: Sequence[int], *, max_batch_tokens: int, max_batch_size: int
+    lengths: Sequence[int],
+    *,
+    max_batch_tokens: int,
+    max_batch_size: int,
+    span_tokens: int | None = None,
 ) -> list[list[int]]:
-    """Groups item indices into batches for the encoder.
+    """Groups item indices (in arrival order) into batches for the encoder.
 
-    Sorts by token length, longest first (so padding is small, and a batch that would not fit
-    in memory fails on the first pass rather than the last); each batch's padded cost
+    Items are taken in arrival order, a span at a time: consecutive items of up to
+    `span_tokens` tokens in all (at least one item; None: all of them in one span). Within a
+    span they are sorted by token length, longest first (so padding is small, and a batch that
+    would not fit in memory fails on the span's first pass); each batch's padded cost
     len(batch) * max(length in batch) <= max_batch_tokens, and len(batch) <= max_batch_size.
     An item longer than max_batch_tokens alone forms its own batch. Every index appears exactly
     once. Deterministic: equal lengths keep arrival order.
+
+    Why spans: a request is answered when its last text is, and one length order over a whole
+    read spreads every request's texts over every batch of it, so all of them were answered
+    together at the read's end (measured: a burst's calls of 128 texts finished 8 and 6 at a
+    time, seconds apart, and calls admitted in time missed their deadline in the middle of the
+    read that held them). Spans answer the first arrivals first, as admission assumes.
     """
     if max_batch_tokens < 1 or max_batch_size < 1:
         raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
     if any(length < 0 for length in lengths):
         raise ValueError("token lengths must be >= 0")
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])  # stable
+    batches: list[list[int]] = []
+    for span in _spans(lengths, span_tokens):
+        batches += _batches_by_length(span, lengths, max_batch_tokens, max_batch_size)
+    return batches
+
+
+def _spans(lengths: Sequence[int], span_tokens: int | None) -> list[list[int]]:
+    """Consecutive indices of `lengths`, cut where the next item would pass `span_tokens`."""
+    if span_tokens is None:
+        return [list(range(len(lengths)))] if lengths else []
+    spans: list[list[int]] = []
+    tokens = 0
+    for index, length in enumerate(lengths):
+        if not spans or tokens + length > span_tokens:
+            spans.append([])
+            tokens = 0
+        spans[-1].append(index)
+        tokens += length
+    return spans
+
+
+def _batches_by_length(
+    items: Sequence[int], lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int
+) -> list[list[int]]:
+    order = sorted(items, key=lambda index: -lengths[index])  # stable
     batches: list[list[int]] = []
     for index in order:
         current = batches[-1] if batches else None

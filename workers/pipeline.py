@@ -3,8 +3,8 @@
 No Redis here: `iter_steps` takes decoded jobs and yields what to write after
 each forward pass, so the loop in worker.py stays about I/O. Texts are
 deduplicated across all jobs of a read, tokenized once, grouped into
-token-budget batches of similar length (batching.plan_batches) and encoded;
-deadlines are checked before every batch, not once per read.
+token-budget batches of similar length, first arrivals first (batching.plan_batches),
+and encoded; deadlines are checked before every batch, not once per read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from embedq.internal.v1 import queue_pb2
 from embedq.keys import ErrorKind, Keys, text_sha256, variant_fingerprint
 
 from .backends import PooledEncoder, TokenizedText
-from .batching import plan_batches
+from .batching import SPAN_BATCHES, plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ def _encode_group(
         [len(t.ids) for t in tokenized],
         max_batch_tokens=limits.max_batch_tokens,
         max_batch_size=limits.max_batch_size,
+        span_tokens=SPAN_BATCHES * limits.max_batch_tokens,
     )
     for batch in batches:
         live = _drop_expired(work, batch, tracker, clock())
