@@ -104,8 +104,10 @@ def test_results_of_an_early_batch_come_before_later_batches_run(encoder):
     assert counting.passes == 1  # handed over before the second forward pass
     assert len(first.outcome.replies["r"].tickets) == 8
     assert first.finished_jobs == []  # acknowledged only with its last result
+    assert first.answered_items == 8  # ...but off the backlog counter with its batch
     rest = list(steps)
     assert counting.passes == 5 and rest[-1].finished_jobs == [0]
+    assert [step.answered_items for step in rest] == [8, 8, 8, 8]
     got: dict[int, np.ndarray] = {}
     for step in [first, *rest]:
         reply = step.outcome.replies["r"]
@@ -155,6 +157,7 @@ def test_items_that_expire_between_batches_are_not_encoded(encoder):
     assert all(f.kind == ErrorKind.DEADLINE for f in failures)
     encoded = sum(s.outcome.texts_encoded for s in steps)
     assert encoded == 32 - len(failures)  # expired texts never reached the model
+    assert sum(s.answered_items for s in steps) == 32  # failed ones leave the backlog too
     assert sorted(i for s in steps for i in s.finished_jobs) == [0, 1]
 
 
@@ -411,6 +414,28 @@ def _wait_pending_on(client: redis.Redis, keys: Keys, pid: int, timeout: float =
                 return
         time.sleep(0.02)
     raise AssertionError("victim never held a job")
+
+
+def test_the_backlog_counter_drains_batch_by_batch(busy_service: Service):
+    # Admission reads the counter, and a refused caller's retry hint assumes the queue drains
+    # at the measured rate: a job's texts leave it with each batch that answers them, not all
+    # at once when the job is acknowledged.
+    with grpc.insecure_channel(busy_service.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        model = stub.Info(pb.InfoRequest(), timeout=5).models[0].name
+        backlog_key = Keys(busy_service.namespace).backlog(model)
+        texts = unique_texts(256)  # one call window: one job, several forward passes
+        seen: set[int] = set()
+        with (
+            redis.Redis.from_url(busy_service.redis_url) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            call = pool.submit(stub.Encode, pb.EncodeRequest(texts=texts), timeout=120)
+            while not call.done():
+                seen.add(int(client.get(backlog_key) or 0))
+                time.sleep(0.005)
+            assert call.result().count == 256
+    assert 256 in seen and any(0 < value < 256 for value in seen), sorted(seen)
 
 
 def test_a_call_over_several_windows_with_repeated_texts_completes(busy_service: Service):

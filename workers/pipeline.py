@@ -88,6 +88,8 @@ class Step:
 
     outcome: Outcome
     finished_jobs: list[int]
+    # Items answered (encoded or failed) since the previous step, all jobs together.
+    answered_items: int = 0
 
 
 @dataclass
@@ -114,10 +116,12 @@ class _Tracker:
         self.jobs = jobs
         self.remaining = [len(job.items) for job in jobs]
         self.outcome = Outcome()
+        self.answered_items = 0
         # Jobs left with no item (every caller cancelled) are done at once.
         self.finished = [index for index, count in enumerate(self.remaining) if count == 0]
 
     def answered(self, job_index: int) -> None:
+        self.answered_items += 1
         self.remaining[job_index] -= 1
         if self.remaining[job_index] == 0:
             self.finished.append(job_index)
@@ -128,8 +132,8 @@ class _Tracker:
 
     def step(self) -> Step:
         """Hand over what was finished since the last step."""
-        step = Step(self.outcome, self.finished)
-        self.outcome, self.finished = Outcome(), []
+        step = Step(self.outcome, self.finished, self.answered_items)
+        self.outcome, self.finished, self.answered_items = Outcome(), [], 0
         return step
 
 
