@@ -985,7 +985,7 @@ def with_capacity(result: dict, before: float, after: float) -> dict:
     """A burst's result with its capacity: the mean of the capacity measured just before and
     just after it. This host's speed drifts by a quarter within a minute; one measurement
     before the burst's half minute set the goodput ratio alone (measured: capacity 294.7
-    texts/s before one burst, 210-246 before three others, goodput 189-220 in all four)."""
+    texts/s before one burst, 210-246 before four others, goodput 189-220 in all five)."""
     capacity = (before + after) / 2
     return {
         **result,
