@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 # Heartbeats every second: a dead worker is noticed within --dead-after (3 s).
 HEARTBEAT_S = 1.0
+# How long a stopping worker waits for a heartbeat under way (one pipeline) to finish.
+HEARTBEAT_JOIN_S = 5.0
 
 # How often the reader looks for workers whose heartbeat stopped.
 TAKEOVER_PERIOD_S = 1.0
@@ -265,8 +267,13 @@ class Worker:
         try:
             self._compute_loop()
         finally:
+            self._stop.set()  # also when the model's loop raised: the heartbeat ends too
             self._writes.put(None)
             threads[2].join(timeout=30)
+            # A beat already under way when the stop came would land after _unregister's ZREM
+            # and leave this worker counted alive for worker_stale_s (seen once in CI: Info's
+            # workers_alive still 1 ten seconds after a clean stop).
+            threads[0].join(timeout=HEARTBEAT_JOIN_S)
             self._unregister()
             log.info("worker %s stopped", self.worker_id)
 
