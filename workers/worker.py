@@ -254,12 +254,15 @@ class Worker:
         if self._stop.is_set():
             return
         self.register()
-        threads = [
-            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-            threading.Thread(target=self._read_loop, name="reader", daemon=True),
-            threading.Thread(target=self._write_loop, name="writer", daemon=True),
-        ]
-        for thread in threads:
+        heartbeat, reader, writer = (
+            threading.Thread(target=loop, name=name, daemon=True)
+            for loop, name in (
+                (self._heartbeat_loop, "heartbeat"),
+                (self._read_loop, "reader"),
+                (self._write_loop, "writer"),
+            )
+        )
+        for thread in (heartbeat, reader, writer):
             thread.start()
         spec = self.encoder.spec
         where = f"{self.encoder.device} ({spec.backend} backend)"
@@ -269,11 +272,11 @@ class Worker:
         finally:
             self._stop.set()  # also when the model's loop raised: the heartbeat ends too
             self._writes.put(None)
-            threads[2].join(timeout=30)
+            writer.join(timeout=30)
             # A beat already under way when the stop came would land after _unregister's ZREM
             # and leave this worker counted alive for worker_stale_s (seen once in CI: Info's
             # workers_alive still 1 ten seconds after a clean stop).
-            threads[0].join(timeout=HEARTBEAT_JOIN_S)
+            heartbeat.join(timeout=HEARTBEAT_JOIN_S)
             self._unregister()
             log.info("worker %s stopped", self.worker_id)
 
