@@ -48,6 +48,7 @@ from embedq.keys import (
 from embedq.settings import ServerSettings, setting_field
 
 from . import metrics, one_trip
+from .admission import RetryLedger, admit_limit, late_refusal
 from .errors import RequestError, deadline, error_of_failure, overloaded, unavailable
 from .nearcache import NearCache
 from .registry import ServedModel
@@ -60,12 +61,6 @@ TOKENIZE = queue_pb2.JOB_KIND_TOKENIZE
 # Texts of one call queued at once; the rest follow as these are answered,
 # so a huge request shares the workers with the requests that come after it.
 CALL_WINDOW = 256
-# Admit only what the estimate says finishes within this share of the time
-# left: the estimate is an average, batches and replies add some latency, and a
-# burst's refusals take CPU from the workers on a shared machine.
-ADMIT_SHARE = 0.8
-# Shortest retry-after hint: sooner would only be refused again.
-MIN_RETRY_AFTER_MS = 50
 # While texts are in flight, the write markers are checked this often (s).
 MARKER_CHECK_S = 1.0
 # Reply stream and markers get their TTL renewed this often (s).
@@ -267,39 +262,6 @@ def _unsent(writes: Writes | None) -> list[Call]:
     return writes.calls if writes is not None and not writes.sent else []
 
 
-def admit_limit(capacity: float, new: int, seconds_left: float) -> float:
-    """The most texts that may be queued ahead of `new` ones for them to be encoded within
-    `seconds_left` at `capacity` texts/s (inf: capacity not measured, admit)."""
-    if capacity <= 0:
-        return math.inf
-    return capacity * seconds_left * ADMIT_SHARE - new
-
-
-def late_refusal(
-    model: str, capacity: float, queued: int, new: int, seconds_left: float
-) -> RequestError | None:
-    """RESOURCE_EXHAUSTED when `new` texts behind `queued` ones cannot be encoded
-    within `seconds_left` at `capacity` texts/s (0: not measured, admit)."""
-    if queued <= admit_limit(capacity, new, seconds_left):
-        return None
-    budget = seconds_left * ADMIT_SHARE
-    if new / capacity > budget:
-        return overloaded(
-            f"{new} new texts need about {new / capacity:.1f}s at model {model!r}'s measured "
-            f"{capacity:.0f} texts/s, more than the {seconds_left:.1f}s left before the "
-            "deadline: split the request or allow more time"
-        )
-    # When enough of the queue will have drained for this request to fit.
-    wait_s = (queued + new) / capacity - budget
-    retry_after_ms = max(MIN_RETRY_AFTER_MS, math.ceil(wait_s * 1000))
-    return overloaded(
-        f"model {model!r} is busy: {queued} texts queued at {capacity:.0f} texts/s would not "
-        f"finish within the {seconds_left:.1f}s left before the deadline; retry in "
-        f"{retry_after_ms} ms",
-        retry_after_ms=retry_after_ms,
-    )
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -347,6 +309,8 @@ class Dispatcher:
         self._one_trip_after = 0.0  # time.monotonic() before which it is not used
         self._last_load: dict[str, ModelLoad] = {}
         self._all_new_share = 1.0
+        # Refused callers' texts until their hinted time, so that hints are staggered.
+        self._retry_ledger = RetryLedger()
 
     # -- public API -----------------------------------------------------------
 
@@ -651,6 +615,9 @@ class Dispatcher:
         new = self._joined(call, misses).count(None)
         refusal = self._refusal(call, len(misses), new, load)
         if refusal is not None:
+            if refusal.retry_after_ms:
+                retry_at = time.monotonic() + refusal.retry_after_ms / 1000
+                self._retry_ledger.promise(call.variant.model.name, retry_at, new)
             call.fail(refusal)
             self._forget(call)
             return
@@ -703,7 +670,10 @@ class Dispatcher:
                 f"server is waiting for {len(self._tickets)} texts already; retry with backoff",
                 retry_after_ms=1000,
             )
-        return late_refusal(model.name, model.capacity, model_load.ahead, new, call.seconds_left())
+        promised = self._retry_ledger.pending(model.name, time.monotonic())
+        return late_refusal(
+            model.name, model.capacity, model_load.ahead, new, call.seconds_left(), promised
+        )
 
     async def _look_up(
         self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int

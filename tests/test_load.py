@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import LOG_DIR, Service, new_service
-from embedq.server.queue import late_refusal
+from embedq.server.admission import RetryLedger, late_refusal
 from embedq.server.router import (
     STREAM_MIN_TEXT_WINDOW,
     STREAM_TEXT_WINDOW,
@@ -54,6 +54,26 @@ def test_admission_admits_what_fits_and_refuses_with_a_hint():
     alone = late_refusal("m", 100.0, 0, 1000, 2.0)  # 10 s of work on an idle service
     assert alone.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert alone.retry_after_ms == 0 and "split the request" in alone.message
+
+
+def test_callers_refused_together_are_told_staggered_times():
+    """Eight callers refused at one moment: each hint leaves room for the callers told to
+    come back before it, so they return one after another, not all at once."""
+    ledger, hints, now = RetryLedger(), [], 100.0
+    for _ in range(8):
+        promised = ledger.pending("m", now)
+        refusal = late_refusal("m", 1000.0, 5000, 100, 1.0, promised)
+        hints.append(refusal.retry_after_ms)
+        ledger.promise("m", now + refusal.retry_after_ms / 1000, 100)
+    assert hints == sorted(hints) and len(set(hints)) == 8
+    # Each waits for one more caller's 100 texts at 1000 texts/s: 100 ms apart.
+    gaps = [later - earlier for earlier, later in zip(hints, hints[1:], strict=False)]
+    assert all(95 <= gap <= 105 for gap in gaps)
+    # Promises last until their time: then the texts are queued (the backlog counts
+    # them) or their caller is gone.
+    assert ledger.pending("m", now + hints[0] / 1000) == 700
+    assert ledger.pending("m", now + hints[-1] / 1000) == 0
+    assert ledger.pending("other", now) == 0
 
 
 # -- the worker's core, in-process ---------------------------------------------------

@@ -1,0 +1,92 @@
+"""Admission by time: pure policy, no Redis.
+
+A call is admitted when its new texts, behind the texts queued for the model, would be
+encoded within a share of its time left at the workers' measured rate; otherwise it is
+refused with RESOURCE_EXHAUSTED and a hint saying when to come back (see
+docs/architecture.md, "Under load").
+
+Refused callers are told staggered times. Every caller refused at one moment used to get
+the same hint; they all came back together, one fitted and the rest were refused again
+(measured in a burst of 32 clients: about 18 refusals per answered call, each a hash and a
+cache look-up of its texts on the CPU the model needs). `RetryLedger` remembers the texts
+of callers told to come back until the time they were told, and each new hint counts them
+as queued ahead, so refused callers return one after another.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from .errors import RequestError, overloaded
+
+# Admit only what the estimate says finishes within this share of the time
+# left: the estimate is an average, batches and replies add some latency, and a
+# burst's refusals take CPU from the workers on a shared machine.
+ADMIT_SHARE = 0.8
+# Shortest retry-after hint: sooner would only be refused again.
+MIN_RETRY_AFTER_MS = 50
+
+
+def admit_limit(capacity: float, new: int, seconds_left: float) -> float:
+    """The most texts that may be queued ahead of `new` ones for them to be encoded within
+    `seconds_left` at `capacity` texts/s (inf: capacity not measured, admit)."""
+    if capacity <= 0:
+        return math.inf
+    return capacity * seconds_left * ADMIT_SHARE - new
+
+
+def late_refusal(
+    model: str,
+    capacity: float,
+    queued: int,
+    new: int,
+    seconds_left: float,
+    promised: int = 0,
+) -> RequestError | None:
+    """RESOURCE_EXHAUSTED when `new` texts behind `queued` ones cannot be encoded
+    within `seconds_left` at `capacity` texts/s (0: not measured, admit). The hint
+    also waits for `promised` texts: those of callers refused earlier and told to
+    come back before this one (RetryLedger)."""
+    if queued <= admit_limit(capacity, new, seconds_left):
+        return None
+    budget = seconds_left * ADMIT_SHARE
+    if new / capacity > budget:
+        return overloaded(
+            f"{new} new texts need about {new / capacity:.1f}s at model {model!r}'s measured "
+            f"{capacity:.0f} texts/s, more than the {seconds_left:.1f}s left before the "
+            "deadline: split the request or allow more time"
+        )
+    # When enough of the queue will have drained for this request to fit, after the
+    # callers already told to come back have taken their turn.
+    wait_s = (queued + promised + new) / capacity - budget
+    retry_after_ms = max(MIN_RETRY_AFTER_MS, math.ceil(wait_s * 1000))
+    return overloaded(
+        f"model {model!r} is busy: {queued} texts queued at {capacity:.0f} texts/s would not "
+        f"finish within the {seconds_left:.1f}s left before the deadline; retry in "
+        f"{retry_after_ms} ms",
+        retry_after_ms=retry_after_ms,
+    )
+
+
+class RetryLedger:
+    """Per model, the texts of refused callers until the time they were told to come back.
+    After that time they are either queued (and counted by the backlog) or gone. One per
+    server: callers refused by different servers are staggered per server only."""
+
+    def __init__(self) -> None:
+        # Per model: promises as a heap of (retry_at, texts), and the sum of their texts.
+        self._promises: dict[str, list[tuple[float, int]]] = {}
+        self._texts: dict[str, int] = {}
+
+    def promise(self, model: str, retry_at: float, texts: int) -> None:
+        """Record that a caller with `texts` new texts was told to come back at `retry_at`."""
+        heapq.heappush(self._promises.setdefault(model, []), (retry_at, texts))
+        self._texts[model] = self._texts.get(model, 0) + texts
+
+    def pending(self, model: str, now: float) -> int:
+        """Texts promised a later turn than `now` (expired promises are dropped)."""
+        promises = self._promises.get(model)
+        while promises and promises[0][0] <= now:
+            self._texts[model] -= heapq.heappop(promises)[1]
+        return self._texts.get(model, 0)
