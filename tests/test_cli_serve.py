@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 from conftest import Service, log_tail, stop_process, wait_healthy
 from embedq.apps.embedded import free_port
-from embedq.workers.cli import OPENMP_SPIN_COUNT, limit_openmp_spin, parse_devices
+from embedq.workers.cli import (
+    OPENMP_SPIN_COUNT,
+    limit_openmp_spin,
+    lower_cpu_priority,
+    parse_devices,
+)
 from helpers_tiny_model import TINY_TEXTS, write_tiny_bert
 
 from embedq.v1 import embedq_pb2 as pb
@@ -95,6 +100,56 @@ def test_openmp_spin_is_shortened_unless_the_user_chose():
     environ = {}  # too late once torch (and libgomp with it) is loaded
     assert not limit_openmp_spin(environ, loaded={"torch": object()})
     assert environ == {}
+
+
+def thread_niceness(pid: int) -> list[int]:
+    """The niceness of every thread of a process (field 19 of /proc/PID/task/TID/stat)."""
+    return [
+        int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    ]
+
+
+# Threads started before and after lowering the priority, and a no-op increment.
+_NICE_PROBE = """
+import os, threading
+from embedq.workers.cli import lower_cpu_priority
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()
+assert lower_cpu_priority(0) == os.getpriority(os.PRIO_PROCESS, 0)
+lower_cpu_priority(3)
+threading.Thread(target=stop.wait).start()
+print(os.getpid(), flush=True)
+input()
+stop.set()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux: per-thread niceness")
+def test_lowering_the_cpu_priority_covers_every_thread():
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", _NICE_PROBE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(probe.stdout.readline())
+        assert thread_niceness(pid) == [min(19, own + 3)] * 3
+    finally:
+        probe.communicate("\n", timeout=10)
+    assert lower_cpu_priority(0) == own  # no-op: this process keeps its priority
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux: per-thread niceness")
+def test_a_cpu_worker_yields_the_cpu_to_the_server(service):
+    """The shared deployment's CPU worker runs at the default --cpu-nice (10) in all its
+    threads, the model's OpenMP threads included; the server keeps the callers' priority."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    worker = thread_niceness(service.workers[0].pid)
+    assert len(worker) > 2 and set(worker) == {min(19, own + 10)}
+    assert set(thread_niceness(service.server.pid)) == {own}
 
 
 # A worker command whose device lookup reports what OpenMP would read and stops there.

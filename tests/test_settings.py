@@ -198,7 +198,8 @@ def test_serve_gives_its_workers_the_shared_flags() -> None:
     argv = worker_argv(args, "redis://127.0.0.1:1/0", "m")
     assert argv[argv.index("worker") :] == [
         "worker", "--redis-url", "redis://127.0.0.1:1/0", "--threads", "1",
-        "--namespace", "ns", "--devices", "auto", "--fp16", "--backend", "torch",
+        "--namespace", "ns", "--cpu-nice", "10", "--devices", "auto", "--fp16",
+        "--backend", "torch",
         "--max-batch-tokens", "0", "--max-batch-size", "8", "--cache-ttl", "604800",
         "--model", "m",
     ]  # fmt: skip

@@ -25,6 +25,7 @@ __all__ = [
     "BACKEND_CHOICES",
     "add_worker_command",
     "limit_openmp_spin",
+    "lower_cpu_priority",
     "parse_devices",
     "run_worker_command",
 ]
@@ -53,6 +54,28 @@ def limit_openmp_spin(
         return False
     environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
     return True
+
+
+def lower_cpu_priority(increment: int, tasks: str = "/proc/self/task") -> int:
+    """Add `increment` to the niceness of every thread of this process (threads started
+    later inherit it from the one that starts them); the niceness now, or -1 if the system
+    would not have it. Why: a worker on the CPU shares its cores with the server, Redis and
+    the callers, whose short tasks should not queue behind a forward pass (measured: the
+    first wave of a 64-client burst refused in 67-80 ms at the median instead of 76-106)."""
+    if increment <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        threads = [int(name) for name in os.listdir(tasks)]
+    except OSError:  # not Linux: the process's niceness, which its threads share
+        threads = [0]
+    try:
+        for thread in threads:
+            now = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, now + increment))
+    except OSError as exc:
+        log.warning("could not lower the worker's CPU priority (%s)", exc)
+        return -1
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -110,6 +133,8 @@ def run_one_worker(args: argparse.Namespace, device: str) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    if device == "cpu":
+        lower_cpu_priority(args.cpu_nice)
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # two workers on two cores: one each, no thrash
 

@@ -299,6 +299,14 @@ SETTINGS: dict[str, Setting] = _declare(
         shown="torch's default; serve --workers N on CPU: cores / N",
     ),
     Setting(
+        "cpu_nice", int, 10,
+        "niceness a worker on the CPU adds to its process (Linux; 0 or less: none): on a "
+        "machine it shares with the server, Redis and the callers, their short tasks (refusals, "
+        "cache hits, replies) preempt the model's passes instead of queueing behind them; "
+        "workers on a GPU keep theirs",
+        env="EMBEDQ_CPU_NICE", flag="--cpu-nice", commands=WORKERS,
+    ),
+    Setting(
         "devices", str, "auto",
         "'auto' (every GPU, else CPU), 'cpu', or GPU indices like 0,1: one process each",
         env="EMBEDQ_DEVICES", flag="--devices", commands=WORKERS,
