@@ -33,13 +33,14 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis.exceptions import RedisError
 
 from embedq.keys import Keys
-from embedq.logs import REQUEST_ID
+from embedq.logs import REQUEST_ID, Throttled
 from embedq.settings import SettingsError
 from embedq.v1 import embedq_pb2 as pb
 
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+_refusals = Throttled(log)  # RESOURCE_EXHAUSTED lines, by method (see _Call._log_failure)
 
 REQUEST_ID_KEY = "x-request-id"
 # Caller-chosen ids are kept only if they look like ids (they end up in logs).
@@ -169,25 +170,34 @@ class _Call:
         REQUESTS.labels(self.method, code.name).inc()
         REQUEST_DURATION.labels(self.method).observe(elapsed)
         if code is not grpc.StatusCode.OK:
-            details = context.details()
-            if isinstance(details, bytes):
-                details = details.decode("utf-8", "replace")
-            log.info(
-                "%s failed: %s (%.1f ms)",
-                self.method,
-                code.name,
-                elapsed * 1000,
-                extra={
-                    "method": self.method,
-                    "code": code.name,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "details": (details or "")[:200],
-                },
-            )
+            self._log_failure(code, elapsed, context)
         # A stream closed from another context (say, garbage collection) cannot reset:
         # the call's own task ends with it anyway.
         with contextlib.suppress(ValueError):
             REQUEST_ID.reset(token)
+
+    def _log_failure(
+        self, code: grpc.StatusCode, elapsed: float, context: grpc.aio.ServicerContext
+    ) -> None:
+        details = context.details()
+        if isinstance(details, bytes):
+            details = details.decode("utf-8", "replace")
+        args = ("%s failed: %s (%.1f ms)", self.method, code.name, elapsed * 1000)
+        extra = {
+            "method": self.method,
+            "code": code.name,
+            "duration_ms": round(elapsed * 1000, 3),
+            "details": (details or "")[:200],
+        }
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not log.isEnabledFor(logging.DEBUG):
+            # A refusal is admission doing its job, and a burst brings thousands a second
+            # (each counted in embedq_requests_total): a line each flooded the log (1,282
+            # lines in 40 waves of 64) and took ~6 % of a refused call's server CPU
+            # (docs/benchmarks.md). So one line per method every LOG_EVERY_S, with how
+            # many more; every one with --log-level DEBUG.
+            _refusals.log(logging.INFO, self.method, *args, extra=extra)
+            return
+        log.info(*args, extra=extra)
 
     def counting(self, deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object]:
         """`deserialize`, counting each request's texts as it is parsed: no async

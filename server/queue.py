@@ -42,7 +42,7 @@ from embedq.keys import (
     Keys,
     decode_reply,
     encode_message,
-    text_sha256,
+    texts_sha256,
     variant_fingerprint,
 )
 from embedq.settings import ServerSettings, setting_field
@@ -176,6 +176,9 @@ class Call:
         """The missed rows whose text is new to this call; the others go to `repeats`."""
         if self.hashes is None:
             return misses
+        hashes = self.hashes
+        if len({hashes[row] for row in misses}) == len(misses):
+            return misses  # no text repeats (the usual case): one set, no per-row bookkeeping
         first: dict[str, int] = {}
         kept = []
         for row in misses:
@@ -380,7 +383,7 @@ class Dispatcher:
         round trip, no wait for the next flush (see nearcache.py)."""
         if not self.near_cache.max_bytes:
             return False
-        call.hashes = [text_sha256(text) for text in call.texts]
+        call.hashes = texts_sha256(call.texts)
         prefix = self._keys.cache_prefix(call.variant.fingerprint)
         values = self.near_cache.get_all([prefix + sha for sha in call.hashes])
         if values is None or set(map(len, values)) != {call.vectors.shape[1] * 4}:
@@ -491,7 +494,7 @@ class Dispatcher:
         seq = self._seq  # stamped on the tickets this flush queues
         for call in calls:
             if call.kind == ENCODE and call.hashes is None:
-                call.hashes = [text_sha256(text) for text in call.texts]
+                call.hashes = texts_sha256(call.texts)
         if calls:
             found = await self._look_up(calls, refills, ahead, seq)
             if found is None:
@@ -624,8 +627,20 @@ class Dispatcher:
         self._admit(call, misses, new, load, jobs)
 
     def _joined(self, call: Call, rows: list[int]) -> list[int | None]:
-        """Per row, the in-flight ticket it would wait on (None: it needs a new one)."""
-        return [self._joinable(self._dedupe_key(call, row), call) for row in rows]
+        """Per row, the in-flight ticket it would wait on (None: it needs a new one): what
+        _joinable says of each row, in one pass (every text of every call goes through here,
+        refused calls too)."""
+        if call.hashes is None:
+            return [None] * len(rows)
+        fingerprint, hashes = call.variant.fingerprint, call.hashes
+        found = [self._in_flight.get((fingerprint, hashes[row])) for row in rows]
+        tickets, deadline_ms = self._tickets, call.deadline_unix_ms
+        return [
+            None
+            if found_id is None or tickets[found_id].deadline_unix_ms < deadline_ms
+            else found_id
+            for found_id in found
+        ]
 
     def _admit(
         self,
@@ -732,7 +747,15 @@ class Dispatcher:
         for call in calls:
             model = call.variant.model
             model_load = load.setdefault(model.name, ModelLoad(0, 0))
-            misses = call.hold_repeats(list(range(len(call.texts))))
+            texts = len(call.texts)
+            if self._refusal(call, texts, texts, load) is not None:
+                # Refused if every text were new: the exact count (repeats and texts already
+                # in flight left out) may still fit, and the look-up's routing decides that.
+                # Only a call at the edge loses its one round trip; a refused call is no
+                # longer routed twice (measured: a burst's refusals, docs/benchmarks.md).
+                self._unroute(calls, seq)
+                return None
+            misses = call.hold_repeats(list(range(texts)))
             joined = self._joined(call, misses)
             earlier = any(t is not None and self._tickets[t].seq != seq for t in joined)
             new = joined.count(None)

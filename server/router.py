@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, EncodeError
 
 from embedq import __version__
-from embedq.keys import RETRY_AFTER_MS_KEY, Keys, text_sha256
+from embedq.keys import RETRY_AFTER_MS_KEY, Keys, texts_sha256
 from embedq.settings import ServerSettings
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
@@ -333,7 +333,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
             )
         validation.check_hashes(request.sha256)
         variant, spec = self._resolve(request.options)
-        hashes = [text_sha256(t) for t in request.texts] + [h.hex() for h in request.sha256]
+        hashes = texts_sha256(request.texts) + [h.hex() for h in request.sha256]
         values = await self.dispatcher.mget(
             [self.keys.cache(variant.fingerprint, h) for h in hashes]
         )

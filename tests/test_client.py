@@ -34,6 +34,8 @@ from embedq.client import (
 from embedq.client._retry import MIN_ATTEMPT_S, NO_RETRY, retry_after, retryable
 from sentence_transformers.util.quantization import quantize_embeddings
 
+from embedq.keys import texts_sha256 as server_hashes
+
 ATOL = 1e-5
 DIM = 384
 TOPICS = ["cats", "the stock market", "rain in Paris", "quantum physics", "football", "jazz"]
@@ -384,6 +386,9 @@ def test_text_sha256_is_the_utf8_digest() -> None:
     assert len(text_sha256("")) == 32
     # No Unicode normalisation: composed and decomposed forms differ.
     assert text_sha256("\u00e9") != text_sha256("e\u0301")
+    # The server's hashes (its cache keys) follow the same rule.
+    texts = ["héllo", "", "\u00e9", "e\u0301"]
+    assert server_hashes(texts) == [text_sha256(text).hex() for text in texts]
 
 
 def test_lookup_finds_encoded_texts_by_text_and_hash(client: Client) -> None:

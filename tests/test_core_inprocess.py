@@ -484,6 +484,22 @@ def test_the_script_admits_against_the_queue_it_reads_not_the_last_one_known(red
     run(redis_server, body)
 
 
+def test_a_call_that_fits_only_once_its_repeats_are_counted_is_admitted(redis_server):
+    """40 copies of one text at a measured 10 texts/s with 3 s left: as 40 new texts it would
+    be refused (4 s of work), as the one text it is it fits. The one-trip routing skips a call
+    refused even at that upper bound (so a burst's refused calls are routed once, not twice);
+    the look-up's exact routing then admits it, in two round trips."""
+
+    async def body(c: Core) -> None:
+        trips = _count_round_trips(c)
+        vectors, cached = await c.dispatcher.encode(c.variant(capacity=10.0), ["same"] * 40, 3.0)
+        assert trips == {"lookup": 1, "send": 1, "one_trip": 0}
+        assert not cached.any() and c.worker.seen == ["same"]
+        assert np.array_equal(vectors, np.stack([fake_vector("same")] * 40))
+
+    run(redis_server, body)
+
+
 def test_a_redis_user_without_scripting_gets_two_round_trips(redis_server):
     """A least-privilege ACL user without EVALSHA: the script is refused (NOPERM), once,
     and every flush looks up and queues in two round trips, with the same answers."""

@@ -236,3 +236,58 @@ def test_log_formats_carry_the_request_id():
     outside = logging.LogRecord("embedq.x", logging.INFO, __file__, 1, "plain", None, None)
     RequestIdFilter().filter(outside)
     assert "request_id" not in json.loads(JsonFormatter().format(outside))
+
+
+class _EndedContext:
+    """What _Call.end reads of a call that ended with `code`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        pass
+
+
+def _end_calls(code: grpc.StatusCode, count: int) -> None:
+    from embedq.server.metrics import _Call
+
+    for _ in range(count):
+        call, context = _Call("/embedq.v1.Embedder/Tokenize", ()), _EndedContext(code, "why")
+        call.end(None, context, call.begin(context))
+
+
+def test_a_burst_of_refusals_is_one_log_line_and_other_failures_one_each(caplog, monkeypatch):
+    import logging
+
+    from embedq.server import metrics
+
+    # A fresh throttle: another test's refusals must not have started its quiet period.
+    monkeypatch.setattr(metrics, "_refusals", metrics.Throttled(metrics.log))
+    before = _sample("embedq_requests_total", method="Tokenize", code="RESOURCE_EXHAUSTED")
+    with caplog.at_level(logging.INFO, logger=metrics.log.name):
+        _end_calls(grpc.StatusCode.RESOURCE_EXHAUSTED, 50)
+        _end_calls(grpc.StatusCode.INVALID_ARGUMENT, 3)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "RESOURCE_EXHAUSTED" in line] == [lines[0]] and lines[
+        0
+    ].startswith("Tokenize failed: RESOURCE_EXHAUSTED")
+    assert sum("INVALID_ARGUMENT" in line for line in lines) == 3
+    # Every refusal is still counted, and at DEBUG every one is logged.
+    after = _sample("embedq_requests_total", method="Tokenize", code="RESOURCE_EXHAUSTED")
+    assert after - before == 50
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=metrics.log.name):
+        _end_calls(grpc.StatusCode.RESOURCE_EXHAUSTED, 5)
+    assert sum("RESOURCE_EXHAUSTED" in r.getMessage() for r in caplog.records) == 5
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
