@@ -111,9 +111,11 @@ class Call:
     tokens: list[queue_pb2.Tokens | None] = field(init=False)
     remaining: int = field(init=False)
     tickets: list[int] = field(default_factory=list)
-    # Cache-key hashes of the texts (encode calls), and the missed rows not
-    # queued yet (popped from the end: kept in reverse order).
+    # Cache-key hashes of the texts and their cache keys (encode calls: see
+    # Dispatcher._hash), and the missed rows not queued yet (popped from the end: kept
+    # in reverse order).
     hashes: list[str] | None = None
+    cache_keys: list[str] = field(default_factory=list)
     unrouted: list[int] = field(default_factory=list)
     # Missed rows repeating an earlier row's text, by that row: they wait on its ticket, so
     # one text gets one vector even when a window queues its rows far apart.
@@ -383,9 +385,8 @@ class Dispatcher:
         round trip, no wait for the next flush (see nearcache.py)."""
         if not self.near_cache.max_bytes:
             return False
-        call.hashes = texts_sha256(call.texts)
-        prefix = self._keys.cache_prefix(call.variant.fingerprint)
-        values = self.near_cache.get_all([prefix + sha for sha in call.hashes])
+        self._hash(call)
+        values = self.near_cache.get_all(call.cache_keys)
         if values is None or set(map(len, values)) != {call.vectors.shape[1] * 4}:
             return False
         call.fill_hits(values)  # every row, so the call is done
@@ -494,7 +495,7 @@ class Dispatcher:
         seq = self._seq  # stamped on the tickets this flush queues
         for call in calls:
             if call.kind == ENCODE and call.hashes is None:
-                call.hashes = texts_sha256(call.texts)
+                self._hash(call)
         if calls:
             found = await self._look_up(calls, refills, ahead, seq)
             if found is None:
@@ -813,12 +814,16 @@ class Dispatcher:
             self._wrote(writes, reply.markers)
         return reply
 
-    def _cache_keys(self, calls: list[Call]) -> list[str]:
-        cache_keys: list[str] = []
-        for call in calls:
-            prefix = self._keys.cache_prefix(call.variant.fingerprint)
-            cache_keys += [prefix + sha for sha in call.hashes or ()]
-        return cache_keys
+    def _hash(self, call: Call) -> None:
+        """Hash an encode call's texts and name their cache keys, once: the near cache and
+        the Redis look-up both read them."""
+        call.hashes = texts_sha256(call.texts)
+        prefix = self._keys.cache_prefix(call.variant.fingerprint)
+        call.cache_keys = [prefix + sha for sha in call.hashes]
+
+    @staticmethod
+    def _cache_keys(calls: list[Call]) -> list[str]:
+        return [key for call in calls for key in call.cache_keys]
 
     async def _lookup(
         self, calls: list[Call], ahead: Writes | None = None
