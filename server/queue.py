@@ -617,7 +617,7 @@ class Dispatcher:
             return
         misses = call.hold_repeats(misses)
         new = self._joined(call, misses).count(None)
-        refusal = self._refusal(call, len(misses), new, load)
+        refusal = self._refusal(call, new, load)
         if refusal is not None:
             if refusal.retry_after_ms:
                 retry_at = time.monotonic() + refusal.retry_after_ms / 1000
@@ -662,10 +662,9 @@ class Dispatcher:
             rows = call.rows_of(row)
             self._wait_for(call, rows, call.texts[row], self._dedupe_key(call, row), jobs)
 
-    def _refusal(
-        self, call: Call, misses: int, new: int, load: dict[str, ModelLoad]
-    ) -> RequestError | None:
-        """Why a call's misses cannot be queued now, if they cannot."""
+    def _refusal(self, call: Call, new: int, load: dict[str, ModelLoad]) -> RequestError | None:
+        """Why a call's `new` texts (not cached, not in flight) cannot be queued now, if they
+        cannot. The more new texts, the likelier a refusal: _route_as_misses relies on it."""
         model = call.variant.model
         if model.workers_alive == 0:
             return unavailable(f"no worker alive for model {model.name!r}")
@@ -749,20 +748,20 @@ class Dispatcher:
             model = call.variant.model
             model_load = load.setdefault(model.name, ModelLoad(0, 0))
             texts = len(call.texts)
-            if self._refusal(call, texts, texts, load) is not None:
+            if self._refusal(call, texts, load) is not None:
                 # Refused if every text were new: the exact count (repeats and texts already
                 # in flight left out) may still fit, and the look-up's routing decides that.
                 # Only a call at the edge loses its one round trip; a refused call is no
                 # longer routed twice (measured: a burst's refusals, docs/benchmarks.md).
+                # Admitted with all texts new, it is admitted with fewer: no second test.
                 self._unroute(calls, seq)
                 return None
             misses = call.hold_repeats(list(range(texts)))
             joined = self._joined(call, misses)
-            earlier = any(t is not None and self._tickets[t].seq != seq for t in joined)
-            new = joined.count(None)
-            if earlier or self._refusal(call, len(misses), new, load) is not None:
-                self._unroute(calls, seq)
+            if any(t is not None and self._tickets[t].seq != seq for t in joined):
+                self._unroute(calls, seq)  # it would wait on an earlier flush's work
                 return None
+            new = joined.count(None)
             limit = admit_limit(model.capacity, new, call.seconds_left()) - model_load.admitted
             limits[model.name] = min(limits.get(model.name, math.inf), limit)
             self._admit(call, misses, new, load, jobs)
