@@ -1,6 +1,7 @@
 """`embedq status`: what a deployment looks like from its Redis.
 
-Per registered model: jobs waiting in the stream (XLEN), jobs read but not
+Per registered model: jobs waiting in the stream (XLEN), the texts they hold
+(queued or being encoded: the backlog counter admission reads), jobs read but not
 yet acknowledged (XPENDING), dead letters (XLEN), workers with a heartbeat
 in the last 15 s and their ids, and the model's fingerprint and dimension;
 plus the number of cached vectors (a bounded SCAN: it stops at
@@ -99,10 +100,11 @@ def collect(client, keys: Keys, scan_limit: int = DEFAULT_SCAN_LIMIT) -> dict:
         pipe.xpending(keys.jobs(name), CONSUMER_GROUP)
         pipe.xlen(keys.dead_letters(name))
         pipe.zrangebyscore(keys.workers(name), now - WORKER_WINDOW_S, "+inf", withscores=True)
+        pipe.get(keys.backlog(name))
     results = pipe.execute(raise_on_error=False) if registrations else []
     models = []
     for index, (name, reg) in enumerate(registrations):
-        queued, pending, dead, workers = results[4 * index : 4 * index + 4]
+        queued, pending, dead, workers, texts = results[5 * index : 5 * index + 5]
         if isinstance(workers, Exception):
             raise workers
         models.append(
@@ -114,6 +116,7 @@ def collect(client, keys: Keys, scan_limit: int = DEFAULT_SCAN_LIMIT) -> dict:
                 "max_seq_length": reg.max_seq_length,
                 "normalize": reg.normalize,
                 "queue_depth": _number(queued),
+                "texts_queued": max(0, _number(texts or 0)),
                 "pending": _number(pending),
                 "dead_letters": _number(dead),
                 "workers_alive": len(workers),
@@ -137,13 +140,14 @@ def collect(client, keys: Keys, scan_limit: int = DEFAULT_SCAN_LIMIT) -> dict:
 def format_table(status: dict, redis_url: str) -> str:
     lines = [f"namespace {status['namespace']} on {redis_url}"]
     if status["models"]:
-        header = ("MODEL", "DIM", "FINGERPRINT", "QUEUED", "PENDING", "DEAD", "WORKERS")
+        header = ("MODEL", "DIM", "FINGERPRINT", "QUEUED", "TEXTS", "PENDING", "DEAD", "WORKERS")
         rows = [
             (
                 m["name"],
                 str(m["dimension"]),
                 m["fingerprint"][:12],
                 str(m["queue_depth"]),
+                str(m["texts_queued"]),
                 str(m["pending"]),
                 str(m["dead_letters"]),
                 str(m["workers_alive"]),

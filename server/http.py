@@ -764,7 +764,7 @@ class HttpApi:
             message = request_class()
             try:
                 json_format.Parse(body or b"{}", message)
-            except json_format.ParseError as exc:
+            except (json_format.ParseError, UnicodeDecodeError) as exc:  # not UTF-8: not JSON
                 raise HttpError(
                     ErrorKind.INVALID_INPUT, f"not a valid {request_class.DESCRIPTOR.name}: {exc}"
                 ) from None

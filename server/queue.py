@@ -612,6 +612,10 @@ class Dispatcher:
     ) -> None:
         """Fill a call's cache hits; admit the rest or refuse the call, then queue
         (or join) the first window of its misses."""
+        if call.future.done():
+            # Its caller left (cancelled, or the deadline passed) during the look-up, and
+            # has forgotten the call already: tickets made now would be encoded for nobody.
+            return
         misses = call.fill_hits(values) if values else list(range(len(call.texts)))
         if not misses:
             return
@@ -905,7 +909,9 @@ class Dispatcher:
             if dedupe_key is not None:
                 self._in_flight[dedupe_key] = ticket_id
             job = self._job_for(call, jobs)
-            job.items.add(ticket=ticket_id, text=text)
+            # The item's own deadline: the job carries the latest of its callers'. (Callers
+            # that join this ticket later have no later deadline: see _joinable.)
+            job.items.add(ticket=ticket_id, text=text, deadline_unix_ms=call.deadline_unix_ms)
             job.deadline_unix_ms = max(job.deadline_unix_ms, call.deadline_unix_ms)
         self._tickets[ticket_id].waiters.extend((call, row) for row in rows)
         call.tickets.append(ticket_id)

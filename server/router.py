@@ -19,7 +19,7 @@ from pathlib import PurePath
 import grpc
 import numpy as np
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.message import DecodeError, EncodeError, Message
 
 from embedq import __version__
 from embedq.keys import RETRY_AFTER_MS_KEY, Keys, texts_sha256
@@ -46,6 +46,10 @@ STREAM_TEXT_WINDOW = 512
 # was 1.8-2.5 s on a 2-core CPU); never below a batch, so a lone stream keeps it busy.
 STREAM_WINDOW_S = 0.5
 STREAM_MIN_TEXT_WINDOW = 64
+# Bytes of those messages (as sent): a message's texts and its `id` (which its response
+# carries back) may be megabytes each; a few hundred of them must not stay on the server
+# for a client that does not read. Far above what texts of sentences take (512 of 1 kB).
+STREAM_BYTE_WINDOW = 8 * 2**20
 
 
 class Undecodable:
@@ -422,36 +426,45 @@ def message_texts(message: object) -> int:
     return 0
 
 
+# What one message holds of a stream's budget: (texts, bytes).
+Cost = tuple[int, int]
+
+
 class Credits:
-    """A budget of messages and texts; a message holds its share until its
+    """A budget of messages, texts and bytes; a message holds its share until its
     response has been handed to gRPC (not merely computed), so a client that
     stops reading stops the reading of its requests."""
 
-    def __init__(self, messages: int, texts: int) -> None:
+    def __init__(self, messages: int, texts: int, size: int = STREAM_BYTE_WINDOW) -> None:
         self._messages = messages
-        self._texts = texts
-        self._max_texts = texts
+        self._texts, self._max_texts = texts, texts
+        self._bytes, self._max_bytes = size, size
         # Set when credits come back. An event, not a lock: a stream's one reader takes
         # credits, its one writer returns them, and the usual case (credits left) then
         # costs no await at all (profiled: per-message overhead of waiting streams).
         self._freed = asyncio.Event()
 
-    def _cost(self, message: object) -> int:
+    def _cost(self, message: object) -> Cost:
         # A message bigger than the whole budget still goes, alone.
-        return min(max(1, message_texts(message)), self._max_texts)
+        texts = min(max(1, message_texts(message)), self._max_texts)
+        size = message.ByteSize() if isinstance(message, Message) else 0
+        return texts, min(size, self._max_bytes)
 
-    async def acquire(self, message: object) -> int:
-        cost = self._cost(message)
-        while not (self._messages > 0 and self._texts >= cost):
+    async def acquire(self, message: object) -> Cost:
+        cost = texts, size = self._cost(message)
+        while not (self._messages > 0 and self._texts >= texts and self._bytes >= size):
             self._freed.clear()
             await self._freed.wait()
         self._messages -= 1
-        self._texts -= cost
+        self._texts -= texts
+        self._bytes -= size
         return cost
 
-    def release(self, cost: int) -> None:
+    def release(self, cost: Cost) -> None:
+        texts, size = cost
         self._messages += 1
-        self._texts += cost
+        self._texts += texts
+        self._bytes += size
         self._freed.set()
 
 
@@ -471,7 +484,7 @@ async def answer_stream(
 
     A reader task takes messages as they come and starts one answer per
     message; responses go out in completion order. A message holds credits
-    (STREAM_WINDOW messages, `text_window` texts) from when it is read
+    (STREAM_WINDOW messages, `text_window` texts, STREAM_BYTE_WINDOW bytes) from when it is read
     until its response is sent: a client that sends without reading is held
     by HTTP/2 flow control once they run out, so a stream's memory is bounded.
     Every message gets exactly one response, and when the client cancels,
@@ -482,7 +495,7 @@ async def answer_stream(
     credits = Credits(STREAM_WINDOW, text_window)
     tasks: set[asyncio.Task] = set()
 
-    async def answer_one(message, cost: int) -> None:
+    async def answer_one(message, cost: Cost) -> None:
         response = await answer(message, context)
         # Never full: every queued response holds one of the STREAM_WINDOW message credits.
         responses.put_nowait((response, cost))

@@ -26,6 +26,7 @@ from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
 from embedq.server.queue import Dispatcher, QueueBounds, Variant
 from embedq.server.registry import ModelRegistry, ServedModel
 from embedq.workers.pipeline import Outcome, iter_steps, prepare, pretokenize, run_jobs
+from embedq.workers.worker import RECHECK_CANCELLED_S, Read, Worker
 from fault_worker import FaultyEncoder
 from helpers_tiny_model import write_tiny_bert
 from redis.exceptions import ResponseError
@@ -40,6 +41,7 @@ from embedq.keys import (
     text_sha256,
     variant_fingerprint,
 )
+from embedq.settings import RedisSettings, WorkerSettings
 
 MODEL = "fake"
 DIM = 4
@@ -175,6 +177,29 @@ def test_misses_are_computed_then_served_from_the_cache(redis_server):
         assert cached.tolist() == [True, True, False]
         assert c.worker.seen == [*texts, "gamma"]  # hits never reached the worker
         assert np.array_equal(again[:2], vectors)
+
+    run(redis_server, body)
+
+
+def test_a_call_its_caller_left_during_the_look_up_is_not_queued(redis_server):
+    async def body(c: Core) -> None:
+        c.dispatcher.one_trip_texts = 0  # the two-trip path: look up, then route
+        look_up, caller = c.dispatcher._lookup, None
+
+        async def look_up_then_leave(*args, **kwargs):
+            found = await look_up(*args, **kwargs)
+            caller.cancel()  # the client goes away while the look-up is out
+            await asyncio.sleep(0)  # ...and its call is forgotten before the routing
+            return found
+
+        c.dispatcher._lookup = look_up_then_leave
+        caller = asyncio.create_task(c.dispatcher.encode(c.variant(), ["left early"], 10))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        c.dispatcher._lookup = look_up
+        await c.dispatcher.encode(c.variant(), ["after it"], 10)  # a later flush has run
+        assert c.worker.seen == ["after it"]  # nothing queued for the caller that left
+        assert not c.dispatcher._tickets and c.dispatcher._pending_chars == 0
 
     run(redis_server, body)
 
@@ -681,6 +706,37 @@ def test_texts_tokenized_ahead_are_not_tokenized_again(tiny_encoder):
         for ticket, vector in rows(reply).items():
             assert np.array_equal(rows(merged.replies[reply_to])[ticket], vector)
     assert merged.cache == expected.cache
+
+
+def test_a_read_that_waited_for_the_busy_model_drops_callers_that_left_meanwhile(
+    redis_server, tiny_encoder
+):
+    """A read is checked for cancelled items when it comes in; one that then waits for the
+    busy model is checked again at hand-over, so callers who left meanwhile are not encoded."""
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(redis=RedisSettings(url=redis_server.url, namespace=namespace))
+    worker = Worker(settings, encoder=tiny_encoder)
+    try:
+        worker.register()
+        worker.redis.xadd(worker.jobs_key, encode_message(job(["stays", "leaves"], "replies")))
+        read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+        assert read is not None
+        assert [item.text for item in read.jobs[0].items] == ["stays", "leaves"]
+        worker.redis.sadd(worker.keys.cancelled("replies"), 2)  # the server marks ticket 2
+        worker._hand_over(read)  # at once: nothing asked again
+        assert [item.text for item in read.jobs[0].items] == ["stays", "leaves"]
+        worker.redis.xadd(worker.jobs_key, encode_message(job(["stays", "leaves"], "replies")))
+        read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+        read.read_at -= RECHECK_CANCELLED_S  # it waited for a pass of the model
+        worker._hand_over(read)
+        assert [item.text for item in read.jobs[0].items] == ["stays"]
+        assert read.sizes == [2]  # both were queued: the backlog counter counts both
+        steps = iter_steps(read.jobs, tiny_encoder, worker.keys, prepared=read.prepared)
+        assert Outcome.combined([step.outcome for step in steps]).texts_encoded == 1
+    finally:
+        worker.redis.delete(worker.jobs_key, worker.keys.cancelled("replies"))
+        worker.redis.delete(worker.keys.models(), worker.keys.workers(worker.name))
+        worker.redis.close()
 
 
 def test_run_jobs_fails_items_with_their_kinds(tiny_encoder):

@@ -388,6 +388,9 @@ def test_proto_json_routes(main, reference_model):
     assert status == 200 and lookup["found"] == [True, False]
     status, bad = post(f"{base}/v1/similarity", {"pairs": {"pairs": []}, "nope": 1})
     assert status == 400 and bad["error"]["type"] == "invalid_request_error"
+    for route in ("encode", "similarity", "lookup", "tokenize"):  # bytes that are not UTF-8
+        status, bad = post(f"{base}/v1/{route}", b'{"texts": ["\xff\xfe"]}')
+        assert status == 400 and "not a valid" in bad["error"]["message"], (route, bad)
 
 
 def grpc_health(server: HttpServer, service: str) -> str:

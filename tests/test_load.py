@@ -23,9 +23,11 @@ import redis
 from conftest import LOG_DIR, Service, new_service
 from embedq.server.admission import RetryLedger, late_refusal
 from embedq.server.router import (
+    STREAM_BYTE_WINDOW,
     STREAM_MIN_TEXT_WINDOW,
     STREAM_TEXT_WINDOW,
     STREAM_WINDOW_S,
+    Credits,
     stream_text_window,
 )
 from embedq.workers.pipeline import BatchLimits, iter_steps
@@ -74,6 +76,33 @@ def test_callers_refused_together_are_told_staggered_times():
     assert ledger.pending("m", now + hints[0] / 1000) == 700
     assert ledger.pending("m", now + hints[-1] / 1000) == 0
     assert ledger.pending("other", now) == 0
+
+
+def test_a_streams_credits_count_bytes_as_well_as_texts():
+    """A message's bytes (its texts and its id, which the response carries back) hold the
+    stream's byte budget too: a few big messages fill it long before the text window."""
+    import asyncio
+
+    async def main() -> None:
+        credits = Credits(messages=8, texts=8, size=1000)
+        big = pb.EncodeStreamRequest(id="x" * 600, texts=["a"])
+        first = await credits.acquire(big)
+        assert first == (1, big.ByteSize())
+        second = asyncio.create_task(credits.acquire(big))
+        await asyncio.sleep(0.01)
+        assert not second.done()  # 2 texts of 8, but 1,200 bytes of 1,000
+        credits.release(first)
+        credits.release(await asyncio.wait_for(second, 1))
+        # A message bigger than the whole budget still goes, alone.
+        huge = await credits.acquire(pb.EncodeStreamRequest(id="x" * 5000, texts=["a"]))
+        assert huge == (1, 1000)
+        blocked = asyncio.create_task(credits.acquire(pb.EncodeStreamRequest(texts=["b"])))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        credits.release(huge)
+        await asyncio.wait_for(blocked, 1)
+
+    asyncio.run(main())
 
 
 # -- the worker's core, in-process ---------------------------------------------------
@@ -179,6 +208,37 @@ def test_items_that_expire_between_batches_are_not_encoded(encoder):
     assert encoded == 32 - len(failures)  # expired texts never reached the model
     assert sum(s.answered_items for s in steps) == 32  # failed ones leave the backlog too
     assert sorted(i for s in steps for i in s.finished_jobs) == [0, 1]
+
+
+def test_each_callers_own_deadline_counts_not_its_jobs(encoder):
+    """One job coalesces many callers and carries the latest deadline: a caller whose own
+    deadline passed (before the read, or between batches) is failed, not encoded, while the
+    job's other items still are."""
+    counting = CountingEncoder(encoder)
+    now = int(time.time() * 1000)
+    job = queue_pb2.Job(
+        kind=queue_pb2.JOB_KIND_ENCODE, reply_to="r", normalize=True, truncate=True,
+        deadline_unix_ms=now + 120_000,
+    )  # fmt: skip
+    texts = unique_texts(24)
+    # Rows 0-7 expired while queued, 8-15 expire after the first batch, 16-23 are patient.
+    deadlines = [now - 1] * 8 + [now + 1000] * 8 + [now + 120_000] * 8
+    for ticket, (text, deadline) in enumerate(zip(texts, deadlines, strict=True), 1):
+        job.items.add(ticket=ticket, text=text, deadline_unix_ms=deadline)
+    times = iter([now] * 2 + [now + 60_000] * 10)
+    steps = list(
+        iter_steps([job], counting, Keys("t"), BatchLimits(max_batch_size=8), lambda: next(times))
+    )
+    replies = [step.outcome.replies["r"] for step in steps if "r" in step.outcome.replies]
+    failed = {f.ticket for reply in replies for f in reply.failures}
+    answered = [ticket for reply in replies for ticket in reply.tickets]
+    assert set(range(1, 9)) <= failed  # expired in the queue: never tokenized for the model
+    assert all(f.kind == ErrorKind.DEADLINE for reply in replies for f in reply.failures)
+    assert set(range(17, 25)) <= set(answered)  # the patient callers, same job
+    assert len(failed) + len(answered) == 24 and not failed & set(answered)
+    assert sum(step.outcome.texts_encoded for step in steps) == len(answered) < 24
+    assert counting.passes <= 2  # the first batch, then the patient rows
+    assert [i for step in steps for i in step.finished_jobs] == [0]
 
 
 def test_a_job_whose_callers_all_left_is_finished_at_once(encoder):
@@ -372,6 +432,35 @@ def test_a_stream_never_read_stays_bounded_and_its_cancel_ends_quietly(
     # whether one was in flight when the cancel came (rather than a wait) is a race.
     assert "ExecuteBatchError raised in core" not in server_log
     assert "Traceback" not in server_log
+
+
+def test_a_never_read_stream_of_big_messages_stays_bounded(fast_service: Service):
+    """Messages of one short text with a 256 kB id each: the text window (512) would let the
+    server hold 128 MB of them for a client that does not read; the byte window does not."""
+    import asyncio
+
+    pid, offered, padding = fast_service.server.pid, 0, "x" * 256 * 1024
+
+    async def send_unread() -> list[float]:
+        async def requests():
+            nonlocal offered
+            for i in range(2_000):
+                offered += 1
+                yield pb.EncodeStreamRequest(id=f"{i}:{padding}", texts=[f"big {i} {uuid.uuid4()}"])
+
+        async with grpc.aio.insecure_channel(fast_service.target) as channel:
+            call = embedq_pb2_grpc.EmbedderStub(channel).EncodeStream(requests(), timeout=60)
+            samples = []
+            for _ in range(30):
+                await asyncio.sleep(0.1)
+                samples.append(rss_mb(pid))
+            call.cancel()
+            return samples
+
+    before = rss_mb(pid)
+    growth = max(asyncio.run(send_unread())) - before
+    assert growth < 30, f"server grew {growth:.1f} MB"
+    assert offered * len(padding) > STREAM_BYTE_WINDOW  # more than the server may hold
 
 
 def server_log_path(service: Service) -> Path:

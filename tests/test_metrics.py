@@ -168,13 +168,14 @@ def test_status_command(deployment, stub):
     assert len(model["fingerprint"]) == 64
     assert model["workers_alive"] == 1 and len(model["workers"]) == 1
     assert (model["queue_depth"], model["pending"], model["dead_letters"]) == (0, 0, 0)
+    assert model["texts_queued"] == 0  # every text answered: the backlog counter is back to 0
     assert status["cache_keys"] >= 1 and status["cache_keys_complete"]
 
     client = redis.Redis.from_url(service.redis_url)
     bounded = collect(client, Keys(service.namespace), scan_limit=1)
     table = format_table(bounded, service.redis_url)
     assert table.splitlines()[1].split() == [
-        "MODEL", "DIM", "FINGERPRINT", "QUEUED", "PENDING", "DEAD", "WORKERS"
+        "MODEL", "DIM", "FINGERPRINT", "QUEUED", "TEXTS", "PENDING", "DEAD", "WORKERS"
     ]  # fmt: skip
     assert "all-MiniLM-L6-v2  384" in table
     assert model["workers"][0]["id"] in table

@@ -92,21 +92,25 @@ class Step:
     answered_items: int = 0
 
 
+# Who waits for a text: (job index in the read, ticket, the caller's deadline in Unix ms).
+Wait = tuple[int, int, int]
+
+
 @dataclass
 class _Work:
     """The unique texts of one normalisation setting, and who waits for them."""
 
     texts: list[str] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
-    # Per unique text: (job index, ticket) pairs waiting for it.
-    waiting: list[list[tuple[int, int]]] = field(default_factory=list)
+    # Per unique text: who waits for it, as (job index, ticket, deadline in Unix ms; 0: none).
+    waiting: list[list[Wait]] = field(default_factory=list)
 
-    def add(self, job_index: int, ticket: int, text: str) -> None:
+    def add(self, job_index: int, ticket: int, text: str, deadline_ms: int) -> None:
         if text not in self.index:
             self.index[text] = len(self.texts)
             self.texts.append(text)
             self.waiting.append([])
-        self.waiting[self.index[text]].append((job_index, ticket))
+        self.waiting[self.index[text]].append((job_index, ticket, deadline_ms))
 
 
 class _Tracker:
@@ -212,7 +216,11 @@ def prepare(
         else:
             add = work[job.normalize, job.prompt].add
             for item in job.items:
-                add(job_index, item.ticket, item.text)
+                deadline = item.deadline_unix_ms or job.deadline_unix_ms
+                if _past(deadline, now):
+                    tracker.fail(job_index, item.ticket, ErrorKind.DEADLINE, DEADLINE_MESSAGE)
+                else:
+                    add(job_index, item.ticket, item.text, deadline)
     groups = []
     for (normalize, prompt), texts in work.items():
         # The prompt is part of the text the model reads (and counts toward
@@ -262,7 +270,12 @@ def _now_ms() -> int:
 
 
 def _expired(job: queue_pb2.Job, now_ms: int) -> bool:
-    return bool(job.deadline_unix_ms) and job.deadline_unix_ms < now_ms
+    """Every item of the job expired (its deadline is the latest of theirs)."""
+    return _past(job.deadline_unix_ms, now_ms)
+
+
+def _past(deadline_ms: int, now_ms: int) -> bool:
+    return bool(deadline_ms) and deadline_ms < now_ms
 
 
 def _over_length_message(tokens: TokenizedText, max_len: int) -> str:
@@ -305,9 +318,10 @@ def _reject_over_length(
         if not tokens.truncated:
             continue
         kept = []
-        for job_index, ticket in group.waiting[index]:
+        for wait in group.waiting[index]:
+            job_index, ticket, _deadline = wait
             if tracker.jobs[job_index].truncate:
-                kept.append((job_index, ticket))
+                kept.append(wait)
             else:
                 message = _over_length_message(tokens, max_len)
                 tracker.fail(job_index, ticket, ErrorKind.TOO_LONG, message)
@@ -315,15 +329,17 @@ def _reject_over_length(
 
 
 def _drop_expired(group: _Work, batch: list[int], tracker: _Tracker, now_ms: int) -> list[int]:
-    """The texts of `batch` someone still waits for (in time); fail the expired waits."""
+    """The texts of `batch` someone still waits for (in time); fail the expired waits
+    (each caller's own deadline: one job holds the items of many callers)."""
     live = []
     for index in batch:
         kept = []
-        for job_index, ticket in group.waiting[index]:
-            if _expired(tracker.jobs[job_index], now_ms):
+        for wait in group.waiting[index]:
+            job_index, ticket, deadline = wait
+            if _past(deadline, now_ms):
                 tracker.fail(job_index, ticket, ErrorKind.DEADLINE, DEADLINE_MESSAGE)
             else:
-                kept.append((job_index, ticket))
+                kept.append(wait)
         group.waiting[index] = kept
         if kept:
             live.append(index)
@@ -355,7 +371,7 @@ def _answer_batch(
 ) -> None:
     if vectors is None:
         for index in batch:
-            for job_index, ticket in group.waiting[index]:
+            for job_index, ticket, _deadline in group.waiting[index]:
                 tracker.fail(job_index, ticket, ErrorKind.INTERNAL, error)
         return
     # One conversion per batch, each row's bytes a slice of it (profiled: per-text numpy
@@ -368,7 +384,7 @@ def _answer_batch(
     cache = tracker.outcome.cache
     for position, index in enumerate(batch):
         text_hash = text_sha256(group.texts[index])
-        for job_index, ticket in group.waiting[index]:
+        for job_index, ticket, _deadline in group.waiting[index]:
             job = tracker.jobs[job_index]
             rows[job.reply_to].append((ticket, position))
             tracker.answered(job_index)

@@ -56,7 +56,7 @@ from embedq.settings import WorkerSettings
 
 from . import metrics
 from .backends import PooledEncoder
-from .batching import RecentPeak, linger_s, needs_cancel_check, reader_wait
+from .batching import FRESH_JOB_MS, RecentPeak, linger_s, needs_cancel_check, reader_wait
 from .pipeline import (
     BatchLimits,
     Outcome,
@@ -78,6 +78,9 @@ HEARTBEAT_JOIN_S = 5.0
 
 # How often the reader looks for workers whose heartbeat stopped.
 TAKEOVER_PERIOD_S = 1.0
+# A read that waited this long for the busy model (s) is checked again for items whose
+# callers left meanwhile (a round trip, at hand-over), as a read is when it comes in.
+RECHECK_CANCELLED_S = FRESH_JOB_MS / 1000
 # Steps waiting for the writer; past it the model waits (Redis is down or slow).
 WRITE_QUEUE_STEPS = 64
 # Reads with fewer encoded texts say little about capacity (per-call overhead).
@@ -110,12 +113,15 @@ class Read:
     tokens: Pretokenized = field(default_factory=dict)
     # Deduplicated and tokenized, at hand-over to the model.
     prepared: Prepared | None = None
+    # When its oldest part was read (monotonic s; inf: nothing read yet).
+    read_at: float = math.inf
 
     def absorb(self, other: Read) -> None:
         self.jobs += other.jobs
         self.entry_ids += other.entry_ids
         self.sizes += other.sizes
         self.tokens.update(other.tokens)
+        self.read_at = min(self.read_at, other.read_at)
 
     @property
     def texts(self) -> int:
@@ -210,6 +216,9 @@ class Worker:
             settings.model, device=settings.device, fp16=settings.fp16, backend=settings.backend
         )
         self.name = self.encoder.spec.name
+        # Read once, with the model: the heartbeat re-publishes the registration every second,
+        # and a config file edited (or half written) meanwhile is not the model this serves.
+        self._prompts = read_prompts(self.encoder.spec.source)
         self.worker_id = settings.worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
@@ -302,7 +311,7 @@ class Worker:
 
     def registration(self) -> queue_pb2.ModelRegistration:
         spec = self.encoder.spec
-        prompts, default_prompt = read_prompts(spec.source)
+        prompts, default_prompt = self._prompts
         return queue_pb2.ModelRegistration(
             prompts=prompts,
             default_prompt_name=default_prompt,
@@ -361,6 +370,10 @@ class Worker:
                 self._touch_held()
             except (RedisError, OSError):
                 pass
+            except Exception:
+                # A bug must not end the heartbeat: a worker without one looks dead, and
+                # others take over the jobs it is still running.
+                self._throttled.error("heartbeat", "heartbeat failed; beating on", exc_info=True)
 
     def _touch_held(self) -> None:
         """Reset the idle time of the entries this worker holds: XCLAIM to itself with
@@ -447,6 +460,8 @@ class Worker:
 
     def _hand_over(self, read: Read) -> None:
         self._linger_since = None
+        if time.monotonic() - read.read_at >= RECHECK_CANCELLED_S:
+            self._drop_cancelled_quietly(read.jobs)
         try:
             read.prepared = prepare(read.jobs, self.encoder, known=read.tokens)
         except Exception:
@@ -606,7 +621,7 @@ class Worker:
         metrics.dead_lettered()
 
     def _decode(self, entries: list[Entry]) -> Read:
-        read = Read()
+        read = Read(read_at=time.monotonic())
         for entry_id, fields in entries:
             try:
                 job = decode_job(fields)
@@ -629,6 +644,16 @@ class Worker:
         except Exception:  # noqa: BLE001 - the hand-over tokenizes again (see _hand_over)
             log.warning("tokenizing ahead failed; left to the hand-over", exc_info=True)
             read.tokens.clear()
+
+    def _drop_cancelled_quietly(self, jobs: list[queue_pb2.Job]) -> None:
+        """_drop_cancelled for jobs that waited for the busy model after their read: their
+        callers may have left since. Redis trouble only means they are encoded anyway."""
+        try:
+            self._drop_cancelled(jobs)
+        except (RedisError, OSError) as exc:
+            self._throttled.warning(
+                "recheck", "checking for cancelled items failed (%s)", type(exc).__name__
+            )
 
     def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:
         """Remove items whose caller cancelled or gave up (one round trip)."""

@@ -204,7 +204,8 @@ SETTINGS: dict[str, Setting] = _declare(
     ),
     Setting(
         "default_timeout_s", float, 120.0,
-        "seconds a call waits for workers when the client set no deadline",
+        "seconds a call waits for workers when the client set no deadline, and the most any "
+        "call waits (a longer client deadline is capped to it)",
         env="EMBEDQ_REQUEST_TIMEOUT", flag="--request-timeout", commands=SERVERS,
     ),
     Setting(

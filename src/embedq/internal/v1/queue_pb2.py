@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65mbedq/internal/v1/queue.proto\x12\x12\x65mbedq.internal.v1\"$\n\x04Item\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xe0\x01\n\x03Job\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.embedq.internal.v1.JobKind\x12\x10\n\x08reply_to\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.embedq.internal.v1.Item\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12\x0e\n\x06prompt\x18\t \x01(\t\"i\n\x07\x46\x61ilure\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x10\n\x04\x63ode\x18\x02 \x01(\x05\x42\x02\x18\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12+\n\x04kind\x18\x04 \x01(\x0e\x32\x1d.embedq.internal.v1.ErrorKind\"]\n\x06Tokens\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0b\x66ull_length\x18\x05 \x01(\r\"\x97\x01\n\x05Reply\x12\x0f\n\x07tickets\x18\x01 \x03(\x04\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x11\n\tdimension\x18\x03 \x01(\r\x12-\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x1b.embedq.internal.v1.Failure\x12*\n\x06tokens\x18\x05 \x03(\x0b\x32\x1a.embedq.internal.v1.Tokens\"\xc3\x02\n\x11ModelRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x16\n\x0emax_seq_length\x18\x05 \x01(\r\x12\x11\n\tnormalize\x18\x06 \x01(\x08\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x1a\n\x12registered_unix_ms\x18\x08 \x01(\x03\x12\x43\n\x07prompts\x18\t \x03(\x0b\x32\x32.embedq.internal.v1.ModelRegistration.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\n \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fJOB_KIND_ENCODE\x10\x01\x12\x15\n\x11JOB_KIND_TOKENIZE\x10\x02*\x9c\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45RROR_KIND_INVALID_INPUT\x10\x01\x12\x17\n\x13\x45RROR_KIND_TOO_LONG\x10\x02\x12\x19\n\x15\x45RROR_KIND_OVERLOADED\x10\x03\x12\x1a\n\x16\x45RROR_KIND_UNAVAILABLE\x10\x04\x12\x17\n\x13\x45RROR_KIND_DEADLINE\x10\x05\x12\x1e\n\x1a\x45RROR_KIND_UNAUTHENTICATED\x10\x06\x12\x19\n\x15\x45RROR_KIND_PERMISSION\x10\x07\x12\x18\n\x14\x45RROR_KIND_NOT_FOUND\x10\x08\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65mbedq/internal/v1/queue.proto\x12\x12\x65mbedq.internal.v1\">\n\x04Item\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\"\xe0\x01\n\x03Job\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.embedq.internal.v1.JobKind\x12\x10\n\x08reply_to\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.embedq.internal.v1.Item\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12\x0e\n\x06prompt\x18\t \x01(\t\"i\n\x07\x46\x61ilure\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x10\n\x04\x63ode\x18\x02 \x01(\x05\x42\x02\x18\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12+\n\x04kind\x18\x04 \x01(\x0e\x32\x1d.embedq.internal.v1.ErrorKind\"]\n\x06Tokens\x12\x0e\n\x06ticket\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x13\n\x0b\x66ull_length\x18\x05 \x01(\r\"\x97\x01\n\x05Reply\x12\x0f\n\x07tickets\x18\x01 \x03(\x04\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x11\n\tdimension\x18\x03 \x01(\r\x12-\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x1b.embedq.internal.v1.Failure\x12*\n\x06tokens\x18\x05 \x03(\x0b\x32\x1a.embedq.internal.v1.Tokens\"\xc3\x02\n\x11ModelRegistration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x16\n\x0emax_seq_length\x18\x05 \x01(\r\x12\x11\n\tnormalize\x18\x06 \x01(\x08\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x1a\n\x12registered_unix_ms\x18\x08 \x01(\x03\x12\x43\n\x07prompts\x18\t \x03(\x0b\x32\x32.embedq.internal.v1.ModelRegistration.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\n \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\x07JobKind\x12\x18\n\x14JOB_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fJOB_KIND_ENCODE\x10\x01\x12\x15\n\x11JOB_KIND_TOKENIZE\x10\x02*\x9c\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45RROR_KIND_INVALID_INPUT\x10\x01\x12\x17\n\x13\x45RROR_KIND_TOO_LONG\x10\x02\x12\x19\n\x15\x45RROR_KIND_OVERLOADED\x10\x03\x12\x1a\n\x16\x45RROR_KIND_UNAVAILABLE\x10\x04\x12\x17\n\x13\x45RROR_KIND_DEADLINE\x10\x05\x12\x1e\n\x1a\x45RROR_KIND_UNAUTHENTICATED\x10\x06\x12\x19\n\x15\x45RROR_KIND_PERMISSION\x10\x07\x12\x18\n\x14\x45RROR_KIND_NOT_FOUND\x10\x08\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAILURE'].fields_by_name['code']._serialized_options = b'\030\001'
   _globals['_MODELREGISTRATION_PROMPTSENTRY']._loaded_options = None
   _globals['_MODELREGISTRATION_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBKIND']._serialized_start=1001
-  _globals['_JOBKIND']._serialized_end=1080
-  _globals['_ERRORKIND']._serialized_start=1083
-  _globals['_ERRORKIND']._serialized_end=1367
+  _globals['_JOBKIND']._serialized_start=1027
+  _globals['_JOBKIND']._serialized_end=1106
+  _globals['_ERRORKIND']._serialized_start=1109
+  _globals['_ERRORKIND']._serialized_end=1393
   _globals['_ITEM']._serialized_start=54
-  _globals['_ITEM']._serialized_end=90
-  _globals['_JOB']._serialized_start=93
-  _globals['_JOB']._serialized_end=317
-  _globals['_FAILURE']._serialized_start=319
-  _globals['_FAILURE']._serialized_end=424
-  _globals['_TOKENS']._serialized_start=426
-  _globals['_TOKENS']._serialized_end=519
-  _globals['_REPLY']._serialized_start=522
-  _globals['_REPLY']._serialized_end=673
-  _globals['_MODELREGISTRATION']._serialized_start=676
-  _globals['_MODELREGISTRATION']._serialized_end=999
-  _globals['_MODELREGISTRATION_PROMPTSENTRY']._serialized_start=953
-  _globals['_MODELREGISTRATION_PROMPTSENTRY']._serialized_end=999
+  _globals['_ITEM']._serialized_end=116
+  _globals['_JOB']._serialized_start=119
+  _globals['_JOB']._serialized_end=343
+  _globals['_FAILURE']._serialized_start=345
+  _globals['_FAILURE']._serialized_end=450
+  _globals['_TOKENS']._serialized_start=452
+  _globals['_TOKENS']._serialized_end=545
+  _globals['_REPLY']._serialized_start=548
+  _globals['_REPLY']._serialized_end=699
+  _globals['_MODELREGISTRATION']._serialized_start=702
+  _globals['_MODELREGISTRATION']._serialized_end=1025
+  _globals['_MODELREGISTRATION_PROMPTSENTRY']._serialized_start=979
+  _globals['_MODELREGISTRATION_PROMPTSENTRY']._serialized_end=1025
 # @@protoc_insertion_point(module_scope)

@@ -40,12 +40,14 @@ ERROR_KIND_NOT_FOUND: ErrorKind
 ERROR_KIND_INTERNAL: ErrorKind
 
 class Item(_message.Message):
-    __slots__ = ("ticket", "text")
+    __slots__ = ("ticket", "text", "deadline_unix_ms")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ticket: int
     text: str
-    def __init__(self, ticket: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+    deadline_unix_ms: int
+    def __init__(self, ticket: _Optional[int] = ..., text: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("kind", "reply_to", "items", "normalize", "truncate", "variant", "deadline_unix_ms", "fingerprint", "prompt")
