@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +98,10 @@ class Variant:
         )
 
 
+def default_row_name(row: int) -> str:
+    return f"texts[{row}]"
+
+
 @dataclass
 class Call:
     """One request's texts, waiting for their rows."""
@@ -106,6 +111,7 @@ class Call:
     texts: list[str]
     deadline_unix_ms: int
     future: asyncio.Future
+    row_name: Callable[[int], str] = default_row_name
     vectors: np.ndarray = field(init=False)
     cached: np.ndarray = field(init=False)
     tokens: list[queue_pb2.Tokens | None] = field(init=False)
@@ -337,10 +343,15 @@ class Dispatcher:
                 await self._redis.delete(self._keys.job_marker(model, self.server_id))
 
     async def encode(
-        self, variant: Variant, texts: list[str], timeout_s: float
+        self,
+        variant: Variant,
+        texts: list[str],
+        timeout_s: float,
+        row_name: Callable[[int], str] = default_row_name,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors (n, dim) float32 and per-row cache-hit flags."""
-        call = await self._submit(ENCODE, variant, texts, timeout_s)
+        """Vectors (n, dim) float32 and per-row cache-hit flags. `row_name` names a text in
+        a worker's failure (what the caller calls it: say "pairs[3].b")."""
+        call = await self._submit(ENCODE, variant, texts, timeout_s, row_name)
         return call.vectors, call.cached
 
     async def tokenize(
@@ -362,11 +373,16 @@ class Dispatcher:
     # -- calls ------------------------------------------------------------------
 
     async def _submit(
-        self, kind: int, variant: Variant, texts: list[str], timeout_s: float
+        self,
+        kind: int,
+        variant: Variant,
+        texts: list[str],
+        timeout_s: float,
+        row_name: Callable[[int], str] = default_row_name,
     ) -> Call:
         loop = asyncio.get_running_loop()
         deadline_ms = int((time.time() + timeout_s) * 1000)
-        call = Call(kind, variant, texts, deadline_ms, loop.create_future())
+        call = Call(kind, variant, texts, deadline_ms, loop.create_future(), row_name)
         if kind == ENCODE and self._answered_nearby(call):
             return call
         self._inbox.append(call)
@@ -995,7 +1011,7 @@ class Dispatcher:
                 self._refill_if_due(call)
         for failure in reply.failures:
             for call, row in self._take_waiters(failure.ticket):
-                call.fail(error_of_failure(failure, f"texts[{row}]: {failure.message}"))
+                call.fail(error_of_failure(failure, f"{call.row_name(row)}: {failure.message}"))
 
     def _take_waiters(self, ticket_id: int) -> list[tuple[Call, int]]:
         ticket = self._drop_ticket(ticket_id)

@@ -30,7 +30,7 @@ from embedq.v1 import embedq_pb2_grpc
 from . import similarity, validation
 from .errors import RequestError, as_request_error, invalid, unavailable
 from .output import OutputSpec, output_spec, ranking_vectors, shape
-from .queue import Dispatcher, Variant
+from .queue import Dispatcher, Variant, default_row_name
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,12 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         options: pb.EncodeOptions,
         context: grpc.aio.ServicerContext,
         max_texts: int | None = None,
+        row_name: validation.RowName = default_row_name,
     ) -> Embedded:
-        validation.check_texts(texts, self.limits, max_texts=max_texts)
+        validation.check_texts(texts, self.limits, max_texts=max_texts, name=row_name)
         variant, spec = self._resolve(options)
-        vectors, cached = await self.dispatcher.encode(variant, texts, self._timeout(context))
+        timeout_s = self._timeout(context)
+        vectors, cached = await self.dispatcher.encode(variant, texts, timeout_s, row_name)
         return Embedded(variant, spec, vectors, cached)
 
     @staticmethod
@@ -288,7 +290,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         if request.WhichOneof("input") == "pairs":
             pairs = request.pairs.pairs
             texts = [p.a for p in pairs] + [p.b for p in pairs]
-            done = await self._embed(texts, request.options, context)
+            names = validation.pair_text_name(len(pairs))
+            done = await self._embed(texts, request.options, context, row_name=names)
             vectors = ranking_vectors(done.vectors, done.spec)
             scores = similarity.pairwise(metric, vectors[: len(pairs)], vectors[len(pairs) :])
             return pb.SimilarityResponse(
@@ -296,7 +299,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
             )
         ranking = request.ranking
         texts = [ranking.query, *ranking.candidates]
-        done = await self._embed(texts, request.options, context, self.limits.max_candidates + 1)
+        most, names = self.limits.max_candidates + 1, validation.ranking_text_name
+        done = await self._embed(texts, request.options, context, most, names)
         vectors = ranking_vectors(done.vectors, done.spec)
         scores = similarity.against_query(metric, vectors[0], vectors[1:])
         order, best = similarity.top_k(scores, request.top_k)

@@ -5,20 +5,28 @@ Pure functions over the protobuf messages; they raise RequestError.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from embedq.settings import Limits
 from embedq.v1 import embedq_pb2 as pb
 
 from .errors import invalid
 
+# What a caller calls text `row` of a request's texts (say "pairs[3].b").
+RowName = Callable[[int], str]
+
 KNOWN_TRUNCATIONS = set(pb.Truncation.values())
 KNOWN_METRICS = set(pb.Metric.values())
 
 
 def check_texts(
-    texts: Sequence[str], limits: Limits, field: str = "texts", max_texts: int | None = None
+    texts: Sequence[str],
+    limits: Limits,
+    field: str = "texts",
+    max_texts: int | None = None,
+    name: RowName | None = None,
 ) -> None:
+    """`name` says what the caller calls text i (default: `field[i]`)."""
     most = max_texts or limits.max_batch_texts
     if not texts:
         raise invalid(f"{field} is empty: send at least one text")
@@ -34,9 +42,9 @@ def check_texts(
         if len(text) > cheap_ok:
             size = len(text.encode("utf-8", "surrogatepass"))
             if size > limits.max_text_bytes:
+                where = name(index) if name else f"{field}[{index}]"
                 raise invalid(
-                    f"{field}[{index}] is {size} UTF-8 bytes, over the limit of "
-                    f"{limits.max_text_bytes}"
+                    f"{where} is {size} UTF-8 bytes, over the limit of {limits.max_text_bytes}"
                 )
 
 
@@ -89,7 +97,7 @@ def check_similarity(request: pb.SimilarityRequest, limits: Limits) -> None:
         if not pairs:
             raise invalid("pairs is empty: send at least one pair")
         texts = [p.a for p in pairs] + [p.b for p in pairs]
-        check_texts(texts, limits, field="pairs (a and b texts)")
+        check_texts(texts, limits, field="pairs (a and b texts)", name=pair_text_name(len(pairs)))
     else:
         if not request.ranking.candidates:
             raise invalid("ranking.candidates is empty: send at least one candidate")
@@ -98,7 +106,18 @@ def check_similarity(request: pb.SimilarityRequest, limits: Limits) -> None:
             limits,
             field="ranking (query and candidates)",
             max_texts=limits.max_candidates + 1,
+            name=ranking_text_name,
         )
+
+
+def pair_text_name(pairs: int) -> RowName:
+    """Names of the texts [a of every pair, then b of every pair] as the caller sent them."""
+    return lambda row: f"pairs[{row}].a" if row < pairs else f"pairs[{row - pairs}].b"
+
+
+def ranking_text_name(row: int) -> str:
+    """Name of text `row` of [query, *candidates] as the caller sent it."""
+    return "ranking.query" if row == 0 else f"ranking.candidates[{row - 1}]"
 
 
 def check_hashes(hashes: Sequence[bytes]) -> None:

@@ -262,6 +262,32 @@ BAD_INPUTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "metric",
     ),
+    "over-long pair text, truncation off": (
+        "Similarity",
+        pb.SimilarityRequest(
+            pairs=pb.PairList(
+                pairs=[pb.TextPair(a="a", b="b"), pb.TextPair(a="c", b="word " * 300)]
+            ),
+            options=pb.EncodeOptions(truncation=pb.TRUNCATION_REJECT),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "pairs[1].b: text is 302 tokens",  # named as sent, not by its row in the batch
+    ),
+    "over-long candidate, truncation off": (
+        "Similarity",
+        pb.SimilarityRequest(
+            ranking=pb.QueryCandidates(query="q", candidates=["a", "word " * 300]),
+            options=pb.EncodeOptions(truncation=pb.TRUNCATION_REJECT),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ranking.candidates[1]: text is 302 tokens",
+    ),
+    "candidate over byte limit": (
+        "Similarity",
+        pb.SimilarityRequest(ranking=pb.QueryCandidates(query="q", candidates=["é" * 40000])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ranking.candidates[0] is 80000 UTF-8 bytes",
+    ),
     "similarity without input": (
         "Similarity",
         pb.SimilarityRequest(),

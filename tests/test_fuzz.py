@@ -157,7 +157,11 @@ def utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def text_faults(texts: list[str], field: str, most: int = MAX_BATCH_TEXTS) -> list[Fault]:
+def text_faults(
+    texts: list[str], field: str, most: int = MAX_BATCH_TEXTS, name=None
+) -> list[Fault]:
+    """`name(i)`: what the caller calls text i (default `field[i]`)."""
+    name = name or (lambda index: f"{field}[{index}]")
     if not texts:
         return [Fault(INVALID, f"{field} is empty")]
     if len(texts) > most:
@@ -166,7 +170,7 @@ def text_faults(texts: list[str], field: str, most: int = MAX_BATCH_TEXTS) -> li
         size = utf8_len(text)
         if size > MAX_TEXT_BYTES:
             # The first offending index is named.
-            return [Fault(INVALID, f"{field}[{index}] is {size} UTF-8 bytes")]
+            return [Fault(INVALID, f"{name(index)} is {size} UTF-8 bytes")]
     return []
 
 
@@ -234,9 +238,10 @@ def output_faults(options: pb.EncodeOptions, rows: int | None) -> list[Fault]:
     return faults
 
 
-def reject_faults(texts: list[str], options: pb.EncodeOptions, named: bool = True) -> list[Fault]:
+def reject_faults(texts: list[str], options: pb.EncodeOptions, name=None) -> list[Fault]:
     """Texts over max_seq_length, prompt included, while truncation is REJECT
-    (found by the worker)."""
+    (found by the worker, named as the caller calls them: `name(i)`, default `texts[i]`)."""
+    name = name or (lambda index: f"texts[{index}]")
     if options.truncation != pb.TRUNCATION_REJECT:
         return []
     limit = _max_seq_length()
@@ -245,7 +250,7 @@ def reject_faults(texts: list[str], options: pb.EncodeOptions, named: bool = Tru
     for index, text in enumerate(texts):
         if utf8_len(text) <= MAX_TEXT_BYTES and (count := token_count(prompt + text)) > limit:
             fragment = f"text is {count} tokens, over the model's max_seq_length of {limit}"
-            faults.append(Fault(INVALID, f"texts[{index}]: {fragment}" if named else fragment))
+            faults.append(Fault(INVALID, f"{name(index)}: {fragment}"))
     return faults
 
 
@@ -284,14 +289,23 @@ def similarity_faults(request: pb.SimilarityRequest) -> list[Fault]:
         if not pairs:
             return faults + [Fault(INVALID, "pairs is empty")]
         texts = [p.a for p in pairs] + [p.b for p in pairs]
-        faults += text_faults(texts, "pairs (a and b texts)")
+        count = len(pairs)
+
+        def name(row: int) -> str:
+            return f"pairs[{row}].a" if row < count else f"pairs[{row - count}].b"
+
+        faults += text_faults(texts, "pairs (a and b texts)", name=name)
     else:
         if not request.ranking.candidates:
             return faults + [Fault(INVALID, "ranking.candidates is empty")]
         texts = [request.ranking.query, *request.ranking.candidates]
-        faults += text_faults(texts, "ranking (query and candidates)", RANKING[0] + 1)
-    # The worker's message names the row of the flattened text list.
-    return faults + reject_faults(texts, request.options, named=False)
+
+        def name(row: int) -> str:
+            return "ranking.query" if row == 0 else f"ranking.candidates[{row - 1}]"
+
+        faults += text_faults(texts, "ranking (query and candidates)", RANKING[0] + 1, name)
+    # Named as the caller sent them (pairs[i].a / .b, ranking.query, ranking.candidates[i]).
+    return faults + reject_faults(texts, request.options, name)
 
 
 def lookup_faults(request: pb.LookupRequest) -> list[Fault]:
