@@ -214,10 +214,10 @@ def prepare(
         elif job.kind == queue_pb2.JOB_KIND_TOKENIZE:
             _tokenize_job(job_index, job, encoder, tracker)
         else:
-            add = work[job.normalize, job.prompt].add
-            for item in job.items:
-                deadline = item.deadline_unix_ms or job.deadline_unix_ms
-                if _past(deadline, now):
+            add, job_deadline = work[job.normalize, job.prompt].add, job.deadline_unix_ms
+            for item in job.items:  # every text of a read: kept lean (_past inlined)
+                deadline = item.deadline_unix_ms or job_deadline
+                if deadline and deadline < now:
                     tracker.fail(job_index, item.ticket, ErrorKind.DEADLINE, DEADLINE_MESSAGE)
                 else:
                     add(job_index, item.ticket, item.text, deadline)
