@@ -48,7 +48,7 @@ from grpc_health.v1 import health, health_pb2
 from redis.exceptions import RedisError
 
 from embedq.keys import RETRY_AFTER_MS_KEY, ErrorKind
-from embedq.logs import REQUEST_ID
+from embedq.logs import REQUEST_ID, Throttled
 from embedq.settings import ServerSettings, SettingsError
 from embedq.v1 import embedq_pb2 as pb
 
@@ -75,6 +75,7 @@ KIND_OF_HTTP = {
     404: ErrorKind.NOT_FOUND,
 }
 OPEN_PATHS = frozenset({"/health", "/healthz", "/readyz"})
+MAX_DIMENSIONS = 2**32 - 1  # EncodeOptions.dimension is a uint32
 EMBEDDINGS_FIELDS = frozenset(
     {"input", "model", "encoding_format", "dimensions", "user", "options"}
 )
@@ -113,7 +114,8 @@ ROUTES = [
         "OpenAI embeddings: `input` (a string or a list of strings), `model`, "
         "`encoding_format` (`float` or `base64`), `dimensions`, `user` (ignored); embedq's "
         "[EncodeOptions](#embedq.v1.EncodeOptions) as `options` (JSON mapping), float32 only. "
-        "`usage` counts the tokens the model reads.",
+        "`usage` counts the tokens the model reads (an estimate, with the header "
+        "`embedq-usage: estimated`, when neither the workers nor the server can count them).",
     ),
     Route("GET", "/v1/models", "OpenAI model list: the served models."),
     Route("GET", "/v1/models/{model}", "OpenAI model retrieval; 404 for a model not served."),
@@ -296,6 +298,20 @@ class TokenPlan:
     truncate: bool
 
 
+# Response header of /v1/embeddings when `usage` is an estimate (see estimated_counts).
+USAGE_HEADER = "embedq-usage"
+# Characters per token of the estimate: about 4 for English with WordPiece or BPE.
+CHARS_PER_TOKEN = 4
+
+
+def estimated_counts(plan: TokenPlan, texts: list[str]) -> list[int]:
+    """Token counts when neither the workers nor a trusted local tokenizer can count: about
+    one token per CHARS_PER_TOKEN characters, two special tokens, truncation applied."""
+    max_len = plan.model.registration.max_seq_length
+    counts = [2 + math.ceil(len(plan.prompt + text) / CHARS_PER_TOKEN) for text in texts]
+    return [min(count, max_len) for count in counts] if plan.truncate and max_len else counts
+
+
 class TokenCounter:
     """`usage` token counts: the server's own copy of the model's tokenizer when it
     has one whose counts matched the worker's, else a Tokenize job for the workers."""
@@ -382,6 +398,10 @@ class TokenCounter:
             for index, length in zip(missing, found, strict=True):
                 lengths[index] = length
         return self._read(plan, lengths)
+
+    def known_wrong(self, model: ServedModel) -> bool:
+        """Whether the local tokenizer of `model` was found to disagree with its workers."""
+        return self._verified.get(model.registration.fingerprint) is False
 
     async def check(self, plan: TokenPlan, texts: list[str], worker_counts: list[int]) -> None:
         """Trust the local tokenizer from now on if it agrees with the worker."""
@@ -472,6 +492,12 @@ def _options(body: dict) -> pb.EncodeOptions:
             raise HttpError(
                 ErrorKind.INVALID_INPUT, "dimensions must be a positive integer", "dimensions"
             )
+        if dimensions > MAX_DIMENSIONS:  # past the field's uint32: no model is that wide
+            raise HttpError(
+                ErrorKind.INVALID_INPUT,
+                f"dimensions {dimensions} is above any model's dimension",
+                "dimensions",
+            )
         options.dimension = dimensions
     if options.precision not in (pb.PRECISION_UNSPECIFIED, pb.PRECISION_FLOAT32):
         raise HttpError(
@@ -495,6 +521,7 @@ class HttpApi:
         self.health = health_servicer
         self.tokens = tokens
         self.counter = TokenCounter()
+        self._throttled = Throttled(log)
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -512,7 +539,9 @@ class HttpApi:
             handlers[path] = self._proto_handler(name, request_class)
         for route in ROUTES:
             if route.method == "GET":
-                app.router.add_get(route.path, handlers[route.path], allow_head=False)
+                # HEAD too for the probes (some health checkers send it), not elsewhere.
+                head = route.path in OPEN_PATHS
+                app.router.add_get(route.path, handlers[route.path], allow_head=head)
             else:
                 app.router.add_route(route.method, route.path, handlers[route.path])
         return app
@@ -526,7 +555,8 @@ class HttpApi:
         started = time.perf_counter()
         info = request.match_info
         route = info.route.resource.canonical if info.route.resource is not None else None
-        method = LABELS.get((request.method, route), "unknown")
+        verb = "GET" if request.method == "HEAD" else request.method  # HEAD: health probes
+        method = LABELS.get((verb, route), "unknown")
         request_id = metrics.request_id_from(request.headers.items())
         token = REQUEST_ID.set(request_id)
         outcome = "OK"  # the request metrics' label: a gRPC status name
@@ -645,7 +675,7 @@ class HttpApi:
         plan = self._plan(options)
         context = self._context(request)
         encode = self.service.Encode(pb.EncodeRequest(texts=texts, options=options), context)
-        tokenizer = self.counter.local(plan.model)
+        tokenizer, estimated = self.counter.local(plan.model), False
         counts = None if tokenizer is None else self.counter.count_now(tokenizer, plan, texts)
         if counts is not None:
             reply = await encode
@@ -661,7 +691,7 @@ class HttpApi:
             tokenize = self.service.Tokenize(
                 pb.TokenizeRequest(texts=texts, options=options), context
             )
-            reply, counts = await self._encode_and_count(encode, tokenize, plan, texts)
+            reply, counts, estimated = await self._encode_and_count(encode, tokenize, plan, texts)
         vectors = np.frombuffer(reply.embeddings, dtype="<f4").reshape(reply.count, reply.dimension)
         if encoding == "base64":
             rows = [base64.b64encode(row.tobytes()).decode("ascii") for row in vectors]
@@ -679,16 +709,19 @@ class HttpApi:
                 ],
                 "model": reply.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+            },
+            headers={USAGE_HEADER: "estimated"} if estimated else None,
         )
 
     async def _encode_and_count(
         self, encode: Awaitable, tokenize: Awaitable, plan: TokenPlan, texts: list[str]
-    ) -> tuple[pb.EncodeResponse, list[int]]:
-        """Encode, with the workers counting tokens alongside (their counts check ours).
+    ) -> tuple[pb.EncodeResponse, list[int], bool]:
+        """Encode, with the workers counting tokens alongside (their counts check ours);
+        the third value says the counts are an estimate.
 
-        If only the count fails (say, cached texts and no worker alive, or a full
-        queue) the server's own tokenizer counts, when it has one."""
+        If only the count fails (say, cached texts and no worker alive, or a full queue),
+        the vectors are still answered: the server's own tokenizer counts when it has one
+        not known to disagree with the workers, else usage is estimated."""
         encoding, counting = asyncio.ensure_future(encode), asyncio.ensure_future(tokenize)
         try:
             reply = await encoding
@@ -697,14 +730,21 @@ class HttpApi:
             raise
         try:
             tokenized = await counting
-        except RequestError:
+        except RequestError as exc:
             tokenizer = await self.counter.candidate(plan.model)
-            if tokenizer is None:
-                raise
-            return reply, await self.counter.count(tokenizer, plan, texts)
+            if tokenizer is not None and not self.counter.known_wrong(plan.model):
+                return reply, await self.counter.count(tokenizer, plan, texts), False
+            self._throttled.warning(
+                "usage-estimated",
+                "usage of model %r estimated: its workers could not count tokens (%s) and this "
+                "server has no tokenizer of it that agrees with them",
+                plan.model.name,
+                exc.message,
+            )
+            return reply, estimated_counts(plan, texts), True
         counts = [len(item.ids) for item in tokenized.texts]
         await self.counter.check(plan, texts, counts)
-        return reply, counts
+        return reply, counts, False
 
     def _plan(self, options: pb.EncodeOptions) -> TokenPlan:
         """The model and the prompt and truncation of a request (validated as Encode does)."""

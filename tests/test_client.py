@@ -741,6 +741,11 @@ def test_embedq_error_is_a_grpc_rpc_error() -> None:
     assert error.retry_after == 1.5 and error.retryable and error.attempts == 1
     again = pickle.loads(pickle.dumps(error))
     assert (again.code(), again.details(), again.retry_after) == (error.code(), error.details, 1.5)
+    # Over the message size limit: RESOURCE_EXHAUSTED too, but sending it again never fits.
+    too_big = EmbedqError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (9 vs. 4)"
+    )
+    assert not too_big.retryable
 
 
 def test_errors_from_the_server_are_rpc_errors_with_metadata(client: Client) -> None:

@@ -32,11 +32,14 @@ import grpc
 import numpy as np
 import openai
 import pytest
+import redis
 from conftest import LOG_DIR, Service, _spawn, log_tail, stop_process
 from embedq.apps.embedded import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_security import make_pki
 
+from embedq.internal.v1 import queue_pb2
+from embedq.keys import Keys, text_sha256, variant_fingerprint
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -66,6 +69,8 @@ class HttpServer:
     http_port: int
     metrics_port: int = 0
     tls: bool = False
+    namespace: str = ""
+    redis_url: str = ""
 
     @property
     def base_url(self) -> str:
@@ -91,7 +96,9 @@ class Servers:
         if metrics:
             args += ["--metrics-port", str(metrics_port)]
         proc = _spawn(args, name, env)
-        server = HttpServer(name, proc, grpc_port, http_port, metrics_port, tls)
+        server = HttpServer(
+            name, proc, grpc_port, http_port, metrics_port, tls, namespace, redis_url
+        )
         self.started.append(server)
         return server
 
@@ -479,6 +486,61 @@ def test_no_worker_is_503_and_big_bodies_413(deployment):
     assert caught.value.status_code == 503
     status, body = post(f"{server.base_url}/v1/embeddings", {"input": "x" * 70_000})
     assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_cached_vectors_are_answered_when_only_the_token_count_fails(deployment):
+    """A model whose workers are gone and whose tokenizer is not on the server's machine (the
+    usual split deployment): its cached texts are still answered, as gRPC Encode answers them,
+    with `usage` estimated and said to be (header `embedq-usage: estimated`), not a 503."""
+    server = deployment["empty"]
+    keys, client = Keys(server.namespace), redis.Redis.from_url(server.redis_url)
+    registration = queue_pb2.ModelRegistration(
+        name="far-away", fingerprint="f" * 64, dimension=4, pooling="mean",
+        max_seq_length=128, normalize=True, source="/not/on/this/machine",
+    )  # fmt: skip
+    text, vector = "cached far away", np.array([0.5, 0.5, 0.5, 0.5], "<f4")
+    variant = variant_fingerprint(registration.fingerprint, normalize=True, truncate=True)
+    cache_key = keys.cache(variant, text_sha256(text))
+    client.hset(keys.models(), "far-away", registration.SerializeToString())
+    client.set(cache_key, vector.tobytes(), ex=300)
+    try:
+        deadline = time.monotonic() + 10
+        while "far-away" not in str(fetch(urllib.request.Request(server.base_url + "/v1/models"))):
+            assert time.monotonic() < deadline, "the server never saw the model"
+            time.sleep(0.2)
+        request = urllib.request.Request(
+            f"{server.base_url}/v1/embeddings",
+            data=json.dumps({"model": "far-away", "input": [text]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            body, estimated = json.loads(reply.read()), reply.headers.get("embedq-usage")
+        assert body["data"][0]["embedding"] == vector.tolist()
+        assert estimated == "estimated" and body["usage"]["prompt_tokens"] == 2 + 4  # 15 chars
+        status, failed = post(
+            f"{server.base_url}/v1/embeddings", {"model": "far-away", "input": ["never cached"]}
+        )
+        assert status == 503 and "no worker alive" in failed["error"]["message"]
+    finally:
+        client.hdel(keys.models(), "far-away")
+        client.delete(cache_key)
+        client.close()
+    assert "usage of model 'far-away' estimated" in server.log()
+
+
+def test_health_answers_head_without_a_token(deployment, pki):
+    """Health checkers that probe with HEAD: 200 with no body, no token needed."""
+    server = deployment["secure"]
+    tls = ssl.create_default_context(cafile=str(pki.ca))
+    for path in ("/healthz", "/readyz", "/health"):
+        request = urllib.request.Request(server.base_url + path, method="HEAD")
+        with urllib.request.urlopen(request, timeout=10, context=tls) as reply:
+            assert reply.status == 200 and reply.read() == b""
+
+
+def test_dimensions_past_any_model_is_400(main):
+    status, body = post(f"{main.base_url}/v1/embeddings", {"input": "a", "dimensions": 10**10})
+    assert status == 400 and body["error"]["param"] == "dimensions", body
 
 
 # -- TLS and bearer tokens ------------------------------------------------------------------

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from ._retry import RETRYABLE_CODES, metadata_pairs, retry_after
+from ._retry import metadata_pairs, retry_after, retryable
 
 # google.rpc.Code number -> grpc.StatusCode, for the `Error` of streamed messages.
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
@@ -105,7 +105,9 @@ class EmbedqError(grpc.RpcError):
 
     @property
     def retryable(self) -> bool:
-        return self.code() in RETRYABLE_CODES
+        """Whether sending the same call again may succeed: what the client's own retries
+        go by (RESOURCE_EXHAUSTED for a message over the size limit is not: it never fits)."""
+        return retryable(self)
 
     def __reduce__(self):  # picklable despite the keyword-only arguments
         return (
