@@ -112,13 +112,15 @@ class Backoff:
         step = min(self.cap, self.base * (2 ** min(self.failures, 30)))
         return step * random.uniform(0.5, 1.0)
 
-    def fail(self) -> float:
-        """Register a failure; return the delay before the next try."""
+    def fail(self, at_least: float = 0.0) -> float:
+        """Register a failure; return the delay before the next try (`at_least`: what the
+        server asked for, its retry-after hint)."""
         now = time.monotonic()
         if now >= self.not_before:  # a new failure, not one more of the current wait
             delay = self.delay()
             self.failures += 1
             self.not_before = now + delay
+        self.not_before = max(self.not_before, now + min(at_least, self.cap))
         return max(0.0, self.not_before - now)
 
     def succeed(self) -> None:
@@ -317,6 +319,8 @@ class Bridge:
             entry.parsed = formats.parse(message, self.input)
         except formats.Poison as poison:
             entry.reason = str(poison)
+        except Exception as error:  # noqa: BLE001 - one message must not stop the reader
+            entry.reason = f"cannot parse the message ({type(error).__name__}: {error})"
         self._order.append(entry)
         self.held += 1
         self.metrics.consumed.inc()
@@ -437,8 +441,9 @@ class Bridge:
                     entry.solo = True
                 self._requeue(batch)
                 return
+            hint = response.error.retry_after_ms / 1000  # refused with a retry-after hint
             for entry in reversed(batch):
-                self._failed(entry, code, details)
+                self._failed(entry, code, details, hint)
             return
         try:
             rows = unpack(response.embeddings, response.count, response.dimension, response.dtype)
@@ -451,14 +456,18 @@ class Bridge:
         self._backoff.succeed()
         self.metrics.server_up.set(1)
         for entry, row in zip(batch, rows, strict=True):
-            entry.output = formats.render(
-                entry.parsed,
-                row,
-                response.model,
-                response.dimension,
-                response.dtype,
-                self.settings.output_format,
-            )
+            try:
+                entry.output = formats.render(
+                    entry.parsed,
+                    row,
+                    response.model,
+                    response.dimension,
+                    response.dtype,
+                    self.settings.output_format,
+                )
+            except Exception as error:  # noqa: BLE001 - say, a field JSON cannot write
+                entry.reason = f"cannot write the result ({type(error).__name__}: {error})"
+                continue
             if entry.message.stable_id:
                 # The same input published again (after a crash) gets the same id,
                 # for sinks that de-duplicate (NATS JetStream's Nats-Msg-Id).
@@ -466,7 +475,9 @@ class Bridge:
                 entry.output.dedup_id = hashlib.sha256(key.encode()).hexdigest()[:32]
         self._finished.set()
 
-    def _failed(self, entry: Entry, code: grpc.StatusCode, details: str) -> None:
+    def _failed(
+        self, entry: Entry, code: grpc.StatusCode, details: str, retry_after: float = 0.0
+    ) -> None:
         if code in FATAL:
             raise BridgeError(f"embedq {self.client.target}: {code.name}: {details}")
         if code in POISON:
@@ -479,7 +490,7 @@ class Bridge:
             self._finished.set()
             return
         self.metrics.retried.labels(cause=code.name).inc()
-        delay = self._backoff.fail()
+        delay = self._backoff.fail(retry_after)
         log.debug("message %s: %s: %s; retry in %.1fs", entry.seq, code.name, details, delay)
         self._to_send.appendleft(entry)
         self._send_ready.set()

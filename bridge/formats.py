@@ -112,7 +112,7 @@ def parse(message: Message, fmt: InputFormat) -> Parsed:
             return Parsed(message.message_id, text, obj)
         try:
             obj = json.loads(body)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
             raise Poison(f"body is not JSON ({error})") from None
         if not isinstance(obj, dict):
             raise Poison(f"body is a JSON {type(obj).__name__}, not an object")
@@ -123,16 +123,30 @@ def parse(message: Message, fmt: InputFormat) -> Parsed:
         raise Poison(f"field {fmt.text_field!r} is a {type(text).__name__}, not a string")
     _check_size(text, fmt)
     found, ident = _dotted(obj, fmt.id_field)
-    if not found or ident is None or isinstance(ident, dict | list):
-        ident = message.message_id
+    if not found or ident is None or isinstance(ident, dict | list) or not _sendable(str(ident)):
+        ident = message.message_id  # an id no header could carry is not used
     return Parsed(str(ident), text, obj)
 
 
+def _sendable(value: str) -> bool:
+    """Valid Unicode (JSON escapes can hold lone surrogates, which no header or protobuf
+    string can carry)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_size(text: str, fmt: InputFormat) -> None:
-    if fmt.max_text_bytes:
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > fmt.max_text_bytes:
-            raise Poison(f"text is {size} bytes, over the server's limit of {fmt.max_text_bytes}")
+    """Poison unless the text can be sent: valid Unicode (a JSON escape can hold a lone
+    surrogate, which no protobuf string takes) and within the server's byte limit."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        raise Poison(f"text is not valid Unicode ({error.reason} at {error.start})") from None
+    if fmt.max_text_bytes and size > fmt.max_text_bytes:
+        raise Poison(f"text is {size} bytes, over the server's limit of {fmt.max_text_bytes}")
 
 
 def _field_value(value: Any) -> str:

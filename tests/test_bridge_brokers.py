@@ -591,3 +591,83 @@ def test_server_restart_mid_run_loses_nothing(broker, service, reference_model):
     expected = reference_model.encode(texts, batch_size=64, convert_to_numpy=True)
     assert np.abs(got - expected).max() <= TOLERANCE
     assert "retrying" in log_tail(name, 1_000_000)
+
+
+# -- an MQTT broker that refuses: its own Mosquitto, with an ACL -------------------------
+
+
+@pytest.fixture
+def refusing_mosquitto(tmp_path):
+    """A private Mosquitto on a free loopback port whose ACL lets anyone publish to
+    `open/#` but not to `closed/#` (the machine's own broker is not ours to reconfigure)."""
+    import getpass
+    import shutil
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(binary):
+        pytest.skip("no mosquitto binary to start a private broker with an ACL")
+    port = free_port()
+    (tmp_path / "acl").write_text("topic readwrite open/#\ntopic read closed/#\n")
+    (tmp_path / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nacl_file {tmp_path / 'acl'}\n"
+        "persistence false\n"
+        # Run as root, Mosquitto drops to its own user, which cannot read pytest's tmp dir.
+        f"user {getpass.getuser()}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-c", str(tmp_path / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        assert time.monotonic() < deadline and proc.poll() is None, "mosquitto did not start"
+        time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_an_mqtt_result_the_broker_refuses_is_not_taken_as_published(refusing_mosquitto):
+    """Mosquitto answers a publish its ACL denies with a PUBACK whose reason code says so:
+    the sink raises (the inputs stay unacknowledged, the batch is retried), where it used to
+    count every PUBACK as published and the results were lost."""
+    from embedq.bridge.brokers.base import BrokerUrl, Options, OutMessage
+    from embedq.bridge.brokers.mqtt import MqttSink
+
+    async def publish(topic: str) -> None:
+        sink = MqttSink(BrokerUrl.parse(f"{refusing_mosquitto}/{topic}"), Options())
+        await sink.connect()
+        try:
+            message = OutMessage(b"{}", {"id": "1"}, {}, "1", "application/json")
+            await sink.publish([message, message])
+        finally:
+            await sink.close()
+
+    asyncio.run(publish("open/vectors"))
+    with pytest.raises(ConnectionError, match="refused 2 of 2 results on 'closed/vectors'"):
+        asyncio.run(publish("closed/vectors"))
+
+
+def test_an_mqtt_subscription_refused_or_at_most_once_stops_the_bridge():
+    """A SUBACK that refuses the topic, or grants QoS 0 only (no acknowledgements: a crash
+    would lose messages), is a clear error at start, not a bridge that sits idle or loses.
+    (Mosquitto grants any subscription and applies its ACL per message: the reason codes
+    here are paho's own, as aiomqtt hands them over.)"""
+    from embedq.bridge.brokers.base import ConfigError
+    from embedq.bridge.brokers.mqtt import _check_subscription
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    def suback(value: int) -> list:
+        return [ReasonCode(PacketTypes.SUBACK, identifier=value)]
+
+    _check_subscription(suback(1), "in/texts")  # QoS 1 granted
+    with pytest.raises(ConfigError, match="refused the subscription to 'in/texts'"):
+        _check_subscription(suback(0x87), "in/texts")  # not authorized
+    with pytest.raises(ConfigError, match="granted only QoS 0"):
+        _check_subscription(suback(0), "in/texts")
+    with pytest.raises(ConfigError, match="granted only QoS 0"):
+        _check_subscription((0,), "in/texts")  # MQTT 3.1.1: granted QoS numbers

@@ -37,6 +37,18 @@ def test_url_parts_and_redaction():
     assert scrub("failed: s3cr@t here") == "failed: *** here"
     assert redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact("nats://h:4222/a.b") == "nats://h:4222/a.b"
+    # NATS token authentication: the token stands where a user would.
+    token = BrokerUrl.parse("nats://t0ken-xyz@127.0.0.1:4222/jobs")
+    assert "t0ken" not in token.safe and token.safe == "nats://***@127.0.0.1:4222/jobs"
+    assert (
+        scrub("connect failed: nats://t0ken-xyz@127.0.0.1")
+        == "connect failed: nats://***@127.0.0.1"
+    )
+    # A password with a '/' that was not percent-encoded: the parser cannot find the host.
+    assert redact("amqp://u:pa/ss@rabbit/q") == "amqp://***@rabbit/q"
+    with pytest.raises(ConfigError) as caught:
+        BrokerUrl.parse("amqp://u:p4ss:ab/cd@rabbit/q")
+    assert "p4ss" not in str(caught.value) and "ab" not in str(caught.value).split(":")[-1]
 
 
 @pytest.mark.parametrize(
@@ -127,6 +139,9 @@ def test_json_input_with_dotted_paths():
         (b'{"other": 1}', "no field 'text'"),
         (b'{"text": 5}', "field 'text' is a int, not a string"),
         (b'{"text": "' + b"x" * 11 + b'"}', "text is 11 bytes, over the server's limit of 10"),
+        # A JSON escape for a lone surrogate: no protobuf string can carry it.
+        (b'{"text": "\\ud800"}', "text is not valid Unicode"),
+        (b"[" * 5000 + b"]" * 5000, "body is not JSON"),  # nested past the recursion limit
     ],
 )
 def test_poison_inputs(body, reason):
@@ -173,6 +188,32 @@ def test_binary_output_is_packed_little_endian_with_headers():
     assert bits.body == b"\x03" and bits.headers["dtype"] == "ubinary"
 
 
+def test_a_result_no_output_can_carry_is_a_dead_letter_not_a_crash():
+    """Fields of the input that JSON output cannot write (an integer past 64 bits, a lone
+    surrogate) make that message a dead letter; an id no header can carry is not used."""
+    import asyncio
+
+    from embedq.bridge.core import Bridge, Entry
+
+    big = formats.parse(message(b'{"text": "t", "n": ' + b"9" * 30 + b"}"), JSON)
+    with pytest.raises(Exception):  # noqa: B017 - what JSON output raises: orjson's or json's
+        formats.render(big, np.zeros(2, np.float32), "m", 2, pb.DTYPE_FLOAT32, "json")
+    odd_id = formats.parse(message(b'{"id": "\\udc00", "text": "t"}', "9-9"), JSON)
+    assert odd_id.id == "9-9"
+    bridge = Bridge.__new__(Bridge)  # only what _answer touches
+    bridge.settings = type("S", (), {"output_format": "json"})()
+    bridge._backoff = type("B", (), {"succeed": lambda self: None})()
+    bridge.metrics = type("M", (), {"server_up": type("G", (), {"set": lambda s, v: None})()})()
+    bridge._finished = asyncio.Event()
+    entry = Entry(1, message(b"{}"), 0.0, parsed=big)
+    response = pb.EncodeStreamResponse(
+        id="1", model="m", dimension=2, count=1, dtype=pb.DTYPE_FLOAT32,
+        embeddings=np.zeros(2, "<f4").tobytes(),
+    )  # fmt: skip
+    bridge._answer([entry], response)
+    assert entry.done and entry.output is None and "cannot write the result" in entry.reason
+
+
 def test_dead_letters_keep_the_original_body():
     letter = formats.dead_letter(message(b"\xff raw"), "body is not UTF-8", "nats://h/s")
     assert letter.body == b"\xff raw"
@@ -201,6 +242,11 @@ def test_backoff_grows_with_jitter_and_caps():
     backoff.succeed()
     backoff.not_before = 0.0
     assert backoff.fail() <= 0.1
+    # The server's retry-after hint: waited at least that long (never past the cap).
+    backoff.succeed()
+    backoff.not_before = 0.0
+    assert 0.9 <= backoff.fail(at_least=1.0) <= 1.0
+    assert backoff.fail(at_least=60.0) <= 2.0
 
 
 # -- command line ------------------------------------------------------------------------

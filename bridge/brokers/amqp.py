@@ -91,11 +91,15 @@ class AmqpSource(Source):
 
     async def ack(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            await message.handle.ack()
+            if not message.settled:  # a retried batch: not twice
+                await message.handle.ack()
+                message.settled = True
 
     async def reject(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            await message.handle.reject(requeue=False)
+            if not message.settled:
+                await message.handle.reject(requeue=False)
+                message.settled = True
 
     async def stop_consuming(self) -> None:
         if self._tag is not None:

@@ -49,7 +49,14 @@ class BrokerUrl:
             parts = urlsplit(text)
             port = parts.port
         except ValueError as error:
-            raise ConfigError(f"bad URL {redact(raw)!r}: {error}") from None
+            # The parser's message may quote part of a password (say, the "port" a password
+            # with a '/' left): not shown when the URL holds credentials.
+            why = (
+                "cannot parse it (percent-encode '/', '?', '#' and '@' in a password)"
+                if "@" in raw
+                else str(error)
+            )
+            raise ConfigError(f"bad URL {redact(raw)!r}: {why}") from None
         if not parts.scheme or not parts.hostname:
             raise ConfigError(f"bad URL {redact(raw)!r}: expected SCHEME://HOST[:PORT]/...")
         params: dict[str, str] = {}
@@ -59,6 +66,9 @@ class BrokerUrl:
             params[key] = value
         if parts.password:
             _SECRETS.update({parts.password, unquote(parts.password)})
+        elif parts.username and parts.scheme.lower() in TOKEN_SCHEMES:
+            # nats://TOKEN@host: NATS token authentication, a secret in the user's place.
+            _SECRETS.update({parts.username, unquote(parts.username)})
         return cls(
             raw=raw,
             scheme=parts.scheme.lower(),
@@ -113,6 +123,8 @@ class BrokerUrl:
         return f"{scheme or self.scheme}://{userinfo}{host}{port}{tail}"
 
 
+# Schemes whose URL user, given without a password, is a token (NATS token auth).
+TOKEN_SCHEMES = frozenset({"nats", "tls"})
 # Passwords seen in broker URLs: scrubbed from every error and log line (scrub()).
 _SECRETS: set[str] = set()
 
@@ -126,18 +138,21 @@ def scrub(text: str) -> str:
 
 
 def redact(url: str) -> str:
-    """`url` with the password (user:PASSWORD@) replaced by ***; anything unparsable is
-    returned with everything between :// and @ hidden."""
+    """`url` with the password (user:PASSWORD@) replaced by ***, and a user with no password
+    too (NATS reads it as a token); when a '/', '?' or '#' in a password hides where the
+    host starts, everything up to the last '@' is hidden."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, tail = rest.partition("/")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
     if "@" not in netloc:
+        if "@" in tail:  # credentials the URL parser would misread: hide them all
+            return f"{scheme}://***@{rest.rpartition('@')[2]}"
         return url
     userinfo, _, hostport = netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    shown = f"{user}:***" if ":" in userinfo else userinfo
-    return f"{scheme}://{shown}@{hostport}{slash}{tail}"
+    shown = f"{userinfo.split(':', 1)[0]}:***" if ":" in userinfo else "***"
+    return f"{scheme}://{shown}@{hostport}{tail}"
 
 
 @dataclass(eq=False)
@@ -159,6 +174,9 @@ class Message:
     stable_id: bool = False
     redelivered: bool = False
     handle: Any = None
+    # Acknowledged or rejected already: a batch retried after it failed part-way does not
+    # settle it twice (nats-py and aio-pika raise on a second ack).
+    settled: bool = False
 
 
 @dataclass(eq=False)

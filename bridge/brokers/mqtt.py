@@ -64,6 +64,20 @@ def _client(url: BrokerUrl, client_id: str, properties: Properties, **kwargs) ->
     )
 
 
+def _check_subscription(granted: object, topic: str) -> None:
+    """A SUBACK that refused the topic, or granted QoS 0 (no acknowledgements: a crash would
+    lose messages), stops the bridge instead of leaving it idle or at most once."""
+    for code in granted if isinstance(granted, list | tuple) else [granted]:
+        value = getattr(code, "value", code)
+        if getattr(code, "is_failure", False) or (isinstance(value, int) and value >= 0x80):
+            raise ConfigError(f"MQTT broker refused the subscription to {topic!r}: {code}")
+        if isinstance(value, int) and value == 0:
+            raise ConfigError(
+                f"MQTT broker granted only QoS 0 on {topic!r}: the bridge needs QoS 1 "
+                "(acknowledged delivery)"
+            )
+
+
 class MqttSource(Source):
     reject_note = "acknowledged (MQTT has no reject)"
 
@@ -90,7 +104,8 @@ class MqttSource(Source):
         # PUBACK only once the result is published (paho's manual acks).
         self.client._client.manual_ack_set(True)
         await self.client.__aenter__()
-        await self.client.subscribe(self.topic, qos=1)
+        granted = await self.client.subscribe(self.topic, qos=1)
+        _check_subscription(granted, self.topic)
         self._pump = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -155,6 +170,8 @@ class MqttSink(Sink):
         self.topic = _topic(url, wildcards=False)
         self.client_id = url.params.get("client_id") or f"embedq-bridge-out-{uuid.uuid4().hex[:12]}"
         self.client: aiomqtt.Client | None = None
+        # Reason codes of the PUBACKs that refused this batch's messages.
+        self._refused: list[str] = []
 
     async def connect(self) -> None:
         self.client = _client(
@@ -165,6 +182,16 @@ class MqttSink(Sink):
         )
         # A whole batch is published at once: not worth aiomqtt's "pending calls" warning.
         self.client.pending_calls_threshold = 4 * self.options.max_in_flight + 100
+        # aiomqtt takes any PUBACK as success; a broker that refuses a message (an ACL that
+        # denies the topic, a quota) says so in its reason code, counted here.
+        on_publish = self.client._client.on_publish
+
+        def check_publish(client, userdata, mid, reason_code, properties) -> None:
+            if getattr(reason_code, "is_failure", False):
+                self._refused.append(str(reason_code))
+            on_publish(client, userdata, mid, reason_code, properties)
+
+        self.client._client.on_publish = check_publish
         await self.client.__aenter__()
 
     async def publish(self, messages: Sequence[OutMessage]) -> None:
@@ -180,10 +207,18 @@ class MqttSink(Sink):
                     )
                 )
             )
+        self._refused.clear()  # one batch at a time: the bridge's publisher is serial
         results = await asyncio.gather(*sends, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if self._refused:
+            # Not confirmed: the inputs stay unacknowledged and the batch is published again.
+            reasons = ", ".join(sorted(set(self._refused)))
+            raise ConnectionError(
+                f"MQTT broker refused {len(self._refused)} of {len(messages)} results "
+                f"on {self.topic!r}: {reasons}"
+            )
 
     async def close(self) -> None:
         if self.client is not None:

@@ -138,11 +138,15 @@ class NatsSource(Source):
 
     async def ack(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            await message.handle.ack()
+            if not message.settled:  # a retried batch: not twice
+                await message.handle.ack()
+                message.settled = True
 
     async def reject(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            await message.handle.term()
+            if not message.settled:
+                await message.handle.term()
+                message.settled = True
 
     async def touch(self, messages: Sequence[Message]) -> None:
         for message in messages:
