@@ -671,3 +671,50 @@ def test_an_mqtt_subscription_refused_or_at_most_once_stops_the_bridge():
         _check_subscription(suback(0), "in/texts")
     with pytest.raises(ConfigError, match="granted only QoS 0"):
         _check_subscription((0,), "in/texts")  # MQTT 3.1.1: granted QoS numbers
+
+
+def test_an_existing_nats_consumer_is_checked_and_its_ack_wait_followed():
+    """A consumer the user made: one that does not acknowledge (messages lost on a crash) or
+    filters another subject is refused at start; a shorter ack_wait than the bridge's default
+    is followed (held messages touched often enough, not redelivered to others meanwhile)."""
+    require_broker("nats")
+    import nats
+    from embedq.bridge.brokers.base import BrokerUrl, ConfigError, Options
+    from embedq.bridge.brokers.nats import NatsSource
+    from nats.js import api
+
+    uid = uuid.uuid4().hex[:8]
+    stream, subject = f"EMBEDQ_TEST_{uid}", f"embedq-test.{uid}.in"
+
+    async def main() -> None:
+        nc = await nats.connect(URLS["nats"])
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=[f"embedq-test.{uid}.>"])
+        try:
+            for durable, config in {
+                "noack": {"ack_policy": api.AckPolicy.NONE, "filter_subject": subject},
+                "other": {"ack_policy": api.AckPolicy.EXPLICIT, "filter_subject": f"{subject}.x"},
+                "quick": {"ack_policy": api.AckPolicy.EXPLICIT, "filter_subject": subject,
+                          "ack_wait": 4.0},
+            }.items():  # fmt: skip
+                await js.add_consumer(stream, api.ConsumerConfig(durable_name=durable, **config))
+            sources = {}
+            for durable in ("noack", "other", "quick"):
+                url = BrokerUrl.parse(f"{URLS['nats']}/{subject}?durable={durable}")
+                source = sources[durable] = NatsSource(url, Options())
+                try:
+                    await source.connect()
+                except ConfigError as error:
+                    sources[durable] = str(error)
+                finally:
+                    if source.nc is not None:
+                        await source.nc.close()
+            assert "ack policy 'none'" in sources["noack"]
+            assert f"filters '{subject}.x'" in sources["other"]
+            quick = sources["quick"]
+            assert quick.ack_wait == 4.0 and quick.touch_interval <= 4.0 / 3
+        finally:
+            await js.delete_stream(stream)
+            await nc.close()
+
+    asyncio.run(main())

@@ -101,7 +101,7 @@ class NatsSource(Source):
         self.js = js
         self.stream = await _stream_of(js, self.url, self.subject)
         try:
-            await js.consumer_info(self.stream, self.durable)
+            info = await js.consumer_info(self.stream, self.durable)
         except NotFoundError:
             await js.add_consumer(
                 self.stream,
@@ -114,7 +114,27 @@ class NatsSource(Source):
                     ack_wait=float(self.ack_wait),
                 ),
             )
+        else:
+            self._adopt(info.config)
         self.sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+
+    def _adopt(self, config: api.ConsumerConfig) -> None:
+        """An existing consumer (made by its owner, or by an earlier bridge): refuse one that
+        would lose or duplicate messages, and touch held ones often enough for its ack_wait."""
+        policy = str(getattr(config.ack_policy, "value", config.ack_policy) or "explicit")
+        if policy != api.AckPolicy.EXPLICIT.value:  # nats-py leaves the server's string as is
+            raise ConfigError(
+                f"{self.url.safe}: consumer {self.durable!r} has ack policy {policy!r}: the "
+                "bridge needs 'explicit' (acknowledged after the result is published)"
+            )
+        if config.filter_subject and config.filter_subject != self.subject:
+            raise ConfigError(
+                f"{self.url.safe}: consumer {self.durable!r} filters {config.filter_subject!r}, "
+                f"not {self.subject!r}: name another durable (?durable=)"
+            )
+        if config.ack_wait:  # seconds (nats-py converts the server's nanoseconds)
+            self.ack_wait = config.ack_wait
+            self.touch_interval = max(0.5, min(self.touch_interval, config.ack_wait / 3))
 
     async def fetch(self, max_count: int, timeout: float) -> list[Message]:
         try:
