@@ -437,10 +437,16 @@ export class EmbedqClient {
     if (items.length === 1) return [await work(items[0])];
     const out: O[] = new Array(items.length);
     let next = 0;
+    let failed = false; // one chunk failed: the call fails, so send no more of them
     const runner = async (): Promise<void> => {
-      while (next < items.length) {
+      while (next < items.length && !failed) {
         const index = next++;
-        out[index] = await work(items[index]);
+        try {
+          out[index] = await work(items[index]);
+        } catch (error) {
+          failed = true;
+          throw error;
+        }
       }
     };
     await Promise.all(Array.from({ length: Math.min(this.maxInFlight, items.length) }, runner));
