@@ -52,6 +52,8 @@ Code = grpc.StatusCode
 TRANSIENT = frozenset({Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED})
 # The message itself is bad: dead-lettered (or rejected) at once.
 POISON = frozenset({Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE, Code.FAILED_PRECONDITION})
+# Share of --timeout a batch's own time limit is (EncodeStreamRequest.timeout_ms).
+ANSWER_SHARE = 0.9
 # The bridge's configuration is wrong for this server: stop, acknowledge nothing.
 FATAL = frozenset(
     {Code.NOT_FOUND, Code.UNAUTHENTICATED, Code.PERMISSION_DENIED, Code.UNIMPLEMENTED}
@@ -374,6 +376,10 @@ class Bridge:
         # ended: an ended call's iterator must take nothing more from the queue.
         ended = False
         limit = self.settings.batch_texts
+        # Each batch's own time limit, a little inside the stall timeout: the server refuses
+        # (with a retry hint) what it could not finish in time, or answers DEADLINE_EXCEEDED,
+        # rather than computing what this bridge would give up on and send again.
+        timeout_ms = int(self.settings.answer_timeout * 1000 * ANSWER_SHARE)
 
         async def requests():
             while True:
@@ -399,7 +405,10 @@ class Bridge:
                 for entry in batch:
                     entry.sent_at = now
                 yield pb.EncodeStreamRequest(
-                    id=key, texts=[e.parsed.text for e in batch], options=self.settings.options
+                    id=key,
+                    texts=[e.parsed.text for e in batch],
+                    options=self.settings.options,
+                    timeout_ms=timeout_ms,
                 )
 
         call = stub.EncodeStream(requests(), metadata=metadata)

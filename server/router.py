@@ -239,10 +239,13 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         context: grpc.aio.ServicerContext,
         max_texts: int | None = None,
         row_name: validation.RowName = default_row_name,
+        timeout_ms: int = 0,
     ) -> Embedded:
         validation.check_texts(texts, self.limits, max_texts=max_texts, name=row_name)
         variant, spec = self._resolve(options)
         timeout_s = self._timeout(context)
+        if timeout_ms:  # a stream message's own limit (EncodeStreamRequest.timeout_ms)
+            timeout_s = min(timeout_s, timeout_ms / 1000)
         vectors, cached = await self.dispatcher.encode(variant, texts, timeout_s, row_name)
         return Embedded(variant, spec, vectors, cached)
 
@@ -270,7 +273,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         try:
             if isinstance(message, Undecodable):
                 raise message.error()
-            done = await self._embed(list(message.texts), message.options, context)
+            texts, timeout_ms = list(message.texts), message.timeout_ms
+            done = await self._embed(texts, message.options, context, timeout_ms=timeout_ms)
             packed = self._packed(done)
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.EncodeStreamResponse(id=message.id, error=as_error(exc))
@@ -284,14 +288,18 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
 
     # -- Similarity -------------------------------------------------------------
 
-    async def _similarity(self, request: pb.SimilarityRequest, context) -> pb.SimilarityResponse:
+    async def _similarity(
+        self, request: pb.SimilarityRequest, context, timeout_ms: int = 0
+    ) -> pb.SimilarityResponse:
         validation.check_similarity(request, self.limits)
         metric = request.metric or pb.METRIC_COSINE
         if request.WhichOneof("input") == "pairs":
             pairs = request.pairs.pairs
             texts = [p.a for p in pairs] + [p.b for p in pairs]
             names = validation.pair_text_name(len(pairs))
-            done = await self._embed(texts, request.options, context, row_name=names)
+            done = await self._embed(
+                texts, request.options, context, row_name=names, timeout_ms=timeout_ms
+            )
             vectors = ranking_vectors(done.vectors, done.spec)
             scores = similarity.pairwise(metric, vectors[: len(pairs)], vectors[len(pairs) :])
             return pb.SimilarityResponse(
@@ -300,7 +308,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         ranking = request.ranking
         texts = [ranking.query, *ranking.candidates]
         most, names = self.limits.max_candidates + 1, validation.ranking_text_name
-        done = await self._embed(texts, request.options, context, most, names)
+        done = await self._embed(texts, request.options, context, most, names, timeout_ms)
         vectors = ranking_vectors(done.vectors, done.spec)
         scores = similarity.against_query(metric, vectors[0], vectors[1:])
         order, best = similarity.top_k(scores, request.top_k)
@@ -317,7 +325,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         try:
             if isinstance(message, Undecodable):
                 raise message.error()
-            response = await self._similarity(message.request, context)
+            response = await self._similarity(message.request, context, message.timeout_ms)
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.SimilarityStreamResponse(id=message.id, error=as_error(exc))
         return pb.SimilarityStreamResponse(id=message.id, response=response)

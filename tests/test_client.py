@@ -724,6 +724,17 @@ def test_readme_console_examples_print_what_the_cli_prints(service, command: str
 # ---- retries ----------------------------------------------------------------------
 
 
+def test_a_stream_texts_own_time_limit_goes_out_in_milliseconds() -> None:
+    from embedq.client import stream
+
+    from embedq.v1 import embedq_pb2 as pb
+
+    sent = list(stream.Feed(["a", "b"], None, pb.EncodeOptions(), message_timeout=0.25))
+    assert [m.timeout_ms for m in sent] == [250, 250]
+    assert list(stream.Feed(["a"], None, pb.EncodeOptions(), 0.0001))[0].timeout_ms == 1
+    assert list(stream.Feed(["a"], None, pb.EncodeOptions()))[0].timeout_ms == 0  # none
+
+
 def test_embedq_error_is_a_grpc_rpc_error() -> None:
     error = EmbedqError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -543,6 +543,42 @@ def test_full_queue_is_refused_at_once(paused_worker):
         assert all(f.result().count == 1 for f in first)
 
 
+def test_a_stream_message_with_its_own_time_limit_fails_alone_and_in_time(paused_worker):
+    """EncodeStreamRequest.timeout_ms: a message that cannot be answered within its own limit
+    fails with DEADLINE_EXCEEDED at that limit (not the stream's 60 s), the stream goes on, and
+    the worker does not encode it once it is back."""
+    import queue as queue_module
+
+    svc, worker = paused_worker
+    client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
+    channel, stub = stub_for(svc)
+    outbox: queue_module.Queue = queue_module.Queue()
+
+    def messages():
+        while (message := outbox.get()) is not None:
+            yield message
+
+    with channel:
+        os.kill(worker.pid, signal.SIGSTOP)
+        call = stub.EncodeStream(messages(), timeout=60)
+        answers = iter(call)
+        started = time.monotonic()
+        outbox.put(pb.EncodeStreamRequest(id="hurried", texts=["its own limit"], timeout_ms=500))
+        hurried = next(answers)
+        waited = time.monotonic() - started
+        deadline_exceeded = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert hurried.id == "hurried" and hurried.error.code == deadline_exceeded
+        assert waited < 10, waited  # its own half second, not the stream's 60 s
+        os.kill(worker.pid, signal.SIGCONT)
+        outbox.put(pb.EncodeStreamRequest(id="patient", texts=["the stream goes on"]))
+        patient = next(answers)
+        assert patient.id == "patient" and patient.count == 1 and not patient.HasField("error")
+        outbox.put(None)
+        assert list(answers) == []
+    wait_until(lambda: client.xlen(keys.jobs(MODEL)) == 0, what="queue drained")
+    assert not cached(client, keys, "its own limit")  # expired in the queue: not encoded
+
+
 def test_expired_and_cancelled_work_is_skipped(paused_worker):
     svc, worker = paused_worker
     client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)

@@ -284,6 +284,7 @@ class AsyncClient(ClientSettings):
         ranges: Ranges | None = ...,
         on_error: Literal["raise"] = ...,
         timeout: float | None = ...,
+        message_timeout: float | None = ...,
     ) -> AsyncIterator[tuple[str, np.ndarray]]: ...
 
     @overload
@@ -302,6 +303,7 @@ class AsyncClient(ClientSettings):
         ranges: Ranges | None = ...,
         on_error: Literal["yield"],
         timeout: float | None = ...,
+        message_timeout: float | None = ...,
     ) -> AsyncIterator[stream.StreamItem]: ...
 
     async def encode_stream(
@@ -319,6 +321,7 @@ class AsyncClient(ClientSettings):
         ranges: Ranges | None = None,
         on_error: stream.OnError = "raise",
         timeout: float | None = None,
+        message_timeout: float | None = None,
     ) -> AsyncIterator[stream.StreamItem]:
         """Async generator form of :meth:`Client.encode_stream`; `texts` may be
         an async or a sync iterable (a sync one is read inside the event loop,
@@ -333,7 +336,7 @@ class AsyncClient(ClientSettings):
         )
         stream.check_output(output)
         options = encode_options(model=model, normalize=normalize, truncate=truncate, output=output)
-        feed = stream.Feed(texts, ids, options)
+        feed = stream.Feed(texts, ids, options, message_timeout)
         call = self.stub.EncodeStream(aiter(feed), timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:

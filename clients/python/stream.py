@@ -7,6 +7,7 @@ the text's running index as a string); results come back in completion order.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Literal
 
@@ -28,13 +29,17 @@ def _ids(ids: Iterable[str] | None) -> Iterator[str]:
     return iter(ids) if ids is not None else (str(i) for i in itertools.count())
 
 
-def _request(text: str, ids: Iterator[str], options: pb.EncodeOptions) -> pb.EncodeStreamRequest:
+def _request(
+    text: str, ids: Iterator[str], options: pb.EncodeOptions, timeout_ms: int = 0
+) -> pb.EncodeStreamRequest:
     if not isinstance(text, str):
         raise TypeError(f"encode_stream expects str texts, got {type(text).__name__}")
     message_id = next(ids, None)
     if message_id is None:
         raise ValueError("encode_stream: fewer ids than texts")
-    return pb.EncodeStreamRequest(id=str(message_id), texts=[text], options=options)
+    return pb.EncodeStreamRequest(
+        id=str(message_id), texts=[text], options=options, timeout_ms=timeout_ms
+    )
 
 
 class Feed:
@@ -51,17 +56,20 @@ class Feed:
         texts: AsyncIterable[str] | Iterable[str],
         ids: Iterable[str] | None,
         options: pb.EncodeOptions,
+        message_timeout: float | None = None,
     ) -> None:
         self._texts = texts
         self._ids = _ids(ids)
         self._options = options
+        # Each message's own limit (EncodeStreamRequest.timeout_ms; 0: none), at least 1 ms.
+        self._timeout_ms = max(1, math.ceil(message_timeout * 1000)) if message_timeout else 0
         self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[pb.EncodeStreamRequest]:
         """One request per text, built lazily as the texts come."""
         try:
             for text in self._texts:  # type: ignore[union-attr]
-                yield _request(text, self._ids, self._options)
+                yield _request(text, self._ids, self._options, self._timeout_ms)
         except Exception as error:
             self.error = error
             raise
@@ -71,10 +79,10 @@ class Feed:
         try:
             if isinstance(self._texts, AsyncIterable):
                 async for text in self._texts:
-                    yield _request(text, self._ids, self._options)
+                    yield _request(text, self._ids, self._options, self._timeout_ms)
             else:
                 for text in self._texts:
-                    yield _request(text, self._ids, self._options)
+                    yield _request(text, self._ids, self._options, self._timeout_ms)
         except Exception as error:
             self.error = error
             raise

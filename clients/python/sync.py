@@ -304,6 +304,7 @@ class Client(ClientSettings):
         ranges: Ranges | None = ...,
         on_error: Literal["raise"] = ...,
         timeout: float | None = ...,
+        message_timeout: float | None = ...,
     ) -> Iterator[tuple[str, np.ndarray]]: ...
 
     @overload
@@ -322,6 +323,7 @@ class Client(ClientSettings):
         ranges: Ranges | None = ...,
         on_error: Literal["yield"],
         timeout: float | None = ...,
+        message_timeout: float | None = ...,
     ) -> Iterator[stream.StreamItem]: ...
 
     def encode_stream(
@@ -339,6 +341,7 @@ class Client(ClientSettings):
         ranges: Ranges | None = None,
         on_error: stream.OnError = "raise",
         timeout: float | None = None,
+        message_timeout: float | None = None,
     ) -> Iterator[stream.StreamItem]:
         """Embed texts as `texts` yields them; yield (id, vector) in completion order.
 
@@ -346,6 +349,9 @@ class Client(ClientSettings):
         A failed message raises EmbedqError (``.id`` names it) and ends the
         stream, or with ``on_error="yield"`` comes out as ``(id, EmbedqError)``.
         ``timeout`` bounds the whole stream (default none: streams are long-lived).
+        ``message_timeout`` (seconds) is each text's own limit (``timeout_ms`` of its
+        message): one not answered in time fails alone with DEADLINE_EXCEEDED, and work
+        that cannot finish within it is refused at once, while the stream goes on.
         Leaving the loop early cancels the stream. A stream is never retried
         (its texts are read once, as they come): a failure of the whole call
         raises EmbedqError; a message refused with UNAVAILABLE or
@@ -364,7 +370,7 @@ class Client(ClientSettings):
         )
         stream.check_output(output)
         options = encode_options(model=model, normalize=normalize, truncate=truncate, output=output)
-        feed = stream.Feed(texts, ids, options)
+        feed = stream.Feed(texts, ids, options, message_timeout)
         call = self._stub.EncodeStream(iter(feed), timeout=timeout, metadata=self._metadata)
         try:
             for response in call:

@@ -118,14 +118,16 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class EncodeStreamRequest(_message.Message):
-    __slots__ = ("id", "texts", "options")
+    __slots__ = ("id", "texts", "options", "timeout_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: EncodeOptions
-    def __init__(self, id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class EncodeStreamResponse(_message.Message):
     __slots__ = ("id", "model", "dimension", "dtype", "count", "embeddings", "cached", "error")
@@ -204,12 +206,14 @@ class SimilarityResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., scores: _Optional[_Iterable[float]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ...) -> None: ...
 
 class SimilarityStreamRequest(_message.Message):
-    __slots__ = ("id", "request")
+    __slots__ = ("id", "request", "timeout_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     request: SimilarityRequest
-    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[SimilarityRequest, _Mapping]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[SimilarityRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class SimilarityStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error")
