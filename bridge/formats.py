@@ -123,28 +123,26 @@ def parse(message: Message, fmt: InputFormat) -> Parsed:
         raise Poison(f"field {fmt.text_field!r} is a {type(text).__name__}, not a string")
     _check_size(text, fmt)
     found, ident = _dotted(obj, fmt.id_field)
-    if not found or ident is None or isinstance(ident, dict | list) or not _sendable(str(ident)):
+    if not found or ident is None or isinstance(ident, dict | list) or _utf8(str(ident)) is None:
         ident = message.message_id  # an id no header could carry is not used
     return Parsed(str(ident), text, obj)
 
 
-def _sendable(value: str) -> bool:
-    """Valid Unicode (JSON escapes can hold lone surrogates, which no header or protobuf
-    string can carry)."""
+def _utf8(value: str) -> bytes | None:
+    """`value` in UTF-8; None when it is not valid Unicode (a JSON escape can hold a lone
+    surrogate, which no header or protobuf string can carry)."""
     try:
-        value.encode("utf-8")
+        return value.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return None
 
 
 def _check_size(text: str, fmt: InputFormat) -> None:
-    """Poison unless the text can be sent: valid Unicode (a JSON escape can hold a lone
-    surrogate, which no protobuf string takes) and within the server's byte limit."""
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as error:
-        raise Poison(f"text is not valid Unicode ({error.reason} at {error.start})") from None
+    """Poison unless the text can be sent: valid Unicode and within the server's limit."""
+    data = _utf8(text)
+    if data is None:
+        raise Poison("text is not valid Unicode (a lone surrogate)")
+    size = len(data)
     if fmt.max_text_bytes and size > fmt.max_text_bytes:
         raise Poison(f"text is {size} bytes, over the server's limit of {fmt.max_text_bytes}")
 

@@ -26,7 +26,16 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from .base import BrokerUrl, ConfigError, Message, Options, OutMessage, Sink, Source
+from .base import (
+    BrokerUrl,
+    ConfigError,
+    Message,
+    Options,
+    OutMessage,
+    Sink,
+    Source,
+    settle_each,
+)
 
 SOURCE_PARAMS = ("queue",)
 SINK_PARAMS = ("exchange", "routing_key", "queue")
@@ -90,16 +99,10 @@ class AmqpSource(Source):
         )
 
     async def ack(self, messages: Sequence[Message]) -> None:
-        for message in messages:
-            if not message.settled:  # a retried batch: not twice
-                await message.handle.ack()
-                message.settled = True
+        await settle_each(messages, lambda handle: handle.ack())
 
     async def reject(self, messages: Sequence[Message]) -> None:
-        for message in messages:
-            if not message.settled:
-                await message.handle.reject(requeue=False)
-                message.settled = True
+        await settle_each(messages, lambda handle: handle.reject(requeue=False))
 
     async def stop_consuming(self) -> None:
         if self._tag is not None:

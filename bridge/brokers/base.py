@@ -8,7 +8,7 @@ provides a Source and/or a Sink class and registers them in
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -174,9 +174,17 @@ class Message:
     stable_id: bool = False
     redelivered: bool = False
     handle: Any = None
-    # Acknowledged or rejected already: a batch retried after it failed part-way does not
-    # settle it twice (nats-py and aio-pika raise on a second ack).
+    # Acknowledged or rejected already (settle_each).
     settled: bool = False
+
+
+async def settle_each(messages: Sequence[Message], settle: Callable[[Any], Awaitable]) -> None:
+    """`settle(handle)` (ack, reject, ...) for each message not settled yet: a batch retried
+    after it failed part-way does not settle a message twice (nats-py and aio-pika raise)."""
+    for message in messages:
+        if not message.settled:
+            await settle(message.handle)
+            message.settled = True
 
 
 @dataclass(eq=False)

@@ -30,7 +30,16 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .base import BrokerUrl, ConfigError, Message, Options, OutMessage, Sink, Source
+from .base import (
+    BrokerUrl,
+    ConfigError,
+    Message,
+    Options,
+    OutMessage,
+    Sink,
+    Source,
+    settle_each,
+)
 
 SOURCE_PARAMS = ("durable", "stream", "ack_wait")
 # close(): how long a drain may take before the connection is simply closed.
@@ -157,16 +166,10 @@ class NatsSource(Source):
         return messages
 
     async def ack(self, messages: Sequence[Message]) -> None:
-        for message in messages:
-            if not message.settled:  # a retried batch: not twice
-                await message.handle.ack()
-                message.settled = True
+        await settle_each(messages, lambda handle: handle.ack())
 
     async def reject(self, messages: Sequence[Message]) -> None:
-        for message in messages:
-            if not message.settled:
-                await message.handle.term()
-                message.settled = True
+        await settle_each(messages, lambda handle: handle.term())
 
     async def touch(self, messages: Sequence[Message]) -> None:
         for message in messages:
