@@ -26,16 +26,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from .base import (
-    BrokerUrl,
-    ConfigError,
-    Message,
-    Options,
-    OutMessage,
-    Sink,
-    Source,
-    settle_each,
-)
+from .base import BrokerUrl, ConfigError, Message, Options, OutMessage, Sink, Source, settle_each
 
 SOURCE_PARAMS = ("queue",)
 SINK_PARAMS = ("exchange", "routing_key", "queue")

@@ -30,16 +30,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .base import (
-    BrokerUrl,
-    ConfigError,
-    Message,
-    Options,
-    OutMessage,
-    Sink,
-    Source,
-    settle_each,
-)
+from .base import BrokerUrl, ConfigError, Message, Options, OutMessage, Sink, Source, settle_each
 
 SOURCE_PARAMS = ("durable", "stream", "ack_wait")
 # close(): how long a drain may take before the connection is simply closed.
