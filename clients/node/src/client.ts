@@ -270,8 +270,13 @@ export class EmbedqClient {
    * retried: a message refused with UNAVAILABLE or RESOURCE_EXHAUSTED comes
    * back as its result's `error` (`error.retryable`), for the caller to write
    * again; a failure of the whole call ends the iteration with an EmbedqError.
+   * `messageTimeoutMs` is each message's own time limit: one not answered in
+   * time fails alone with DEADLINE_EXCEEDED (work that cannot finish within it
+   * is refused at once), while the stream goes on.
    */
-  encodeStream<P extends Precision = "float32">(options: EncodeOptions<P> & CallOptions = {}): EncodeStream<P> {
+  encodeStream<P extends Precision = "float32">(
+    options: EncodeOptions<P> & CallOptions & { messageTimeoutMs?: number } = {},
+  ): EncodeStream<P> {
     const rawOptions = toRawOptions(options); // refuse bad options before opening the call
     const callOptions: grpc.CallOptions = {};
     if (options.timeoutMs !== undefined && Number.isFinite(options.timeoutMs)) {
@@ -279,7 +284,8 @@ export class EmbedqClient {
     }
     const method = (this.stub as unknown as Record<string, Function>).EncodeStream;
     const call = method.call(this.stub, this.metadata, callOptions) as grpc.ClientDuplexStream<unknown, never>;
-    return new EncodeStream<P>(call, rawOptions);
+    const messageTimeoutMs = Math.max(0, Math.ceil(options.messageTimeoutMs ?? 0));
+    return new EncodeStream<P>(call, rawOptions, messageTimeoutMs);
   }
 
   /** Similarity of two texts (default metric: cosine). */

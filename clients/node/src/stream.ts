@@ -54,6 +54,8 @@ export class EncodeStream<P extends Precision = "float32"> implements AsyncItera
   constructor(
     private readonly call: ClientDuplexStream<unknown, RawStreamResponse>,
     private readonly defaults: RawEncodeOptions,
+    /** Each message's own time limit (EncodeStreamRequest.timeout_ms); 0: none. */
+    private readonly messageTimeoutMs = 0,
   ) {
     call.on("data", (raw: RawStreamResponse) => {
       let result: StreamResult<P>;
@@ -89,6 +91,7 @@ export class EncodeStream<P extends Precision = "float32"> implements AsyncItera
       id,
       texts: toTexts(texts),
       options: options ? toRawOptions(options) : this.defaults,
+      timeoutMs: this.messageTimeoutMs,
     });
   }
 

@@ -9,6 +9,7 @@ interface FakeRequest {
   id: string;
   texts: string[];
   options: { normalize?: boolean };
+  timeoutMs?: number;
 }
 
 /**
@@ -87,6 +88,25 @@ describe("EncodeStream", () => {
     assert.equal(seen.size, total);
     assert.ok(call.pauses > 0, "the stream paused while answers piled up");
     assert.equal(call.received[0].options.normalize, undefined);
+  });
+
+  test("each message carries the stream's per-message time limit", async () => {
+    const call = new FakeCall();
+    const stream = new EncodeStream(call as unknown as ClientDuplexStream<unknown, never>, {
+      model: "",
+      truncation: "TRUNCATION_UNSPECIFIED",
+    }, 250);
+    stream.write("a", "x");
+    stream.write("b", ["y"], { normalize: false });
+    stream.end();
+    for await (const _result of stream) { /* drain */ }
+    assert.deepEqual(call.received.map((r) => r.timeoutMs), [250, 250]);
+    const none = new FakeCall();
+    const plain = open(none);
+    plain.write("c", "z");
+    plain.end();
+    for await (const _result of plain) { /* drain */ }
+    assert.equal(none.received[0].timeoutMs, 0);
   });
 
   test("per-message errors and options; a call failure is thrown after the answers", async () => {
