@@ -25,7 +25,14 @@ from embedq.server.errors import RequestError
 from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
 from embedq.server.queue import Dispatcher, QueueBounds, Variant
 from embedq.server.registry import ModelRegistry, ServedModel
-from embedq.workers.pipeline import Outcome, iter_steps, prepare, pretokenize, run_jobs
+from embedq.workers.pipeline import (
+    BatchLimits,
+    Outcome,
+    iter_steps,
+    prepare,
+    pretokenize,
+    run_jobs,
+)
 from embedq.workers.worker import RECHECK_CANCELLED_S, Read, Worker
 from fault_worker import FaultyEncoder
 from helpers_tiny_model import write_tiny_bert
@@ -727,7 +734,7 @@ def test_a_read_that_waited_for_the_busy_model_drops_callers_that_left_meanwhile
         assert [item.text for item in read.jobs[0].items] == ["stays", "leaves"]
         worker.redis.xadd(worker.jobs_key, encode_message(job(["stays", "leaves"], "replies")))
         read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
-        read.read_at -= RECHECK_CANCELLED_S  # it waited for a pass of the model
+        read.checked_at -= RECHECK_CANCELLED_S  # it waited for a pass of the model
         worker._hand_over(read)
         assert [item.text for item in read.jobs[0].items] == ["stays"]
         assert read.sizes == [2]  # both were queued: the backlog counter counts both
@@ -737,6 +744,61 @@ def test_a_read_that_waited_for_the_busy_model_drops_callers_that_left_meanwhile
         worker.redis.delete(worker.jobs_key, worker.keys.cancelled("replies"))
         worker.redis.delete(worker.keys.models(), worker.keys.workers(worker.name))
         worker.redis.close()
+
+
+def test_a_running_read_stops_encoding_for_callers_who_leave_before_its_later_passes(
+    redis_server, tiny_encoder
+):
+    """While the model runs a read of several passes, the reader asks which of its callers
+    left since it began: their items in later passes are dropped unanswered, not encoded,
+    and their job is still finished (acknowledged) with the others' answers."""
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(
+        redis=RedisSettings(url=redis_server.url, namespace=namespace), max_batch_size=2
+    )
+    worker = Worker(settings, encoder=tiny_encoder)
+    texts = ["a fox", "b fox", "c fox", "d fox", "e fox", "f fox"]  # one length: in order
+    try:
+        worker.register()
+        worker.redis.xadd(worker.jobs_key, encode_message(job(texts, "replies")))
+        read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+        worker._hand_over(read)
+        assert worker._reads.get_nowait() is read
+        assert read.prepared.several_passes(worker.limits)  # 3 passes of 2: watched
+        counting = CountingEncoder(tiny_encoder)
+        steps = iter_steps(
+            read.jobs, counting, worker.keys, worker.limits, prepared=read.prepared, gone=read.gone
+        )
+        first = next(steps)  # the first pass ran; tickets 1 and 2
+        worker.redis.sadd(worker.keys.cancelled("replies"), 4, 5, 6)
+        worker._watch(Read())  # within RECHECK_CANCELLED_S of the hand-over: not asked yet
+        assert not read.gone
+        read.checked_at -= RECHECK_CANCELLED_S
+        worker._watch(Read())
+        assert read.gone == {("replies", 4), ("replies", 5), ("replies", 6)}
+        rest = list(steps)
+        answered = Outcome.combined([s.outcome for s in [first, *rest]]).replies["replies"]
+        assert list(answered.tickets) == [1, 2, 3] and not answered.failures
+        assert counting.embedded == 3  # "d fox" shared a pass with "c fox": dropped alone
+        assert [step.finished_jobs for step in rest if step.finished_jobs] == [[0]]
+        assert sum(step.answered_items for step in [first, *rest]) == 6  # backlog: all six
+    finally:
+        worker.redis.delete(worker.jobs_key, worker.keys.cancelled("replies"))
+        worker.redis.delete(worker.keys.models(), worker.keys.workers(worker.name))
+        worker.redis.close()
+
+
+def test_a_read_of_one_pass_is_not_watched(tiny_encoder):
+    """Only a read the model needs several passes for is asked about while it runs."""
+    limits = BatchLimits(max_batch_tokens=64, max_batch_size=4)
+    one = prepare([job(["a b", "c d", "e f"])], tiny_encoder)
+    assert not one.several_passes(limits)
+    assert not prepare([job(["a b"] * 6)], tiny_encoder).several_passes(limits)  # one text
+    assert prepare([job(["a b", "c d", "e f", "g h", "i j"])], tiny_encoder).several_passes(limits)
+    long_texts = [f"{letter} " + "a b " * 10 for letter in "cdef"]  # 4 × 23 tokens > 64
+    assert prepare([job(long_texts)], tiny_encoder).several_passes(limits)
+    two_settings = [job(["a b"]), job(["c d"], normalize=False)]
+    assert prepare(two_settings, tiny_encoder).several_passes(limits)
 
 
 def test_run_jobs_fails_items_with_their_kinds(tiny_encoder):

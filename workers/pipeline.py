@@ -4,7 +4,8 @@ No Redis here: `iter_steps` takes decoded jobs and yields what to write after
 each forward pass, so the loop in worker.py stays about I/O. Texts are
 deduplicated across all jobs of a read, tokenized once, grouped into
 token-budget batches of similar length, first arrivals first (batching.plan_batches),
-and encoded; deadlines are checked before every batch, not once per read.
+and encoded; deadlines, and callers that left (as the worker's reader learns
+while the read runs), are checked before every batch, not once per read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from .batching import SPAN_BATCHES, plan_batches
 log = logging.getLogger(__name__)
 
 DEADLINE_MESSAGE = "deadline passed while queued"
+
+# Items whose callers left, as (reply_to, ticket): filled by the worker's reader while a
+# read runs (another thread: a set's add and `in` are atomic), read before each batch.
+Gone = set[tuple[str, int]]
 
 
 @dataclass
@@ -173,6 +178,15 @@ class Prepared:
     tracker: _Tracker
     groups: list[_Group]
 
+    def several_passes(self, limits: BatchLimits) -> bool:
+        """Whether the model needs more than one forward pass for this read (as planned by
+        plan_batches: one group that fits max_batch_size and max_batch_tokens is one)."""
+        if len(self.groups) != 1:
+            return len(self.groups) > 1
+        lengths = [len(tokens.ids) for tokens in self.groups[0].tokenized]
+        padded = len(lengths) * max(lengths, default=0)
+        return len(lengths) > limits.max_batch_size or padded > limits.max_batch_tokens
+
 
 # Token ids of texts as the model reads them (prompt included), tokenized ahead.
 Pretokenized = dict[str, TokenizedText]
@@ -247,13 +261,15 @@ def iter_steps(
     limits: BatchLimits = BatchLimits(),
     clock: Callable[[], int] | None = None,
     prepared: Prepared | None = None,
+    gone: Gone | None = None,
 ) -> Iterator[Step]:
     """Run a read of jobs one forward pass at a time, yielding after each.
 
     The caller writes each step's results at once, so the callers whose texts
     ran in an early batch are not held until the whole read is done, and the
     clock is checked before every batch: an item whose caller's deadline has
-    passed is failed (DEADLINE_EXCEEDED), not encoded. `prepared`: the read
+    passed is failed (DEADLINE_EXCEEDED), not encoded; one in `gone` (its caller
+    left; the set may grow meanwhile) is dropped unanswered. `prepared`: the read
     already prepared (prepare()), else it is prepared here.
     """
     clock = clock or _now_ms
@@ -261,8 +277,9 @@ def iter_steps(
     tracker = prepared.tracker
     if tracker.outcome.replies or tracker.finished:
         yield tracker.step()
+    gone = set() if gone is None else gone
     for group in prepared.groups:
-        yield from _encode_group(group, encoder, keys, limits, tracker, clock)
+        yield from _encode_group(group, encoder, keys, limits, tracker, clock, gone)
 
 
 def _now_ms() -> int:
@@ -292,6 +309,7 @@ def _encode_group(
     limits: BatchLimits,
     tracker: _Tracker,
     clock: Callable[[], int],
+    gone: Gone,
 ) -> Iterator[Step]:
     work, tokenized = group.work, group.tokenized
     batches = plan_batches(
@@ -301,6 +319,8 @@ def _encode_group(
         span_tokens=SPAN_BATCHES * limits.max_batch_tokens,
     )
     for batch in batches:
+        if gone:
+            _drop_gone(work, batch, tracker, gone)
         live = _drop_expired(work, batch, tracker, clock())
         if live:
             vectors, error = _embed_batch(live, tokenized, group.normalize, encoder)
@@ -325,6 +345,20 @@ def _reject_over_length(
             else:
                 message = _over_length_message(tokens, max_len)
                 tracker.fail(job_index, ticket, ErrorKind.TOO_LONG, message)
+        group.waiting[index] = kept
+
+
+def _drop_gone(group: _Work, batch: list[int], tracker: _Tracker, gone: Gone) -> None:
+    """Drop the waits of `batch` whose callers left: nobody reads their answer, so they
+    count as done (their job can be acknowledged) without one."""
+    for index in batch:
+        kept = []
+        for wait in group.waiting[index]:
+            job_index, ticket, _deadline = wait
+            if (tracker.jobs[job_index].reply_to, ticket) in gone:
+                tracker.answered(job_index)
+            else:
+                kept.append(wait)
         group.waiting[index] = kept
 
 

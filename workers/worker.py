@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -59,6 +60,7 @@ from .backends import PooledEncoder
 from .batching import FRESH_JOB_MS, RecentPeak, linger_s, needs_cancel_check, reader_wait
 from .pipeline import (
     BatchLimits,
+    Gone,
     Outcome,
     Prepared,
     Pretokenized,
@@ -78,8 +80,9 @@ HEARTBEAT_JOIN_S = 5.0
 
 # How often the reader looks for workers whose heartbeat stopped.
 TAKEOVER_PERIOD_S = 1.0
-# A read that waited this long for the busy model (s) is checked again for items whose
-# callers left meanwhile (a round trip, at hand-over), as a read is when it comes in.
+# While the model runs, the reads waiting for it and the running read's later passes are
+# checked this often (s) for items whose callers left meanwhile (a round trip), as a read is
+# when it comes in; a read that waited longer since its last check is checked at hand-over.
 RECHECK_CANCELLED_S = FRESH_JOB_MS / 1000
 # Steps waiting for the writer; past it the model waits (Redis is down or slow).
 WRITE_QUEUE_STEPS = 64
@@ -113,15 +116,18 @@ class Read:
     tokens: Pretokenized = field(default_factory=dict)
     # Deduplicated and tokenized, at hand-over to the model.
     prepared: Prepared | None = None
-    # When its oldest part was read (monotonic s; inf: nothing read yet).
-    read_at: float = math.inf
+    # Since when callers who left may have gone unnoticed: its oldest part's read or its
+    # last check for cancelled items (monotonic s; inf: nothing read yet).
+    checked_at: float = math.inf
+    # Items of the running read whose callers left, learnt while it runs (pipeline.Gone).
+    gone: Gone = field(default_factory=set)
 
     def absorb(self, other: Read) -> None:
         self.jobs += other.jobs
         self.entry_ids += other.entry_ids
         self.sizes += other.sizes
         self.tokens.update(other.tokens)
-        self.read_at = min(self.read_at, other.read_at)
+        self.checked_at = min(self.checked_at, other.checked_at)
 
     @property
     def texts(self) -> int:
@@ -242,6 +248,9 @@ class Worker:
         self._progress_at = time.monotonic()
         self._last_busy_s = 0.0
         self._linger_since: float | None = None
+        # The read last handed over, while it may need more than one pass (reader thread
+        # only): watched for callers who leave before its later passes (see _watch).
+        self._running: Read | None = None
         # Transient Redis trouble: retried with backoff, logged at most once per 10 s.
         self._throttled = Throttled(log)
         self._read_backoff = Backoff()
@@ -415,13 +424,15 @@ class Worker:
         try:
             while not self._stop.is_set():
                 idle = self._model_idle.is_set()
+                if not idle:
+                    self._watch(pending)
                 full = self._full(pending)
                 linger = self._linger_left(pending) if pending.jobs and idle and not full else 0.0
                 if pending.jobs and idle and linger <= 0:
                     self._hand_over(pending)
                     pending = Read()
                 elif full:
-                    self._model_idle.wait(0.5)
+                    self._model_idle.wait(RECHECK_CANCELLED_S)
                 else:
                     # Block, poll or sleep: batching.reader_wait says which and why.
                     wait = reader_wait(
@@ -432,7 +443,8 @@ class Worker:
                         linger_poll_s=LINGER_POLL_S,
                         idle_block_ms=IDLE_BLOCK_MS,
                     )
-                    got = self._next_read(pending, wait.block_ms, nothing_pending=not pending.jobs)
+                    block_ms = self._watched_block_ms(wait.block_ms, idle)
+                    got = self._next_read(pending, block_ms, nothing_pending=not pending.jobs)
                     if got is not None:
                         pending.absorb(got)
                     elif wait.sleep_s > 0:
@@ -460,8 +472,10 @@ class Worker:
 
     def _hand_over(self, read: Read) -> None:
         self._linger_since = None
-        if time.monotonic() - read.read_at >= RECHECK_CANCELLED_S:
+        now = time.monotonic()
+        if now - read.checked_at >= RECHECK_CANCELLED_S:
             self._drop_cancelled_quietly(read.jobs)
+        read.checked_at = now
         try:
             read.prepared = prepare(read.jobs, self.encoder, known=read.tokens)
         except Exception:
@@ -472,6 +486,7 @@ class Worker:
             self._held.release(read.entry_ids)
             return
         self._handed_over.record(read.texts, time.monotonic())
+        self._running = read if read.prepared.several_passes(self.limits) else None
         self._progress_at = time.monotonic()  # before the model counts as busy
         self._model_idle.clear()
         self._reads.put(read)
@@ -621,7 +636,7 @@ class Worker:
         metrics.dead_lettered()
 
     def _decode(self, entries: list[Entry]) -> Read:
-        read = Read(read_at=time.monotonic())
+        read = Read(checked_at=time.monotonic())
         for entry_id, fields in entries:
             try:
                 job = decode_job(fields)
@@ -645,6 +660,39 @@ class Worker:
             log.warning("tokenizing ahead failed; left to the hand-over", exc_info=True)
             read.tokens.clear()
 
+    def _watch(self, pending: Read) -> None:
+        """While the model runs: every RECHECK_CANCELLED_S, ask which callers of the read
+        waiting for it, and of the running read's later passes, left meanwhile (one round
+        trip). Done here, the hand-over to the idle model rarely waits for the question, and
+        a long read stops encoding for callers who left after it began."""
+        now = time.monotonic()
+        waiting = pending if now - pending.checked_at >= RECHECK_CANCELLED_S else None
+        running = self._running
+        if running is not None and now - running.checked_at < RECHECK_CANCELLED_S:
+            running = None
+        if waiting is None and running is None:
+            return
+        waiting_jobs = waiting.jobs if waiting is not None else []
+        running_jobs = running.jobs if running is not None else []
+        try:
+            left = self._left(waiting_jobs + running_jobs)
+        except (RedisError, OSError) as exc:
+            self._throttled.warning("watch", "checking for cancelled items failed (%s)", _name(exc))
+            left = []
+        for read in (waiting, running):
+            if read is not None:
+                read.checked_at = now
+        for job, flags in left[: len(waiting_jobs)]:
+            _drop_items(job, flags)
+        for job, flags in left[len(waiting_jobs) :]:
+            running.gone.update(_gone_items(job, flags))
+
+    def _watched_block_ms(self, block_ms: int | None, idle: bool) -> int | None:
+        """A blocking read while a running read is watched ends in time for the next look."""
+        if block_ms is None or idle or self._running is None:
+            return block_ms
+        return min(block_ms, int(RECHECK_CANCELLED_S * 1000))
+
     def _drop_cancelled_quietly(self, jobs: list[queue_pb2.Job]) -> None:
         """_drop_cancelled for jobs that waited for the busy model after their read: their
         callers may have left since. Redis trouble only means they are encoded anyway."""
@@ -652,21 +700,23 @@ class Worker:
             self._drop_cancelled(jobs)
         except (RedisError, OSError) as exc:
             self._throttled.warning(
-                "recheck", "checking for cancelled items failed (%s)", type(exc).__name__
+                "recheck", "checking for cancelled items failed (%s)", _name(exc)
             )
 
     def _drop_cancelled(self, jobs: list[queue_pb2.Job]) -> None:
         """Remove items whose caller cancelled or gave up (one round trip)."""
-        asked = [(job, self.keys.cancelled(job.reply_to)) for job in jobs if job.items]
-        if not asked:
-            return
-        commands = [("SMISMEMBER", key, *(item.ticket for item in job.items)) for job, key in asked]
-        for (job, _key), flags in zip(asked, packed.execute(self.redis, commands), strict=True):
-            if any(flags):
-                kept = [item for item, gone in zip(job.items, flags, strict=True) if not gone]
-                log.debug("skipping %d cancelled items", len(job.items) - len(kept))
-                del job.items[:]
-                job.items.extend(kept)
+        for job, flags in self._left(jobs):
+            _drop_items(job, flags)
+
+    def _left(self, jobs: list[queue_pb2.Job]) -> list[tuple[queue_pb2.Job, list[int]]]:
+        """Each job with, per item, whether its caller left (one round trip at most)."""
+        commands = [
+            ("SMISMEMBER", self.keys.cancelled(job.reply_to), *(item.ticket for item in job.items))
+            for job in jobs
+            if job.items
+        ]
+        answers = iter(packed.execute(self.redis, commands) if commands else ())
+        return [(job, next(answers) if job.items else []) for job in jobs]
 
     # -- processing (main thread) -----------------------------------------------
 
@@ -676,7 +726,9 @@ class Worker:
         encoder = metrics.measured(self.encoder)
         failed: set[tuple[str, int]] = set()
         encoded = 0
-        steps = iter_steps(read.jobs, encoder, self.keys, self.limits, prepared=read.prepared)
+        steps = iter_steps(
+            read.jobs, encoder, self.keys, self.limits, prepared=read.prepared, gone=read.gone
+        )
         for step in steps:
             encoded += step.outcome.texts_encoded
             failed.update(
@@ -794,6 +846,25 @@ def _texts_done(read: Read, step: Step) -> int:
     """
     dropped = sum(read.sizes[i] - len(read.jobs[i].items) for i in step.finished_jobs)
     return step.answered_items + dropped
+
+
+def _drop_items(job: queue_pb2.Job, flags: list[int]) -> None:
+    """Remove the items of a job not read by the model yet whose `flags` are set."""
+    if any(flags):
+        kept = [item for item, gone in zip(job.items, flags, strict=True) if not gone]
+        log.debug("skipping %d cancelled items", len(job.items) - len(kept))
+        del job.items[:]
+        job.items.extend(kept)
+
+
+def _gone_items(job: queue_pb2.Job, flags: list[int]) -> Iterator[tuple[str, int]]:
+    """(reply_to, ticket) of the items of a running job whose `flags` are set."""
+    pairs = zip(job.items, flags, strict=True)
+    return ((job.reply_to, item.ticket) for item, gone in pairs if gone)
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
 
 
 def _xadd(key: str, fields: dict, maxlen: int) -> tuple:
