@@ -616,8 +616,10 @@ async def plumbing_measure(
                 await _counted(nodes, idle, again, lambda a=again: encode_window(stub, a, 256, 8))
             )
             streamed = source.take(max(64, count // 4))
-            elapsed = await timed_async(lambda t=streamed: waiting_streams(stub, t, 64))
-            streamed_runs.append({"texts": len(streamed), "texts_per_s": len(streamed) / elapsed})
+            run = await _counted(
+                nodes, idle, streamed, lambda t=streamed: waiting_streams(stub, t, 64)
+            )
+            streamed_runs.append({"texts": len(streamed), **run})
     return {
         "texts": count,
         "reps": len(uncached),
@@ -1114,7 +1116,7 @@ def plumbing_report(name: str, p: dict) -> list[str]:
         f"  uncached batches of 256: {_f(u['texts_per_s'])} texts/s   target >= 25,000"
         f"   (machine {u['machine_busy_percent']:.0f} % busy){_runs(u)}",
         f"  64 waiting streams: {_f(streams['texts_per_s'])} texts/s   target >= 10,000"
-        f"{_runs(streams)}",
+        f"{_busy(streams)}{_runs(streams)}",
         *floor_line,
         f"  cached batches of 256 (those texts {CACHED_ROUNDS} times over): "
         f"{_f(c['texts_per_s'])} texts/s   target >= 150,000{_runs(c)}",
@@ -1123,6 +1125,23 @@ def plumbing_report(name: str, p: dict) -> list[str]:
         f"{u['bytes_in_per_text']:.0f} B in, {u['bytes_out_per_text']:.0f} B out",
         f"  Redis per cached text: {c['commands_per_text']:.3f} commands, "
         f"{c['bytes_in_per_text']:.0f} B in, {c['bytes_out_per_text']:.0f} B out",
+        *_redis_line("Redis per waiting-stream text", streams),
+    ]
+
+
+def _busy(phase: dict) -> str:
+    busy = phase.get("machine_busy_percent")
+    return "" if busy is None else f"   (machine {busy:.0f} % busy)"
+
+
+def _redis_line(what: str, phase: dict) -> list[str]:
+    """Commands (the most frequent named) and bytes per text, where the phase counted them."""
+    if "commands_per_text" not in phase:
+        return []
+    top = ", ".join(f"{name} {n:.2f}" for name, n in list(phase["by_command"].items())[:4])
+    return [
+        f"  {what}: {phase['commands_per_text']:.3f} commands ({top}), "
+        f"{phase['bytes_in_per_text']:.0f} B in, {phase['bytes_out_per_text']:.0f} B out"
     ]
 
 
