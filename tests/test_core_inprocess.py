@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -44,6 +45,7 @@ from embedq.keys import (
     ErrorKind,
     Keys,
     decode_job,
+    decode_reply,
     encode_message,
     text_sha256,
     variant_fingerprint,
@@ -771,11 +773,18 @@ def test_a_running_read_stops_encoding_for_callers_who_leave_before_its_later_pa
         )
         first = next(steps)  # the first pass ran; tickets 1 and 2
         worker.redis.sadd(worker.keys.cancelled("replies"), 4, 5, 6)
-        worker._watch(Read())  # within RECHECK_CANCELLED_S of the hand-over: not asked yet
+        read.checked_at = time.monotonic()
+        worker._watch(Read())  # within RECHECK_CANCELLED_S of the last look: not asked yet
         assert not read.gone
         read.checked_at -= RECHECK_CANCELLED_S
-        worker._watch(Read())
+        # The read waiting for the model is asked in the same round trip.
+        worker.redis.xadd(worker.jobs_key, encode_message(job(["g fox", "h fox"], "others")))
+        waiting = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+        worker.redis.sadd(worker.keys.cancelled("others"), 1)
+        waiting.checked_at -= RECHECK_CANCELLED_S
+        worker._watch(waiting)
         assert read.gone == {("replies", 4), ("replies", 5), ("replies", 6)}
+        assert [item.text for item in waiting.jobs[0].items] == ["h fox"]
         rest = list(steps)
         answered = Outcome.combined([s.outcome for s in [first, *rest]]).replies["replies"]
         assert list(answered.tickets) == [1, 2, 3] and not answered.failures
@@ -783,8 +792,54 @@ def test_a_running_read_stops_encoding_for_callers_who_leave_before_its_later_pa
         assert [step.finished_jobs for step in rest if step.finished_jobs] == [[0]]
         assert sum(step.answered_items for step in [first, *rest]) == 6  # backlog: all six
     finally:
-        worker.redis.delete(worker.jobs_key, worker.keys.cancelled("replies"))
+        cancelled = [worker.keys.cancelled(name) for name in ("replies", "others")]
+        worker.redis.delete(worker.jobs_key, *cancelled)
         worker.redis.delete(worker.keys.models(), worker.keys.workers(worker.name))
+        worker.redis.close()
+
+
+def test_a_running_worker_skips_callers_who_leave_during_a_long_read(redis_server, tiny_encoder):
+    """The same through a running worker's threads: a read of three slow passes; callers of
+    the third leave during the first. Their texts are not encoded, the job is acknowledged
+    with the others' answers, and the backlog counter drains to zero."""
+    first_pass = threading.Event()
+
+    class SlowPasses(CountingEncoder):
+        def embed(self, batch, normalize=None):
+            vectors = super().embed(batch, normalize)
+            first_pass.set()
+            time.sleep(0.6)  # the reader asks about the callers meanwhile (every 50 ms)
+            return vectors
+
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(
+        redis=RedisSettings(url=redis_server.url, namespace=namespace), max_batch_size=2
+    )
+    slow = SlowPasses(tiny_encoder)
+    worker = Worker(settings, encoder=slow)
+    reply_to = f"{namespace}:replies"
+    texts = ["a fox", "b fox", "c fox", "d fox", "e fox", "f fox"]  # one length: in order
+    worker.redis.incrby(worker.keys.backlog(worker.name), len(texts))  # as a server does
+    worker.redis.xadd(worker.jobs_key, encode_message(job(texts, reply_to)))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert first_pass.wait(30)
+        worker.redis.sadd(worker.keys.cancelled(reply_to), 5, 6)
+        deadline = time.monotonic() + 30
+        while worker.redis.xlen(worker.jobs_key) and time.monotonic() < deadline:
+            time.sleep(0.05)  # acknowledged and deleted once every item is done
+        assert worker.redis.xlen(worker.jobs_key) == 0
+        replies = [decode_reply(fields) for _, fields in worker.redis.xrange(reply_to)]
+        assert sorted(t for reply in replies for t in reply.tickets) == [1, 2, 3, 4]
+        assert not any(reply.failures for reply in replies)
+        assert slow.embedded == 4
+        assert int(worker.redis.get(worker.keys.backlog(worker.name))) == 0
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+        keys = [worker.jobs_key, reply_to, worker.keys.cancelled(reply_to)]
+        worker.redis.delete(*keys, worker.keys.backlog(worker.name))
         worker.redis.close()
 
 

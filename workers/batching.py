@@ -141,7 +141,8 @@ def reader_wait(
     and how long the linger has left (s).
 
     Nothing pending: block on Redis for `idle_block_ms`, busy model or not (polling Redis
-    every few ms while the model ran slowed its passes on a shared CPU, measured). Texts
+    every few ms while the model ran slowed its passes on a shared CPU, measured; the worker
+    shortens it to its cancellation check's period while a read of several passes runs). Texts
     pending and the model busy: poll every `poll_s` (the model's end, not a job, ends that
     wait). Lingering with a poll period or more left, which only a slow pass allows: poll
     every `linger_poll_s`, so that the text it waits for is taken soon after it is queued (at

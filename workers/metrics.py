@@ -65,13 +65,16 @@ def measured(encoder: object) -> object:
 
 
 def record_job_outcomes(
-    jobs: Iterable[queue_pb2.Job], failed: set[tuple[str, int]], busy_s: float
+    jobs: Iterable[queue_pb2.Job],
+    failed: set[tuple[str, int]],
+    busy_s: float,
+    gone: set[tuple[str, int]] = frozenset(),
 ) -> None:
-    """Count handled jobs by outcome and busy time; `failed` holds the
-    (reply stream, ticket) pairs that got an error."""
+    """Count handled jobs by outcome and busy time; `failed` holds the (reply stream,
+    ticket) pairs that got an error, `gone` those whose callers left while the job ran."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for job in jobs:
-        if not job.items:
+        if not job.items or (gone and all((job.reply_to, i.ticket) in gone for i in job.items)):
             counts["cancelled"] += 1
         elif any((job.reply_to, item.ticket) in failed for item in job.items):
             counts["failed"] += 1

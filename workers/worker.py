@@ -121,6 +121,8 @@ class Read:
     checked_at: float = math.inf
     # Items of the running read whose callers left, learnt while it runs (pipeline.Gone).
     gone: Gone = field(default_factory=set)
+    # Indices of its jobs the model has finished (model thread; the reader skips them).
+    finished: set[int] = field(default_factory=set)
 
     def absorb(self, other: Read) -> None:
         self.jobs += other.jobs
@@ -132,6 +134,12 @@ class Read:
     @property
     def texts(self) -> int:
         return sum(self.sizes)
+
+    def unfinished_jobs(self) -> list[queue_pb2.Job]:
+        """Its jobs with items the model has not answered yet (for the reader's watch: a
+        snapshot of the set the model thread adds to)."""
+        done = set(self.finished)
+        return [job for index, job in enumerate(self.jobs) if index not in done]
 
 
 class HeldEntries:
@@ -424,7 +432,9 @@ class Worker:
         try:
             while not self._stop.is_set():
                 idle = self._model_idle.is_set()
-                if not idle:
+                if idle:
+                    self._running = None  # done: nothing of it left to watch
+                else:
                     self._watch(pending)
                 full = self._full(pending)
                 linger = self._linger_left(pending) if pending.jobs and idle and not full else 0.0
@@ -444,7 +454,9 @@ class Worker:
                         idle_block_ms=IDLE_BLOCK_MS,
                     )
                     block_ms = self._watched_block_ms(wait.block_ms, idle)
-                    got = self._next_read(pending, block_ms, nothing_pending=not pending.jobs)
+                    # Nothing came for a while, and the model is idle: the queue may be empty.
+                    nothing_pending = not pending.jobs and idle
+                    got = self._next_read(pending, block_ms, nothing_pending=nothing_pending)
                     if got is not None:
                         pending.absorb(got)
                     elif wait.sleep_s > 0:
@@ -673,10 +685,10 @@ class Worker:
         if waiting is None and running is None:
             return
         waiting_jobs = waiting.jobs if waiting is not None else []
-        running_jobs = running.jobs if running is not None else []
+        running_jobs = running.unfinished_jobs() if running is not None else []
         try:
             left = self._left(waiting_jobs + running_jobs)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - only a lost chance to skip work: never fatal
             self._throttled.warning("watch", "checking for cancelled items failed (%s)", _name(exc))
             left = []
         for read in (waiting, running):
@@ -737,6 +749,7 @@ class Worker:
                 for failure in reply.failures
             )
             self._progress_at = time.monotonic()
+            read.finished.update(step.finished_jobs)
             entry_ids = [read.entry_ids[i] for i in step.finished_jobs]
             self._writes.put(Write([step.outcome], entry_ids, _texts_done(read, step)))
         ended = time.perf_counter()
@@ -745,7 +758,7 @@ class Worker:
         self.rate.observe(encoded, ended - self._last_read_end if saturated else busy)
         self._last_read_end = ended
         log.debug("%d jobs, %d texts encoded in %.1f ms", len(read.jobs), encoded, busy * 1000)
-        metrics.record_job_outcomes(read.jobs, failed, busy)
+        metrics.record_job_outcomes(read.jobs, failed, busy, read.gone)
 
     # -- writing (writer thread) ------------------------------------------------
 
