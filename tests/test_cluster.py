@@ -312,9 +312,11 @@ def test_a_master_down_is_a_clear_unavailable(cluster_service):
 
 MODEL = "all-MiniLM-L6-v2"
 FAILOVER_NS = "failover"
-CALL_DEADLINE_S = 20.0
+# Generous for a slow CI machine (6 Redis nodes, 3 workers, 2 servers on 2 cores): measured
+# here, failing calls end ~5 s after the kill and new ones succeed < 1 s after the promotion.
+CALL_DEADLINE_S = 30.0
 # New calls must succeed within this long of the promotion, on both servers.
-RECOVERY_BOUND_S = 10.0
+RECOVERY_BOUND_S = 15.0
 
 
 @dataclass

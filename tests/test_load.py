@@ -270,6 +270,17 @@ def wait_for_capacity(stub, timeout: float = 30.0) -> float:
     raise AssertionError("no measured capacity published")
 
 
+def wait_backlog(service: Service, stub, until, timeout: float = 60.0) -> None:
+    """Until the model's backlog counter (texts queued, all servers) satisfies `until`."""
+    model = stub.Info(pb.InfoRequest(), timeout=5).models[0].name
+    key = Keys(service.namespace).backlog(model)
+    with redis.Redis.from_url(service.redis_url) as client:
+        deadline = time.monotonic() + timeout
+        while not until(int(client.get(key) or 0)):
+            assert time.monotonic() < deadline, f"backlog {client.get(key)} after {timeout} s"
+            time.sleep(0.02)
+
+
 def test_work_that_cannot_meet_its_deadline_is_refused_at_once(busy_service: Service):
     with grpc.insecure_channel(busy_service.target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
@@ -281,7 +292,7 @@ def test_work_that_cannot_meet_its_deadline_is_refused_at_once(busy_service: Ser
             stub.Encode.future(pb.EncodeRequest(texts=unique_texts(per_call)), timeout=300)
             for _ in range(callers)
         ]
-        time.sleep(0.5)  # flushed: the backlog counter holds them
+        wait_backlog(busy_service, stub, lambda texts: texts >= callers * per_call // 2)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             stub.Encode(pb.EncodeRequest(texts=unique_texts(8)), timeout=1.0)
@@ -489,24 +500,26 @@ def test_a_streams_text_window_is_half_a_second_of_the_models_work():
 
 def test_a_killed_workers_jobs_are_taken_over_in_seconds(redis_server):
     """SIGKILL mid-job: the next worker takes the dead one's pending jobs as soon
-    as its heartbeat is stale, long before the 30 s idle claim."""
+    as its heartbeat is stale, not by the idle claim (set to 120 s here, past the calls'
+    deadline, so that a slow machine's 600 texts can take their time)."""
     svc = Service(redis_server.url, namespace=f"k{uuid.uuid4().hex[:8]}")
     try:
         victim = svc.start_worker("--dead-after", "3")
         svc.start_server()
         client, keys = redis.Redis.from_url(svc.redis_url), Keys(svc.namespace)
-        svc.start_worker("--dead-after", "3")  # a survivor, idle until it takes over
+        # A survivor, idle until it takes over.
+        svc.start_worker("--dead-after", "3", "--claim-idle-ms", "120000")
         texts = unique_texts(600)
         with grpc.insecure_channel(svc.target) as channel, ThreadPoolExecutor(4) as pool:
             stub = embedq_pb2_grpc.EmbedderStub(channel)
             futures = [
-                pool.submit(stub.Encode, pb.EncodeRequest(texts=texts[i : i + 150]), timeout=25)
+                pool.submit(stub.Encode, pb.EncodeRequest(texts=texts[i : i + 150]), timeout=90)
                 for i in range(0, 600, 150)
             ]
             _wait_pending_on(client, keys, victim.pid)
             victim.send_signal(signal.SIGKILL)
             victim.wait()
-            results = [future.result() for future in futures]  # within 25 s < 30 s idle claim
+            results = [future.result() for future in futures]  # within 90 s < 120 s idle claim
         assert sum(r.count for r in results) == 600
     finally:
         svc.stop()
@@ -535,6 +548,7 @@ def test_the_backlog_counter_drains_batch_by_batch(busy_service: Service):
         backlog_key = Keys(busy_service.namespace).backlog(model)
         texts = unique_texts(256)  # one call window: one job, several forward passes
         seen: set[int] = set()
+        wait_backlog(busy_service, stub, lambda queued: queued == 0)  # earlier tests' drained
         with (
             redis.Redis.from_url(busy_service.redis_url) as client,
             ThreadPoolExecutor(1) as pool,

@@ -113,7 +113,9 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
-def test_worker_devices_restarts_a_killed_child_and_stops_on_sigterm(redis_server) -> None:
+def test_worker_devices_restarts_a_killed_child_and_stops_on_sigterm(
+    redis_server, tmp_path
+) -> None:
     """`worker --devices cpu,cpu`: the same policy as serve (a killed child comes back with
     a new consumer name; its old heartbeat is removed at once); SIGTERM stops all, exit 0."""
     import redis
@@ -122,10 +124,13 @@ def test_worker_devices_restarts_a_killed_child_and_stops_on_sigterm(redis_serve
 
     namespace = "pool-devices"
     env = {**os.environ, "EMBEDQ_ALLOW_BENCH_BACKEND": "1"}
+    # A file, not a pipe: the children inherit it, and a full pipe nobody reads until the
+    # end would block their logging (and the test).
+    stderr = (tmp_path / "stderr.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "embedq.cli", "worker", "--redis-url", redis_server.url,
          "--namespace", namespace, "--devices", "cpu,cpu", "--backend", "bench-zero"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
     )  # fmt: skip
     client = redis.Redis.from_url(redis_server.url)
     workers_key = Keys(namespace).workers("all-MiniLM-L6-v2")
@@ -140,9 +145,10 @@ def test_worker_devices_restarts_a_killed_child_and_stops_on_sigterm(redis_serve
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0  # the replacement stopped cleanly
         assert client.zcard(workers_key) == 0
-        assert "exited with -9" in proc.stderr.read()
+        assert "exited with -9" in (tmp_path / "stderr.log").read_text()
     finally:
         stop_process(proc)
+        stderr.close()
 
 
 def test_worker_devices_stops_everything_when_a_child_refuses_its_configuration() -> None:

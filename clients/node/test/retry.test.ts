@@ -145,7 +145,7 @@ describe("retry loop", () => {
       hint = "5000";
       const started = Date.now();
       await assert.rejects(on.info(), { code: 8, attempts: 1 });
-      assert.ok(Date.now() - started < 500, "waited for a hint that ends past the deadline");
+      assert.ok(Date.now() - started < 2500, "waited for a hint that ends past the deadline");
     } finally {
       hint = "300";
       refusals = 0;
@@ -160,14 +160,14 @@ describe("retry loop", () => {
     try {
       let started = Date.now();
       await assert.rejects(off.info(), { code: 14, attempts: 1 });
-      assert.ok(Date.now() - started < 1000);
+      assert.ok(Date.now() - started < 3000); // at once, not after the 5 s deadline
       started = Date.now();
       await assert.rejects(on.info(), (err: unknown) => {
         assert.ok(err instanceof EmbedqError && (err.code === 14 || err.code === 4), String(err));
         assert.ok(err.attempts > 1, `attempts ${err.attempts}`);
         return true;
       });
-      assert.ok(Date.now() - started < 1000 + 300, `took ${Date.now() - started} ms`);
+      assert.ok(Date.now() - started < 1000 + 1000, `took ${Date.now() - started} ms`); // a busy machine's slack
     } finally {
       off.close();
       on.close();
