@@ -23,6 +23,7 @@ import pytest
 import redis
 from conftest import Service, log_tail
 from embedq.apps.embedded import EmbeddedRedis
+from embedq.workers.batching import FRESH_JOB_MS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedq.keys import CONSUMER_GROUP, Keys
@@ -603,6 +604,9 @@ def test_expired_and_cancelled_work_is_skipped(paused_worker):
             lambda: sum(client.scard(key) for key in client.scan_iter(match=cancelled_sets)) >= 2,
             what="the server marks the cancelled ticket",
         )
+        # A job queued less than FRESH_JOB_MS ago, read by an idle model, is encoded without
+        # asking (by design: batching.needs_cancel_check); this one must have waited longer.
+        time.sleep(4 * FRESH_JOB_MS / 1000)
         os.kill(worker.pid, signal.SIGCONT)
         wait_until(lambda: client.xlen(keys.jobs(MODEL)) == 0, what="queue drained")
         assert stub.Encode(pb.EncodeRequest(texts=["after the thaw"]), timeout=60).count == 1

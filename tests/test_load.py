@@ -363,6 +363,7 @@ def test_a_stream_that_never_reads_holds_bounded_memory(busy_service: Service):
         capacity = settled_capacity(stub)  # the stream's window is timed from it
         model = stub.Info(pb.InfoRequest(), timeout=5).models[0].name
         backlog_key = Keys(busy_service.namespace).backlog(model)
+        wait_backlog(busy_service, stub, lambda queued: queued == 0)  # earlier tests' drained
         before = rss_mb(pid)
         call = stub.EncodeStream(requests(), timeout=120)  # responses never read
         backlog = []  # texts queued or being encoded: only this stream's now
@@ -376,7 +377,7 @@ def test_a_stream_that_never_reads_holds_bounded_memory(busy_service: Service):
         assert other_stub.Encode(pb.EncodeRequest(texts=unique_texts(2)), timeout=60).count == 2
         stop.set()
         call.cancel()
-    assert offered > 5000  # the client really tried to send a lot
+    assert offered > 2000  # the client really tried to send a lot
     assert growth < 30, f"server grew {growth:.1f} MB"
     # Another caller's texts queue behind about STREAM_WINDOW_S of this stream's work, not
     # STREAM_TEXT_WINDOW texts. The backlog counter drops a job's texts when the whole job is
