@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -68,7 +69,7 @@ def record_job_outcomes(
     jobs: Iterable[queue_pb2.Job],
     failed: set[tuple[str, int]],
     busy_s: float,
-    gone: set[tuple[str, int]] = frozenset(),
+    gone: AbstractSet[tuple[str, int]] = frozenset(),
 ) -> None:
     """Count handled jobs by outcome and busy time; `failed` holds the (reply stream,
     ticket) pairs that got an error, `gone` those whose callers left while the job ran."""

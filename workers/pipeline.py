@@ -319,9 +319,7 @@ def _encode_group(
         span_tokens=SPAN_BATCHES * limits.max_batch_tokens,
     )
     for batch in batches:
-        if gone:
-            _drop_gone(work, batch, tracker, gone)
-        live = _drop_expired(work, batch, tracker, clock())
+        live = _drop_expired(work, batch, tracker, clock(), gone)
         if live:
             vectors, error = _embed_batch(live, tokenized, group.normalize, encoder)
             tracker.outcome.texts_encoded += len(live)
@@ -348,29 +346,21 @@ def _reject_over_length(
         group.waiting[index] = kept
 
 
-def _drop_gone(group: _Work, batch: list[int], tracker: _Tracker, gone: Gone) -> None:
-    """Drop the waits of `batch` whose callers left: nobody reads their answer, so they
-    count as done (their job can be acknowledged) without one."""
-    for index in batch:
-        kept = []
-        for wait in group.waiting[index]:
-            job_index, ticket, _deadline = wait
-            if (tracker.jobs[job_index].reply_to, ticket) in gone:
-                tracker.answered(job_index)
-            else:
-                kept.append(wait)
-        group.waiting[index] = kept
-
-
-def _drop_expired(group: _Work, batch: list[int], tracker: _Tracker, now_ms: int) -> list[int]:
+def _drop_expired(
+    group: _Work, batch: list[int], tracker: _Tracker, now_ms: int, gone: Gone
+) -> list[int]:
     """The texts of `batch` someone still waits for (in time); fail the expired waits
-    (each caller's own deadline: one job holds the items of many callers)."""
+    (each caller's own deadline: one job holds the items of many callers), and drop those
+    whose callers left (`gone`): nobody reads their answer, so they count as done (their
+    job can be acknowledged) without one."""
     live = []
     for index in batch:
         kept = []
         for wait in group.waiting[index]:
             job_index, ticket, deadline = wait
-            if _past(deadline, now_ms):
+            if gone and (tracker.jobs[job_index].reply_to, ticket) in gone:
+                tracker.answered(job_index)
+            elif _past(deadline, now_ms):
                 tracker.fail(job_index, ticket, ErrorKind.DEADLINE, DEADLINE_MESSAGE)
             else:
                 kept.append(wait)
