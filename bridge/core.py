@@ -17,6 +17,12 @@ Four tasks share one event loop:
              sink (or rejects them), then acknowledges the inputs
   upkeep     progress logs, lag, stall detection, and touching held messages so
              the broker does not hand them to someone else meanwhile
+
+A broker call that fails is retried with backoff for --broker-grace; between tries
+the broker is connected again if its connection is gone (AMQP, MQTT: their
+clients do not reconnect by themselves). When the source's connection is opened
+again, every message held is lost: its acknowledgement would mean nothing on the
+new connection and the broker delivers it again, so it is dropped unpublished.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ class Entry:
 
     @property
     def done(self) -> bool:
-        return self.output is not None or self.reason is not None
+        return self.output is not None or self.reason is not None or self.message.lost
 
 
 class Backoff:
@@ -166,6 +172,8 @@ class Bridge:
         self._stalled = False
         self._last_answer = 0.0
         self._counts = collections.Counter()
+        # The reader and the publisher may both find a connection gone: one reconnects.
+        self._reconnecting = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -296,7 +304,7 @@ class Bridge:
     async def _reader(self) -> None:
         limit = self.settings.max_in_flight
         low_water = max(1, limit // 8)
-        trouble = _Trouble("fetch from " + self.source.name, self)
+        trouble = _Trouble("fetch from " + self.source.name, self, self.source)
         while not self.stopping:
             free = limit - self.held
             if free < low_water and self.held:
@@ -392,6 +400,8 @@ class Bridge:
                 if not self._to_send:
                     continue
                 batch = [self._to_send.popleft()]
+                if batch[0].done:
+                    continue  # lost with its source connection
                 while (
                     not batch[0].solo
                     and self._to_send
@@ -489,6 +499,8 @@ class Bridge:
     ) -> None:
         if code in FATAL:
             raise BridgeError(f"embedq {self.client.target}: {code.name}: {details}")
+        if entry.message.lost:
+            return  # the broker delivers it again: nothing to retry here
         if code in POISON:
             entry.reason = f"{code.name}: {details}"
             self._finished.set()
@@ -524,14 +536,15 @@ class Bridge:
             self._finished.set()  # wakes the drain
 
     async def _complete(self, batch: list[Entry]) -> None:
+        """Publish the batch's results, dead-letter or reject its poison messages, then
+        acknowledge. Each retried call skips what a reconnect of the source lost meanwhile."""
         results = [e for e in batch if e.output is not None]
-        poison = [e for e in batch if e.output is None]
+        poison = [e for e in batch if e.output is None and e.reason is not None]
         if results:
-            await self._retry(
-                "publish to " + self.sink.name, self.sink.publish, [e.output for e in results]
-            )
-            self.metrics.published.inc(len(results))
-            self._counts["published"] += len(results)
+            await self._retry("publish to " + self.sink.name, self._publish, results, self.sink)
+            published = len(_kept(results))
+            self.metrics.published.inc(published)
+            self._counts["published"] += published
         rejected: list[Entry] = []
         if poison:
             for entry in poison:
@@ -544,31 +557,48 @@ class Bridge:
                     entry.reason,
                 )
             if self.dead_letter is not None:
-                letters = [
-                    formats.dead_letter(e.message, e.reason or "", self.source.name) for e in poison
-                ]
                 await self._retry(
-                    "publish to " + self.dead_letter.name, self.dead_letter.publish, letters
+                    "publish to " + self.dead_letter.name,
+                    self._publish_dead_letters,
+                    poison,
+                    self.dead_letter,
                 )
-                for entry in poison:
+                for entry in _kept(poison):
                     self.metrics.dead_lettered.labels(reason=reason_label(entry.reason)).inc()
-                self._counts["dead-lettered"] += len(poison)
+                    self._counts["dead-lettered"] += 1
             else:
                 rejected = poison
-        acks = [e.message for e in batch if e not in rejected]
+        acks = [e for e in batch if e not in rejected]
         if acks:
-            await self._retry("acknowledge on " + self.source.name, self.source.ack, acks)
-            self.metrics.acked.inc(len(acks))
+            await self._retry("acknowledge on " + self.source.name, self._ack, acks, self.source)
+            self.metrics.acked.inc(len(_kept(acks)))
         if rejected:
-            await self._retry(
-                "reject on " + self.source.name, self.source.reject, [e.message for e in rejected]
-            )
-            for entry in rejected:
+            await self._retry("reject on " + self.source.name, self._reject, rejected, self.source)
+            for entry in _kept(rejected):
                 self.metrics.rejected.labels(reason=reason_label(entry.reason)).inc()
-            self._counts["rejected"] += len(rejected)
+                self._counts["rejected"] += 1
 
-    async def _retry(self, what: str, call: Callable[[T], Awaitable[Any]], arg: T) -> None:
-        trouble = _Trouble(what, self)
+    async def _publish(self, entries: list[Entry]) -> None:
+        outputs = [e.output for e in _kept(entries)]
+        if outputs:
+            await self.sink.publish(outputs)
+
+    async def _publish_dead_letters(self, entries: list[Entry]) -> None:
+        kept = _kept(entries)
+        letters = [formats.dead_letter(e.message, e.reason or "", self.source.name) for e in kept]
+        if letters:
+            await self.dead_letter.publish(letters)
+
+    async def _ack(self, entries: list[Entry]) -> None:
+        await self.source.ack([e.message for e in _kept(entries)])
+
+    async def _reject(self, entries: list[Entry]) -> None:
+        await self.source.reject([e.message for e in _kept(entries)])
+
+    async def _retry(
+        self, what: str, call: Callable[[T], Awaitable[Any]], arg: T, broker: Source | Sink
+    ) -> None:
+        trouble = _Trouble(what, self, broker)
         while True:
             try:
                 await call(arg)
@@ -577,6 +607,48 @@ class Bridge:
                 raise
             except Exception as error:  # noqa: BLE001 - retried, bounded by broker_grace
                 await trouble.failed(error)
+
+    # -- broker connections ------------------------------------------------------
+
+    async def _reconnect(self, broker: Source | Sink) -> None:
+        """Open `broker`'s connection again if it is gone; a failed try is only logged (the
+        caller's grace bounds the trouble). A reconnected source loses what is held."""
+        async with self._reconnecting:
+            try:
+                if not await broker.reconnect():
+                    return
+            except BridgeError:
+                raise
+            except Exception as error:  # noqa: BLE001 - tried again after the next failure
+                log.warning("reconnecting to %s: %s", broker.name, _describe(error))
+                return
+        self.metrics.reconnects.labels(broker=self._role(broker)).inc()
+        if broker is not self.source:
+            log.warning("reconnected to %s", broker.name)
+            return
+        lost = self._lose_held()
+        log.warning(
+            "reconnected to %s; %d message(s) held from the old connection dropped "
+            "(the broker delivers them again)",
+            broker.name,
+            lost,
+        )
+
+    def _lose_held(self) -> int:
+        """Mark every held message lost: the publisher lets them go unpublished and
+        unacknowledged, the sender stops sending them."""
+        held = [e for e in (*self._publishing, *self._order) if not e.message.lost]
+        for entry in held:
+            entry.message.lost = True
+        self._to_send.clear()  # every queued entry is held, so lost
+        self._counts["lost"] += len(held)
+        self._finished.set()
+        return len(held)
+
+    def _role(self, broker: Source | Sink) -> str:
+        if broker is self.source:
+            return "source"
+        return "sink" if broker is self.sink else "dead_letter"
 
     # -- upkeep ------------------------------------------------------------------
 
@@ -595,7 +667,7 @@ class Bridge:
                 held = [
                     e.message
                     for e in (*self._publishing, *self._order)
-                    if now - e.taken_at >= touch_every
+                    if now - e.taken_at >= touch_every and not e.message.lost
                 ]
                 if held:
                     try:
@@ -625,23 +697,26 @@ class Bridge:
 
     def _log_progress(self, final: bool = False) -> None:
         counts = self._counts
+        lost = counts["lost"]
         log.info(
-            "%sconsumed %d, published %d, dead-lettered %d, rejected %d, in flight %d",
+            "%sconsumed %d, published %d, dead-lettered %d, rejected %d, in flight %d%s",
             "final: " if final else "",
             counts["consumed"],
             counts["published"],
             counts["dead-lettered"],
             counts["rejected"],
             self.held,
+            f", lost with a dropped connection {lost} (delivered again)" if lost else "",
         )
 
 
 class _Trouble:
     """Backoff and a time limit for one failing broker call."""
 
-    def __init__(self, what: str, bridge: Bridge) -> None:
+    def __init__(self, what: str, bridge: Bridge, broker: Source | Sink) -> None:
         self.what = what
         self.bridge = bridge
+        self.broker = broker
         self.since: float | None = None
         self.backoff = Backoff(bridge.settings.backoff_base, bridge.settings.backoff_max)
 
@@ -660,6 +735,12 @@ class _Trouble:
         delay = self.backoff.fail()
         log.warning("%s: %s; retrying in %.1fs", self.what, _describe(error), delay)
         await asyncio.sleep(delay)
+        await self.bridge._reconnect(self.broker)
+
+
+def _kept(entries: list[Entry]) -> list[Entry]:
+    """The entries whose messages were not lost with a source connection."""
+    return [e for e in entries if not e.message.lost]
 
 
 def _status(error: Any) -> tuple[grpc.StatusCode, str]:

@@ -39,6 +39,12 @@ class BridgeMetrics:
             ["cause"],
             registry=r,
         )
+        self.reconnects = Counter(
+            "embedq_bridge_reconnects",
+            "Broker connections opened again after they dropped (AMQP, MQTT)",
+            ["broker"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "embedq_bridge_in_flight", "Messages held (taken, not yet acknowledged)", registry=r
         )

@@ -34,6 +34,7 @@ TOLERANCE = 1e-5
 ROUND_TRIP = 1000
 RUN = uuid.uuid4().hex[:8]
 
+DEFAULT_PORTS = {"redis": 6379, "nats": 4222, "amqp": 5672, "mqtt": 1883}
 URLS = {
     "redis": os.environ.get("EMBEDQ_TEST_REDIS_BROKER_URL", "redis://127.0.0.1:6379/0"),
     "nats": os.environ.get("EMBEDQ_TEST_NATS_URL", "nats://127.0.0.1:4222"),
@@ -46,7 +47,7 @@ BROKERS = list(URLS)
 def require_broker(kind: str) -> None:
     """Skip (fail under CI=true) when the broker's port does not answer."""
     parts = urlsplit(URLS[kind])
-    default = {"redis": 6379, "nats": 4222, "amqp": 5672, "mqtt": 1883}[kind]
+    default = DEFAULT_PORTS[kind]
     try:
         with socket.create_connection((parts.hostname, parts.port or default), timeout=2):
             return
@@ -376,15 +377,24 @@ def broker(request, loop):
 # -- the bridge process -----------------------------------------------------------
 
 
-def start_bridge(name: str, target: str, harness: Harness, *extra: str, dead: bool = True):
+def start_bridge(
+    name: str,
+    target: str,
+    harness: Harness,
+    *extra: str,
+    dead: bool = True,
+    source: str | None = None,
+    sink: str | None = None,
+):
+    """`embedq bridge` from the harness's source to its sink (or the URLs given)."""
     args = [
         "bridge",
         "--target",
         target,
         "--from",
-        harness.source,
+        source or harness.source,
         "--to",
-        harness.sink,
+        sink or harness.sink,
         "--max-backoff",
         "1",
         "--drain-timeout",
@@ -591,6 +601,117 @@ def test_server_restart_mid_run_loses_nothing(broker, service, reference_model):
     expected = reference_model.encode(texts, batch_size=64, convert_to_numpy=True)
     assert np.abs(got - expected).max() <= TOLERANCE
     assert "retrying" in log_tail(name, 1_000_000)
+
+
+# -- broker connections cut: a relay the test can cut ------------------------------------
+
+
+class CuttableRelay:
+    """A TCP relay in front of a broker whose connections the test cuts, as a broker restart
+    would: every open connection is shut at once, and for `down_s` after that the port
+    refuses connections (the broker is down), then listens again."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.accepted = 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listen(0)
+
+    def _listen(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def via(self, url: str) -> str:
+        """`url` with its host and port replaced by the relay's."""
+        parts = urlsplit(url)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}@" if userinfo else ""
+        return parts._replace(netloc=f"{netloc}127.0.0.1:{self.port}").geturl()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # shut by cut() or close()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open |= {client, upstream}
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, destination: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                destination.sendall(data)
+        except OSError:
+            pass
+        for end in (source, destination):  # one side gone: the pair is gone
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def _shut_all(self) -> None:
+        # Shut, which wakes the threads blocked on them; the connections are closed when
+        # their pump threads let go of them (closing here could race with their calls).
+        with self._lock:
+            for end in (self.listener, *self._open):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            self._open.clear()
+
+    def cut(self, down_s: float) -> None:
+        self._shut_all()
+        time.sleep(down_s)
+        self._listen(self.port)
+
+    def close(self) -> None:
+        self._shut_all()
+
+
+def test_broker_connections_cut_mid_run_lose_nothing(broker, service):
+    """The bridge's connections to its broker (source and sink) are cut mid-run and refused
+    for 2 s: the bridge connects again by itself, long before --broker-grace runs out (AMQP
+    and MQTT by reconnecting in place, Redis and NATS through their own clients), and every
+    input gets its result (duplicates allowed: at least once)."""
+    parts = urlsplit(URLS[broker.kind])
+    relay = CuttableRelay(parts.hostname, parts.port or DEFAULT_PORTS[broker.kind])
+    texts = fresh_texts(800, f"cut-{broker.uid}")
+    items = [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)]
+    broker.publish(items)
+    name = f"bridge-cut-{broker.kind}-{broker.uid}"
+    grace = ("--broker-grace", "60", "--max-in-flight", "64")
+    source, sink = relay.via(broker.source), relay.via(broker.sink)
+    proc = start_bridge(name, service.target, broker, *grace, source=source, sink=sink)
+    try:
+        wait_for(lambda: len(broker.read()) >= 1, 120, "first results", [(proc, name)], poll=0.02)
+        relay.cut(down_s=2.0)
+        assert len(set(ids_of(broker.read()))) < len(items), "finished before the cut"
+        wanted = {item["id"] for item in items}
+        wait_for(
+            lambda: wanted <= set(ids_of(broker.read())),
+            240,
+            "every input's result after the cut",
+            [(proc, name)],
+        )
+        stop_bridge(proc, name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        relay.close()
+    assert set(ids_of(broker.read())) == wanted
+    assert relay.accepted > 2, "the bridge never connected again"
+    log = log_tail(name, 1_000_000)
+    if broker.kind in ("amqp", "mqtt"):
+        assert "reconnected to" in log, log[-3000:]
 
 
 # -- an MQTT broker that refuses: its own Mosquitto, with an ACL -------------------------

@@ -15,11 +15,18 @@ unacknowledged), never a silent loss. Results carry their id as message_id
 and, with --output-format binary, id/model/dimension/dtype as headers.
 
 The vhost is the URL's path, percent-encoded (``/`` is ``%2F``; no path: ``/``).
+
+A dropped connection (a RabbitMQ restart, a network cut) is opened again by
+``reconnect()`` when a call fails, not by aio-pika's robust connection: the
+deliveries of the old channel cannot be acknowledged on a new one (their
+delivery tags would name other messages there), so the bridge must know which
+messages were lost with it; RabbitMQ delivers them again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import aio_pika
@@ -38,6 +45,17 @@ async def _connect(url: BrokerUrl):
     return await aio_pika.connect(plain, timeout=10)
 
 
+def _gone(connection, channel) -> bool:
+    """Whether the connection or its channel was closed (by the broker, or by a cut)."""
+    return connection is None or connection.is_closed or channel is None or channel.is_closed
+
+
+async def _close_quietly(connection) -> None:
+    if connection is not None:
+        with contextlib.suppress(Exception):  # already dead: closing is best effort
+            await connection.close()
+
+
 def _not_found(url: BrokerUrl, what: str, error: Exception) -> ConfigError:
     return ConfigError(f"{url.safe}: {what} not found ({error}); declare it first")
 
@@ -52,6 +70,7 @@ class AmqpSource(Source):
         if not self.queue_name:
             raise ConfigError(f"{url.safe}: say which queue: ?queue=NAME")
         self.connection = None
+        self.channel = None
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._tag: str | None = None
 
@@ -88,6 +107,17 @@ class AmqpSource(Source):
             redelivered=bool(incoming.redelivered),
             handle=incoming,
         )
+
+    async def reconnect(self) -> bool:
+        if not _gone(self.connection, self.channel):
+            return False
+        await _close_quietly(self.connection)
+        # Delivered over the dead channel and not taken yet: RabbitMQ has them back.
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        self._tag = None
+        await self.connect()
+        return True
 
     async def ack(self, messages: Sequence[Message]) -> None:
         await settle_each(messages, lambda handle: handle.ack())
@@ -126,6 +156,7 @@ class AmqpSink(Sink):
                 f"{url.safe}: say where to publish: ?exchange=X&routing_key=K or ?queue=Q"
             )
         self.connection = None
+        self.channel = None
 
     async def connect(self) -> None:
         self.connection = await _connect(self.url)
@@ -169,6 +200,13 @@ class AmqpSink(Sink):
                     f"exchange {self.exchange_name!r} returned a message for routing key "
                     f"{self.routing_key!r}: no queue is bound for it"
                 )
+
+    async def reconnect(self) -> bool:
+        if not _gone(self.connection, self.channel):
+            return False
+        await _close_quietly(self.connection)
+        await self.connect()  # a batch whose confirms were lost is published again
+        return True
 
     async def close(self) -> None:
         if self.connection is not None:

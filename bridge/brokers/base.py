@@ -176,13 +176,16 @@ class Message:
     handle: Any = None
     # Acknowledged or rejected already (settle_each).
     settled: bool = False
+    # Taken over a connection that has since dropped (and been opened again): the broker
+    # delivers it again, so it is neither published nor settled (its handle is dead).
+    lost: bool = False
 
 
 async def settle_each(messages: Sequence[Message], settle: Callable[[Any], Awaitable]) -> None:
     """`settle(handle)` (ack, reject, ...) for each message not settled yet: a batch retried
     after it failed part-way does not settle a message twice (nats-py and aio-pika raise)."""
     for message in messages:
-        if not message.settled:
+        if not message.settled and not message.lost:
             await settle(message.handle)
             message.settled = True
 
@@ -260,6 +263,13 @@ class Source(abc.ABC):
         """Messages waiting on the broker for this consumer, when the broker says."""
         return None
 
+    async def reconnect(self) -> bool:
+        """After a failed call: connect again if the connection is gone. True when a new
+        connection replaced a lost one; every message taken before is then lost (the broker
+        delivers it again). Brokers whose client reconnects by itself (Redis, NATS) keep
+        this default."""
+        return False
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
@@ -286,6 +296,10 @@ class Sink(abc.ABC):
     async def publish(self, messages: Sequence[OutMessage]) -> None:
         """Publish in this order; return only once the broker has confirmed all of them
         (raise if any was not)."""
+
+    async def reconnect(self) -> bool:
+        """After a failed call: connect again if the connection is gone (True if it did)."""
+        return False
 
     @abc.abstractmethod
     async def close(self) -> None: ...

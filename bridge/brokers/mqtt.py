@@ -19,6 +19,11 @@ a topic. A broker keeps a bounded number of messages for an offline session
 (Mosquitto: max_queued_messages, 1000 by default) and drops the rest; there
 is no reject, so a poison message without --dead-letter is logged and
 acknowledged.
+
+A dropped connection (a broker restart, a network cut) is opened again by
+``reconnect()`` when a call fails (aiomqtt does not reconnect by itself). The
+source resumes its persistent session: the broker sends again what was not
+acknowledged, so the messages taken over the old connection count as lost.
 """
 
 from __future__ import annotations
@@ -64,6 +69,24 @@ def _client(url: BrokerUrl, client_id: str, properties: Properties, **kwargs) ->
     )
 
 
+def _disconnected(client: aiomqtt.Client | None) -> bool:
+    """Whether the client's connection has ended (aiomqtt keeps that in a future)."""
+    if client is None:
+        return True
+    ended = client._disconnected
+    if not ended.done():
+        return False
+    if not ended.cancelled():
+        ended.exception()  # retrieved, so asyncio does not report it as never retrieved
+    return True
+
+
+async def _close_quietly(client: aiomqtt.Client | None) -> None:
+    if client is not None:
+        with contextlib.suppress(Exception):  # closing anyway
+            await client.__aexit__(None, None, None)
+
+
 def _check_subscription(granted: object, topic: str) -> None:
     """A SUBACK that refused the topic, or granted QoS 0 (no acknowledgements: a crash would
     lose messages), stops the bridge instead of leaving it idle or at most once."""
@@ -98,14 +121,20 @@ class MqttSource(Source):
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self.session_expiry
         properties.ReceiveMaximum = min(65535, self.options.max_in_flight)
-        self.client = _client(
+        client = _client(
             self.url, self.client_id, properties, clean_start=False, clean_session=None
         )
         # PUBACK only once the result is published (paho's manual acks).
-        self.client._client.manual_ack_set(True)
-        await self.client.__aenter__()
-        granted = await self.client.subscribe(self.topic, qos=1)
-        _check_subscription(granted, self.topic)
+        client._client.manual_ack_set(True)
+        await client.__aenter__()
+        try:
+            granted = await client.subscribe(self.topic, qos=1)
+            _check_subscription(granted, self.topic)
+        except BaseException:
+            await _close_quietly(client)
+            raise
+        # Kept only once connected: a failed try leaves the lost client, tried again later.
+        self.client = client
         self._pump = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -146,8 +175,21 @@ class MqttSource(Source):
             handle=message,
         )
 
+    async def reconnect(self) -> bool:
+        pump_ended = self._pump is not None and self._pump.done()
+        if not pump_ended and not _disconnected(self.client):
+            return False
+        await self.close()
+        # Received over the dead connection and not taken yet: the session sends them again.
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+        await self.connect()
+        return True
+
     async def ack(self, messages: Sequence[Message]) -> None:
         for message in messages:
+            if message.lost:
+                continue  # its packet id belongs to a connection that is gone
             if message.handle.qos > 0:
                 self.client._client.ack(message.handle.mid, message.handle.qos)
 
@@ -158,9 +200,7 @@ class MqttSource(Source):
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
-        if self.client is not None:
-            with contextlib.suppress(Exception):  # closing anyway
-                await self.client.__aexit__(None, None, None)
+        await _close_quietly(self.client)
 
 
 class MqttSink(Sink):
@@ -174,25 +214,26 @@ class MqttSink(Sink):
         self._refused: list[str] = []
 
     async def connect(self) -> None:
-        self.client = _client(
+        client = _client(
             self.url,
             self.client_id,
             Properties(PacketTypes.CONNECT),
             max_inflight_messages=max(20, self.options.max_in_flight),
         )
         # A whole batch is published at once: not worth aiomqtt's "pending calls" warning.
-        self.client.pending_calls_threshold = 4 * self.options.max_in_flight + 100
+        client.pending_calls_threshold = 4 * self.options.max_in_flight + 100
         # aiomqtt takes any PUBACK as success; a broker that refuses a message (an ACL that
         # denies the topic, a quota) says so in its reason code, counted here.
-        on_publish = self.client._client.on_publish
+        on_publish = client._client.on_publish
 
-        def check_publish(client, userdata, mid, reason_code, properties) -> None:
+        def check_publish(paho, userdata, mid, reason_code, properties) -> None:
             if getattr(reason_code, "is_failure", False):
                 self._refused.append(str(reason_code))
-            on_publish(client, userdata, mid, reason_code, properties)
+            on_publish(paho, userdata, mid, reason_code, properties)
 
-        self.client._client.on_publish = check_publish
-        await self.client.__aenter__()
+        client._client.on_publish = check_publish
+        await client.__aenter__()
+        self.client = client  # only once connected (see MqttSource.connect)
 
     async def publish(self, messages: Sequence[OutMessage]) -> None:
         sends = []
@@ -208,8 +249,16 @@ class MqttSink(Sink):
                 )
             )
         self._refused.clear()  # one batch at a time: the bridge's publisher is serial
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        for result in results:
+        confirmed = asyncio.gather(*sends, return_exceptions=True)
+        # A PUBACK that will never come (the connection dropped) fails the batch now, not
+        # after each publish's 30 s timeout.
+        ended = self.client._disconnected
+        await asyncio.wait({confirmed, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if not confirmed.done():
+            confirmed.cancel()
+            _disconnected(self.client)
+            raise ConnectionError(f"MQTT connection lost while publishing to {self.topic!r}")
+        for result in confirmed.result():
             if isinstance(result, BaseException):
                 raise result
         if self._refused:
@@ -220,7 +269,12 @@ class MqttSink(Sink):
                 f"on {self.topic!r}: {reasons}"
             )
 
+    async def reconnect(self) -> bool:
+        if not _disconnected(self.client):
+            return False
+        await self.close()
+        await self.connect()  # a batch whose PUBACKs were lost is published again
+        return True
+
     async def close(self) -> None:
-        if self.client is not None:
-            with contextlib.suppress(Exception):  # closing anyway
-                await self.client.__aexit__(None, None, None)
+        await _close_quietly(self.client)
