@@ -21,8 +21,9 @@ Four tasks share one event loop:
 A broker call that fails is retried with backoff for --broker-grace; between tries
 the broker is connected again if its connection is gone (AMQP, MQTT: their
 clients do not reconnect by themselves). When the source's connection is opened
-again, every message held is lost: its acknowledgement would mean nothing on the
-new connection and the broker delivers it again, so it is dropped unpublished.
+again, the messages held from the old one can no longer be acknowledged (their
+delivery tags or packet ids died with it): their results are still published,
+never acknowledged, and the broker may deliver them again (at least once).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Entry:
 
     @property
     def done(self) -> bool:
-        return self.output is not None or self.reason is not None or self.message.lost
+        return self.output is not None or self.reason is not None
 
 
 class Backoff:
@@ -400,8 +401,6 @@ class Bridge:
                 if not self._to_send:
                     continue
                 batch = [self._to_send.popleft()]
-                if batch[0].done:
-                    continue  # lost with its source connection
                 while (
                     not batch[0].solo
                     and self._to_send
@@ -499,8 +498,6 @@ class Bridge:
     ) -> None:
         if code in FATAL:
             raise BridgeError(f"embedq {self.client.target}: {code.name}: {details}")
-        if entry.message.lost:
-            return  # the broker delivers it again: nothing to retry here
         if code in POISON:
             entry.reason = f"{code.name}: {details}"
             self._finished.set()
@@ -537,14 +534,14 @@ class Bridge:
 
     async def _complete(self, batch: list[Entry]) -> None:
         """Publish the batch's results, dead-letter or reject its poison messages, then
-        acknowledge. Each retried call skips what a reconnect of the source lost meanwhile."""
+        acknowledge (each try skips the messages a reconnect of the source left unsettleable)."""
         results = [e for e in batch if e.output is not None]
-        poison = [e for e in batch if e.output is None and e.reason is not None]
+        poison = [e for e in batch if e.output is None]
         if results:
-            await self._retry("publish to " + self.sink.name, self._publish, results, self.sink)
-            published = len(_kept(results))
-            self.metrics.published.inc(published)
-            self._counts["published"] += published
+            outputs = [e.output for e in results]
+            await self._retry("publish to " + self.sink.name, self.sink.publish, outputs, self.sink)
+            self.metrics.published.inc(len(results))
+            self._counts["published"] += len(results)
         rejected: list[Entry] = []
         if poison:
             for entry in poison:
@@ -557,15 +554,14 @@ class Bridge:
                     entry.reason,
                 )
             if self.dead_letter is not None:
-                await self._retry(
-                    "publish to " + self.dead_letter.name,
-                    self._publish_dead_letters,
-                    poison,
-                    self.dead_letter,
-                )
-                for entry in _kept(poison):
+                letters = [
+                    formats.dead_letter(e.message, e.reason or "", self.source.name) for e in poison
+                ]
+                where = "publish to " + self.dead_letter.name
+                await self._retry(where, self.dead_letter.publish, letters, self.dead_letter)
+                for entry in poison:
                     self.metrics.dead_lettered.labels(reason=reason_label(entry.reason)).inc()
-                    self._counts["dead-lettered"] += 1
+                self._counts["dead-lettered"] += len(poison)
             else:
                 rejected = poison
         acks = [e for e in batch if e not in rejected]
@@ -574,20 +570,9 @@ class Bridge:
             self.metrics.acked.inc(len(_kept(acks)))
         if rejected:
             await self._retry("reject on " + self.source.name, self._reject, rejected, self.source)
-            for entry in _kept(rejected):
+            for entry in rejected:
                 self.metrics.rejected.labels(reason=reason_label(entry.reason)).inc()
-                self._counts["rejected"] += 1
-
-    async def _publish(self, entries: list[Entry]) -> None:
-        outputs = [e.output for e in _kept(entries)]
-        if outputs:
-            await self.sink.publish(outputs)
-
-    async def _publish_dead_letters(self, entries: list[Entry]) -> None:
-        kept = _kept(entries)
-        letters = [formats.dead_letter(e.message, e.reason or "", self.source.name) for e in kept]
-        if letters:
-            await self.dead_letter.publish(letters)
+            self._counts["rejected"] += len(rejected)
 
     async def _ack(self, entries: list[Entry]) -> None:
         await self.source.ack([e.message for e in _kept(entries)])
@@ -612,7 +597,7 @@ class Bridge:
 
     async def _reconnect(self, broker: Source | Sink) -> None:
         """Open `broker`'s connection again if it is gone; a failed try is only logged (the
-        caller's grace bounds the trouble). A reconnected source loses what is held."""
+        caller's grace bounds the trouble)."""
         async with self._reconnecting:
             try:
                 if not await broker.reconnect():
@@ -628,21 +613,26 @@ class Bridge:
             return
         lost = self._lose_held()
         log.warning(
-            "reconnected to %s; %d message(s) held from the old connection dropped "
-            "(the broker delivers them again)",
+            "reconnected to %s; %d message(s) held from the old connection will be published "
+            "but cannot be acknowledged (the broker may deliver them again)",
             broker.name,
             lost,
         )
 
     def _lose_held(self) -> int:
-        """Mark every held message lost: the publisher lets them go unpublished and
-        unacknowledged, the sender stops sending them."""
-        held = [e for e in (*self._publishing, *self._order) if not e.message.lost]
+        """Mark the held messages taken over an older source connection lost: their
+        acknowledgement would mean nothing now. Their results are still published, so a
+        broker that did not keep them (a restart without persistence) loses nothing either;
+        one that did delivers them again and they are published twice."""
+        current = self.source.connections
+        held = [
+            e
+            for e in (*self._publishing, *self._order)
+            if not e.message.lost and e.message.connection < current
+        ]
         for entry in held:
             entry.message.lost = True
-        self._to_send.clear()  # every queued entry is held, so lost
         self._counts["lost"] += len(held)
-        self._finished.set()
         return len(held)
 
     def _role(self, broker: Source | Sink) -> str:
@@ -706,7 +696,7 @@ class Bridge:
             counts["dead-lettered"],
             counts["rejected"],
             self.held,
-            f", lost with a dropped connection {lost} (delivered again)" if lost else "",
+            f", left unacknowledged by a reconnect {lost}" if lost else "",
         )
 
 
@@ -739,7 +729,7 @@ class _Trouble:
 
 
 def _kept(entries: list[Entry]) -> list[Entry]:
-    """The entries whose messages were not lost with a source connection."""
+    """The entries whose messages can still be settled (not lost with a source connection)."""
     return [e for e in entries if not e.message.lost]
 
 

@@ -20,7 +20,8 @@ A dropped connection (a RabbitMQ restart, a network cut) is opened again by
 ``reconnect()`` when a call fails, not by aio-pika's robust connection: the
 deliveries of the old channel cannot be acknowledged on a new one (their
 delivery tags would name other messages there), so the bridge must know which
-messages were lost with it; RabbitMQ delivers them again.
+messages came over it (Message.connection): their results are published, they
+are never acknowledged, and RabbitMQ delivers them again if it kept them.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ async def _connect(url: BrokerUrl):
     return await aio_pika.connect(plain, timeout=10)
 
 
-def _gone(connection, channel) -> bool:
-    """Whether the connection or its channel was closed (by the broker, or by a cut)."""
-    return connection is None or connection.is_closed or channel is None or channel.is_closed
+def _gone(channel) -> bool:
+    """Whether the channel is closed: by the broker, or with its connection (aio-pika's
+    Connection.is_closed turns true only on close(); a dropped one shows in its channels)."""
+    return channel is None or channel.is_closed
 
 
 async def _close_quietly(connection) -> None:
@@ -75,29 +77,41 @@ class AmqpSource(Source):
         self._tag: str | None = None
 
     async def connect(self) -> None:
-        self.connection = await _connect(self.url)
-        self.channel = await self.connection.channel()
-        await self.channel.set_qos(prefetch_count=min(65535, self.options.max_in_flight))
+        """Connect and consume; kept only once all of it worked (a failed reconnect leaves
+        the dead channel, so the next failure tries again)."""
+        connection = await _connect(self.url)
         try:
-            self.queue = await self.channel.get_queue(self.queue_name, ensure=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as error:
-            raise _not_found(self.url, f"queue {self.queue_name!r}", error) from None
-        self._tag = await self.queue.consume(self._inbox.put, no_ack=False)
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=min(65535, self.options.max_in_flight))
+            try:
+                queue = await channel.get_queue(self.queue_name, ensure=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as error:
+                raise _not_found(self.url, f"queue {self.queue_name!r}", error) from None
+            # Each connection its own inbox: a fetch still waiting on the old one never
+            # takes the new connection's deliveries as the old one's.
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            tag = await queue.consume(inbox.put, no_ack=False)
+        except BaseException:
+            await _close_quietly(connection)
+            raise
+        self.connection, self.channel, self.queue = connection, channel, queue
+        self._inbox, self._tag = inbox, tag
 
     async def fetch(self, max_count: int, timeout: float) -> list[Message]:
+        inbox, connection = self._inbox, self.connections
         try:
-            first = await asyncio.wait_for(self._inbox.get(), timeout)
+            first = await asyncio.wait_for(inbox.get(), timeout)
         except asyncio.TimeoutError:
-            if self.channel.is_closed:
+            if _gone(self.channel):
                 raise ConnectionError("the AMQP channel is closed") from None
             return []
         batch = [first]
-        while len(batch) < max_count and not self._inbox.empty():
-            batch.append(self._inbox.get_nowait())
-        return [self._message(m) for m in batch]
+        while len(batch) < max_count and not inbox.empty():
+            batch.append(inbox.get_nowait())
+        return [self._message(m, connection) for m in batch]
 
     @staticmethod
-    def _message(incoming: AbstractIncomingMessage) -> Message:
+    def _message(incoming: AbstractIncomingMessage, connection: int) -> Message:
         headers = {k: str(v) for k, v in (incoming.headers or {}).items()}
         return Message(
             body=incoming.body,
@@ -106,17 +120,17 @@ class AmqpSource(Source):
             stable_id=bool(incoming.message_id),
             redelivered=bool(incoming.redelivered),
             handle=incoming,
+            connection=connection,
         )
 
     async def reconnect(self) -> bool:
-        if not _gone(self.connection, self.channel):
+        if not _gone(self.channel):
             return False
+        # Delivered over the dead channel and not taken yet (left in the old inbox):
+        # RabbitMQ has them back.
         await _close_quietly(self.connection)
-        # Delivered over the dead channel and not taken yet: RabbitMQ has them back.
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
-        self._tag = None
         await self.connect()
+        self.connections += 1  # with the new inbox, before any fetch can take from it
         return True
 
     async def ack(self, messages: Sequence[Message]) -> None:
@@ -159,19 +173,28 @@ class AmqpSink(Sink):
         self.channel = None
 
     async def connect(self) -> None:
-        self.connection = await _connect(self.url)
-        self.channel = await self.connection.channel(publisher_confirms=True)
+        connection = await _connect(self.url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await self._exchange(channel)
+        except BaseException:
+            await _close_quietly(connection)
+            raise
+        # Kept only once all of it worked (see AmqpSource.connect).
+        self.connection, self.channel, self.exchange = connection, channel, exchange
+
+    async def _exchange(self, channel):
+        """The exchange to publish to, checked (the default one: the queue checked)."""
         if self.exchange_name:
             try:
-                self.exchange = await self.channel.get_exchange(self.exchange_name, ensure=True)
+                return await channel.get_exchange(self.exchange_name, ensure=True)
             except aiormq.exceptions.ChannelNotFoundEntity as error:
                 raise _not_found(self.url, f"exchange {self.exchange_name!r}", error) from None
-        else:
-            self.exchange = self.channel.default_exchange
-            try:
-                await self.channel.get_queue(self.routing_key, ensure=True)
-            except aiormq.exceptions.ChannelNotFoundEntity as error:
-                raise _not_found(self.url, f"queue {self.routing_key!r}", error) from None
+        try:
+            await channel.get_queue(self.routing_key, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as error:
+            raise _not_found(self.url, f"queue {self.routing_key!r}", error) from None
+        return channel.default_exchange
 
     async def publish(self, messages: Sequence[OutMessage]) -> None:
         confirms = []
@@ -202,7 +225,7 @@ class AmqpSink(Sink):
                 )
 
     async def reconnect(self) -> bool:
-        if not _gone(self.connection, self.channel):
+        if not _gone(self.channel):
             return False
         await _close_quietly(self.connection)
         await self.connect()  # a batch whose confirms were lost is published again

@@ -176,8 +176,11 @@ class Message:
     handle: Any = None
     # Acknowledged or rejected already (settle_each).
     settled: bool = False
-    # Taken over a connection that has since dropped (and been opened again): the broker
-    # delivers it again, so it is neither published nor settled (its handle is dead).
+    # Which of the source's connections it came over (Source.connections at the time).
+    connection: int = 0
+    # Taken over a connection that has since dropped and been opened again: never settled
+    # (its delivery tag or packet id died with that connection; the broker may deliver it
+    # again), though its result is still published.
     lost: bool = False
 
 
@@ -229,6 +232,9 @@ class Source(abc.ABC):
 
     #: Whether reject() keeps the message somewhere (dead-letter exchange, stream history).
     reject_note = "rejected"
+    #: How many times reconnect() opened a new connection; messages carry the number
+    #: they were taken under (Message.connection).
+    connections = 0
 
     def __init__(self, url: BrokerUrl, options: Options) -> None:
         self.url = url
@@ -265,9 +271,9 @@ class Source(abc.ABC):
 
     async def reconnect(self) -> bool:
         """After a failed call: connect again if the connection is gone. True when a new
-        connection replaced a lost one; every message taken before is then lost (the broker
-        delivers it again). Brokers whose client reconnects by itself (Redis, NATS) keep
-        this default."""
+        connection replaced a lost one (`connections` counts it); the messages taken over
+        the old one can no longer be settled. Brokers whose client reconnects by itself
+        with acknowledgements still valid (Redis, NATS) keep this default."""
         return False
 
     @abc.abstractmethod

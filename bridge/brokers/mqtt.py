@@ -23,7 +23,8 @@ acknowledged.
 A dropped connection (a broker restart, a network cut) is opened again by
 ``reconnect()`` when a call fails (aiomqtt does not reconnect by itself). The
 source resumes its persistent session: the broker sends again what was not
-acknowledged, so the messages taken over the old connection count as lost.
+acknowledged; the messages taken over the old connection are published but not
+acknowledged (so a resent one is published twice, at least once).
 """
 
 from __future__ import annotations
@@ -134,28 +135,31 @@ class MqttSource(Source):
             await _close_quietly(client)
             raise
         # Kept only once connected: a failed try leaves the lost client, tried again later.
-        self.client = client
-        self._pump = asyncio.create_task(self._read())
+        # Each connection its own inbox (see AmqpSource.connect).
+        self.client, self._inbox = client, asyncio.Queue()
+        self._pump = asyncio.create_task(self._read(client, self._inbox))
 
-    async def _read(self) -> None:
-        async for message in self.client.messages:
-            await self._inbox.put(message)
+    @staticmethod
+    async def _read(client: aiomqtt.Client, inbox: asyncio.Queue) -> None:
+        async for message in client.messages:
+            await inbox.put(message)
 
     async def fetch(self, max_count: int, timeout: float) -> list[Message]:
+        inbox, connection = self._inbox, self.connections
         try:
-            first = await asyncio.wait_for(self._inbox.get(), timeout)
+            first = await asyncio.wait_for(inbox.get(), timeout)
         except asyncio.TimeoutError:
             if self._pump is not None and self._pump.done():
                 error = self._pump.exception() if not self._pump.cancelled() else None
                 raise ConnectionError(f"MQTT connection lost: {error}") from None
             return []
         batch = [first]
-        while len(batch) < max_count and not self._inbox.empty():
-            batch.append(self._inbox.get_nowait())
-        return [self._message(m) for m in batch]
+        while len(batch) < max_count and not inbox.empty():
+            batch.append(inbox.get_nowait())
+        return [self._message(m, connection) for m in batch]
 
     @staticmethod
-    def _message(message: aiomqtt.Message) -> Message:
+    def _message(message: aiomqtt.Message, connection: int) -> Message:
         headers = {}
         user = getattr(message.properties, "UserProperty", None) if message.properties else None
         for key, value in user or []:
@@ -173,23 +177,24 @@ class MqttSource(Source):
             headers=headers,
             stable_id=False,
             handle=message,
+            connection=connection,
         )
 
     async def reconnect(self) -> bool:
         pump_ended = self._pump is not None and self._pump.done()
         if not pump_ended and not _disconnected(self.client):
             return False
+        # Received over the dead connection and not taken yet (left in the old inbox): the
+        # session sends them again.
         await self.close()
-        # Received over the dead connection and not taken yet: the session sends them again.
-        while not self._inbox.empty():
-            self._inbox.get_nowait()
         await self.connect()
+        self.connections += 1  # with the new inbox, before any fetch can take from it
         return True
 
     async def ack(self, messages: Sequence[Message]) -> None:
         for message in messages:
             if message.lost:
-                continue  # its packet id belongs to a connection that is gone
+                continue  # taken over a connection that is gone
             if message.handle.qos > 0:
                 self.client._client.ack(message.handle.mid, message.handle.qos)
 
