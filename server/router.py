@@ -237,11 +237,21 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         texts: list[str],
         options: pb.EncodeOptions,
         context: grpc.aio.ServicerContext,
-        max_texts: int | None = None,
-        row_name: validation.RowName = default_row_name,
         timeout_ms: int = 0,
     ) -> Embedded:
-        validation.check_texts(texts, self.limits, max_texts=max_texts, name=row_name)
+        """An Encode request's texts, checked, then encoded."""
+        validation.check_texts(texts, self.limits)
+        return await self._encode(texts, options, context, default_row_name, timeout_ms)
+
+    async def _encode(
+        self,
+        texts: list[str],
+        options: pb.EncodeOptions,
+        context: grpc.aio.ServicerContext,
+        row_name: validation.RowName,
+        timeout_ms: int,
+    ) -> Embedded:
+        """Checked texts as vectors: from the cache, or queued for the workers."""
         variant, spec = self._resolve(options)
         timeout_s = self._timeout(context)
         if timeout_ms:  # a stream message's own limit (EncodeStreamRequest.timeout_ms)
@@ -291,25 +301,16 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     async def _similarity(
         self, request: pb.SimilarityRequest, context, timeout_ms: int = 0
     ) -> pb.SimilarityResponse:
-        validation.check_similarity(request, self.limits)
+        texts, names = validation.check_similarity(request, self.limits)
         metric = request.metric or pb.METRIC_COSINE
+        done = await self._encode(texts, request.options, context, names, timeout_ms)
+        vectors = ranking_vectors(done.vectors, done.spec)
         if request.WhichOneof("input") == "pairs":
-            pairs = request.pairs.pairs
-            texts = [p.a for p in pairs] + [p.b for p in pairs]
-            names = validation.pair_text_name(len(pairs))
-            done = await self._embed(
-                texts, request.options, context, row_name=names, timeout_ms=timeout_ms
-            )
-            vectors = ranking_vectors(done.vectors, done.spec)
-            scores = similarity.pairwise(metric, vectors[: len(pairs)], vectors[len(pairs) :])
+            pairs = len(texts) // 2  # [a of every pair, then b of every pair]
+            scores = similarity.pairwise(metric, vectors[:pairs], vectors[pairs:])
             return pb.SimilarityResponse(
                 model=done.variant.model.name, metric=metric, scores=scores.tolist()
             )
-        ranking = request.ranking
-        texts = [ranking.query, *ranking.candidates]
-        most, names = self.limits.max_candidates + 1, validation.ranking_text_name
-        done = await self._embed(texts, request.options, context, most, names, timeout_ms)
-        vectors = ranking_vectors(done.vectors, done.spec)
         scores = similarity.against_query(metric, vectors[0], vectors[1:])
         order, best = similarity.top_k(scores, request.top_k)
         matches = [

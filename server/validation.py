@@ -81,7 +81,9 @@ def truncate_flag(options: pb.EncodeOptions) -> bool:
     return options.truncation != pb.TRUNCATION_REJECT
 
 
-def check_similarity(request: pb.SimilarityRequest, limits: Limits) -> None:
+def check_similarity(request: pb.SimilarityRequest, limits: Limits) -> tuple[list[str], RowName]:
+    """Check a Similarity request; return the texts to embed ([a of every pair, then b of
+    every pair], or [query, *candidates]) and their names as the caller sent them."""
     if request.metric not in KNOWN_METRICS:
         raise invalid(f"metric: unknown value {request.metric}")
     if request.top_k < 0:
@@ -97,17 +99,20 @@ def check_similarity(request: pb.SimilarityRequest, limits: Limits) -> None:
         if not pairs:
             raise invalid("pairs is empty: send at least one pair")
         texts = [p.a for p in pairs] + [p.b for p in pairs]
-        check_texts(texts, limits, field="pairs (a and b texts)", name=pair_text_name(len(pairs)))
-    else:
-        if not request.ranking.candidates:
-            raise invalid("ranking.candidates is empty: send at least one candidate")
-        check_texts(
-            [request.ranking.query, *request.ranking.candidates],
-            limits,
-            field="ranking (query and candidates)",
-            max_texts=limits.max_candidates + 1,
-            name=ranking_text_name,
-        )
+        names = pair_text_name(len(pairs))
+        check_texts(texts, limits, field="pairs (a and b texts)", name=names)
+        return texts, names
+    if not request.ranking.candidates:
+        raise invalid("ranking.candidates is empty: send at least one candidate")
+    texts = [request.ranking.query, *request.ranking.candidates]
+    check_texts(
+        texts,
+        limits,
+        field="ranking (query and candidates)",
+        max_texts=limits.max_candidates + 1,
+        name=ranking_text_name,
+    )
+    return texts, ranking_text_name
 
 
 def pair_text_name(pairs: int) -> RowName:
