@@ -45,7 +45,6 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2
-from redis.exceptions import RedisError
 
 from embedq.keys import RETRY_AFTER_MS_KEY, ErrorKind
 from embedq.logs import REQUEST_ID, Throttled
@@ -54,7 +53,7 @@ from embedq.v1 import embedq_pb2 as pb
 
 from . import metrics, validation
 from .auth import MISSING, TokenSet, bearer_token
-from .errors import RequestError, grpc_status, http_status, kind_of_status
+from .errors import RequestError, as_request_error, grpc_status, http_status, kind_of_status
 from .registry import ServedModel
 from .router import EmbedderService
 
@@ -567,20 +566,16 @@ class HttpApi:
                 response = await handler(request)
             except HttpError:
                 raise
-            except RequestError as exc:
-                raise HttpError(exc.kind, exc.message, retry_after_ms=_retry_after(exc)) from None
             except web.HTTPException as exc:
                 raise self._http_error(request, exc) from None
-            except (RedisError, OSError) as exc:
-                raise HttpError(
-                    ErrorKind.UNAVAILABLE, f"redis unavailable: {type(exc).__name__}"
-                ) from None
             except asyncio.CancelledError:
                 outcome = "CANCELLED"
                 raise
-            except Exception:
-                log.exception("%s failed", method)
-                raise HttpError(ErrorKind.INTERNAL, "internal error (see the server log)") from None
+            except Exception as exc:  # noqa: BLE001 - told the gRPC front's way (errors.py)
+                error = as_request_error(exc, method)
+                raise HttpError(
+                    error.kind, error.message, retry_after_ms=_retry_after(error)
+                ) from None
         except HttpError as exc:
             outcome = exc.code.name
             response = exc.response()
