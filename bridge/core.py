@@ -567,7 +567,7 @@ class Bridge:
         acks = [e for e in batch if e not in rejected]
         if acks:
             await self._retry("acknowledge on " + self.source.name, self._ack, acks, self.source)
-            self.metrics.acked.inc(len(_kept(acks)))
+            self.metrics.acked.inc(len(self._settleable(acks)))
         if rejected:
             await self._retry("reject on " + self.source.name, self._reject, rejected, self.source)
             for entry in rejected:
@@ -575,10 +575,14 @@ class Bridge:
             self._counts["rejected"] += len(rejected)
 
     async def _ack(self, entries: list[Entry]) -> None:
-        await self.source.ack([e.message for e in _kept(entries)])
+        await self.source.ack([e.message for e in self._settleable(entries)])
 
     async def _reject(self, entries: list[Entry]) -> None:
-        await self.source.reject([e.message for e in _kept(entries)])
+        await self.source.reject([e.message for e in self._settleable(entries)])
+
+    def _settleable(self, entries: list[Entry]) -> list[Entry]:
+        """The entries whose messages came over the source's current connection."""
+        return [e for e in entries if e.message.connection == self.source.connections]
 
     async def _retry(
         self, what: str, call: Callable[[T], Awaitable[Any]], arg: T, broker: Source | Sink
@@ -611,7 +615,8 @@ class Bridge:
         if broker is not self.source:
             log.warning("reconnected to %s", broker.name)
             return
-        lost = self._lose_held()
+        lost = self._held_unsettleable()
+        self._counts["lost"] += lost
         log.warning(
             "reconnected to %s; %d message(s) held from the old connection will be published "
             "but cannot be acknowledged (the broker may deliver them again)",
@@ -619,21 +624,14 @@ class Bridge:
             lost,
         )
 
-    def _lose_held(self) -> int:
-        """Mark the held messages taken over an older source connection lost: their
-        acknowledgement would mean nothing now. Their results are still published, so a
-        broker that did not keep them (a restart without persistence) loses nothing either;
-        one that did delivers them again and they are published twice."""
-        current = self.source.connections
-        held = [
-            e
-            for e in (*self._publishing, *self._order)
-            if not e.message.lost and e.message.connection < current
-        ]
-        for entry in held:
-            entry.message.lost = True
-        self._counts["lost"] += len(held)
-        return len(held)
+    def _held_unsettleable(self) -> int:
+        """Held messages of the connection just replaced: their acknowledgement would mean
+        nothing now. Their results are still published, so a broker that did not keep them
+        (a restart without persistence) loses nothing; one that did delivers them again and
+        they are published twice."""
+        previous = self.source.connections - 1
+        held = (*self._publishing, *self._order)
+        return sum(1 for e in held if e.message.connection == previous)
 
     def _role(self, broker: Source | Sink) -> str:
         if broker is self.source:
@@ -657,7 +655,7 @@ class Bridge:
                 held = [
                     e.message
                     for e in (*self._publishing, *self._order)
-                    if now - e.taken_at >= touch_every and not e.message.lost
+                    if now - e.taken_at >= touch_every
                 ]
                 if held:
                     try:
@@ -726,11 +724,6 @@ class _Trouble:
         log.warning("%s: %s; retrying in %.1fs", self.what, _describe(error), delay)
         await asyncio.sleep(delay)
         await self.bridge._reconnect(self.broker)
-
-
-def _kept(entries: list[Entry]) -> list[Entry]:
-    """The entries whose messages can still be settled (not lost with a source connection)."""
-    return [e for e in entries if not e.message.lost]
 
 
 def _status(error: Any) -> tuple[grpc.StatusCode, str]:

@@ -176,19 +176,17 @@ class Message:
     handle: Any = None
     # Acknowledged or rejected already (settle_each).
     settled: bool = False
-    # Which of the source's connections it came over (Source.connections at the time).
+    # Which of the source's connections it came over (Source.connections at the time). Once
+    # the source has opened a newer one, it is never settled (its delivery tag or packet id
+    # died with the old one; the broker may deliver it again), though its result is published.
     connection: int = 0
-    # Taken over a connection that has since dropped and been opened again: never settled
-    # (its delivery tag or packet id died with that connection; the broker may deliver it
-    # again), though its result is still published.
-    lost: bool = False
 
 
 async def settle_each(messages: Sequence[Message], settle: Callable[[Any], Awaitable]) -> None:
     """`settle(handle)` (ack, reject, ...) for each message not settled yet: a batch retried
     after it failed part-way does not settle a message twice (nats-py and aio-pika raise)."""
     for message in messages:
-        if not message.settled and not message.lost:
+        if not message.settled:
             await settle(message.handle)
             message.settled = True
 

@@ -193,8 +193,6 @@ class MqttSource(Source):
 
     async def ack(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            if message.lost:
-                continue  # taken over a connection that is gone
             if message.handle.qos > 0:
                 self.client._client.ack(message.handle.mid, message.handle.qos)
 
