@@ -241,12 +241,6 @@ class HttpError(Exception):
         return json_response({"error": error}, status=self.status, headers=self.headers)
 
 
-def _retry_after(error: RequestError) -> int:
-    """The dispatcher's admission hint (milliseconds), where it gives one."""
-    value = getattr(error, "retry_after_ms", 0)
-    return value if isinstance(value, int) and value > 0 else 0
-
-
 def dumps(value: object) -> bytes:
     if orjson is not None:
         return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -574,7 +568,7 @@ class HttpApi:
             except Exception as exc:  # noqa: BLE001 - told the gRPC front's way (errors.py)
                 error = as_request_error(exc, method)
                 raise HttpError(
-                    error.kind, error.message, retry_after_ms=_retry_after(error)
+                    error.kind, error.message, retry_after_ms=error.retry_after_ms
                 ) from None
         except HttpError as exc:
             outcome = exc.code.name

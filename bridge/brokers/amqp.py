@@ -58,6 +58,15 @@ async def _close_quietly(connection) -> None:
             await connection.close()
 
 
+async def _reopen(broker: AmqpSource | AmqpSink) -> bool:
+    """A new connection for `broker` if its channel is gone (True if it opened one)."""
+    if not _gone(broker.channel):
+        return False
+    await _close_quietly(broker.connection)
+    await broker.connect()
+    return True
+
+
 def _not_found(url: BrokerUrl, what: str, error: Exception) -> ConfigError:
     return ConfigError(f"{url.safe}: {what} not found ({error}); declare it first")
 
@@ -124,12 +133,10 @@ class AmqpSource(Source):
         )
 
     async def reconnect(self) -> bool:
-        if not _gone(self.channel):
-            return False
         # Delivered over the dead channel and not taken yet (left in the old inbox):
         # RabbitMQ has them back.
-        await _close_quietly(self.connection)
-        await self.connect()
+        if not await _reopen(self):
+            return False
         self.connections += 1  # with the new inbox, before any fetch can take from it
         return True
 
@@ -225,11 +232,7 @@ class AmqpSink(Sink):
                 )
 
     async def reconnect(self) -> bool:
-        if not _gone(self.channel):
-            return False
-        await _close_quietly(self.connection)
-        await self.connect()  # a batch whose confirms were lost is published again
-        return True
+        return await _reopen(self)  # a batch whose confirms were lost is published again
 
     async def close(self) -> None:
         if self.connection is not None:
