@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import ErrorKind
@@ -20,6 +20,9 @@ from embedq.keys import ErrorKind
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error (see the server log)"
+# A full Redis frees memory as workers finish jobs and servers trim their reply
+# streams, or when an operator acts: a short hint, which clients stagger anyway.
+REDIS_FULL_RETRY_AFTER_MS = 1000
 
 
 class RequestError(Exception):
@@ -110,9 +113,23 @@ def as_request_error(exc: BaseException, where: str) -> RequestError:
     if isinstance(exc, RequestError):
         return exc
     if isinstance(exc, (RedisError, OSError)):
-        return unavailable(f"redis unavailable: {type(exc).__name__}")
+        return redis_failure(exc)
     log.error("%s failed", where, exc_info=exc)
     return RequestError(ErrorKind.INTERNAL, INTERNAL_MESSAGE)
+
+
+def redis_failure(exc: RedisError | OSError) -> RequestError:
+    """What a caller is told when Redis failed its call: a full Redis (`maxmemory`
+    reached under `noeviction`, refusing every write) as OVERLOADED, since cached texts
+    are still served and the condition passes as memory frees; anything else as
+    UNAVAILABLE. Named by class only: a Redis error's text can hold addresses."""
+    if isinstance(exc, OutOfMemoryError):
+        return overloaded(
+            "redis is out of memory: new texts cannot be queued (cached texts are still "
+            "served); retry later",
+            retry_after_ms=REDIS_FULL_RETRY_AFTER_MS,
+        )
+    return unavailable(f"redis unavailable: {type(exc).__name__}")
 
 
 def invalid(message: str) -> RequestError:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from embedq import streams
 from embedq.internal.v1 import queue_pb2
@@ -50,7 +50,14 @@ from embedq.settings import ServerSettings, setting_field
 
 from . import metrics, one_trip
 from .admission import RetryLedger, admit_limit, late_refusal
-from .errors import RequestError, deadline, error_of_failure, overloaded, unavailable
+from .errors import (
+    RequestError,
+    deadline,
+    error_of_failure,
+    overloaded,
+    redis_failure,
+    unavailable,
+)
 from .nearcache import NearCache
 from .registry import ServedModel
 from .supervise import Supervisor, Throttled, cancel_all
@@ -313,6 +320,8 @@ class Dispatcher:
         self._reply_written = 0  # seq of the last completed flush, reply marker
         self.reply_marker = keys.reply_marker(self.reply_key)
         self._throttled = Throttled(log)
+        # Redis refused this server's last writes for lack of memory (until one is taken).
+        self._redis_full = False
         # One-trip flushes (one_trip.py): the last queue lengths read per model, the
         # recent share of look-ups that found nothing cached, and when the script may run.
         self.one_trip_texts = ONE_TRIP_TEXTS  # 0: always two round trips
@@ -491,10 +500,24 @@ class Dispatcher:
                     self._fail_all(calls + refills + _unsent(ahead), error)
                     raise
 
-    def _redis_failed(self, exc: BaseException) -> RequestError:
-        name = type(exc).__name__
-        self._throttled.warning("flush", "queueing work failed (%s); failing its calls", name)
-        return unavailable(f"redis unavailable: {name}")
+    def _redis_failed(self, exc: RedisError | OSError) -> RequestError:
+        if isinstance(exc, OutOfMemoryError):
+            self._redis_full = True
+            self._throttled.warning(
+                "full",
+                "redis is out of memory (maxmemory reached and nothing it may evict: see "
+                "docs/deployment.md, Memory policy): refusing new texts; cached ones are served",
+            )
+        else:
+            name = type(exc).__name__
+            self._throttled.warning("flush", "queueing work failed (%s); failing its calls", name)
+        return redis_failure(exc)
+
+    def _full_note(self) -> str:
+        """Why workers may look dead: a full Redis refuses their heartbeats too."""
+        if not self._redis_full:
+            return ""
+        return " (redis was out of memory at this server's last write: heartbeats are refused too)"
 
     def _fail_all(self, calls: list[Call], error: RequestError) -> None:
         for call in calls:
@@ -559,6 +582,7 @@ class Dispatcher:
 
     def _wrote(self, writes: Writes, results: list) -> None:
         writes.sent = True
+        self._redis_full = False
         if writes.jobs:
             self._check_markers(writes.models, results[: len(writes.markers)], writes.seq)
 
@@ -687,7 +711,7 @@ class Dispatcher:
         cannot. The more new texts, the likelier a refusal: _route_as_misses relies on it."""
         model = call.variant.model
         if model.workers_alive == 0:
-            return unavailable(f"no worker alive for model {model.name!r}")
+            return unavailable(f"no worker alive for model {model.name!r}{self._full_note()}")
         if new == 0:
             return None  # all already in flight: costs the queue nothing
         model_load = load[model.name]
@@ -723,6 +747,9 @@ class Dispatcher:
         cache_keys = self._cache_keys(calls)
         try:
             reply = await self._one_trip(calls, cache_keys, jobs, limits, seq)
+        except OutOfMemoryError:
+            self._unroute(calls, seq)  # the two round trips' writes say so to the calls
+            return await self._lookup(calls, ahead)
         except ResponseError as exc:
             self._unroute(calls, seq)
             self._one_trip_after = time.monotonic() + ONE_TRIP_PAUSE_S

@@ -26,7 +26,7 @@ from embedq.apps.embedded import EmbeddedRedis
 from embedq.workers.batching import FRESH_JOB_MS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedq.keys import CONSUMER_GROUP, Keys
+from embedq.keys import CONSUMER_GROUP, RETRY_AFTER_MS_KEY, Keys
 from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
@@ -613,3 +613,56 @@ def test_expired_and_cancelled_work_is_skipped(paused_worker):
     assert not cached(client, keys, "expires while queued")
     assert not cached(client, keys, "cancelled while queued")
     assert cached(client, keys, "after the thaw")
+
+
+def test_a_full_redis_refuses_new_texts_at_once_and_still_answers_the_calls_it_held(
+    reference_model,
+):
+    """Redis at `maxmemory` under `noeviction` refuses every write. A call whose job was
+    queued just before gets its vectors once memory frees (here an operator raises
+    `maxmemory`), not its deadline: the worker gives up the cache entries, not the replies.
+    Meanwhile new texts are refused at once with RESOURCE_EXHAUSTED saying why, with a
+    retry hint, and cached texts are still served. (Before: the worker's refused replies were
+    acknowledged and lost, the call ran into its deadline, and new texts got
+    `UNAVAILABLE: redis unavailable: OutOfMemoryError`.)"""
+    server = EmbeddedRedis(extra_args=["--maxmemory-policy", "noeviction"]).start()
+    svc = Service(server.url, namespace=f"full{uuid.uuid4().hex[:6]}")
+    try:
+        svc.start_worker()
+        svc.start_server()
+        worker, client = svc.workers[0], redis.Redis.from_url(server.url)
+        keys = Keys(svc.namespace)
+        channel, stub = stub_for(svc)
+        texts = [f"a sentence queued as redis fills up, number {i}" for i in range(48)]
+        with channel:
+            assert stub.Encode(pb.EncodeRequest(texts=["already cached"]), timeout=60).count
+            os.kill(worker.pid, signal.SIGSTOP)
+            held = stub.Encode.future(pb.EncodeRequest(texts=texts), timeout=90)
+            wait_until(lambda: client.xlen(keys.jobs(MODEL)) > 0, what="the job queued")
+            # Full: below what Redis holds, so no write fits until maxmemory is raised.
+            client.config_set("maxmemory", client.info("memory")["used_memory"] - 64 * 1024)
+            os.kill(worker.pid, signal.SIGCONT)
+            wait_until(
+                lambda: "wait for room" in log_tail(f"worker-{svc.namespace}-0", 50),
+                what="the worker's replies refused",
+            )
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Encode(pb.EncodeRequest(texts=["a new text"]), timeout=30)
+            refused_after = time.monotonic() - started
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            assert "redis is out of memory" in info.value.details()
+            assert int(dict(info.value.trailing_metadata())[RETRY_AFTER_MS_KEY]) > 0
+            assert refused_after < 5  # refused, not run into its deadline
+            assert stub.Encode(pb.EncodeRequest(texts=["already cached"]), timeout=30).count
+            assert not held.done()
+            client.config_set("maxmemory", 0)
+            got = rows(held.result())
+            assert stub.Encode(pb.EncodeRequest(texts=["a new text"]), timeout=60).count == 1
+        assert np.abs(got - reference_model.encode(texts)).max() <= 1e-5
+        assert "out of memory" in log_tail(f"server-{svc.namespace}", 50)
+    finally:
+        if svc.workers and svc.workers[0].poll() is None:
+            os.kill(svc.workers[0].pid, signal.SIGCONT)
+        svc.stop()
+        server.stop()

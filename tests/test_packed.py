@@ -59,6 +59,20 @@ def test_an_error_reply_is_raised_after_the_other_commands_ran(client) -> None:
     assert _pooled_connection_id(client) == connection_id
 
 
+@pytest.mark.parametrize("hiredis", [True, False], ids=["packed", "pipeline"])
+def test_error_replies_can_be_returned_in_their_places(client, monkeypatch, hiredis) -> None:
+    client, p = client
+    if not hiredis:
+        monkeypatch.setattr(packed, "pack_command", None)
+    client.set(f"{p}:text", "not a number")
+    replies = packed.execute(
+        client, [("INCR", f"{p}:text"), ("INCRBY", f"{p}:n", 3)], raise_on_error=False
+    )
+    assert isinstance(replies[0], redis.ResponseError)
+    assert "not an integer" in str(replies[0])
+    assert replies[1] == 3
+
+
 def test_a_connection_the_server_closed_is_replaced(client, redis_server) -> None:
     client, p = client
     packed.execute(client, [("SET", f"{p}:k", 1)])

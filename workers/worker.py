@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
-from redis.exceptions import DataError, RedisError, ResponseError
+from redis.exceptions import DataError, OutOfMemoryError, RedisError, ResponseError
 
 from embedq import packed, streams
 from embedq.internal.v1 import queue_pb2
@@ -178,11 +178,14 @@ class Write:
     outcomes: list[Outcome]
     entry_ids: list[bytes] = field(default_factory=list)
     texts_done: int = 0
+    # The latest deadline of the callers answered (Unix ms; 0: none known).
+    deadline_ms: int = 0
 
     def absorb(self, other: Write) -> None:
         self.outcomes += other.outcomes
         self.entry_ids.extend(other.entry_ids)
         self.texts_done += other.texts_done
+        self.deadline_ms = max(self.deadline_ms, other.deadline_ms)
 
 
 class Backoff:
@@ -738,6 +741,7 @@ class Worker:
         encoder = metrics.measured(self.encoder)
         failed: set[tuple[str, int]] = set()
         encoded = 0
+        deadline_ms = max((job.deadline_unix_ms for job in read.jobs), default=0)
         steps = iter_steps(
             read.jobs, encoder, self.keys, self.limits, prepared=read.prepared, gone=read.gone
         )
@@ -751,7 +755,8 @@ class Worker:
             self._progress_at = time.monotonic()
             read.finished.update(step.finished_jobs)
             entry_ids = [read.entry_ids[i] for i in step.finished_jobs]
-            self._writes.put(Write([step.outcome], entry_ids, _texts_done(read, step)))
+            done = _texts_done(read, step)
+            self._writes.put(Write([step.outcome], entry_ids, done, deadline_ms))
         ended = time.perf_counter()
         busy = ended - begun
         saturated = begun - self._last_read_end < SATURATED_GAP_S
@@ -800,28 +805,86 @@ class Worker:
         """Cache, replies, ack and delete: one round trip, retried until Redis takes it.
 
         Stopping while Redis is down gives up: the jobs stay pending and
-        another worker claims them.
+        another worker claims them. What Redis refuses is logged, not sent again
+        (NOGROUP after a restart, say, would be refused forever), except what a full
+        Redis refused: see _resend_when_room.
         """
-        backoff = Backoff()
         commands = self._write_commands(write, dead_letter)
+        replies = self._execute_until_sent(commands)
+        waiting = self._refused(commands, replies)
+        if waiting:
+            self._resend_when_room(waiting, write.deadline_ms)
+        self._held.release(write.entry_ids)
+
+    def _execute_until_sent(self, commands: list[tuple]) -> list:
+        """Every command's reply, error replies in their places; retried while Redis
+        cannot be reached (raised once stopping)."""
+        backoff = Backoff()
         while True:
             try:
-                packed.execute(self.redis, commands)
+                return packed.execute(self.redis, commands, raise_on_error=False)
             except DataError:
                 raise  # an argument Redis cannot take: not Redis's fault (see _write_loop)
-            except ResponseError as exc:
-                # A command was refused (say, NOGROUP after a Redis restart); the
-                # others ran. Retrying would repeat the refusal forever.
-                log.warning("redis refused part of a result write: %s", exc)
             except (RedisError, OSError) as exc:
                 if self._stop.is_set():
                     raise
                 name = type(exc).__name__
                 self._throttled.warning("write", "writing results failed (%s); retrying", name)
                 time.sleep(backoff.next())
-                continue
-            self._held.release(write.entry_ids)
-            return
+
+    def _refused(self, commands: list[tuple], replies: list) -> list[tuple]:
+        """Log the commands Redis refused; return those to send again once it has room.
+
+        A full Redis (`maxmemory` under `noeviction`) refuses every command that adds
+        data: the cache entries are given up (the cache gives way first, as under
+        volatile-lru), but the replies, dead letters and the backlog count wait for
+        room, with the EXPIREs of the reply streams. The acknowledgements ran: the
+        jobs are done, their answers still owed."""
+        refused = [
+            (command, reply)
+            for command, reply in zip(commands, replies, strict=True)
+            if isinstance(reply, ResponseError)
+        ]
+        full = [command for command, reply in refused if isinstance(reply, OutOfMemoryError)]
+        other = [(c, reply) for c, reply in refused if not isinstance(reply, OutOfMemoryError)]
+        if other:
+            command, reply = other[0]
+            log.warning(
+                "redis refused part of a result write (%d of %d commands; the first, %s): %s",
+                len(other), len(commands), command[0], reply,
+            )  # fmt: skip
+        owed = [command for command in full if command[0] != "SET"]
+        if full:
+            self._throttled.warning(
+                "full",
+                "redis is out of memory (maxmemory reached and nothing it may evict: see "
+                "docs/deployment.md, Memory policy): %d cache entries not stored, %d replies "
+                "and counts wait for room",
+                len(full) - len(owed), len(owed),
+            )  # fmt: skip
+        if not owed:
+            return []
+        return owed + [command for command in commands if command[0] == "EXPIRE"]
+
+    def _resend_when_room(self, commands: list[tuple], deadline_ms: int) -> None:
+        """Send `commands` again until a full Redis takes them (memory freed: job entries
+        deleted, reply streams trimmed, an operator's `maxmemory` raised), the callers'
+        deadline passed (none known: REPLY_TTL_S), or the worker stops. Meanwhile this
+        writer waits, and so, once its queue is full, does the model: nothing it computed
+        could be delivered either."""
+        give_up = deadline_ms / 1000 if deadline_ms else time.time() + REPLY_TTL_S
+        backoff = Backoff(first_s=0.05, max_s=1.0)
+        while time.time() < give_up and not self._stop.wait(backoff.next()):
+            replies = self._execute_until_sent(commands)
+            if not any(isinstance(reply, OutOfMemoryError) for reply in replies):
+                self._refused(commands, replies)  # anything else refused: logged
+                log.info("redis had room again: %d delayed commands sent", len(commands))
+                return
+        log.warning(
+            "gave up %d commands a full redis refused (their callers' deadline passed or "
+            "the worker stopped)",
+            len(commands),
+        )
 
     def _write_commands(self, write: Write, dead_letter: dict | None) -> list[tuple]:
         """Dead letter, cache entries, replies, then acknowledgements: acked last, so

@@ -28,15 +28,16 @@ except ImportError:  # an optional speed-up of redis-py: without it, its pipelin
 Command = Sequence[Any]
 
 
-def execute(client: Any, commands: Sequence[Command]) -> list[Any]:
+def execute(client: Any, commands: Sequence[Command], *, raise_on_error: bool = True) -> list[Any]:
     """Run `commands` on a synchronous client in one round trip, as a non-transactional
     pipeline does: every command is sent and every reply read; the first error reply is
-    raised after that (the other commands ran), naming its command. Replies are raw
-    (`b"OK"`, ints, bytes): no response callbacks."""
+    raised after that (the other commands ran), naming its command; with `raise_on_error`
+    false, error replies are returned in their places instead. Replies are raw (`b"OK"`,
+    ints, bytes): no response callbacks."""
     if not commands:
         return []
     if pack_command is None or not isinstance(client, redis.Redis):
-        return _through_pipeline(client, commands)
+        return _through_pipeline(client, commands, raise_on_error)
     payload = _packed(commands)
     pool = client.connection_pool
     connection = pool.get_connection()
@@ -50,6 +51,8 @@ def execute(client: Any, commands: Sequence[Command]) -> list[Any]:
         raise
     finally:
         pool.release(connection)
+    if not raise_on_error:
+        return replies
     for index, reply in enumerate(replies):
         if isinstance(reply, ResponseError):
             # Named as redis-py's pipeline names it (the command, never its arguments).
@@ -72,8 +75,8 @@ def _reply(connection: Any) -> Any:
         return error
 
 
-def _through_pipeline(client: Any, commands: Sequence[Command]) -> list[Any]:
+def _through_pipeline(client: Any, commands: Sequence[Command], raise_on_error: bool) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     for command in commands:
         pipe.execute_command(*command)
-    return pipe.execute()
+    return pipe.execute(raise_on_error=raise_on_error)
