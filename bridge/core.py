@@ -669,9 +669,16 @@ class Bridge:
                 except Exception:  # noqa: BLE001 - lag is informative only
                     lag = None
                 self.metrics.lag.set(-1 if lag is None else lag)
+            self._count_dropped()
             if now >= next_progress:
                 next_progress = now + self.settings.progress_interval
                 self._log_progress()
+
+    def _count_dropped(self) -> None:
+        new = self.source.dropped - self._counts["dropped"]
+        if new > 0:
+            self._counts["dropped"] += new
+            self.metrics.source_dropped.inc(new)
 
     def _check_stall(self, now: float) -> None:
         if self._call is None or not self._outstanding:
@@ -684,10 +691,11 @@ class Bridge:
             self._call.cancel()
 
     def _log_progress(self, final: bool = False) -> None:
+        self._count_dropped()
         counts = self._counts
-        lost = counts["lost"]
+        lost, dropped = counts["lost"], counts["dropped"]
         log.info(
-            "%sconsumed %d, published %d, dead-lettered %d, rejected %d, in flight %d%s",
+            "%sconsumed %d, published %d, dead-lettered %d, rejected %d, in flight %d%s%s",
             "final: " if final else "",
             counts["consumed"],
             counts["published"],
@@ -695,6 +703,7 @@ class Bridge:
             counts["rejected"],
             self.held,
             f", left unacknowledged by a reconnect {lost}" if lost else "",
+            f", dropped by the source (QoS 0) {dropped}" if dropped else "",
         )
 
 

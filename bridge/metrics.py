@@ -45,6 +45,11 @@ class BridgeMetrics:
             ["broker"],
             registry=r,
         )
+        self.source_dropped = Counter(
+            "embedq_bridge_source_dropped",
+            "Messages the source dropped as its broker allows (MQTT QoS 0 past qos0_buffer)",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "embedq_bridge_in_flight", "Messages held (taken, not yet acknowledged)", registry=r
         )

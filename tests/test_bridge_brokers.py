@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import _spawn, log_tail, stop_process, wait_healthy
+from conftest import _spawn, log_tail, new_service, stop_process, wait_healthy
 from embedq.apps.embedded import free_port
 
 TOLERANCE = 1e-5
@@ -865,3 +865,70 @@ def test_an_existing_nats_consumer_is_checked_and_its_ack_wait_followed():
             await nc.close()
 
     asyncio.run(main())
+
+
+def test_mqtt_qos0_messages_past_the_buffer_are_dropped_and_counted(loop, redis_server):
+    """A QoS 0 publish reaches the bridge at QoS 0, outside the Receive Maximum that bounds
+    the QoS 1 deliveries: while embedq cannot keep up (here its only worker is stopped), the
+    bridge keeps at most `qos0_buffer` of them waiting and drops the rest, counted in
+    `embedq_bridge_source_dropped_total` and its final line, instead of holding every one
+    in memory. Each message kept gets its result; none disappears uncounted."""
+    require_broker("mqtt")
+    harness = MqttHarness(loop)
+    loop.run(harness.prepare())
+    svc = new_service(redis_server)
+    name = f"bridge-qos0-{harness.uid}"
+    metrics_port = free_port()
+    source = f"{harness.source}&qos0_buffer=200"
+    proc = start_bridge(
+        name, svc.target, harness, "--max-in-flight", "16",
+        "--metrics-port", str(metrics_port), source=source,
+    )  # fmt: skip
+    try:
+        harness.publish([{"id": "first", "text": "the bridge is up"}])
+        wait_for(lambda: len(harness.read()) == 1, 120, "the first result", [(proc, name)])
+        os.kill(svc.workers[0].pid, signal.SIGSTOP)
+        items = [{"id": f"q{i}", "text": t} for i, t in enumerate(fresh_texts(1000, "qos0"))]
+
+        async def publish_at_most_once() -> None:
+            topic = f"{harness.topic}/in"
+            for item in items:
+                await harness.publisher.publish(topic, harness.body(item), qos=0)
+
+        loop.run(publish_at_most_once(), timeout=120)
+
+        # Everything arrived: what the window holds, 200 waiting, the rest dropped.
+        def arrived() -> bool:
+            dropped = bridge_metric(metrics_port, "embedq_bridge_source_dropped_total")
+            held = bridge_metric(metrics_port, "embedq_bridge_in_flight")
+            return dropped + held + 200 == len(items)
+
+        wait_for(arrived, 60, "the QoS 0 overflow dropped", [(proc, name)])
+        dropped = int(bridge_metric(metrics_port, "embedq_bridge_source_dropped_total"))
+        os.kill(svc.workers[0].pid, signal.SIGCONT)
+        kept = len(items) - dropped
+        wait_for(
+            lambda: len(harness.read()) >= 1 + kept, 120, "every kept message's result",
+            [(proc, name)],
+        )  # fmt: skip
+    finally:
+        if svc.workers and svc.workers[0].poll() is None:
+            os.kill(svc.workers[0].pid, signal.SIGCONT)
+        stop_bridge(proc, name)
+        svc.stop()
+        loop.run(harness.cleanup())
+    results = ids_of(harness.read())[1:]
+    assert dropped >= len(items) - 200 - 16 and len(results) == kept
+    assert len(set(results)) == kept and set(results) <= {item["id"] for item in items}
+    assert f"dropped by the source (QoS 0) {dropped}" in log_tail(name, 20)
+
+
+def bridge_metric(port: int, name: str) -> float:
+    """A metric's value from a bridge's --metrics-port (0 until it is exported)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    return 0.0

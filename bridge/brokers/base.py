@@ -233,6 +233,9 @@ class Source(abc.ABC):
     #: How many times reconnect() opened a new connection; messages carry the number
     #: they were taken under (Message.connection).
     connections = 0
+    #: Messages the source dropped itself, as their broker's contract allows (MQTT QoS 0
+    #: past its buffer); the bridge counts them in its metrics and progress lines.
+    dropped = 0
 
     def __init__(self, url: BrokerUrl, options: Options) -> None:
         self.url = url

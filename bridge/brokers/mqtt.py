@@ -1,6 +1,6 @@
 """MQTT 5 through aiomqtt (asyncio, on the Eclipse paho-mqtt client).
 
-Source: ``mqtt://[user:pass@]host:port/TOPIC[?client_id=ID&session_expiry=S]``,
+Source: ``mqtt://[user:pass@]host:port/TOPIC[?client_id=ID&session_expiry=S&qos0_buffer=N]``,
 QoS 1. The client id (``?client_id=``, ``--consumer``, default
 ``embedq-bridge-<hash of the topic>``) names a persistent session (clean
 start off, session expiry ``session_expiry`` s, default 1 day): a restarted
@@ -25,6 +25,11 @@ A dropped connection (a broker restart, a network cut) is opened again by
 source resumes its persistent session: the broker sends again what was not
 acknowledged; the messages taken over the old connection are published but not
 acknowledged (so a resent one is published twice, at least once).
+
+A message published at QoS 0 reaches the bridge at QoS 0 whatever it subscribed with:
+the broker sends those without flow control, so the bridge keeps at most
+``qos0_buffer`` (1000) of them waiting and drops the rest, counted and logged (what QoS
+0 allows: at most once); QoS 1 deliveries are never dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import uuid
 from collections.abc import Sequence
 
@@ -39,9 +45,15 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from embedq.logs import Throttled
+
 from .base import BrokerUrl, ConfigError, Message, Options, OutMessage, Sink, Source
 
-SOURCE_PARAMS = ("client_id", "session_expiry")
+log = logging.getLogger(__name__)
+
+SOURCE_PARAMS = ("client_id", "session_expiry", "qos0_buffer")
+# QoS 0 deliveries kept waiting for room in the bridge's window (see _Inbox).
+QOS0_BUFFER = 1000
 SINK_PARAMS = ("client_id",)
 
 
@@ -102,6 +114,32 @@ def _check_subscription(granted: object, topic: str) -> None:
             )
 
 
+class _Inbox(asyncio.Queue):
+    """One connection's deliveries, waiting for room in the bridge's window. The QoS 1
+    ones are bounded by the Receive Maximum the bridge announces (--max-in-flight); the
+    QoS 0 ones, which the broker sends without flow control, by `qos0_limit` here."""
+
+    def __init__(self, qos0_limit: int) -> None:
+        super().__init__()
+        self.qos0_limit = qos0_limit
+        self.qos0 = 0  # QoS 0 messages waiting
+
+    def offer(self, message: aiomqtt.Message) -> bool:
+        """Queue `message`; False (not queued) for a QoS 0 one past the limit."""
+        if message.qos == 0:
+            if self.qos0 >= self.qos0_limit:
+                return False
+            self.qos0 += 1
+        self.put_nowait(message)
+        return True
+
+    def _get(self) -> aiomqtt.Message:  # asyncio.Queue's hook, under get() and get_nowait()
+        message = super()._get()
+        if message.qos == 0:
+            self.qos0 -= 1
+        return message
+
+
 class MqttSource(Source):
     reject_note = "acknowledged (MQTT has no reject)"
 
@@ -114,9 +152,11 @@ class MqttSource(Source):
             url.params.get("client_id") or options.consumer or (f"embedq-bridge-{digest}")
         )
         self.session_expiry = url.int_param("session_expiry", 86400, 1)
+        self.qos0_buffer = url.int_param("qos0_buffer", QOS0_BUFFER, 0)
         self.client: aiomqtt.Client | None = None
         self._pump: asyncio.Task | None = None
-        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        self._inbox = _Inbox(self.qos0_buffer)
+        self._throttled = Throttled(log)
 
     async def connect(self) -> None:
         properties = Properties(PacketTypes.CONNECT)
@@ -136,13 +176,19 @@ class MqttSource(Source):
             raise
         # Kept only once connected: a failed try leaves the lost client, tried again later.
         # Each connection its own inbox (see AmqpSource.connect).
-        self.client, self._inbox = client, asyncio.Queue()
+        self.client, self._inbox = client, _Inbox(self.qos0_buffer)
         self._pump = asyncio.create_task(self._read(client, self._inbox))
 
-    @staticmethod
-    async def _read(client: aiomqtt.Client, inbox: asyncio.Queue) -> None:
+    async def _read(self, client: aiomqtt.Client, inbox: _Inbox) -> None:
         async for message in client.messages:
-            await inbox.put(message)
+            if not inbox.offer(message):
+                self.dropped += 1
+                self._throttled.warning(
+                    "qos0",
+                    "dropped QoS 0 messages from %s: %d already wait for room in the bridge's "
+                    "window (qos0_buffer); %d dropped so far",
+                    self.name, self.qos0_buffer, self.dropped,
+                )  # fmt: skip
 
     async def fetch(self, max_count: int, timeout: float) -> list[Message]:
         inbox, connection = self._inbox, self.connections
