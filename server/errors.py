@@ -123,13 +123,22 @@ def redis_failure(exc: RedisError | OSError) -> RequestError:
     reached under `noeviction`, refusing every write) as OVERLOADED, since cached texts
     are still served and the condition passes as memory frees; anything else as
     UNAVAILABLE. Named by class only: a Redis error's text can hold addresses."""
-    if isinstance(exc, OutOfMemoryError):
+    if redis_is_full(exc):
         return overloaded(
             "redis is out of memory: new texts cannot be queued (cached texts are still "
             "served); retry later",
             retry_after_ms=REDIS_FULL_RETRY_AFTER_MS,
         )
     return unavailable(f"redis unavailable: {type(exc).__name__}")
+
+
+def redis_is_full(exc: BaseException) -> bool:
+    """Whether Redis refused for lack of memory: an OOM reply (redis-py's OutOfMemoryError),
+    or a script's error that carries one (Redis 6.2 wraps it as `ERR Error running
+    script ...`)."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, RedisError) and "> 'maxmemory'" in str(exc)
+    )
 
 
 def invalid(message: str) -> RequestError:

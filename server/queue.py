@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from embedq import streams
 from embedq.internal.v1 import queue_pb2
@@ -56,6 +56,7 @@ from .errors import (
     error_of_failure,
     overloaded,
     redis_failure,
+    redis_is_full,
     unavailable,
 )
 from .nearcache import NearCache
@@ -320,8 +321,9 @@ class Dispatcher:
         self._reply_written = 0  # seq of the last completed flush, reply marker
         self.reply_marker = keys.reply_marker(self.reply_key)
         self._throttled = Throttled(log)
-        # Redis refused this server's last writes for lack of memory (until one is taken).
-        self._redis_full = False
+        # When Redis last refused this server's writes for lack of memory (time.monotonic());
+        # None once a write was taken since.
+        self._redis_full_at: float | None = None
         # One-trip flushes (one_trip.py): the last queue lengths read per model, the
         # recent share of look-ups that found nothing cached, and when the script may run.
         self.one_trip_texts = ONE_TRIP_TEXTS  # 0: always two round trips
@@ -501,8 +503,8 @@ class Dispatcher:
                     raise
 
     def _redis_failed(self, exc: RedisError | OSError) -> RequestError:
-        if isinstance(exc, OutOfMemoryError):
-            self._redis_full = True
+        if redis_is_full(exc):
+            self._redis_full_at = time.monotonic()
             self._throttled.warning(
                 "full",
                 "redis is out of memory (maxmemory reached and nothing it may evict: see "
@@ -514,10 +516,15 @@ class Dispatcher:
         return redis_failure(exc)
 
     def _full_note(self) -> str:
-        """Why workers may look dead: a full Redis refuses their heartbeats too."""
-        if not self._redis_full:
+        """Why workers may look dead: a full Redis refuses their heartbeats too. (Dated: no
+        write is tried while no worker is alive, so nothing newer says whether it still is.)"""
+        if self._redis_full_at is None:
             return ""
-        return " (redis was out of memory at this server's last write: heartbeats are refused too)"
+        ago = time.monotonic() - self._redis_full_at
+        return (
+            f" (redis was out of memory at this server's last write, {ago:.0f}s ago: "
+            "it refuses workers' heartbeats too)"
+        )
 
     def _fail_all(self, calls: list[Call], error: RequestError) -> None:
         for call in calls:
@@ -582,7 +589,7 @@ class Dispatcher:
 
     def _wrote(self, writes: Writes, results: list) -> None:
         writes.sent = True
-        self._redis_full = False
+        self._redis_full_at = None
         if writes.jobs:
             self._check_markers(writes.models, results[: len(writes.markers)], writes.seq)
 
@@ -747,12 +754,11 @@ class Dispatcher:
         cache_keys = self._cache_keys(calls)
         try:
             reply = await self._one_trip(calls, cache_keys, jobs, limits, seq)
-        except OutOfMemoryError:
-            self._unroute(calls, seq)  # the two round trips' writes say so to the calls
-            return await self._lookup(calls, ahead)
         except ResponseError as exc:
             self._unroute(calls, seq)
             self._one_trip_after = time.monotonic() + ONE_TRIP_PAUSE_S
+            if redis_is_full(exc):  # the two round trips' refused writes tell the calls
+                return await self._lookup(calls, ahead)
             self._throttled.warning(
                 "one-trip",
                 "redis refused the one-trip look-up script (%s; a Redis user needs +evalsha and "

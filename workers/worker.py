@@ -386,14 +386,22 @@ class Worker:
                 # Re-publish in case Redis restarted empty.
                 pipe.hsetnx(self.keys.models(), self.name, self.registration().SerializeToString())
                 pipe.execute()
+            except OutOfMemoryError:
+                pass  # a full Redis refuses the beat, not the touch below (XCLAIM adds nothing)
+            except (RedisError, OSError):
+                continue
+            except Exception:
+                # A bug must not end the heartbeat: a worker without one looks dead, and
+                # others take over the jobs it is still running.
+                self._throttled.error("heartbeat", "heartbeat failed; beating on", exc_info=True)
+                continue
+            try:
                 # After the beat: a failed touch (say, NOGROUP after a restart) must not stop it.
                 self._touch_held()
             except (RedisError, OSError):
                 pass
             except Exception:
-                # A bug must not end the heartbeat: a worker without one looks dead, and
-                # others take over the jobs it is still running.
-                self._throttled.error("heartbeat", "heartbeat failed; beating on", exc_info=True)
+                self._throttled.error("touch", "touching held jobs failed", exc_info=True)
 
     def _touch_held(self) -> None:
         """Reset the idle time of the entries this worker holds: XCLAIM to itself with
@@ -647,7 +655,8 @@ class Worker:
         message = f"job failed on {self.settings.max_deliveries} deliveries and was dead-lettered"
         for item in job.items:
             outcome.fail(job, item.ticket, ErrorKind.INTERNAL, message)
-        self._write(Write([outcome], [entry_id], len(job.items)), dead_letter=fields)
+        write = Write([outcome], [entry_id], len(job.items), job.deadline_unix_ms)
+        self._write(write, dead_letter=fields)
         metrics.dead_lettered()
 
     def _decode(self, entries: list[Entry]) -> Read:
@@ -817,12 +826,17 @@ class Worker:
         self._held.release(write.entry_ids)
 
     def _execute_until_sent(self, commands: list[tuple]) -> list:
-        """Every command's reply, error replies in their places; retried while Redis
-        cannot be reached (raised once stopping)."""
+        """Every command's reply, refusals (error replies) in their places; retried while
+        Redis cannot be reached (raised once stopping). A cluster pipeline returns a
+        node's connection error in place too: raised here, as one that raises it."""
         backoff = Backoff()
         while True:
             try:
-                return packed.execute(self.redis, commands, raise_on_error=False)
+                replies = packed.execute(self.redis, commands, raise_on_error=False)
+                unsent = next((r for r in replies if _unreachable(r)), None)
+                if unsent is not None:
+                    raise unsent
+                return replies
             except DataError:
                 raise  # an argument Redis cannot take: not Redis's fault (see _write_loop)
             except (RedisError, OSError) as exc:
@@ -836,10 +850,10 @@ class Worker:
         """Log the commands Redis refused; return those to send again once it has room.
 
         A full Redis (`maxmemory` under `noeviction`) refuses every command that adds
-        data: the cache entries are given up (the cache gives way first, as under
-        volatile-lru), but the replies, dead letters and the backlog count wait for
-        room, with the EXPIREs of the reply streams. The acknowledgements ran: the
-        jobs are done, their answers still owed."""
+        data (EXPIRE, XACK, XDEL still run): the cache entries are given up (the cache
+        gives way first, as under volatile-lru), but the replies, dead letters and the
+        backlog count wait for room, with the EXPIREs of the reply streams. The
+        acknowledgements ran: the jobs are done, their answers still owed."""
         refused = [
             (command, reply)
             for command, reply in zip(commands, replies, strict=True)
@@ -862,29 +876,32 @@ class Worker:
                 "and counts wait for room",
                 len(full) - len(owed), len(owed),
             )  # fmt: skip
-        if not owed:
-            return []
-        return owed + [command for command in commands if command[0] == "EXPIRE"]
+        streams = {command[1] for command in owed if command[0] == "XADD"}
+        return owed + [c for c in commands if c[0] == "EXPIRE" and c[1] in streams]
 
     def _resend_when_room(self, commands: list[tuple], deadline_ms: int) -> None:
-        """Send `commands` again until a full Redis takes them (memory freed: job entries
-        deleted, reply streams trimmed, an operator's `maxmemory` raised), the callers'
-        deadline passed (none known: REPLY_TTL_S), or the worker stops. Meanwhile this
-        writer waits, and so, once its queue is full, does the model: nothing it computed
-        could be delivered either."""
-        give_up = deadline_ms / 1000 if deadline_ms else time.time() + REPLY_TTL_S
+        """Send `commands` again, those still refused each time, until a full Redis takes
+        them (memory freed: job entries deleted, reply streams trimmed, an operator's
+        `maxmemory` raised) or their callers' deadline passes (none: not at all), also
+        while stopping (the jobs are acknowledged: nobody else would answer them).
+        Meanwhile this writer waits, and so, once its queue is full, does the model:
+        nothing it computed could be delivered either."""
         backoff = Backoff(first_s=0.05, max_s=1.0)
-        while time.time() < give_up and not self._stop.wait(backoff.next()):
-            replies = self._execute_until_sent(commands)
-            if not any(isinstance(reply, OutOfMemoryError) for reply in replies):
-                self._refused(commands, replies)  # anything else refused: logged
-                log.info("redis had room again: %d delayed commands sent", len(commands))
-                return
-        log.warning(
-            "gave up %d commands a full redis refused (their callers' deadline passed or "
-            "the worker stopped)",
-            len(commands),
-        )
+        while commands and time.time() + 0.05 < deadline_ms / 1000:
+            time.sleep(backoff.next())
+            try:
+                replies = self._execute_until_sent(commands)
+            except (RedisError, OSError):
+                break  # stopping, Redis out of reach
+            commands = self._refused(commands, replies)
+        if commands:
+            log.warning(
+                "gave up %d commands a full redis refused (their callers' deadline passed, "
+                "or the worker stopped with redis out of reach)",
+                len(commands),
+            )
+        else:
+            log.info("redis had room again: the delayed replies and counts were sent")
 
     def _write_commands(self, write: Write, dead_letter: dict | None) -> list[tuple]:
         """Dead letter, cache entries, replies, then acknowledgements: acked last, so
@@ -905,6 +922,11 @@ class Worker:
         if write.texts_done:
             commands.append(("DECRBY", self.keys.backlog(self.name), write.texts_done))
         return commands
+
+
+def _unreachable(reply: object) -> bool:
+    """A reply in place of a command's that says Redis was not reached (not a refusal)."""
+    return isinstance(reply, (RedisError, OSError)) and not isinstance(reply, ResponseError)
 
 
 def _texts_done(read: Read, step: Step) -> int:
