@@ -147,6 +147,32 @@ def row_counts_from_a_slow_accelerator(deployment, pass_ms: int, calls: int, tex
         return [future.result().count for future in futures]
 
 
+def test_a_long_reads_capacity_is_published_while_it_runs(deployment):
+    """A read of many passes (here one call's 192 texts, 4 texts a pass of 150 ms on a
+    simulated accelerator: 7 s) publishes the worker's measured capacity while it runs, not
+    only at its end: a fresh worker behind a flood (one job can hold thousands of texts)
+    otherwise left admission blind, and calls were admitted to run into their deadline."""
+    svc = deployment()
+    svc.start_worker(
+        *("--backend", "bench-sim", "--allow-bench-backend", "--sim-forward-ms", "150"),
+        *("--max-batch-size", "4"),
+    )
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    with channel:
+        call = stub.Encode.future(
+            pb.EncodeRequest(texts=[f"a long read, text {i}" for i in range(192)]), timeout=120
+        )
+
+        def capacity() -> float:
+            return stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
+
+        while capacity() == 0 and not call.done():
+            time.sleep(0.1)
+        assert not call.done(), "capacity was published only when the read had ended"
+        assert call.result().count == 192
+
+
 def test_jobs_waiting_for_their_busy_worker_are_not_claimed_as_stale(deployment):
     """A read runs a forward pass at a time, so its last jobs wait for the worker's own
     model longer than --claim-idle-ms. They are its work in progress, not stale: nobody
