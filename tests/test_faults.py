@@ -148,8 +148,8 @@ def row_counts_from_a_slow_accelerator(deployment, pass_ms: int, calls: int, tex
 
 
 def test_a_long_reads_capacity_is_published_while_it_runs(deployment):
-    """A read of many passes (here one call's 192 texts, 4 texts a pass of 150 ms on a
-    simulated accelerator: 7 s) publishes the worker's measured capacity while it runs, not
+    """A read of many passes (here one call's 256 texts, 4 texts a pass of 150 ms on a
+    simulated accelerator: 10 s) publishes the worker's measured capacity while it runs, not
     only at its end: a fresh worker behind a flood (one job can hold thousands of texts)
     otherwise left admission blind, and calls were admitted to run into their deadline."""
     svc = deployment()
@@ -161,16 +161,19 @@ def test_a_long_reads_capacity_is_published_while_it_runs(deployment):
     channel, stub = stub_for(svc)
     with channel:
         call = stub.Encode.future(
-            pb.EncodeRequest(texts=[f"a long read, text {i}" for i in range(192)]), timeout=120
+            pb.EncodeRequest(texts=[f"a long read, text {i}" for i in range(256)]), timeout=120
         )
 
         def capacity() -> float:
             return stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
 
-        while capacity() == 0 and not call.done():
+        while True:
+            ended = call.done()  # before the look: capacity seen then was seen during it
+            if capacity() > 0 or ended:
+                break
             time.sleep(0.1)
-        assert not call.done(), "capacity was published only when the read had ended"
-        assert call.result().count == 192
+        assert not ended, "capacity was published only when the read had ended"
+        assert call.result().count == 256
 
 
 def test_jobs_waiting_for_their_busy_worker_are_not_claimed_as_stale(deployment):

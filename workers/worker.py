@@ -208,10 +208,11 @@ class Backoff:
 
 class RateMeter:
     """Capacity in texts per second: an average over reads big enough to fill
-    batches (small reads measure per-call overhead, not capacity). A read that
-    was waiting when the previous one ended (the worker is saturated) is timed
-    from that end: wall time, with tokenizing, writing and whatever else the
-    machine does meanwhile, which is what admission must plan with."""
+    batches (small reads measure per-call overhead, not capacity), a long read counting
+    once per RATE_WINDOW_S of it (RateWindow). A read that was waiting when the previous
+    one ended (the worker is saturated) is timed from that end: wall time, with
+    tokenizing, writing and whatever else the machine does meanwhile, which is what
+    admission must plan with."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
@@ -228,23 +229,30 @@ class RateMeter:
 
 
 class RateWindow:
-    """Feeds one read's passes to a RateMeter: every RATE_WINDOW_S of them as they run,
-    the rest at the read's end. A read can hold thousands of texts (one job may), minutes
-    on a CPU; measured only at its end, a fresh worker published no capacity all that
-    time and the servers admitted every call, to run into its deadline (seen: 50,000
-    texts from 100 streams queued, capacity 0 after 20 s)."""
+    """Feeds one read's passes to a RateMeter as they run, a window of RATE_WINDOW_S (and
+    RATE_MIN_TEXTS) at a time, each one observed when the next one is complete; the read's
+    end joins whatever is left to the last window. So every pass counts (a remainder of a
+    few texts is not dropped) and a read shorter than two windows is one observation, as
+    before. A read can hold thousands of texts (one job may), minutes on a CPU: measured
+    only at its end, a fresh worker published no capacity all that time and the servers
+    admitted every call, to run into its deadline (seen: 50,000 texts from 100 streams
+    queued, capacity still 0 after 20 s)."""
 
     def __init__(self, meter: RateMeter, since: float) -> None:
         self.meter, self.since, self.texts = meter, since, 0
+        self.last: tuple[int, float] | None = None  # the last complete window, not observed
 
     def step(self, texts: int, now: float) -> None:
         self.texts += texts
         if now - self.since >= RATE_WINDOW_S and self.texts >= RATE_MIN_TEXTS:
-            self.end(now)
+            if self.last is not None:
+                self.meter.observe(*self.last)
+            self.last = (self.texts, now - self.since)
+            self.since, self.texts = now, 0
 
     def end(self, now: float) -> None:
-        self.meter.observe(self.texts, now - self.since)
-        self.since, self.texts = now, 0
+        texts, seconds = self.last or (0, 0.0)
+        self.meter.observe(texts + self.texts, seconds + now - self.since)
 
 
 class Worker:
