@@ -297,3 +297,23 @@ def test_calibrated_precision_is_refused():
         "int8",
     )
     assert result.returncode == 2 and "one text per request" in result.stderr
+
+
+def test_an_mqtt_inbox_bounds_qos0_messages_only() -> None:
+    """QoS 0 deliveries past the limit are refused (the source drops and counts them); QoS 1
+    ones, bounded by the broker's Receive Maximum, always get in; taking a QoS 0 one frees
+    its place."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from embedq.bridge.brokers.mqtt import _Inbox
+
+    inbox = _Inbox(2)
+    qos0 = [SimpleNamespace(qos=0, n=i) for i in range(3)]
+    qos1 = [SimpleNamespace(qos=1, n=i) for i in range(5)]
+    assert [inbox.offer(m) for m in qos0] == [True, True, False]
+    assert all(inbox.offer(m) for m in qos1)
+    assert inbox.qos0 == 2 and inbox.qsize() == 7
+    assert inbox.get_nowait() is qos0[0] and inbox.qos0 == 1
+    assert asyncio.run(inbox.get()) is qos0[1] and inbox.qos0 == 0
+    assert inbox.offer(qos0[2]) and inbox.qos0 == 1

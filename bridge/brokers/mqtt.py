@@ -231,9 +231,15 @@ class MqttSource(Source):
         if not pump_ended and not _disconnected(self.client):
             return False
         # Received over the dead connection and not taken yet (left in the old inbox): the
-        # session sends them again.
+        # session sends the QoS 1 ones again; the QoS 0 ones it never would, so they move
+        # to the new inbox (nothing to acknowledge: no connection of their own).
+        old = self._inbox
         await self.close()
         await self.connect()
+        while not old.empty():
+            message = old.get_nowait()
+            if message.qos == 0 and not self._inbox.offer(message):
+                self.dropped += 1
         self.connections += 1  # with the new inbox, before any fetch can take from it
         return True
 
