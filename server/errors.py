@@ -120,9 +120,10 @@ def as_request_error(exc: BaseException, where: str) -> RequestError:
 
 def redis_failure(exc: RedisError | OSError) -> RequestError:
     """What a caller is told when Redis failed its call: a full Redis (`maxmemory`
-    reached under `noeviction`, refusing every write) as OVERLOADED, since cached texts
-    are still served and the condition passes as memory frees; anything else as
-    UNAVAILABLE. Named by class only: a Redis error's text can hold addresses."""
+    reached under `noeviction`, refusing every command that adds data) as OVERLOADED,
+    since cached texts are still served and the condition passes as memory frees;
+    anything else as UNAVAILABLE. Named by class only: a Redis error's text can hold
+    addresses."""
     if redis_is_full(exc):
         return overloaded(
             "redis is out of memory: new texts cannot be queued (cached texts are still "

@@ -928,8 +928,8 @@ class Worker:
             commands = self._refused(commands, replies)
         if commands:
             log.warning(
-                "gave up %d commands a full redis refused (their callers' deadline passed, "
-                "or the worker stopped with redis out of reach)",
+                "gave up %d commands a full redis refused (their callers' deadline passed or "
+                "none is known, or the worker stopped with redis out of reach)",
                 len(commands),
             )
         else:
