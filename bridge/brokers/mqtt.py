@@ -181,14 +181,19 @@ class MqttSource(Source):
 
     async def _read(self, client: aiomqtt.Client, inbox: _Inbox) -> None:
         async for message in client.messages:
-            if not inbox.offer(message):
-                self.dropped += 1
-                self._throttled.warning(
-                    "qos0",
-                    "dropped QoS 0 messages from %s: %d already wait for room in the bridge's "
-                    "window (qos0_buffer); %d dropped so far",
-                    self.name, self.qos0_buffer, self.dropped,
-                )  # fmt: skip
+            self._keep(inbox, message)
+
+    def _keep(self, inbox: _Inbox, message: aiomqtt.Message) -> None:
+        """Queue `message` in `inbox`, or drop and count it (QoS 0 past the buffer)."""
+        if inbox.offer(message):
+            return
+        self.dropped += 1
+        self._throttled.warning(
+            "qos0",
+            "dropped QoS 0 messages from %s: %d already wait for room in the bridge's "
+            "window (qos0_buffer); %d dropped so far",
+            self.name, self.qos0_buffer, self.dropped,
+        )  # fmt: skip
 
     async def fetch(self, max_count: int, timeout: float) -> list[Message]:
         inbox, connection = self._inbox, self.connections
@@ -238,8 +243,8 @@ class MqttSource(Source):
         await self.connect()
         while not old.empty():
             message = old.get_nowait()
-            if message.qos == 0 and not self._inbox.offer(message):
-                self.dropped += 1
+            if message.qos == 0:
+                self._keep(self._inbox, message)
         self.connections += 1  # with the new inbox, before any fetch can take from it
         return True
 
