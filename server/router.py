@@ -41,11 +41,14 @@ STREAM_WINDOW = 1024
 # Texts of those messages: bounds the memory a stream holds whatever it sends,
 # and how much of the workers' queue one stream can take ahead of other callers.
 STREAM_TEXT_WINDOW = 512
-# ... and, once the model's rate is measured, to this much of its work, so that another
-# caller's text waits behind at most about this long of one stream's (a 512-text window
-# was 1.8-2.5 s on a 2-core CPU); never below a batch, so a lone stream keeps it busy.
+# ... and, once the model's rate is measured, to this much of its work for all of this
+# server's busy streams together, so that another caller's text waits behind about this long
+# of the streams' work (a 512-text window per stream was 1.8-2.5 s on a 2-core CPU, and 16
+# streams queued 16 times that); never below a batch, so that streams keep a worker busy.
 STREAM_WINDOW_S = 0.5
 STREAM_MIN_TEXT_WINDOW = 64
+# A busy stream's share of that, however many streams share it: a few messages in flight.
+STREAM_MIN_SHARE = 4
 # Bytes of those messages (as sent): a message's texts and its `id` (which its response
 # carries back) may be megabytes each; a few hundred of them must not stay on the server
 # for a client that does not read. Far above what texts of sentences take (512 of 1 kB).
@@ -201,6 +204,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         self.registry = registry
         self.redis = redis
         self.keys = keys
+        self.streams = StreamShares(self._stream_capacity)
 
     # -- shared steps -----------------------------------------------------------
 
@@ -219,13 +223,13 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         dimension = variant.model.registration.dimension
         return variant, output_spec(options, dimension, variant.normalize)
 
-    def _stream_text_window(self) -> int:
-        """A new stream's text window, from the default model's measured rate (with no
-        default, the fastest model's: a stream may use any of them)."""
+    def _stream_capacity(self) -> float:
+        """The rate streams are timed by: the default model's measured texts/s (with no
+        default, the fastest model's: a stream may use any of them; 0: not measured)."""
         models = self.registry.models
         default = models.get(self.registry.default_name)
         rates = [default.capacity] if default else [m.capacity for m in models.values()]
-        return stream_text_window(max(rates, default=0.0))
+        return max(rates, default=0.0)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -292,7 +296,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
 
     async def EncodeStream(self, request_iterator, context) -> None:
         answers = answer_stream(
-            request_iterator, self._answer_encode, context, self._stream_text_window()
+            request_iterator, self._answer_encode, context, self.streams.credits()
         )
         await send_all(answers, context)
 
@@ -333,7 +337,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
 
     async def SimilarityStream(self, request_iterator, context) -> None:
         answers = answer_stream(
-            request_iterator, self._answer_similarity, context, self._stream_text_window()
+            request_iterator, self._answer_similarity, context, self.streams.credits()
         )
         await send_all(answers, context)
 
@@ -443,61 +447,105 @@ def message_texts(message: object) -> int:
 Cost = tuple[int, int]
 
 
-class Credits:
-    """A budget of messages, texts and bytes; a message holds its share until its
-    response has been handed to gRPC (not merely computed), so a client that
-    stops reading stops the reading of its requests."""
+class StreamShares:
+    """This server's streams, sharing one text window: about STREAM_WINDOW_S of the model's
+    work for all of them together, so that another caller waits behind about that much of
+    the streams' work however many there are. A busy stream (one holding credits) may always
+    fill its even share of it; beyond that it may take what the others leave unused (one
+    stream beside idle ones keeps the whole window), never past `most` texts."""
 
-    def __init__(self, messages: int, texts: int, size: int = STREAM_BYTE_WINDOW) -> None:
-        self._messages = messages
-        self._texts, self._max_texts = texts, texts
-        self._bytes, self._max_bytes = size, size
+    def __init__(self, capacity: Callable[[], float], most: int = STREAM_TEXT_WINDOW) -> None:
+        self._capacity, self._most = capacity, most
+        self.busy = 0  # streams holding credits
+        self.held = 0  # texts they hold together
+
+    def allows(self, mine: int, texts: int) -> bool:
+        """Whether a busy stream holding `mine` texts may take `texts` more."""
+        if mine + texts > self._most:
+            return False
+        together = shared_text_window(self._capacity())
+        share = stream_text_window(self._capacity(), max(1, self.busy))
+        return mine + texts <= share or self.held + texts <= together
+
+    def credits(self) -> Credits:
+        return Credits(STREAM_WINDOW, self)
+
+
+class Credits:
+    """A stream's budget of messages, texts and bytes; a message holds its share until its
+    response has been handed to gRPC (not merely computed), so a client that stops reading
+    stops the reading of its requests. Texts are granted by the streams' StreamShares."""
+
+    def __init__(self, messages: int, shares: StreamShares, size: int = STREAM_BYTE_WINDOW) -> None:
+        self._max_messages, self._shares, self._max_bytes = messages, shares, size
+        self._messages = self._texts = self._bytes = 0  # held
         # Set when credits come back. An event, not a lock: a stream's one reader takes
         # credits, its one writer returns them, and the usual case (credits left) then
         # costs no await at all (profiled: per-message overhead of waiting streams).
         self._freed = asyncio.Event()
 
-    def _cost(self, message: object) -> Cost:
-        # A message bigger than the whole budget still goes, alone.
-        texts = min(max(1, message_texts(message)), self._max_texts)
-        size = message.ByteSize() if isinstance(message, Message) else 0
-        return texts, min(size, self._max_bytes)
+    def _fits(self, texts: int, size: int) -> bool:
+        if self._messages == 0:
+            return True  # a message bigger than the whole budget still goes, alone
+        return (
+            self._messages < self._max_messages
+            and self._bytes + size <= self._max_bytes
+            and self._shares.allows(self._texts, texts)
+        )
+
+    def _hold(self, messages: int, texts: int, size: int) -> None:
+        if self._messages == 0 and messages > 0:
+            self._shares.busy += 1
+        elif self._messages + messages == 0 and messages < 0:
+            self._shares.busy -= 1
+        self._messages += messages
+        self._texts += texts
+        self._shares.held += texts
+        self._bytes += size
 
     async def acquire(self, message: object) -> Cost:
-        cost = texts, size = self._cost(message)
-        while not (self._messages > 0 and self._texts >= texts and self._bytes >= size):
+        cost = texts, size = (
+            max(1, message_texts(message)),
+            message.ByteSize() if isinstance(message, Message) else 0,
+        )
+        while not self._fits(texts, size):
             self._freed.clear()
             await self._freed.wait()
-        self._messages -= 1
-        self._texts -= texts
-        self._bytes -= size
+        self._hold(1, texts, size)
         return cost
 
     def release(self, cost: Cost) -> None:
         texts, size = cost
-        self._messages += 1
-        self._texts += texts
-        self._bytes += size
+        self._hold(-1, -texts, -size)
         self._freed.set()
 
+    def close(self) -> None:
+        """The stream is over: what it still holds goes back to the streams' window."""
+        if self._messages:
+            self._hold(-self._messages, -self._texts, -self._bytes)
 
-def stream_text_window(capacity: float) -> int:
-    """Texts a new stream may have in flight, given its model's measured texts/s (0: not
-    measured yet, the full window)."""
+
+def shared_text_window(capacity: float) -> int:
+    """Texts all busy streams together may have in flight, given the model's measured
+    texts/s (0: not measured yet, the full window of one stream)."""
     if capacity <= 0:
         return STREAM_TEXT_WINDOW
-    timed = math.ceil(capacity * STREAM_WINDOW_S)
-    return max(STREAM_MIN_TEXT_WINDOW, min(STREAM_TEXT_WINDOW, timed))
+    return max(STREAM_MIN_TEXT_WINDOW, math.ceil(capacity * STREAM_WINDOW_S))
 
 
-async def answer_stream(
-    request_iterator, answer, context, text_window: int = STREAM_TEXT_WINDOW
-) -> AsyncIterator:
+def stream_text_window(capacity: float, streams: int = 1) -> int:
+    """The even share of each of `streams` busy streams in that window (one stream: all of
+    it, up to STREAM_TEXT_WINDOW)."""
+    share = math.ceil(shared_text_window(capacity) / streams)
+    return max(STREAM_MIN_SHARE, min(STREAM_TEXT_WINDOW, share))
+
+
+async def answer_stream(request_iterator, answer, context, credits: Credits) -> AsyncIterator:
     """Answer each message of a bidirectional stream as soon as it is ready.
 
     A reader task takes messages as they come and starts one answer per
-    message; responses go out in completion order. A message holds credits
-    (STREAM_WINDOW messages, `text_window` texts, STREAM_BYTE_WINDOW bytes) from when it is read
+    message; responses go out in completion order. A message holds `credits`
+    (STREAM_WINDOW messages, its share of texts, STREAM_BYTE_WINDOW bytes) from when it is read
     until its response is sent: a client that sends without reading is held
     by HTTP/2 flow control once they run out, so a stream's memory is bounded.
     Every message gets exactly one response, and when the client cancels,
@@ -505,7 +553,6 @@ async def answer_stream(
     """
     # Bounded: every queued response holds credits, so at most STREAM_WINDOW (+ the end).
     responses: asyncio.Queue = asyncio.Queue(STREAM_WINDOW + 1)
-    credits = Credits(STREAM_WINDOW, text_window)
     tasks: set[asyncio.Task] = set()
 
     async def answer_one(message, cost: Cost) -> None:
@@ -537,3 +584,4 @@ async def answer_stream(
         reader.cancel()
         for task in list(tasks):
             task.cancel()
+        credits.close()

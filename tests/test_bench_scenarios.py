@@ -44,9 +44,10 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
         *("--scenario", "core", "--scenario", "burst", "--scenario", "slow-reader"),
         *("--scenario", "streams", "--texts", "48", "--duration", "2"),
         *("--burst-clients", "3", "--burst-texts", "16", "--slow-messages", "300"),
+        *("--scenario", "busy-streams", "--busy-streams", "3", "--busy-depth", "4"),
     )
     check_machine(result)
-    assert result["scenarios"] == ["core", "burst", "slow-reader", "streams"]
+    assert result["scenarios"] == ["core", "burst", "slow-reader", "streams", "busy-streams"]
     throughput = result["throughput_texts_per_s"]
     assert {"R", "S1", "S2", "S3"} <= set(throughput)
     assert throughput["R"]["paired_ratio_to_R"] == 1.0
@@ -77,6 +78,10 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
     streams = load["streams"]
     assert streams["streams"] == 16 and streams["ratio_to_R"] > 0
     assert streams["paired_ratio_to_R"] > 0
+    busy = load["busy-streams"]
+    assert busy["streams"] == 3 and busy["streams_texts_per_s"] > 0
+    assert busy["other_calls"] > 0 and busy["capacity_texts_per_s"] > 0
+    assert {"p50", "p95"} == set(busy["other_encode_ms"])
 
 
 def test_plumbing_and_scaling(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ Scenarios (each repeated, medians reported):
   (these are `--scenario core`, the default; with it comes the fp32 roofline)
 
 Load scenarios (--scenario NAME, repeatable, or all; docs/benchmarks.md): burst, worse-burst,
-slow-reader, streams (waiting consumers), plumbing (bench-zero workers: no model), scaling
+slow-reader, streams (waiting consumers), busy-streams (pipelined streams beside another
+caller), plumbing (bench-zero workers: no model), scaling
 (1-8 bench-sim workers behind 1-2 servers). Headers name the CPU, its AVX2/AVX-512/VNNI/AMX
 and the GPU.
 

@@ -4,6 +4,8 @@
                time to a refusal, recovery after the burst (worse-burst: 64 x 256, 20 s)
   slow-reader  one EncodeStream that sends and never reads: server RSS growth, fairness
   streams      16 EncodeStreams of waiting consumers (send one text, wait, send the next) vs R
+  busy-streams 32 pipelined EncodeStreams (16 one-text messages in flight each) and another
+               caller's 1-text Encode with a 2 s deadline: its outcomes, the streams' share
   plumbing     bench-zero workers (no model): uncached / waiting-stream / cached texts/s and
                Redis commands and bytes per text
   scaling      1, 2, 4, 8 bench-sim workers behind 1 and 2 servers: texts/s, CPU per process
@@ -33,12 +35,20 @@ from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
 CORE = "core"  # R, S1, S2, S3, latency, memory (bench.py)
-LOAD_SCENARIOS = ("burst", "worse-burst", "slow-reader", "streams", "plumbing", "scaling")
+LOAD_SCENARIOS = (
+    "burst",
+    "worse-burst",
+    "slow-reader",
+    "streams",
+    "busy-streams",
+    "plumbing",
+    "scaling",
+)
 # Each starts a deployment of its own and prints its own table (bench.run_separate).
 SEPARATE_SCENARIOS = ("http", "bridge")
 SCENARIOS = (CORE, *LOAD_SCENARIOS, *SEPARATE_SCENARIOS)
 # Scenarios that use the main private deployment (the real model) / the reference R.
-ON_MAIN = {CORE, "burst", "worse-burst", "slow-reader", "streams"}
+ON_MAIN = {CORE, "burst", "worse-burst", "slow-reader", "streams", "busy-streams"}
 NEED_REFERENCE = {CORE, "streams"}
 RETRY_AFTER_DEFAULT_S = 0.1
 CPU_FLAGS = {
@@ -68,12 +78,25 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"run this scenario (repeat; 'all'): {', '.join(SCENARIOS)} [core]",
     )
-    add("--duration", type=float, default=20.0, help="burst / slow-reader seconds [%(default)s]")
+    add(
+        "--duration",
+        type=float,
+        default=20.0,
+        help="burst / slow-reader / busy-streams seconds [%(default)s]",
+    )
     add("--burst-clients", type=int, default=32, help="burst: clients [%(default)s]")
     add("--burst-texts", type=int, default=128, help="burst: texts per call [%(default)s]")
     add("--burst-deadline", type=float, default=10.0, help="burst: deadline s [%(default)s]")
     add("--slow-messages", type=int, default=50_000, help="slow-reader: messages [%(default)s]")
     add("--stream-texts", type=int, default=0, help="streams: texts [--texts]")
+    add("--busy-streams", type=int, default=32, help="busy-streams: streams [%(default)s]")
+    add("--busy-depth", type=int, default=16, help="busy-streams: messages in flight [%(default)s]")
+    add(
+        "--other-deadline",
+        type=float,
+        default=2.0,
+        help="busy-streams: the other caller's deadline s [%(default)s]",
+    )
     add("--plumbing-texts", type=int, default=20_000, help="plumbing: texts [%(default)s]")
     add("--plumbing-workers", type=int, default=1, help="plumbing: workers [%(default)s]")
     add("--scaling-workers", default="1,2,4,8", help="scaling: worker counts [%(default)s]")
@@ -450,7 +473,9 @@ async def slow_reader(
     }
 
 
-async def _sample_while_hogging(stub, source, duration: float, server_pid: int | None) -> dict:
+async def _sample_while_hogging(
+    stub, source, duration: float, server_pid: int | None, deadline_s: float = 30.0
+) -> dict:
     samples: dict = {"rss": [], "ms": [], "failures": Counter()}
     stop_at = time.monotonic() + duration
     while time.monotonic() < stop_at:
@@ -459,13 +484,94 @@ async def _sample_while_hogging(stub, source, duration: float, server_pid: int |
             samples["rss"].append(rss_mb(server_pid))
         try:
             started = time.perf_counter()
-            await stub.Encode(pb.EncodeRequest(texts=source.take(1)), timeout=30)
+            await stub.Encode(pb.EncodeRequest(texts=source.take(1)), timeout=deadline_s)
             samples["ms"].append((time.perf_counter() - started) * 1000)
         except grpc.aio.AioRpcError as error:
             samples["failures"][error.code().name] += 1
         await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - tick)))
     samples["failures"] = dict(samples["failures"])
     return samples
+
+
+# -- busy streams and another caller ---------------------------------------------------------
+
+
+async def pipelined_consumer(stub, source: UniqueTexts, depth: int, stop, answered: list) -> None:
+    """One EncodeStream with up to `depth` one-text messages in flight, the next sent as an
+    answer comes back (a bridge, a consumer of a busy topic); answers counted in `answered`
+    (per-message errors as their code's name)."""
+    call = stub.EncodeStream(timeout=3600)
+    in_flight = asyncio.Semaphore(depth)
+
+    async def send() -> None:
+        for i in itertools.count():
+            await in_flight.acquire()
+            await call.write(pb.EncodeStreamRequest(id=str(i), texts=source.take(1)))
+
+    sender = asyncio.create_task(send())
+    try:
+        while not stop.is_set():
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                break
+            in_flight.release()
+            answered.append(
+                grpc.StatusCode(response.error.code) if response.HasField("error") else 0
+            )
+    except grpc.aio.AioRpcError as error:
+        answered.append(error.code())
+    finally:
+        sender.cancel()
+        call.cancel()
+
+
+async def busy_streams(
+    target: str, base: list[str], args: argparse.Namespace, server_pid: int | None
+) -> dict:
+    """`--busy-streams` pipelined consumers for `--duration` s, and meanwhile another caller's
+    1-text Encode every 0.5 s with a `--other-deadline`: is it served, and how fast?"""
+    source, stop = UniqueTexts(base), asyncio.Event()
+    answered: list[list] = [[] for _ in range(args.busy_streams)]
+    async with (
+        grpc.aio.insecure_channel(target) as hogs,
+        grpc.aio.insecure_channel(target) as other,
+    ):
+        stub = embedq_pb2_grpc.EmbedderStub(hogs)
+        rss_before = rss_mb(server_pid) if server_pid else None
+        tasks = [
+            asyncio.create_task(pipelined_consumer(stub, source, args.busy_depth, stop, share))
+            for share in answered
+        ]
+        await asyncio.sleep(2.0)  # past the streams' first windows
+        counted = [len(share) for share in answered]
+        started = time.monotonic()
+        samples = await _sample_while_hogging(
+            embedq_pb2_grpc.EmbedderStub(other),
+            source,
+            args.duration,
+            server_pid,
+            args.other_deadline,
+        )
+        elapsed = time.monotonic() - started
+        per_stream = [len(share) - before for share, before in zip(answered, counted, strict=True)]
+        stop.set()
+        await asyncio.wait(tasks, timeout=30)
+    errors = Counter(code.name for share in answered for code in share if code)
+    rss = samples["rss"]
+    return {
+        "streams": args.busy_streams,
+        "depth": args.busy_depth,
+        "seconds": elapsed,
+        "streams_texts_per_s": sum(per_stream) / elapsed,
+        "per_stream_texts": {"min": min(per_stream), "max": max(per_stream)},
+        "stream_errors": dict(errors),
+        "server_rss_growth_mb": max(rss) - rss_before if rss and rss_before else None,
+        "other_deadline_s": args.other_deadline,
+        "other_calls": len(samples["ms"]) + sum(samples["failures"].values()),
+        "other_served": len(samples["ms"]),
+        "other_encode_ms": {"p50": pct(samples["ms"], 50), "p95": pct(samples["ms"], 95)},
+        "other_encode_failures": samples["failures"],
+    }
 
 
 # -- waiting streams vs R -------------------------------------------------------------------
@@ -954,6 +1060,12 @@ async def run_load(
     if "streams" in scenarios:
         share = texts[: args.stream_texts] if args.stream_texts else texts
         out["streams"] = await streams_vs_r(model, deployment, share, args.reps)
+    if "busy-streams" in scenarios:
+        pid = deployment.procs["server"].pid if "server" in deployment.procs else None
+        capacity = await measure_capacity(deployment, texts)
+        out["busy-streams"] = await busy_streams(deployment.target, texts, args, pid)
+        out["busy-streams"]["capacity_texts_per_s"] = capacity
+        await settle(deployment.target)
     if "plumbing" in scenarios:
         out["plumbing"] = await plumbing(args, texts)
         if args.redis_cluster:
@@ -1096,6 +1208,21 @@ def streams_report(s: dict) -> list[str]:
     ]
 
 
+def busy_streams_report(b: dict) -> list[str]:
+    other, share = b["other_encode_ms"], b["per_stream_texts"]
+    capacity = b["capacity_texts_per_s"]
+    return [
+        f"busy-streams: {b['streams']} pipelined streams x {b['depth']} one-text messages in "
+        f"flight, {b['seconds']:.0f} s: {_f(b['streams_texts_per_s'])} texts/s = "
+        f"{b['streams_texts_per_s'] / capacity:.2f} x capacity ({_f(capacity)}); per stream "
+        f"{share['min']}-{share['max']} texts, errors {b['stream_errors'] or 0}",
+        f"  other caller's 1-text Encode ({b['other_deadline_s']:g} s deadline): served "
+        f"{b['other_served']} of {b['other_calls']}, p50/p95 {_f(other['p50'])}/"
+        f"{_f(other['p95'])} ms, failures {b['other_encode_failures'] or 0}; server RSS "
+        f"+{_f(b['server_rss_growth_mb'])} MB",
+    ]
+
+
 def plumbing_report(name: str, p: dict) -> list[str]:
     u, c = p["uncached_batches_256"], p["cached_batches_256"]
     # The gRPC floors are measured with standalone Redis only.
@@ -1185,6 +1312,8 @@ def load_report(load: dict, header: str) -> str:
             lines += slow_reader_report(result)
         elif name == "streams":
             lines += streams_report(result)
+        elif name == "busy-streams":
+            lines += busy_streams_report(result)
         elif name.startswith("plumbing"):
             lines += plumbing_report(name, result)
         elif name == "scaling":
