@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -309,6 +310,9 @@ class Dispatcher:
         self._abandoned: list[int] = []
         # Windowed calls ready for their next texts.
         self._refills: dict[int, Call] = {}
+        # Per model, rows of admitted calls not queued yet (their windows' rest): work ahead
+        # of a new call as much as what is in Redis, though no backlog counter sees it yet.
+        self._unrouted_rows: Counter[str] = Counter()
         # Lost-work detection (see _verify_markers): each flush that queues jobs gets
         # a sequence number, stamped on its tickets and written (SET) as a marker
         # beside each job stream it wrote to and beside the reply stream, in the same
@@ -422,7 +426,7 @@ class Dispatcher:
 
     def _forget(self, call: Call) -> None:
         """Drop a finished, failed or abandoned call's interest in its tickets."""
-        call.unrouted.clear()
+        self._drop_unrouted(call)
         call.repeats.clear()
         self._refills.pop(id(call), None)
         for ticket_id in call.tickets:
@@ -444,6 +448,16 @@ class Dispatcher:
             if self._in_flight.get(ticket.dedupe_key) == ticket_id:
                 del self._in_flight[ticket.dedupe_key]
         return ticket
+
+    def _drop_unrouted(self, call: Call) -> None:
+        self._unrouted_rows[call.variant.model.name] -= len(call.unrouted)
+        call.unrouted.clear()
+
+    def _held_back(self, model: str) -> int:
+        """Rows this server admitted for `model` and holds back for their calls' windows:
+        the backlog counter counts a text once it is queued, so admission adds these. (Other
+        servers' are not seen: each counts its own.)"""
+        return self._unrouted_rows[model]
 
     def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
         """The in-flight ticket this call can wait on: same text and variant, and
@@ -702,14 +716,18 @@ class Dispatcher:
         load: dict[str, ModelLoad],
         jobs: dict[tuple, queue_pb2.Job],
     ) -> None:
-        load[call.variant.model.name].admitted += new
+        model = call.variant.model.name
         call.unrouted = misses[::-1]
+        self._unrouted_rows[model] += len(misses)
         self._queue_window(call, jobs)
+        # Its rows held back count as such (_held_back); the new texts queued now, here.
+        load[model].admitted += max(0, new - len(call.unrouted))
 
     def _queue_window(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> None:
         """Queue the call's next missed rows, up to CALL_WINDOW of them in flight."""
         while call.unrouted and call.queued < CALL_WINDOW:
             row = call.unrouted.pop()
+            self._unrouted_rows[call.variant.model.name] -= 1
             rows = call.rows_of(row)
             self._wait_for(call, rows, call.texts[row], self._dedupe_key(call, row), jobs)
 
@@ -737,9 +755,8 @@ class Dispatcher:
                 retry_after_ms=1000,
             )
         promised = self._retry_ledger.pending(model.name, time.monotonic())
-        return late_refusal(
-            model.name, model.capacity, model_load.ahead, new, call.seconds_left(), promised
-        )
+        ahead = model_load.ahead + self._held_back(model.name)
+        return late_refusal(model.name, model.capacity, ahead, new, call.seconds_left(), promised)
 
     async def _look_up(
         self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int
@@ -815,7 +832,8 @@ class Dispatcher:
                 self._unroute(calls, seq)  # it would wait on an earlier flush's work
                 return None
             new = joined.count(None)
-            limit = admit_limit(model.capacity, new, call.seconds_left()) - model_load.admitted
+            limit = admit_limit(model.capacity, new, call.seconds_left())
+            limit -= model_load.admitted + self._held_back(model.name)
             limits[model.name] = min(limits.get(model.name, math.inf), limit)
             self._admit(call, misses, new, load, jobs)
         return (jobs, limits) if jobs else None
@@ -828,7 +846,7 @@ class Dispatcher:
                 if ticket is not None and ticket.seq == seq:
                     self._drop_ticket(ticket_id)
             call.tickets.clear()
-            call.unrouted.clear()
+            self._drop_unrouted(call)
             call.repeats.clear()
 
     async def _one_trip(
