@@ -27,7 +27,6 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -310,9 +309,9 @@ class Dispatcher:
         self._abandoned: list[int] = []
         # Windowed calls ready for their next texts.
         self._refills: dict[int, Call] = {}
-        # Per model, rows of admitted calls not queued yet (their windows' rest): work ahead
-        # of a new call as much as what is in Redis, though no backlog counter sees it yet.
-        self._unrouted_rows: Counter[str] = Counter()
+        # Per model, admitted calls with rows not queued yet (their windows' rest), by id: work
+        # that no backlog counter sees yet (_held_back).
+        self._windowed: dict[str, dict[int, Call]] = {}
         # Lost-work detection (see _verify_markers): each flush that queues jobs gets
         # a sequence number, stamped on its tickets and written (SET) as a marker
         # beside each job stream it wrote to and beside the reply stream, in the same
@@ -450,14 +449,20 @@ class Dispatcher:
         return ticket
 
     def _drop_unrouted(self, call: Call) -> None:
-        self._unrouted_rows[call.variant.model.name] -= len(call.unrouted)
         call.unrouted.clear()
+        self._windowed.get(call.variant.model.name, {}).pop(id(call), None)
 
-    def _held_back(self, model: str) -> int:
-        """Rows this server admitted for `model` and holds back for their calls' windows:
-        the backlog counter counts a text once it is queued, so admission adds these. (Other
-        servers' are not seen: each counts its own.)"""
-        return self._unrouted_rows[model]
+    def _held_back(self, model: str, new: int) -> int:
+        """Texts this server holds back for admitted calls' windows that a call of `new` texts
+        would wait for besides the queued ones (which the backlog counter counts): its first
+        window queues behind those, its later ones take turns with theirs, a window each, so
+        each such call's rows count up to `new - CALL_WINDOW`. A small call waits for none of
+        them; calls of the same size wait for each other's all. (Another server's are not
+        seen: each counts its own.)"""
+        turns = new - CALL_WINDOW
+        if turns <= 0:
+            return 0
+        return sum(min(len(c.unrouted), turns) for c in self._windowed.get(model, {}).values())
 
     def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
         """The in-flight ticket this call can wait on: same text and variant, and
@@ -567,7 +572,7 @@ class Dispatcher:
                 await self._send(ahead)
         jobs: dict[tuple, queue_pb2.Job] = {}
         for call in refills:
-            self._queue_window(call, jobs)
+            self._refill(call, load, jobs)
         for call in calls:
             self._route(call, cached.get(id(call), []), load, jobs)
         if not (jobs or self._abandoned):
@@ -718,16 +723,27 @@ class Dispatcher:
     ) -> None:
         model = call.variant.model.name
         call.unrouted = misses[::-1]
-        self._unrouted_rows[model] += len(misses)
         self._queue_window(call, jobs)
-        # Its rows held back count as such (_held_back); the new texts queued now, here.
+        if call.unrouted:  # held back: _held_back counts them for the calls after it
+            self._windowed.setdefault(model, {})[id(call)] = call
         load[model].admitted += max(0, new - len(call.unrouted))
+
+    def _refill(
+        self, call: Call, load: dict[str, ModelLoad], jobs: dict[tuple, queue_pb2.Job]
+    ) -> None:
+        """Queue a windowed call's next rows; counted as admitted in this flush (the backlog
+        read before them does not have them) where its model is being routed."""
+        before = len(call.unrouted)
+        self._queue_window(call, jobs)
+        if call.variant.model.name in load:
+            load[call.variant.model.name].admitted += before - len(call.unrouted)
+        if not call.unrouted:
+            self._drop_unrouted(call)
 
     def _queue_window(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> None:
         """Queue the call's next missed rows, up to CALL_WINDOW of them in flight."""
         while call.unrouted and call.queued < CALL_WINDOW:
             row = call.unrouted.pop()
-            self._unrouted_rows[call.variant.model.name] -= 1
             rows = call.rows_of(row)
             self._wait_for(call, rows, call.texts[row], self._dedupe_key(call, row), jobs)
 
@@ -755,7 +771,7 @@ class Dispatcher:
                 retry_after_ms=1000,
             )
         promised = self._retry_ledger.pending(model.name, time.monotonic())
-        ahead = model_load.ahead + self._held_back(model.name)
+        ahead = model_load.ahead + self._held_back(model.name, new)
         return late_refusal(model.name, model.capacity, ahead, new, call.seconds_left(), promised)
 
     async def _look_up(
@@ -833,7 +849,7 @@ class Dispatcher:
                 return None
             new = joined.count(None)
             limit = admit_limit(model.capacity, new, call.seconds_left())
-            limit -= model_load.admitted + self._held_back(model.name)
+            limit -= model_load.admitted + self._held_back(model.name, new)
             limits[model.name] = min(limits.get(model.name, math.inf), limit)
             self._admit(call, misses, new, load, jobs)
         return (jobs, limits) if jobs else None

@@ -398,6 +398,28 @@ def test_a_small_request_is_not_queued_behind_a_huge_one(busy_service: Service):
         assert huge.result().count == 1000
 
 
+def test_a_small_call_is_not_refused_for_a_huge_calls_held_back_texts(busy_service: Service):
+    """A huge call's rows not queued yet (its later windows) are not ahead of a small call:
+    its texts go in behind the queued window. Admission that counted them all refused such a
+    call whose deadline left time for two windows (a review found it; the test fails so)."""
+    from embedq.server.queue import CALL_WINDOW
+
+    with grpc.insecure_channel(busy_service.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        wait_for_capacity(stub)
+        capacity = settled_capacity(stub)
+        wait_backlog(busy_service, stub, lambda queued: queued == 0)
+        huge_texts = max(4 * CALL_WINDOW, math.ceil(capacity * 4))
+        huge = stub.Encode.future(pb.EncodeRequest(texts=unique_texts(huge_texts)), timeout=300)
+        time.sleep(0.3)
+        # Time for two windows and the small call at the admitted share (0.8), not for more.
+        deadline = (2 * CALL_WINDOW + 4) / (capacity * 0.8)
+        small = stub.Encode.future(pb.EncodeRequest(texts=unique_texts(4)), timeout=deadline)
+        error = small.exception()
+        assert error is None or error.code() != RESOURCE_EXHAUSTED, error.details()
+        assert huge.result().count == huge_texts
+
+
 def settled_capacity(stub, timeout: float = 30.0) -> float:
     """The capacity the server will use next: two readings 2.5 s apart (beyond a worker
     heartbeat and a registry refresh) agree, with nothing encoding meanwhile."""

@@ -51,6 +51,8 @@ SCENARIOS = (CORE, *LOAD_SCENARIOS, *SEPARATE_SCENARIOS)
 ON_MAIN = {CORE, "burst", "worse-burst", "slow-reader", "streams", "busy-streams"}
 NEED_REFERENCE = {CORE, "streams"}
 RETRY_AFTER_DEFAULT_S = 0.1
+# A stream message's Error.code (a number) as the status it stands for.
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 CPU_FLAGS = {
     "AVX2": ("avx2",),
     "AVX-512": ("avx512f",),
@@ -515,9 +517,8 @@ async def pipelined_consumer(stub, source: UniqueTexts, depth: int, stop, answer
             if response is grpc.aio.EOF:
                 break
             in_flight.release()
-            answered.append(
-                grpc.StatusCode(response.error.code) if response.HasField("error") else 0
-            )
+            number = response.error.code if response.HasField("error") else 0
+            answered.append(STATUS_BY_NUMBER[number] if number else 0)
     except grpc.aio.AioRpcError as error:
         answered.append(error.code())
     finally:
