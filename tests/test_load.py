@@ -365,9 +365,7 @@ def test_huge_calls_are_admitted_only_as_far_as_their_deadlines_allow(busy_servi
 
     with grpc.insecure_channel(busy_service.target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
-        wait_for_capacity(stub)
-        capacity = settled_capacity(stub)
-        wait_backlog(busy_service, stub, lambda queued: queued == 0)
+        capacity = idle_capacity(busy_service, stub)
         per_call = max(4 * CALL_WINDOW, math.ceil(capacity * 2))
         # Time for about 3.2 calls' work: 2.56 of them within the admitted share (0.8).
         deadline = 3.2 * per_call / capacity
@@ -406,9 +404,7 @@ def test_a_small_call_is_not_refused_for_a_huge_calls_held_back_texts(busy_servi
 
     with grpc.insecure_channel(busy_service.target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
-        wait_for_capacity(stub)
-        capacity = settled_capacity(stub)
-        wait_backlog(busy_service, stub, lambda queued: queued == 0)
+        capacity = idle_capacity(busy_service, stub)
         huge_texts = max(4 * CALL_WINDOW, math.ceil(capacity * 4))
         huge = stub.Encode.future(pb.EncodeRequest(texts=unique_texts(huge_texts)), timeout=300)
         time.sleep(0.3)
@@ -432,6 +428,15 @@ def settled_capacity(stub, timeout: float = 30.0) -> float:
         last = capacity
         time.sleep(2.5)
     raise AssertionError("the published capacity did not settle")
+
+
+def idle_capacity(service: Service, stub) -> float:
+    """The capacity the server admits with, measured and settled, once earlier tests' work
+    has drained (nothing queued)."""
+    wait_for_capacity(stub)
+    capacity = settled_capacity(stub)
+    wait_backlog(service, stub, lambda queued: queued == 0)
+    return capacity
 
 
 def rss_mb(pid: int) -> float:
@@ -542,10 +547,8 @@ def test_many_busy_streams_queue_about_one_streams_window_together(busy_service:
 
     with grpc.insecure_channel(busy_service.target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
-        wait_for_capacity(stub)
-        capacity = settled_capacity(stub)
+        capacity = idle_capacity(busy_service, stub)
         model = stub.Info(pb.InfoRequest(), timeout=5).models[0].name
-        wait_backlog(busy_service, stub, lambda queued: queued == 0)
     backlog, answers = asyncio.run(main(Keys(busy_service.namespace).backlog(model)))
     # Every stream was served, each of its messages answered once.
     assert all(mine and len(set(mine)) == len(mine) for mine in answers)
