@@ -454,15 +454,14 @@ class Dispatcher:
 
     def _held_back(self, model: str, new: int) -> int:
         """Texts this server holds back for admitted calls' windows that a call of `new` texts
-        would wait for besides the queued ones (which the backlog counter counts): its first
-        window queues behind those, its later ones take turns with theirs, a window each, so
-        each such call's rows count up to `new - CALL_WINDOW`. A small call waits for none of
-        them; calls of the same size wait for each other's all. (Another server's are not
-        seen: each counts its own.)"""
-        turns = new - CALL_WINDOW
-        if turns <= 0:
+        would wait for besides the queued ones (which the backlog counter counts). A call of
+        at most one window is queued at once, behind those, and waits for none of them. A
+        bigger one's later windows take turns with theirs (each refill of theirs can go in
+        before its next window), so each such call's rows count up to `new`: calls of the same
+        size wait for each other's all. (Another server's are not seen: each counts its own.)"""
+        if new <= CALL_WINDOW:
             return 0
-        return sum(min(len(c.unrouted), turns) for c in self._windowed.get(model, {}).values())
+        return sum(min(len(c.unrouted), new) for c in self._windowed.get(model, {}).values())
 
     def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
         """The in-flight ticket this call can wait on: same text and variant, and
@@ -723,29 +722,30 @@ class Dispatcher:
     ) -> None:
         model = call.variant.model.name
         call.unrouted = misses[::-1]
-        self._queue_window(call, jobs)
+        load[model].admitted += self._queue_window(call, jobs)
         if call.unrouted:  # held back: _held_back counts them for the calls after it
             self._windowed.setdefault(model, {})[id(call)] = call
-        load[model].admitted += max(0, new - len(call.unrouted))
 
     def _refill(
         self, call: Call, load: dict[str, ModelLoad], jobs: dict[tuple, queue_pb2.Job]
     ) -> None:
         """Queue a windowed call's next rows; counted as admitted in this flush (the backlog
         read before them does not have them) where its model is being routed."""
-        before = len(call.unrouted)
-        self._queue_window(call, jobs)
+        queued = self._queue_window(call, jobs)
         if call.variant.model.name in load:
-            load[call.variant.model.name].admitted += before - len(call.unrouted)
+            load[call.variant.model.name].admitted += queued
         if not call.unrouted:
             self._drop_unrouted(call)
 
-    def _queue_window(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> None:
-        """Queue the call's next missed rows, up to CALL_WINDOW of them in flight."""
+    def _queue_window(self, call: Call, jobs: dict[tuple, queue_pb2.Job]) -> int:
+        """Queue the call's next missed rows, up to CALL_WINDOW of them in flight; return
+        how many new texts that queued (rows that join a ticket in flight cost nothing)."""
+        tickets_before = len(self._tickets)
         while call.unrouted and call.queued < CALL_WINDOW:
             row = call.unrouted.pop()
             rows = call.rows_of(row)
             self._wait_for(call, rows, call.texts[row], self._dedupe_key(call, row), jobs)
+        return len(self._tickets) - tickets_before
 
     def _refusal(self, call: Call, new: int, load: dict[str, ModelLoad]) -> RequestError | None:
         """Why a call's `new` texts (not cached, not in flight) cannot be queued now, if they

@@ -464,7 +464,7 @@ class StreamShares:
         if mine + texts > self._most:
             return False
         together = shared_text_window(self._capacity())
-        share = stream_text_window(self._capacity(), max(1, self.busy))
+        share = even_share(together, max(1, self.busy))
         return mine + texts <= share or self.held + texts <= together
 
     def credits(self) -> Credits:
@@ -536,8 +536,11 @@ def shared_text_window(capacity: float) -> int:
 def stream_text_window(capacity: float, streams: int = 1) -> int:
     """The even share of each of `streams` busy streams in that window (one stream: all of
     it, up to STREAM_TEXT_WINDOW)."""
-    share = math.ceil(shared_text_window(capacity) / streams)
-    return max(STREAM_MIN_SHARE, min(STREAM_TEXT_WINDOW, share))
+    return even_share(shared_text_window(capacity), streams)
+
+
+def even_share(together: int, streams: int) -> int:
+    return max(STREAM_MIN_SHARE, min(STREAM_TEXT_WINDOW, math.ceil(together / streams)))
 
 
 async def answer_stream(request_iterator, answer, context, credits: Credits) -> AsyncIterator:
