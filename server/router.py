@@ -52,7 +52,7 @@ STREAM_MIN_SHARE = 4
 # Bytes of those messages (as sent): a message's texts and its `id` (which its response
 # carries back) may be megabytes each; a few hundred of them must not stay on the server
 # for a client that does not read. Far above what texts of sentences take (512 of 1 kB).
-STREAM_BYTE_WINDOW = 8 * 2**20
+STREAM_BYTE_WINDOW = 4 * 2**20
 
 
 class Undecodable:
@@ -474,7 +474,9 @@ class StreamShares:
 class Credits:
     """A stream's budget of messages, texts and bytes; a message holds its share until its
     response has been handed to gRPC (not merely computed), so a client that stops reading
-    stops the reading of its requests. Texts are granted by the streams' StreamShares."""
+    stops the reading of its requests. Bytes are the request's from when it is read, and
+    its response's from when that is computed. Texts are granted by the streams'
+    StreamShares."""
 
     def __init__(self, messages: int, shares: StreamShares, size: int = STREAM_BYTE_WINDOW) -> None:
         self._max_messages, self._shares, self._max_bytes = messages, shares, size
@@ -513,6 +515,13 @@ class Credits:
             await self._freed.wait()
         self._hold(1, texts, size)
         return cost
+
+    def hold_response(self, cost: Cost, response: object) -> Cost:
+        """A computed response holds its bytes too until it is sent (it echoes the request's
+        `id`, which may be as big as the request): the message's cost, with them."""
+        size = response.ByteSize() if isinstance(response, Message) else 0
+        self._hold(0, 0, size)
+        return cost[0], cost[1] + size
 
     def release(self, cost: Cost) -> None:
         texts, size = cost
@@ -561,7 +570,7 @@ async def answer_stream(request_iterator, answer, context, credits: Credits) -> 
     async def answer_one(message, cost: Cost) -> None:
         response = await answer(message, context)
         # Never full: every queued response holds one of the STREAM_WINDOW message credits.
-        responses.put_nowait((response, cost))
+        responses.put_nowait((response, credits.hold_response(cost, response)))
 
     async def read_all() -> None:
         try:

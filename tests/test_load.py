@@ -113,6 +113,27 @@ def test_a_streams_credits_count_bytes_as_well_as_texts():
     asyncio.run(main())
 
 
+def test_a_computed_response_holds_its_bytes_until_sent():
+    """A response echoes its request's id: once computed it holds its bytes too, so a stream
+    of big ids holds at most the byte window of requests and responses together."""
+    import asyncio
+
+    async def main() -> None:
+        credits = Credits(messages=8, shares=StreamShares(lambda: 0.0, most=8), size=1000)
+        first = await credits.acquire(pb.EncodeStreamRequest(id="x" * 400, texts=["a"]))
+        answered = credits.hold_response(first, pb.EncodeStreamResponse(id="x" * 400))
+        assert answered[1] > first[1] + 400
+        # 2 requests of ~400 bytes fit the 1,000, but not beside the computed response.
+        second = asyncio.create_task(credits.acquire(pb.EncodeStreamRequest(id="y" * 400)))
+        await asyncio.sleep(0.01)
+        assert not second.done()
+        credits.release(answered)
+        credits.release(await asyncio.wait_for(second, 1))
+        credits.close()
+
+    asyncio.run(main())
+
+
 def test_busy_streams_share_one_text_window():
     """The half second of work is for all busy streams together, evenly shared."""
     assert shared_text_window(300.0) == 150 and shared_text_window(10.0) == STREAM_MIN_TEXT_WINDOW
