@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,24 +73,40 @@ def registered_workers(redis_url: str, namespace: str) -> int:
     return sum(client.zcard(keys.workers(m.decode())) for m in client.hkeys(keys.models()))
 
 
-def wait_worker_registered(
-    redis_url: str, namespace: str, proc, name: str, before: int = 0, timeout=90.0
+def wait_workers_registered(
+    redis_url: str,
+    namespace: str,
+    procs: dict[str, subprocess.Popen],
+    before: int = 0,
+    timeout: float = 90.0,
 ) -> None:
+    """Until `procs` (by log name) have all registered beside the `before` already there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited {proc.returncode}:\n{log_tail(name)}")
-        if registered_workers(redis_url, namespace) > before:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n{log_tail(name)}")
+        if registered_workers(redis_url, namespace) >= before + len(procs):
             return
         time.sleep(0.1)
-    raise RuntimeError(f"{name} did not register after {timeout}s:\n{log_tail(name)}")
+    tails = "\n".join(log_tail(name) for name in procs)
+    raise RuntimeError(f"{', '.join(procs)} did not register after {timeout}s:\n{tails}")
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
+    stop_processes([proc], timeout)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM to all first, then wait for each: a worker takes about a second to stop (its
+    blocking read ends, it finishes what it holds), and they take it together."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in running:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -111,17 +127,25 @@ class Service:
         return f"127.0.0.1:{self.port}"
 
     def start_worker(self, *extra: str) -> subprocess.Popen:
-        name = f"worker-{self.namespace}-{len(self.workers)}"
-        args = ["worker", "--redis-url", self.redis_url, "--namespace", self.namespace, *extra]
+        return self.start_workers(extra)[0]
+
+    def start_workers(self, *arg_lists: Sequence[str]) -> list[subprocess.Popen]:
+        """One worker per list of extra arguments, all loading at once (each spends seconds
+        importing torch and loading its model); returns once every one has registered."""
         before = registered_workers(self.redis_url, self.namespace)
-        proc = _spawn(args, name)
-        wait_worker_registered(self.redis_url, self.namespace, proc, name, before)
-        self.workers.append(proc)
-        return proc
+        started: dict[str, subprocess.Popen] = {}
+        for extra in arg_lists:
+            name = f"worker-{self.namespace}-{len(self.workers) + len(started)}"
+            args = ["worker", "--redis-url", self.redis_url, "--namespace", self.namespace]
+            started[name] = _spawn([*args, *extra], name)
+        try:
+            wait_workers_registered(self.redis_url, self.namespace, started, before)
+        finally:
+            self.workers.extend(started.values())  # stopped with the service, even on failure
+        return list(started.values())
 
     def stop_workers(self) -> None:
-        for proc in self.workers:
-            stop_process(proc)
+        stop_processes(self.workers)
         self.workers.clear()
 
     def start_server(self, *extra: str) -> None:
@@ -154,8 +178,7 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 
 def new_service(redis_server: EmbeddedRedis, *worker_args: str, workers: int = 1) -> Service:
     service = Service(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
-    for _ in range(workers):
-        service.start_worker(*worker_args)
+    service.start_workers(*[worker_args] * workers)
     service.start_server()
     return service
 

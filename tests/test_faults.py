@@ -201,8 +201,7 @@ def test_a_stuck_models_worker_does_not_claim_its_own_jobs(deployment):
 
 def test_streams_survive_a_worker_kill_exactly_once(deployment):
     svc = deployment()
-    svc.start_worker("--claim-idle-ms", "1500")
-    svc.start_worker("--claim-idle-ms", "1500")
+    svc.start_workers(["--claim-idle-ms", "1500"], ["--claim-idle-ms", "1500"])
     svc.start_server()
     keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
     channel, stub = stub_for(svc)
@@ -258,8 +257,7 @@ def test_job_that_kills_workers_is_dead_lettered(deployment, fault_injection, mo
     to the dead-letter stream and the caller gets an error, not silence."""
     monkeypatch.setenv("EMBEDQ_FAULT_INJECT", "crash:KILLER")
     svc = deployment()
-    for _ in range(3):
-        svc.start_worker("--claim-idle-ms", "1000", "--max-deliveries", "2")
+    svc.start_workers(*[["--claim-idle-ms", "1000", "--max-deliveries", "2"]] * 3)
     svc.start_server()
     keys, client = Keys(svc.namespace), redis.Redis.from_url(svc.redis_url)
     channel, stub = stub_for(svc)

@@ -182,8 +182,7 @@ def two_models(redis_server, tmp_path_factory):
     config = {"prompts": {"query": "query: ", "doc": "passage: "}, "default_prompt_name": "query"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(config))
     svc = Service(redis_server.url, namespace="two-models")
-    svc.start_worker()
-    svc.start_worker("--model", f"tiny={folder}")
+    svc.start_workers([], ["--model", f"tiny={folder}"])
     svc.start_server("--default-model", "all-MiniLM-L6-v2")
     with grpc.insecure_channel(svc.target) as channel:
         yield embedq_pb2_grpc.EmbedderStub(channel), folder

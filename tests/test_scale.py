@@ -139,9 +139,10 @@ def fleet(redis_server):
     back = Service(redis_server.url, namespace)  # server 2, same Redis and namespace
     ports: list[int] = []
     try:
-        for _ in range(3):
-            ports.append(free_port())
-            front.start_worker("--metrics-port", str(ports[-1]))
+        while len(ports) < 3:  # distinct: the workers bind them at once
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        front.start_workers(*[["--metrics-port", str(port)] for port in ports])
         front.start_server()
         back.start_server()
         yield front, back, ports
