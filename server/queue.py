@@ -49,7 +49,7 @@ from embedq.keys import (
 from embedq.settings import ServerSettings, setting_field
 
 from . import metrics, one_trip
-from .admission import RetryLedger, admit_limit, late_refusal
+from .admission import RetryLedger, admit_limit, broken_promise_refusal, late_refusal
 from .errors import (
     RequestError,
     deadline,
@@ -772,7 +772,18 @@ class Dispatcher:
             )
         promised = self._retry_ledger.pending(model.name, time.monotonic())
         ahead = model_load.ahead + self._held_back(model.name, new)
-        return late_refusal(model.name, model.capacity, ahead, new, call.seconds_left(), promised)
+        late = late_refusal(model.name, model.capacity, ahead, new, call.seconds_left(), promised)
+        return late or self._promise_refusal(model, model_load.ahead, new)
+
+    def _promise_refusal(self, model: ServedModel, queued: int, new: int) -> RequestError | None:
+        """A call of more than one window takes turns with admitted huge calls' later
+        windows: refused where that would make one of them late (a call of one window goes
+        in ahead of their later windows, as small calls do: they keep their priority)."""
+        windowed = self._windowed.get(model.name)
+        if new <= CALL_WINDOW or not windowed:
+            return None
+        held = [(len(c.unrouted), c.seconds_left()) for c in windowed.values()]
+        return broken_promise_refusal(model.name, model.capacity, queued, held, new)
 
     async def _look_up(
         self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import redis
 from conftest import LOG_DIR, Service, new_service
-from embedq.server.admission import RetryLedger, late_refusal
+from embedq.server.admission import RetryLedger, broken_promise_refusal, late_refusal
 from embedq.server.router import (
     STREAM_BYTE_WINDOW,
     STREAM_MIN_SHARE,
@@ -63,6 +63,20 @@ def test_admission_admits_what_fits_and_refuses_with_a_hint():
     alone = late_refusal("m", 100.0, 0, 1000, 2.0)  # 10 s of work on an idle service
     assert alone.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert alone.retry_after_ms == 0 and "split the request" in alone.message
+
+
+def test_a_huge_call_that_would_make_an_admitted_one_late_is_refused():
+    # An admitted call holds back 2,000 texts with 3 s left at 1,000 texts/s: 2 s of work
+    # against its 2.4 s budget (ADMIT_SHARE). 1,000 more taking turns with it: 3 s, late.
+    refusal = broken_promise_refusal("m", 1000.0, 0, [(2000, 3.0)], 1000)
+    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refusal.retry_after_ms == 2000 and "miss its deadline" in refusal.message
+    assert broken_promise_refusal("m", 1000.0, 0, [(2000, 3.0)], 300) is None  # 2.3 s: on time
+    # Queued texts and the other held calls' turns count for it too.
+    assert broken_promise_refusal("m", 1000.0, 200, [(2000, 3.0), (150, 9.0)], 300) is not None
+    # Already late without the new call (2 s of work, 1 s left): not protected.
+    assert broken_promise_refusal("m", 1000.0, 0, [(2000, 1.0)], 1000) is None
+    assert broken_promise_refusal("m", 0.0, 0, [(2000, 1.0)], 1000) is None  # not measured
 
 
 def test_callers_refused_together_are_told_staggered_times():
@@ -403,6 +417,33 @@ def test_huge_calls_are_admitted_only_as_far_as_their_deadlines_allow(busy_servi
     assert len(refused) >= 2, ([call.code() for call in calls], capacity, per_call)
     for call in refused:
         assert int(dict(call.trailing_metadata())[RETRY_AFTER_MS_KEY]) > 0
+
+
+def test_a_huge_call_is_refused_where_it_would_make_an_admitted_one_late(busy_service: Service):
+    """A huge call takes turns with an admitted huge call's later windows: admitted on its own
+    deadline alone, a second call of the same size with a long deadline was (before) admitted
+    and pushed the first past its deadline. Now it is refused at once, with a hint."""
+    from embedq.server.queue import CALL_WINDOW
+
+    with grpc.insecure_channel(busy_service.target) as channel:
+        stub = embedq_pb2_grpc.EmbedderStub(channel)
+        capacity = idle_capacity(busy_service, stub)
+        per_call = max(4 * CALL_WINDOW, math.ceil(capacity * 2))
+        # On time alone (its work is 0.625 of the deadline; admitted up to 0.8), not when
+        # another call of its size takes turns with it (1.25).
+        first_deadline = 1.6 * per_call / capacity
+        first = stub.Encode.future(
+            pb.EncodeRequest(texts=unique_texts(per_call)), timeout=first_deadline
+        )
+        time.sleep(0.2)
+        second = stub.Encode.future(pb.EncodeRequest(texts=unique_texts(per_call)), timeout=300)
+        time.sleep(1.0)  # a refusal comes at once; an admitted call takes seconds
+        codes = [call.code() if call.done() else "running" for call in (first, second)]
+        first.cancel()
+        second.cancel()
+    assert codes[1] == RESOURCE_EXHAUSTED, (codes, capacity, per_call)
+    assert "miss its deadline" in second.details()
+    assert int(dict(second.trailing_metadata())[RETRY_AFTER_MS_KEY]) > 0
 
 
 def test_a_small_request_is_not_queued_behind_a_huge_one(busy_service: Service):
