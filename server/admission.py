@@ -70,28 +70,39 @@ def late_refusal(
 
 
 def broken_promise_refusal(
-    model: str, capacity: float, queued: int, held: list[tuple[int, float]], new: int
+    model: str,
+    capacity: float,
+    queued: int,
+    held: list[tuple[int, float]],
+    new: int,
+    promised: int = 0,
 ) -> RequestError | None:
     """RESOURCE_EXHAUSTED when `new` texts, taking turns with the texts admitted calls still
     hold back, would make one of those calls late that is on time without them. `held`: per
     such call, (texts held back, seconds left). A call's last text waits for the `queued`
     ones, its own, and each other held call's as far as they take turns (up to its own
     count); the new call takes turns with it likewise. A call already late is not protected:
-    turning new callers away would not save it."""
+    turning new callers away would not save it. The hint waits until the last call it would
+    break has drained, after the `promised` texts of callers told to come back earlier."""
     if capacity <= 0:
         return None
-    for mine, seconds_left in held:
-        ahead = queued + sum(min(theirs, mine) for theirs, _ in held)
-        budget = capacity * seconds_left * ADMIT_SHARE
-        if ahead <= budget < ahead + min(new, mine):
-            retry_after_ms = max(MIN_RETRY_AFTER_MS, math.ceil(ahead / capacity * 1000))
-            return overloaded(
-                f"model {model!r} is busy: {new} new texts would take turns with the "
-                f"{mine} still to come of an admitted call and make it miss its deadline; "
-                f"retry in {retry_after_ms} ms",
-                retry_after_ms=retry_after_ms,
-            )
-    return None
+    broken = [
+        (ahead, mine)
+        for mine, seconds_left in held
+        if (ahead := queued + sum(min(theirs, mine) for theirs, _ in held))
+        <= capacity * seconds_left * ADMIT_SHARE
+        < ahead + min(new, mine)
+    ]
+    if not broken:
+        return None
+    ahead, mine = max(broken)
+    retry_after_ms = max(MIN_RETRY_AFTER_MS, math.ceil((ahead + promised) / capacity * 1000))
+    return overloaded(
+        f"model {model!r} is busy: {new} new texts would take turns with the {mine} still "
+        f"to come of an admitted call and make it miss its deadline; retry in "
+        f"{retry_after_ms} ms",
+        retry_after_ms=retry_after_ms,
+    )
 
 
 class RetryLedger:

@@ -773,9 +773,11 @@ class Dispatcher:
         promised = self._retry_ledger.pending(model.name, time.monotonic())
         ahead = model_load.ahead + self._held_back(model.name, new)
         late = late_refusal(model.name, model.capacity, ahead, new, call.seconds_left(), promised)
-        return late or self._promise_refusal(model, model_load.ahead, new)
+        return late or self._promise_refusal(model, model_load.ahead, new, promised)
 
-    def _promise_refusal(self, model: ServedModel, queued: int, new: int) -> RequestError | None:
+    def _promise_refusal(
+        self, model: ServedModel, queued: int, new: int, promised: int
+    ) -> RequestError | None:
         """A call of more than one window takes turns with admitted huge calls' later
         windows: refused where that would make one of them late (a call of one window goes
         in ahead of their later windows, as small calls do: they keep their priority)."""
@@ -783,7 +785,7 @@ class Dispatcher:
         if new <= CALL_WINDOW or not windowed:
             return None
         held = [(len(c.unrouted), c.seconds_left()) for c in windowed.values()]
-        return broken_promise_refusal(model.name, model.capacity, queued, held, new)
+        return broken_promise_refusal(model.name, model.capacity, queued, held, new, promised)
 
     async def _look_up(
         self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int

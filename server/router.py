@@ -49,9 +49,11 @@ STREAM_WINDOW_S = 0.5
 STREAM_MIN_TEXT_WINDOW = 64
 # A busy stream's share of that, however many streams share it: a few messages in flight.
 STREAM_MIN_SHARE = 4
-# Bytes of those messages (as sent): a message's texts and its `id` (which its response
-# carries back) may be megabytes each; a few hundred of them must not stay on the server
-# for a client that does not read. Far above what texts of sentences take (512 of 1 kB).
+# Bytes of those messages and of their computed responses: a message's texts and its `id`
+# (which its response carries back) may be megabytes each; a few hundred of them must not
+# stay on the server for a client that does not read. Above what 512 texts of sentences take
+# (~0.5 MB) with their vectors (512 x 384 floats: 0.8 MB; 1,024 dimensions: 2 MB); a model of
+# 4,096 dimensions gets about 250 texts in flight per stream from it.
 STREAM_BYTE_WINDOW = 4 * 2**20
 
 

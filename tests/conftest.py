@@ -134,11 +134,11 @@ class Service:
         importing torch and loading its model); returns once every one has registered."""
         before = registered_workers(self.redis_url, self.namespace)
         started: dict[str, subprocess.Popen] = {}
-        for extra in arg_lists:
-            name = f"worker-{self.namespace}-{len(self.workers) + len(started)}"
-            args = ["worker", "--redis-url", self.redis_url, "--namespace", self.namespace]
-            started[name] = _spawn([*args, *extra], name)
         try:
+            for extra in arg_lists:
+                name = f"worker-{self.namespace}-{len(self.workers) + len(started)}"
+                args = ["worker", "--redis-url", self.redis_url, "--namespace", self.namespace]
+                started[name] = _spawn([*args, *extra], name)
             wait_workers_registered(self.redis_url, self.namespace, started, before)
         finally:
             self.workers.extend(started.values())  # stopped with the service, even on failure
@@ -178,8 +178,12 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 
 def new_service(redis_server: EmbeddedRedis, *worker_args: str, workers: int = 1) -> Service:
     service = Service(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}")
-    service.start_workers(*[worker_args] * workers)
-    service.start_server()
+    try:
+        service.start_workers(*[worker_args] * workers)
+        service.start_server()
+    except BaseException:
+        service.stop()  # no worker left loading after a failed start
+        raise
     return service
 
 

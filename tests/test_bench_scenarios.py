@@ -42,7 +42,7 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
     result = run_bench(
         tmp_path,
         *("--scenario", "core", "--scenario", "burst", "--scenario", "slow-reader"),
-        *("--scenario", "streams", "--texts", "48", "--duration", "2"),
+        *("--scenario", "streams", "--texts", "48", "--duration", "1"),
         *("--burst-clients", "3", "--burst-texts", "16", "--slow-messages", "300"),
         *("--scenario", "busy-streams", "--busy-streams", "3", "--busy-depth", "4"),
     )

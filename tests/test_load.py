@@ -74,6 +74,10 @@ def test_a_huge_call_that_would_make_an_admitted_one_late_is_refused():
     assert broken_promise_refusal("m", 1000.0, 0, [(2000, 3.0)], 300) is None  # 2.3 s: on time
     # Queued texts and the other held calls' turns count for it too.
     assert broken_promise_refusal("m", 1000.0, 200, [(2000, 3.0), (150, 9.0)], 300) is not None
+    # Two calls it would make late: the hint waits for the later one, and for the texts of
+    # callers told to come back before it.
+    two = broken_promise_refusal("m", 1000.0, 0, [(1000, 3.0), (3000, 5.0)], 2000, promised=500)
+    assert two.retry_after_ms == 4500  # (1,000 + 3,000 + 500) texts at 1,000 texts/s
     # Already late without the new call (2 s of work, 1 s left): not protected.
     assert broken_promise_refusal("m", 1000.0, 0, [(2000, 1.0)], 1000) is None
     assert broken_promise_refusal("m", 0.0, 0, [(2000, 1.0)], 1000) is None  # not measured

@@ -182,11 +182,13 @@ def two_models(redis_server, tmp_path_factory):
     config = {"prompts": {"query": "query: ", "doc": "passage: "}, "default_prompt_name": "query"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(config))
     svc = Service(redis_server.url, namespace="two-models")
-    svc.start_workers([], ["--model", f"tiny={folder}"])
-    svc.start_server("--default-model", "all-MiniLM-L6-v2")
-    with grpc.insecure_channel(svc.target) as channel:
-        yield embedq_pb2_grpc.EmbedderStub(channel), folder
-    svc.stop()
+    try:
+        svc.start_workers([], ["--model", f"tiny={folder}"])
+        svc.start_server("--default-model", "all-MiniLM-L6-v2")
+        with grpc.insecure_channel(svc.target) as channel:
+            yield embedq_pb2_grpc.EmbedderStub(channel), folder
+    finally:
+        svc.stop()
 
 
 def test_several_models_with_their_own_prompts(two_models):
