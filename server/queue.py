@@ -48,7 +48,7 @@ from embedq.keys import (
 )
 from embedq.settings import ServerSettings, setting_field
 
-from . import metrics, one_trip
+from . import held, metrics, one_trip
 from .admission import RetryLedger, admit_limit, broken_promise_refusal, late_refusal
 from .errors import (
     RequestError,
@@ -74,6 +74,8 @@ CALL_WINDOW = 256
 MARKER_CHECK_S = 1.0
 # Reply stream and markers get their TTL renewed this often (s).
 KEEPALIVE_S = 5.0
+# The held hash's TTL, renewed by every server's refresh (server/held.py).
+HELD_TTL_S = 60
 # Reply listener: first retry after a Redis error, doubling up to the cap (s).
 LISTEN_BACKOFF_S = (0.05, 1.0)
 LOST_WORK = "redis restarted and lost the queued work; retry"
@@ -312,6 +314,13 @@ class Dispatcher:
         # Per model, admitted calls with rows not queued yet (their windows' rest), by id: work
         # that no backlog counter sees yet (_held_back).
         self._windowed: dict[str, dict[int, Call]] = {}
+        # The other servers' such calls, per model, as the last look-up of a huge call read
+        # them (server/held.py); the models this server has published its own for, and an
+        # event set when it admits one (published at once, not at the next refresh).
+        self._remote_held: dict[str, list[held.Held]] = {}
+        self._stale_held: dict[str, list[bytes]] = {}  # expired fields seen: removed
+        self._published: set[str] = set()
+        self._held_changed = asyncio.Event()
         # Lost-work detection (see _verify_markers): each flush that queues jobs gets
         # a sequence number, stamped on its tickets and written (SET) as a marker
         # beside each job stream it wrote to and beside the reply stream, in the same
@@ -347,6 +356,7 @@ class Dispatcher:
             supervisor.spawn("flush", self._flush_loop),
             supervisor.spawn("replies", self._listen_loop),
             supervisor.spawn("reply-keepalive", self._keepalive_loop),
+            supervisor.spawn("held-publisher", self._publish_held_loop),
         ]
 
     async def stop(self) -> None:
@@ -355,6 +365,8 @@ class Dispatcher:
             await self._redis.delete(self.reply_key, self.reply_marker)
             for model in self._written:
                 await self._redis.delete(self._keys.job_marker(model, self.server_id))
+            for model in self._published:
+                await self._redis.hdel(self._keys.held(model), self.server_id)
 
     async def encode(
         self,
@@ -450,7 +462,8 @@ class Dispatcher:
 
     def _drop_unrouted(self, call: Call) -> None:
         call.unrouted.clear()
-        self._windowed.get(call.variant.model.name, {}).pop(id(call), None)
+        if self._windowed.get(call.variant.model.name, {}).pop(id(call), None) is not None:
+            self._held_changed.set()  # the other servers stop counting it
 
     def _held_back(self, model: str, new: int) -> int:
         """Texts this server holds back for admitted calls' windows that a call of `new` texts
@@ -458,10 +471,19 @@ class Dispatcher:
         at most one window is queued at once, behind those, and waits for none of them. A
         bigger one's later windows take turns with theirs (each refill of theirs can go in
         before its next window), so each such call's rows count up to `new`: calls of the same
-        size wait for each other's all. (Another server's are not seen: each counts its own.)"""
+        size wait for each other's all. Other servers' such calls count alike (held.py)."""
         if new <= CALL_WINDOW:
             return 0
-        return sum(min(len(c.unrouted), new) for c in self._windowed.get(model, {}).values())
+        return sum(min(texts, new) for texts, _ in self._held_calls(model))
+
+    def _held_calls(self, model: str) -> list[held.Held]:
+        """(texts held back, deadline) of every admitted call of more than one window: this
+        server's, then the other servers' as last read."""
+        return self._own_held(model) + self._remote_held.get(model, [])
+
+    def _own_held(self, model: str) -> list[held.Held]:
+        calls = self._windowed.get(model, {}).values()
+        return [(len(call.unrouted), call.deadline_unix_ms) for call in calls]
 
     def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
         """The in-flight ticket this call can wait on: same text and variant, and
@@ -725,6 +747,7 @@ class Dispatcher:
         load[model].admitted += self._queue_window(call, jobs)
         if call.unrouted:  # held back: _held_back counts them for the calls after it
             self._windowed.setdefault(model, {})[id(call)] = call
+            self._held_changed.set()  # the other servers' admission counts them too
 
     def _refill(
         self, call: Call, load: dict[str, ModelLoad], jobs: dict[tuple, queue_pb2.Job]
@@ -781,11 +804,14 @@ class Dispatcher:
         """A call of more than one window takes turns with admitted huge calls' later
         windows: refused where that would make one of them late (a call of one window goes
         in ahead of their later windows, as small calls do: they keep their priority)."""
-        windowed = self._windowed.get(model.name)
-        if new <= CALL_WINDOW or not windowed:
+        if new <= CALL_WINDOW:
             return None
-        held = [(len(c.unrouted), c.seconds_left()) for c in windowed.values()]
-        return broken_promise_refusal(model.name, model.capacity, queued, held, new, promised)
+        now_ms = int(time.time() * 1000)
+        calls = [
+            (texts, held.seconds_left(deadline_ms, now_ms))
+            for texts, deadline_ms in self._held_calls(model.name)
+        ]
+        return broken_promise_refusal(model.name, model.capacity, queued, calls, new, promised)
 
     async def _look_up(
         self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int
@@ -821,7 +847,9 @@ class Dispatcher:
 
     def _one_trip_fits(self, calls: list[Call], refills: list[Call], ahead: Writes | None) -> bool:
         """Whether this flush may try one round trip: nothing else rides with it, recent
-        look-ups mostly found nothing cached, and it is small enough to route twice."""
+        look-ups mostly found nothing cached, and it is small enough to route twice. No call
+        of more than a window (whatever `one_trip_texts` says): their admission reads the other
+        servers' held calls (held.py), which the script does not."""
         return (
             ahead is None
             and not refills
@@ -830,6 +858,7 @@ class Dispatcher:
             and self._all_new_share >= ONE_TRIP_ALL_NEW_SHARE
             and time.monotonic() >= self._one_trip_after
             and sum(len(call.texts) for call in calls) <= self.one_trip_texts
+            and all(len(call.texts) <= CALL_WINDOW for call in calls)
         )
 
     def _route_as_misses(
@@ -932,6 +961,8 @@ class Dispatcher:
         writes `ahead`, which then count in that work; never on a cluster: see _flush)."""
         cache_keys = self._cache_keys(calls)
         models = sorted({call.variant.model.name for call in calls})
+        # Where a call may be of more than one window, the other servers' held calls too.
+        huge = sorted({c.variant.model.name for c in calls if len(c.texts) > CALL_WINDOW})
         if self.cluster:
             # Cache keys spread over the cluster's slots: MGET per slot, in parallel.
             values = await self.mget(cache_keys) if cache_keys else []
@@ -939,6 +970,7 @@ class Dispatcher:
             for model in models:
                 counts.append(await self._redis.xlen(self._keys.jobs(model)))
                 counts.append(await self._redis.get(self._keys.backlog(model)))
+            held_fields = [await self._redis.hgetall(self._keys.held(model)) for model in huge]
         else:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if ahead is not None:
@@ -949,6 +981,8 @@ class Dispatcher:
                 for model in models:
                     pipe.xlen(self._keys.jobs(model))
                     pipe.get(self._keys.backlog(model))
+                for model in huge:
+                    pipe.hgetall(self._keys.held(model))
                 results = await pipe.execute(raise_on_error=False)
             if ahead is not None:
                 self._wrote_or_failed(ahead, results[:written])
@@ -957,7 +991,12 @@ class Dispatcher:
             if refused is not None:
                 raise refused
             values = results[0] if cache_keys else []
-            counts = results[1 if cache_keys else 0 :]
+            counts = results[1 if cache_keys else 0 :][: 2 * len(models)]
+            held_fields = results[len(results) - len(huge) :]
+        now_ms = int(time.time() * 1000)
+        for model, fields in zip(huge, held_fields, strict=True):
+            self._remote_held[model] = held.others(fields, self.server_id, now_ms)
+            self._stale_held[model] = held.stale(fields, now_ms)
         return self._digest(calls, cache_keys, values, counts)
 
     def _digest(
@@ -1126,6 +1165,45 @@ class Dispatcher:
                     "keepalive", "reply stream keepalive failed (%s); retrying", type(exc).__name__
                 )
             await asyncio.sleep(MARKER_CHECK_S)
+
+    async def _publish_held_loop(self) -> None:
+        """Keep this server's field in each model's held hash (server/held.py): at once when
+        it admits a call of more than one window, then every REFRESH_S while it holds any;
+        gone when it holds none."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
+                await asyncio.wait_for(self._held_changed.wait(), held.REFRESH_S)
+            self._held_changed.clear()
+            try:
+                await self._publish_held()
+            except (RedisError, OSError) as exc:
+                self._throttled.warning(
+                    "held", "publishing held-back texts failed (%s); retrying", type(exc).__name__
+                )
+
+    async def _publish_held(self) -> None:
+        holding = {model for model, calls in self._windowed.items() if calls}
+        gone = self._published - holding
+        stale, self._stale_held = self._stale_held, {}
+        if not holding and not gone and not any(stale.values()):
+            return
+        # Before the writes: one that lands even where the pipeline then fails (or stop()
+        # cancels it) is still removed later.
+        self._published |= holding
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model in holding:
+                own = held.encode(self._own_held(model))
+                pipe.hset(self._keys.held(model), self.server_id, own)
+                # Dead servers' fields are ignored once expired, and go with the hash when
+                # no server has held anything for a minute.
+                pipe.expire(self._keys.held(model), HELD_TTL_S)
+            for model in gone:
+                pipe.hdel(self._keys.held(model), self.server_id)
+            for model, fields in stale.items():  # dead servers' (else kept while others hold)
+                if fields:
+                    pipe.hdel(self._keys.held(model), *fields)
+            await pipe.execute()
+        self._published = holding
 
 
 def _marker_value(value: object) -> int:

@@ -83,6 +83,26 @@ def test_a_huge_call_that_would_make_an_admitted_one_late_is_refused():
     assert broken_promise_refusal("m", 0.0, 0, [(2000, 1.0)], 1000) is None  # not measured
 
 
+def test_held_calls_are_shared_between_servers_until_they_expire():
+    from embedq.server import held
+
+    now = 1_000_000
+    field = held.encode([(700, now + 5000), (0, now + 9000)], now_ms=now)
+    fields = {b"other": field, b"me": held.encode([(999, now + 1)], now_ms=now)}
+    assert held.others(fields, "me", now_ms=now) == [(700, now + 5000)]  # own and empty left out
+    # Unrefreshed past VALID_S (its server stopped or died): ignored; garbage too.
+    later = now + int(held.VALID_S * 1000)
+    assert held.others(fields, "me", now_ms=later) == []
+    assert held.stale(fields, now_ms=later) == [b"other", b"me"]  # removed by the next publish
+    garbage = {b"x": b"\xff\xff not a message", b"other": field}
+    assert held.others(garbage, "me", now_ms=now) == [(700, now + 5000)]
+    assert held.stale(garbage, now_ms=now) == [b"x"]
+    # A call whose deadline has passed will never queue its texts: not counted.
+    soon = {b"other": held.encode([(50, now + 1000)], now_ms=now)}
+    assert held.others(soon, "me", now_ms=now + 1500) == [] and not held.stale(soon, now + 1500)
+    assert held.seconds_left(now + 2500, now_ms=now) == 2.5
+
+
 def test_callers_refused_together_are_told_staggered_times():
     """Eight callers refused at one moment: each hint leaves room for the callers told to
     come back before it, so they return one after another, not all at once."""
@@ -351,7 +371,7 @@ def wait_for_capacity(stub, timeout: float = 30.0) -> float:
     stub.Encode(pb.EncodeRequest(texts=unique_texts(128)), timeout=120)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        capacity = stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
+        capacity = model_capacity(stub)
         if capacity > 0:
             return capacity
         time.sleep(0.2)
@@ -450,6 +470,44 @@ def test_a_huge_call_is_refused_where_it_would_make_an_admitted_one_late(busy_se
     assert int(dict(second.trailing_metadata())[RETRY_AFTER_MS_KEY]) > 0
 
 
+def test_a_huge_call_held_by_another_server_counts_for_admission(busy_service: Service):
+    """Two servers, one worker: a huge call admitted by the first, on time alone; then one of
+    its size with a long deadline at the second. That server saw only the backlog (the first
+    call's queued window) and admitted it, which made the first late; now it reads the first
+    server's held-back texts (server/held.py) and refuses at once."""
+    from embedq.server.queue import CALL_WINDOW
+
+    second_server = Service(busy_service.redis_url, busy_service.namespace)
+    second_server.start_server()
+    try:
+        with (
+            grpc.insecure_channel(busy_service.target) as channel,
+            grpc.insecure_channel(second_server.target) as other_channel,
+        ):
+            stub = embedq_pb2_grpc.EmbedderStub(channel)
+            other = embedq_pb2_grpc.EmbedderStub(other_channel)
+            capacity = idle_capacity(busy_service, stub)
+            deadline = time.monotonic() + 30  # the second server admits by time too
+            while model_capacity(other) <= 0:
+                assert time.monotonic() < deadline, "no capacity at the second server"
+                time.sleep(0.1)
+            per_call = max(4 * CALL_WINDOW, math.ceil(capacity * 2))
+            first = stub.Encode.future(
+                pb.EncodeRequest(texts=unique_texts(per_call)), timeout=1.6 * per_call / capacity
+            )
+            time.sleep(0.5)  # published at once on admission; a look-up reads it
+            request = pb.EncodeRequest(texts=unique_texts(per_call))
+            second = other.Encode.future(request, timeout=300)
+            time.sleep(1.0)  # a refusal comes at once; an admitted call takes seconds
+            codes = [call.code() if call.done() else "running" for call in (first, second)]
+            first.cancel()
+            second.cancel()
+    finally:
+        second_server.stop()
+    assert codes[1] == RESOURCE_EXHAUSTED, (codes, capacity, per_call)
+    assert "miss its deadline" in second.details()
+
+
 def test_a_small_request_is_not_queued_behind_a_huge_one(busy_service: Service):
     with grpc.insecure_channel(busy_service.target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
@@ -481,13 +539,17 @@ def test_a_small_call_is_not_refused_for_a_huge_calls_held_back_texts(busy_servi
         assert error is None or error.code() != RESOURCE_EXHAUSTED, error.details()
 
 
+def model_capacity(stub) -> float:
+    return stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
+
+
 def settled_capacity(stub, timeout: float = 30.0) -> float:
     """The capacity the server will use next: two readings 2.5 s apart (beyond a worker
     heartbeat and a registry refresh) agree, with nothing encoding meanwhile."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        capacity = stub.Info(pb.InfoRequest(), timeout=5).models[0].capacity_texts_per_s
+        capacity = model_capacity(stub)
         if capacity == last:
             return capacity
         last = capacity

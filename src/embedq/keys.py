@@ -91,6 +91,11 @@ class Keys:
         """Sorted set: worker id -> last heartbeat (Unix seconds)."""
         return f"{self.namespace}:v1:{{{model}}}:workers"
 
+    def held(self, model: str) -> str:
+        """Hash: server id -> HeldCalls, the admitted calls that server still holds texts
+        back for (refreshed every second while it has any; stale past its expiry)."""
+        return f"{self.namespace}:v1:{{{model}}}:held"
+
     def backlog(self, model: str) -> str:
         """Counter: texts queued or being encoded for one model, all servers together
         (INCRBY by servers with each XADD, DECRBY by workers with each XACK; reset to 0

@@ -141,3 +141,19 @@ class ModelRegistration(_message.Message):
     prompts: _containers.ScalarMap[str, str]
     default_prompt_name: str
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dimension: _Optional[int] = ..., pooling: _Optional[str] = ..., max_seq_length: _Optional[int] = ..., normalize: _Optional[bool] = ..., source: _Optional[str] = ..., registered_unix_ms: _Optional[int] = ..., prompts: _Optional[_Mapping[str, str]] = ..., default_prompt_name: _Optional[str] = ...) -> None: ...
+
+class HeldCalls(_message.Message):
+    __slots__ = ("expires_unix_ms", "calls")
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    expires_unix_ms: int
+    calls: _containers.RepeatedCompositeFieldContainer[HeldCall]
+    def __init__(self, expires_unix_ms: _Optional[int] = ..., calls: _Optional[_Iterable[_Union[HeldCall, _Mapping]]] = ...) -> None: ...
+
+class HeldCall(_message.Message):
+    __slots__ = ("texts", "deadline_unix_ms")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    texts: int
+    deadline_unix_ms: int
+    def __init__(self, texts: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...

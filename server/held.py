@@ -1,0 +1,79 @@
+"""Admitted huge calls' held-back texts, shared between servers.
+
+A call of more than CALL_WINDOW new texts is queued a window at a time, so most of its texts
+are in no backlog counter yet: they sit in its server's memory. Its own server counts them
+when it admits later calls (Dispatcher._held_back, _promise_refusal); every other server
+sees them through the model's held hash (`Keys.held`), where each server keeps one field:
+HeldCalls, the texts each of its calls still holds back and that call's deadline. A server
+publishes at once when it admits such a call and refreshes every second while it holds any;
+a field past its expiry (a server that stopped or died) is ignored, and removed by the next
+server that publishes. The figures are up to a second old: texts only leave a held call, so
+an old figure errs on the side of refusing. Expiry and deadlines are Unix times from the
+writer's clock, compared with the reader's: servers' clocks are assumed synchronised (NTP);
+a skew of seconds makes a dead server's calls count that much longer or shorter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+from embedq.internal.v1 import queue_pb2
+
+# How often a server refreshes its field while it holds texts back, and how long a field
+# stays valid unrefreshed (a few missed refreshes: a busy event loop, a slow Redis).
+REFRESH_S = 1.0
+VALID_S = 3.0
+
+# (texts held back, deadline in Unix ms) of one call.
+Held = tuple[int, int]
+
+
+def encode(calls: Iterable[Held], now_ms: int | None = None) -> bytes:
+    """This server's field: its held calls, valid for VALID_S."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return queue_pb2.HeldCalls(
+        expires_unix_ms=now_ms + int(VALID_S * 1000),
+        calls=[queue_pb2.HeldCall(texts=t, deadline_unix_ms=d) for t, d in calls if t > 0],
+    ).SerializeToString()
+
+
+def others(fields: Mapping[bytes, bytes], own_id: str, now_ms: int | None = None) -> list[Held]:
+    """The held calls of every other server whose field is still valid, and whose deadline
+    has not passed (their texts will never be queued)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    own = own_id.encode()
+    return [
+        (call.texts, call.deadline_unix_ms)
+        for server, calls in _valid(fields, now_ms).items()
+        if server != own
+        for call in calls.calls
+        if call.deadline_unix_ms > now_ms
+    ]
+
+
+def stale(fields: Mapping[bytes, bytes], now_ms: int | None = None) -> list[bytes]:
+    """Fields past their expiry or unreadable: servers that stopped refreshing them. Removed
+    by whoever sees them, else the hash keeps them while any other server holds calls."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    valid = _valid(fields, now_ms)
+    return [server for server in fields if server not in valid]
+
+
+def _valid(fields: Mapping[bytes, bytes], now_ms: int) -> dict[bytes, queue_pb2.HeldCalls]:
+    """The fields that parse and have not expired. One that does not parse counts as none
+    (its server replaces it within a second, or it goes as stale)."""
+    valid = {}
+    for server, value in fields.items():
+        try:
+            calls = queue_pb2.HeldCalls.FromString(value)
+        except Exception:  # noqa: BLE001 - any bytes: a DecodeError, or worse from upb
+            continue
+        if calls.expires_unix_ms > now_ms:
+            valid[server] = calls
+    return valid
+
+
+def seconds_left(deadline_unix_ms: int, now_ms: int | None = None) -> float:
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return (deadline_unix_ms - now_ms) / 1000
