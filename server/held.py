@@ -6,11 +6,12 @@ when it admits later calls (Dispatcher._held_back, _promise_refusal); every othe
 sees them through the model's held hash (`Keys.held`), where each server keeps one field:
 HeldCalls, the texts each of its calls still holds back and that call's deadline. A server
 publishes at once when it admits such a call and refreshes every second while it holds any;
-a field past its expiry (a server that stopped or died) is ignored, and removed by the next
-server that publishes. The figures are up to a second old: texts only leave a held call, so
-an old figure errs on the side of refusing. Expiry and deadlines are Unix times from the
-writer's clock, compared with the reader's: servers' clocks are assumed synchronised (NTP);
-a skew of seconds makes a dead server's calls count that much longer or shorter.
+a field past its expiry (a server that stopped or died) is ignored, and removed once it is
+long expired by the next server whose look-up of a huge call reads it. The figures are up to
+a second old: texts only leave a held call, so an old figure errs on the side of refusing.
+Expiry and deadlines are Unix times from the writer's clock, compared with the reader's:
+servers' clocks must agree to well under VALID_S (NTP); a reader 3 s ahead would never count
+a live server's calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from embedq.internal.v1 import queue_pb2
 # stays valid unrefreshed (a few missed refreshes: a busy event loop, a slow Redis).
 REFRESH_S = 1.0
 VALID_S = 3.0
+# A field expired this long ago is removed by whoever reads it: its server is gone (one
+# merely stalled for a few seconds, or whose clock is a little behind, is left alone: its
+# refresh could land just before the removal).
+FORGET_AFTER_S = 30.0
 
 # (texts held back, deadline in Unix ms) of one call.
 Held = tuple[int, int]
@@ -52,12 +57,14 @@ def others(fields: Mapping[bytes, bytes], own_id: str, now_ms: int | None = None
     ]
 
 
-def stale(fields: Mapping[bytes, bytes], now_ms: int | None = None) -> list[bytes]:
-    """Fields past their expiry or unreadable: servers that stopped refreshing them. Removed
-    by whoever sees them, else the hash keeps them while any other server holds calls."""
+def stale(fields: Mapping[bytes, bytes], own_id: str, now_ms: int | None = None) -> list[bytes]:
+    """Other servers' fields expired FORGET_AFTER_S ago or unreadable: servers that stopped
+    for good. Removed by whoever sees them, else the hash keeps them while any server holds
+    calls."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    valid = _valid(fields, now_ms)
-    return [server for server in fields if server not in valid]
+    recent = _valid(fields, now_ms - int(FORGET_AFTER_S * 1000))
+    own = own_id.encode()
+    return [server for server in fields if server not in recent and server != own]
 
 
 def _valid(fields: Mapping[bytes, bytes], now_ms: int) -> dict[bytes, queue_pb2.HeldCalls]:

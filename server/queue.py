@@ -858,7 +858,10 @@ class Dispatcher:
             and self._all_new_share >= ONE_TRIP_ALL_NEW_SHARE
             and time.monotonic() >= self._one_trip_after
             and sum(len(call.texts) for call in calls) <= self.one_trip_texts
-            and all(len(call.texts) <= CALL_WINDOW for call in calls)
+            and (
+                self.one_trip_texts <= CALL_WINDOW
+                or all(len(c.texts) <= CALL_WINDOW for c in calls)
+            )
         )
 
     def _route_as_misses(
@@ -996,7 +999,7 @@ class Dispatcher:
         now_ms = int(time.time() * 1000)
         for model, fields in zip(huge, held_fields, strict=True):
             self._remote_held[model] = held.others(fields, self.server_id, now_ms)
-            self._stale_held[model] = held.stale(fields, now_ms)
+            self._stale_held[model] = held.stale(fields, self.server_id, now_ms)
         return self._digest(calls, cache_keys, values, counts)
 
     def _digest(
@@ -1191,6 +1194,9 @@ class Dispatcher:
         # cancels it) is still removed later.
         self._published |= holding
         async with self._redis.pipeline(transaction=False) as pipe:
+            for model, fields in stale.items():  # dead servers' (else kept while others hold)
+                if fields:
+                    pipe.hdel(self._keys.held(model), *fields)
             for model in holding:
                 own = held.encode(self._own_held(model))
                 pipe.hset(self._keys.held(model), self.server_id, own)
@@ -1199,9 +1205,6 @@ class Dispatcher:
                 pipe.expire(self._keys.held(model), HELD_TTL_S)
             for model in gone:
                 pipe.hdel(self._keys.held(model), self.server_id)
-            for model, fields in stale.items():  # dead servers' (else kept while others hold)
-                if fields:
-                    pipe.hdel(self._keys.held(model), *fields)
             await pipe.execute()
         self._published = holding
 

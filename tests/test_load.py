@@ -93,13 +93,17 @@ def test_held_calls_are_shared_between_servers_until_they_expire():
     # Unrefreshed past VALID_S (its server stopped or died): ignored; garbage too.
     later = now + int(held.VALID_S * 1000)
     assert held.others(fields, "me", now_ms=later) == []
-    assert held.stale(fields, now_ms=later) == [b"other", b"me"]  # removed by the next publish
+    # Removed by the next look-up that reads it only when long gone (never its reader's own).
+    assert held.stale(fields, "me", now_ms=later) == []
+    gone = later + int(held.FORGET_AFTER_S * 1000)
+    assert held.stale(fields, "me", now_ms=gone) == [b"other"]
     garbage = {b"x": b"\xff\xff not a message", b"other": field}
     assert held.others(garbage, "me", now_ms=now) == [(700, now + 5000)]
-    assert held.stale(garbage, now_ms=now) == [b"x"]
+    assert held.stale(garbage, "me", now_ms=now) == [b"x"]
     # A call whose deadline has passed will never queue its texts: not counted.
     soon = {b"other": held.encode([(50, now + 1000)], now_ms=now)}
-    assert held.others(soon, "me", now_ms=now + 1500) == [] and not held.stale(soon, now + 1500)
+    assert held.others(soon, "me", now_ms=now + 1500) == []
+    assert not held.stale(soon, "me", now + 1500)
     assert held.seconds_left(now + 2500, now_ms=now) == 2.5
 
 
