@@ -1200,8 +1200,7 @@ class Dispatcher:
             for model in holding:
                 own = held.encode(self._own_held(model))
                 pipe.hset(self._keys.held(model), self.server_id, own)
-                # Dead servers' fields are ignored once expired, and go with the hash when
-                # no server has held anything for a minute.
+                # The whole hash goes once no server has refreshed it for a minute.
                 pipe.expire(self._keys.held(model), HELD_TTL_S)
             for model in gone:
                 pipe.hdel(self._keys.held(model), self.server_id)
