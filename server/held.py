@@ -16,10 +16,17 @@ a live server's calls.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
+from embedq.keys import Keys
+from embedq.logs import Throttled
 
 # How often a server refreshes its field while it holds texts back, and how long a field
 # stays valid unrefreshed (a few missed refreshes: a busy event loop, a slow Redis).
@@ -29,6 +36,8 @@ VALID_S = 3.0
 # merely stalled for a few seconds, or whose clock is a little behind, is left alone: its
 # refresh could land just before the removal).
 FORGET_AFTER_S = 30.0
+# The hash's TTL, renewed by every refresh: it goes once no server has refreshed it a while.
+HASH_TTL_S = 60
 
 # (texts held back, deadline in Unix ms) of one call.
 Held = tuple[int, int]
@@ -84,3 +93,67 @@ def _valid(fields: Mapping[bytes, bytes], now_ms: int) -> dict[bytes, queue_pb2.
 def seconds_left(deadline_unix_ms: int, now_ms: int | None = None) -> float:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     return (deadline_unix_ms - now_ms) / 1000
+
+
+class SharedHeld:
+    """One server's side of the held hashes: its own calls published, the other servers'
+    as its look-ups read them. `own()` gives this server's held calls per model (models
+    holding none left out); `changed` is set when they gain or lose a call."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        server_id: str,
+        own: Callable[[], dict[str, list[Held]]],
+    ) -> None:
+        self._redis, self._keys, self._server_id, self._own = redis, keys, server_id, own
+        self.remote: dict[str, list[Held]] = {}  # per model, as last read
+        self.changed = asyncio.Event()
+        self._stale: dict[str, list[bytes]] = {}  # long-expired fields seen: to remove
+        self._published: set[str] = set()  # models whose hash holds this server's field
+
+    def read(self, model: str, fields: Mapping[bytes, bytes]) -> None:
+        """Take in a look-up's HGETALL of the model's hash."""
+        now_ms = int(time.time() * 1000)
+        self.remote[model] = others(fields, self._server_id, now_ms)
+        self._stale[model] = stale(fields, self._server_id, now_ms)
+
+    async def run(self, throttled: Throttled) -> None:
+        """Publish at once when `changed`, else every REFRESH_S; forever."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
+                await asyncio.wait_for(self.changed.wait(), REFRESH_S)
+            self.changed.clear()
+            try:
+                await self.publish()
+            except (RedisError, OSError) as exc:
+                throttled.warning(
+                    "held", "publishing held-back texts failed (%s); retrying", type(exc).__name__
+                )
+
+    async def publish(self) -> None:
+        own = self._own()
+        gone = self._published - own.keys()
+        stale_fields, self._stale = self._stale, {}
+        if not own and not gone and not any(stale_fields.values()):
+            return
+        # Before the writes: one that lands even where the pipeline then fails (or stop()
+        # cancels it) is still removed later.
+        self._published |= own.keys()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for model, fields in stale_fields.items():  # else kept while others hold
+                if fields:
+                    pipe.hdel(self._keys.held(model), *fields)
+            for model, calls in own.items():
+                pipe.hset(self._keys.held(model), self._server_id, encode(calls))
+                pipe.expire(self._keys.held(model), HASH_TTL_S)
+            for model in gone:
+                pipe.hdel(self._keys.held(model), self._server_id)
+            await pipe.execute()
+        self._published = set(own)
+
+    async def withdraw(self) -> None:
+        """On a clean stop: this server's fields go (else they expire on their own)."""
+        for model in self._published:
+            await self._redis.hdel(self._keys.held(model), self._server_id)

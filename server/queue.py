@@ -74,8 +74,6 @@ CALL_WINDOW = 256
 MARKER_CHECK_S = 1.0
 # Reply stream and markers get their TTL renewed this often (s).
 KEEPALIVE_S = 5.0
-# The held hash's TTL, renewed by every server's refresh (server/held.py).
-HELD_TTL_S = 60
 # Reply listener: first retry after a Redis error, doubling up to the cap (s).
 LISTEN_BACKOFF_S = (0.05, 1.0)
 LOST_WORK = "redis restarted and lost the queued work; retry"
@@ -314,13 +312,9 @@ class Dispatcher:
         # Per model, admitted calls with rows not queued yet (their windows' rest), by id: work
         # that no backlog counter sees yet (_held_back).
         self._windowed: dict[str, dict[int, Call]] = {}
-        # The other servers' such calls, per model, as the last look-up of a huge call read
-        # them (server/held.py); the models this server has published its own for, and an
-        # event set when it admits one (published at once, not at the next refresh).
-        self._remote_held: dict[str, list[held.Held]] = {}
-        self._stale_held: dict[str, list[bytes]] = {}  # expired fields seen: removed
-        self._published: set[str] = set()
-        self._held_changed = asyncio.Event()
+        # Shared with the other servers (server/held.py): this server's such calls
+        # published, theirs as the last look-up of a huge call read them.
+        self._shared_held = held.SharedHeld(redis, keys, self.server_id, self._all_own_held)
         # Lost-work detection (see _verify_markers): each flush that queues jobs gets
         # a sequence number, stamped on its tickets and written (SET) as a marker
         # beside each job stream it wrote to and beside the reply stream, in the same
@@ -356,7 +350,7 @@ class Dispatcher:
             supervisor.spawn("flush", self._flush_loop),
             supervisor.spawn("replies", self._listen_loop),
             supervisor.spawn("reply-keepalive", self._keepalive_loop),
-            supervisor.spawn("held-publisher", self._publish_held_loop),
+            supervisor.spawn("held-publisher", lambda: self._shared_held.run(self._throttled)),
         ]
 
     async def stop(self) -> None:
@@ -365,8 +359,7 @@ class Dispatcher:
             await self._redis.delete(self.reply_key, self.reply_marker)
             for model in self._written:
                 await self._redis.delete(self._keys.job_marker(model, self.server_id))
-            for model in self._published:
-                await self._redis.hdel(self._keys.held(model), self.server_id)
+            await self._shared_held.withdraw()
 
     async def encode(
         self,
@@ -463,7 +456,7 @@ class Dispatcher:
     def _drop_unrouted(self, call: Call) -> None:
         call.unrouted.clear()
         if self._windowed.get(call.variant.model.name, {}).pop(id(call), None) is not None:
-            self._held_changed.set()  # the other servers stop counting it
+            self._shared_held.changed.set()  # the other servers stop counting it
 
     def _held_back(self, model: str, new: int) -> int:
         """Texts this server holds back for admitted calls' windows that a call of `new` texts
@@ -479,11 +472,14 @@ class Dispatcher:
     def _held_calls(self, model: str) -> list[held.Held]:
         """(texts held back, deadline) of every admitted call of more than one window: this
         server's, then the other servers' as last read."""
-        return self._own_held(model) + self._remote_held.get(model, [])
+        return self._own_held(model) + self._shared_held.remote.get(model, [])
 
     def _own_held(self, model: str) -> list[held.Held]:
         calls = self._windowed.get(model, {}).values()
         return [(len(call.unrouted), call.deadline_unix_ms) for call in calls]
+
+    def _all_own_held(self) -> dict[str, list[held.Held]]:
+        return {model: self._own_held(model) for model, calls in self._windowed.items() if calls}
 
     def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
         """The in-flight ticket this call can wait on: same text and variant, and
@@ -747,7 +743,7 @@ class Dispatcher:
         load[model].admitted += self._queue_window(call, jobs)
         if call.unrouted:  # held back: _held_back counts them for the calls after it
             self._windowed.setdefault(model, {})[id(call)] = call
-            self._held_changed.set()  # the other servers' admission counts them too
+            self._shared_held.changed.set()  # the other servers' admission counts them too
 
     def _refill(
         self, call: Call, load: dict[str, ModelLoad], jobs: dict[tuple, queue_pb2.Job]
@@ -996,10 +992,8 @@ class Dispatcher:
             values = results[0] if cache_keys else []
             counts = results[1 if cache_keys else 0 :][: 2 * len(models)]
             held_fields = results[len(results) - len(huge) :]
-        now_ms = int(time.time() * 1000)
         for model, fields in zip(huge, held_fields, strict=True):
-            self._remote_held[model] = held.others(fields, self.server_id, now_ms)
-            self._stale_held[model] = held.stale(fields, self.server_id, now_ms)
+            self._shared_held.read(model, fields)
         return self._digest(calls, cache_keys, values, counts)
 
     def _digest(
@@ -1168,44 +1162,6 @@ class Dispatcher:
                     "keepalive", "reply stream keepalive failed (%s); retrying", type(exc).__name__
                 )
             await asyncio.sleep(MARKER_CHECK_S)
-
-    async def _publish_held_loop(self) -> None:
-        """Keep this server's field in each model's held hash (server/held.py): at once when
-        it admits a call of more than one window, then every REFRESH_S while it holds any;
-        gone when it holds none."""
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
-                await asyncio.wait_for(self._held_changed.wait(), held.REFRESH_S)
-            self._held_changed.clear()
-            try:
-                await self._publish_held()
-            except (RedisError, OSError) as exc:
-                self._throttled.warning(
-                    "held", "publishing held-back texts failed (%s); retrying", type(exc).__name__
-                )
-
-    async def _publish_held(self) -> None:
-        holding = {model for model, calls in self._windowed.items() if calls}
-        gone = self._published - holding
-        stale, self._stale_held = self._stale_held, {}
-        if not holding and not gone and not any(stale.values()):
-            return
-        # Before the writes: one that lands even where the pipeline then fails (or stop()
-        # cancels it) is still removed later.
-        self._published |= holding
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for model, fields in stale.items():  # dead servers' (else kept while others hold)
-                if fields:
-                    pipe.hdel(self._keys.held(model), *fields)
-            for model in holding:
-                own = held.encode(self._own_held(model))
-                pipe.hset(self._keys.held(model), self.server_id, own)
-                # The whole hash goes once no server has refreshed it for a minute.
-                pipe.expire(self._keys.held(model), HELD_TTL_S)
-            for model in gone:
-                pipe.hdel(self._keys.held(model), self.server_id)
-            await pipe.execute()
-        self._published = holding
 
 
 def _marker_value(value: object) -> int:

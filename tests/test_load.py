@@ -107,6 +107,41 @@ def test_held_calls_are_shared_between_servers_until_they_expire():
     assert held.seconds_left(now + 2500, now_ms=now) == 2.5
 
 
+def test_a_servers_held_calls_are_published_and_withdrawn(redis_server):
+    """On the real Redis: a server's field appears when it holds calls (a long-dead server's
+    field seen by its look-up goes with it), another server reads it, and it goes when the
+    server holds none, and on a clean stop."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from embedq.server import held
+
+    keys, own = Keys(f"held{uuid.uuid4().hex[:8]}"), {}
+    calls = [(700, int(time.time() * 1000) + 60_000)]
+
+    async def main() -> None:
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            server = held.SharedHeld(client, keys, "me", lambda: dict(own))
+            await client.hset(keys.held("m"), "dead", held.encode([(5, 0)], now_ms=0))
+            server.read("m", await client.hgetall(keys.held("m")))
+            own["m"] = calls
+            await server.publish()
+            fields = await client.hgetall(keys.held("m"))
+            assert set(fields) == {b"me"}
+            other = held.SharedHeld(client, keys, "other", dict)
+            other.read("m", fields)
+            assert other.remote["m"] == calls
+            own.clear()
+            await server.publish()
+            assert not await client.exists(keys.held("m"))  # its last field gone
+            own["m"] = calls
+            await server.publish()
+            await server.withdraw()
+            assert not await client.exists(keys.held("m"))
+
+    asyncio.run(main())
+
+
 def test_callers_refused_together_are_told_staggered_times():
     """Eight callers refused at one moment: each hint leaves room for the callers told to
     come back before it, so they return one after another, not all at once."""
