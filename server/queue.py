@@ -459,8 +459,9 @@ class Dispatcher:
             self._shared_held.changed.set()  # the other servers stop counting it
 
     def _held_back(self, model: str, new: int) -> int:
-        """Texts this server holds back for admitted calls' windows that a call of `new` texts
-        would wait for besides the queued ones (which the backlog counter counts). A call of
+        """Texts held back for admitted calls' windows (this server's and, as last read, the
+        others') that a call of `new` texts would wait for besides the queued ones (which the
+        backlog counter counts). A call of
         at most one window is queued at once, behind those, and waits for none of them. A
         bigger one's later windows take turns with theirs (each refill of theirs can go in
         before its next window), so each such call's rows count up to `new`: calls of the same
