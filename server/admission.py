@@ -1,4 +1,4 @@
-"""Admission by time: pure policy, no Redis.
+"""Admission by time: the policy, and the state it reads (no Redis of its own).
 
 A call is admitted when its new texts, behind the texts queued for the model, would be
 encoded within a share of its time left at the workers' measured rate; otherwise it is
@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
+from dataclasses import dataclass
 
+from embedq.settings import ServerSettings, setting_field
+
+from . import held
 from .errors import RequestError, overloaded
+from .registry import ServedModel
 
 # Admit only what the estimate says finishes within this share of the time
 # left: the estimate is an average, batches and replies add some latency, and a
@@ -26,6 +32,39 @@ from .errors import RequestError, overloaded
 ADMIT_SHARE = 0.8
 # Shortest retry-after hint: sooner would only be refused again.
 MIN_RETRY_AFTER_MS = 50
+# Texts of one call queued at once; the rest follow as these are answered,
+# so a huge request shares the workers with the requests that come after it.
+CALL_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class QueueBounds:
+    """Past these, new work is refused at once (RESOURCE_EXHAUSTED) rather
+    than queued behind a growing latency."""
+
+    # Jobs waiting in one model's stream, all servers together (XLEN).
+    max_queued_jobs: int = setting_field("max_queued_jobs")
+    # Texts this server waits for.
+    max_pending_texts: int = setting_field("max_pending_texts")
+    # Characters of those texts: a cheap stand-in for tokens (about 4 per token).
+    max_pending_chars: int = setting_field("max_pending_chars")
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> QueueBounds:
+        return cls(settings.max_queued_jobs, settings.max_pending_texts, settings.max_pending_chars)
+
+
+@dataclass
+class ModelLoad:
+    """Work queued for one model, as one flush sees it."""
+
+    jobs: int  # stream entries (XLEN), all servers
+    texts: int  # texts queued or being encoded, all servers (the backlog counter)
+    admitted: int = 0  # texts this flush admitted so far (not counted in `texts` yet)
+
+    @property
+    def ahead(self) -> int:
+        return self.texts + self.admitted
 
 
 def admit_limit(capacity: float, new: int, seconds_left: float) -> float:
@@ -126,3 +165,66 @@ class RetryLedger:
         while promises and promises[0][0] <= now:
             self._texts[model] -= heapq.heappop(promises)[1]
         return self._texts.get(model, 0)
+
+
+class Admission:
+    """One server's admission: its bounds, the texts held back by admitted huge calls (its
+    own and the other servers'), and the callers it told to come back."""
+
+    def __init__(self, bounds: QueueBounds, held_back: held.HeldBack) -> None:
+        self.bounds = bounds
+        self.held_back = held_back
+        self._ledger = RetryLedger()
+
+    def refusal(
+        self,
+        model: ServedModel,
+        load: ModelLoad,
+        new: int,
+        seconds_left: float,
+        waiting: tuple[int, int],
+    ) -> RequestError | None:
+        """Why `new` texts (not cached, not in flight) of a call with `seconds_left` cannot be
+        queued now for `model`, if they cannot; `waiting`: the texts this server waits for
+        already, and their characters. The more new texts, the likelier a refusal (the
+        dispatcher's one-trip routing relies on it)."""
+        if new == 0:
+            return None  # all already in flight: costs the queue nothing
+        texts, chars = waiting
+        if load.jobs >= self.bounds.max_queued_jobs:
+            return overloaded(
+                f"queue for model {model.name!r} is full ({load.jobs} jobs waiting); "
+                "retry with backoff",
+                retry_after_ms=1000,
+            )
+        if texts >= self.bounds.max_pending_texts or chars >= self.bounds.max_pending_chars:
+            return overloaded(
+                f"server is waiting for {texts} texts already; retry with backoff",
+                retry_after_ms=1000,
+            )
+        promised = self._ledger.pending(model.name, time.monotonic())
+        ahead = load.ahead + self.held_back.ahead_of(model.name, new, CALL_WINDOW)
+        late = late_refusal(model.name, model.capacity, ahead, new, seconds_left, promised)
+        return late or self._promise_refusal(model, load.ahead, new, promised)
+
+    def _promise_refusal(
+        self, model: ServedModel, queued: int, new: int, promised: int
+    ) -> RequestError | None:
+        """A call of more than one window takes turns with admitted huge calls' later
+        windows: refused where that would make one of them late (a call of one window goes
+        in ahead of their later windows, as small calls do: they keep their priority)."""
+        if new <= CALL_WINDOW:
+            return None
+        now_ms = int(time.time() * 1000)
+        calls = [
+            (texts, held.seconds_left(deadline_ms, now_ms))
+            for texts, deadline_ms in self.held_back.calls(model.name)
+        ]
+        return broken_promise_refusal(model.name, model.capacity, queued, calls, new, promised)
+
+    def refused(self, model: str, refusal: RequestError, new: int) -> None:
+        """A caller with `new` texts was refused: if told when to come back, the callers
+        refused after it are told a later time (RetryLedger)."""
+        if refusal.retry_after_ms:
+            retry_at = time.monotonic() + refusal.retry_after_ms / 1000
+            self._ledger.promise(model, retry_at, new)

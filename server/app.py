@@ -18,10 +18,11 @@ from embedq.keys import Keys
 from embedq.settings import ServerSettings, SettingsError, readable_file
 from embedq.v1 import embedq_pb2
 
+from .admission import QueueBounds
 from .auth import BearerTokenInterceptor, TokenSet, token_set
 from .metrics import ObservabilityInterceptor, start_metrics_server, track_gauges
 from .nearcache import NearCache
-from .queue import Dispatcher, QueueBounds
+from .queue import Dispatcher
 from .registry import ModelRegistry
 from .router import EmbedderService, add_to_server
 from .supervise import Supervisor

@@ -2,7 +2,7 @@
 
 A call of more than CALL_WINDOW new texts is queued a window at a time, so most of its texts
 are in no backlog counter yet: they sit in its server's memory. Its own server counts them
-when it admits later calls (Dispatcher._held_back, _promise_refusal); every other server
+when it admits later calls (HeldBack, for server/admission.py's Admission); every other server
 sees them through the model's held hash (`Keys.held`), where each server keeps one field:
 HeldCalls, the texts each of its calls still holds back and that call's deadline. A server
 publishes at once when it admits such a call and refreshes every second while it holds any;
@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -157,3 +158,49 @@ class SharedHeld:
         """On a clean stop: this server's fields go (else they expire on their own)."""
         for model in self._published:
             await self._redis.hdel(self._keys.held(model), self._server_id)
+
+
+class Windowed(Protocol):
+    """An admitted call queued a window at a time (server/queue.py's Call)."""
+
+    deadline_unix_ms: int
+    unrouted: list[int]  # its rows not queued yet
+
+
+class HeldBack:
+    """Per model, the admitted calls of more than one window that still hold texts back:
+    this server's, kept here until their last window is queued, and the other servers', as
+    `shared` last read them (and publishes this server's)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, server_id: str) -> None:
+        self._calls: dict[str, dict[int, Windowed]] = {}
+        self.shared = SharedHeld(redis, keys, server_id, self.all_own)
+
+    def add(self, model: str, call: Windowed) -> None:
+        self._calls.setdefault(model, {})[id(call)] = call
+        self.shared.changed.set()  # the other servers' admission counts it too
+
+    def discard(self, model: str, call: Windowed) -> None:
+        if self._calls.get(model, {}).pop(id(call), None) is not None:
+            self.shared.changed.set()  # the other servers stop counting it
+
+    def own(self, model: str) -> list[Held]:
+        return [(len(c.unrouted), c.deadline_unix_ms) for c in self._calls.get(model, {}).values()]
+
+    def all_own(self) -> dict[str, list[Held]]:
+        return {model: self.own(model) for model, calls in self._calls.items() if calls}
+
+    def calls(self, model: str) -> list[Held]:
+        """(texts held back, deadline) of every such call: this server's, then the other
+        servers' as last read."""
+        return self.own(model) + self.shared.remote.get(model, [])
+
+    def ahead_of(self, model: str, new: int, window: int) -> int:
+        """Texts held back that a call of `new` texts would wait for besides the queued ones
+        (which the backlog counter counts). A call of at most one `window` is queued at once,
+        behind those, and waits for none of them. A bigger one's later windows take turns
+        with theirs (each refill of theirs can go in before its next window), so each such
+        call's texts count up to `new`: calls of the same size wait for each other's all."""
+        if new <= window:
+            return 0
+        return sum(min(texts, new) for texts, _ in self.calls(model))

@@ -46,15 +46,13 @@ from embedq.keys import (
     texts_sha256,
     variant_fingerprint,
 )
-from embedq.settings import ServerSettings, setting_field
 
 from . import held, metrics, one_trip
-from .admission import RetryLedger, admit_limit, broken_promise_refusal, late_refusal
+from .admission import CALL_WINDOW, Admission, ModelLoad, QueueBounds, admit_limit
 from .errors import (
     RequestError,
     deadline,
     error_of_failure,
-    overloaded,
     redis_failure,
     redis_is_full,
     unavailable,
@@ -67,9 +65,6 @@ log = logging.getLogger(__name__)
 
 ENCODE = queue_pb2.JOB_KIND_ENCODE
 TOKENIZE = queue_pb2.JOB_KIND_TOKENIZE
-# Texts of one call queued at once; the rest follow as these are answered,
-# so a huge request shares the workers with the requests that come after it.
-CALL_WINDOW = 256
 # While texts are in flight, the write markers are checked this often (s).
 MARKER_CHECK_S = 1.0
 # Reply stream and markers get their TTL renewed this often (s).
@@ -228,39 +223,9 @@ class Ticket:
     seq: int = 0
 
 
-@dataclass(frozen=True)
-class QueueBounds:
-    """Past these, new work is refused at once (RESOURCE_EXHAUSTED) rather
-    than queued behind a growing latency."""
-
-    # Jobs waiting in one model's stream, all servers together (XLEN).
-    max_queued_jobs: int = setting_field("max_queued_jobs")
-    # Texts this server waits for.
-    max_pending_texts: int = setting_field("max_pending_texts")
-    # Characters of those texts: a cheap stand-in for tokens (about 4 per token).
-    max_pending_chars: int = setting_field("max_pending_chars")
-
-    @classmethod
-    def from_settings(cls, settings: ServerSettings) -> QueueBounds:
-        return cls(settings.max_queued_jobs, settings.max_pending_texts, settings.max_pending_chars)
-
-
 def _expire(future: asyncio.Future, timeout_s: float) -> None:
     if not future.done():
         future.set_exception(deadline(f"no result within {timeout_s:.1f}s (worker busy or gone)"))
-
-
-@dataclass
-class ModelLoad:
-    """Work queued for one model, as one flush sees it."""
-
-    jobs: int  # stream entries (XLEN), all servers
-    texts: int  # texts queued or being encoded, all servers (the backlog counter)
-    admitted: int = 0  # texts this flush admitted so far (not counted in `texts` yet)
-
-    @property
-    def ahead(self) -> int:
-        return self.texts + self.admitted
 
 
 @dataclass
@@ -288,11 +253,10 @@ class Dispatcher:
         keys: Keys,
         *,
         server_id: str | None = None,
-        bounds: QueueBounds = QueueBounds(),
+        bounds: QueueBounds | None = None,
         near_cache: NearCache | None = None,
     ) -> None:
         self._redis = redis
-        self.bounds = bounds
         self.near_cache = near_cache if near_cache is not None else NearCache(0)
         self._keys = keys
         self.server_id = server_id or uuid.uuid4().hex[:12]
@@ -309,12 +273,10 @@ class Dispatcher:
         self._abandoned: list[int] = []
         # Windowed calls ready for their next texts.
         self._refills: dict[int, Call] = {}
-        # Per model, admitted calls with rows not queued yet (their windows' rest), by id: work
-        # that no backlog counter sees yet (_held_back).
-        self._windowed: dict[str, dict[int, Call]] = {}
-        # Shared with the other servers (server/held.py): this server's such calls
-        # published, theirs as the last look-up of a huge call read them.
-        self._shared_held = held.SharedHeld(redis, keys, self.server_id, self._all_own_held)
+        # Admitted calls with rows not queued yet (their windows' rest): work that no backlog
+        # counter sees yet, shared with the other servers (server/held.py).
+        self._held_back = held.HeldBack(redis, keys, self.server_id)
+        self._admission = Admission(bounds or QueueBounds(), self._held_back)
         # Lost-work detection (see _verify_markers): each flush that queues jobs gets
         # a sequence number, stamped on its tickets and written (SET) as a marker
         # beside each job stream it wrote to and beside the reply stream, in the same
@@ -337,8 +299,6 @@ class Dispatcher:
         self._one_trip_after = 0.0  # time.monotonic() before which it is not used
         self._last_load: dict[str, ModelLoad] = {}
         self._all_new_share = 1.0
-        # Refused callers' texts until their hinted time, so that hints are staggered.
-        self._retry_ledger = RetryLedger()
 
     # -- public API -----------------------------------------------------------
 
@@ -350,7 +310,7 @@ class Dispatcher:
             supervisor.spawn("flush", self._flush_loop),
             supervisor.spawn("replies", self._listen_loop),
             supervisor.spawn("reply-keepalive", self._keepalive_loop),
-            supervisor.spawn("held-publisher", lambda: self._shared_held.run(self._throttled)),
+            supervisor.spawn("held-publisher", lambda: self._held_back.shared.run(self._throttled)),
         ]
 
     async def stop(self) -> None:
@@ -359,7 +319,7 @@ class Dispatcher:
             await self._redis.delete(self.reply_key, self.reply_marker)
             for model in self._written:
                 await self._redis.delete(self._keys.job_marker(model, self.server_id))
-            await self._shared_held.withdraw()
+            await self._held_back.shared.withdraw()
 
     async def encode(
         self,
@@ -455,32 +415,7 @@ class Dispatcher:
 
     def _drop_unrouted(self, call: Call) -> None:
         call.unrouted.clear()
-        if self._windowed.get(call.variant.model.name, {}).pop(id(call), None) is not None:
-            self._shared_held.changed.set()  # the other servers stop counting it
-
-    def _held_back(self, model: str, new: int) -> int:
-        """Texts held back for admitted calls' windows (this server's and, as last read, the
-        others') that a call of `new` texts would wait for besides the queued ones (which the
-        backlog counter counts). A call of
-        at most one window is queued at once, behind those, and waits for none of them. A
-        bigger one's later windows take turns with theirs (each refill of theirs can go in
-        before its next window), so each such call's rows count up to `new`: calls of the same
-        size wait for each other's all. Other servers' such calls count alike (held.py)."""
-        if new <= CALL_WINDOW:
-            return 0
-        return sum(min(texts, new) for texts, _ in self._held_calls(model))
-
-    def _held_calls(self, model: str) -> list[held.Held]:
-        """(texts held back, deadline) of every admitted call of more than one window: this
-        server's, then the other servers' as last read."""
-        return self._own_held(model) + self._shared_held.remote.get(model, [])
-
-    def _own_held(self, model: str) -> list[held.Held]:
-        calls = self._windowed.get(model, {}).values()
-        return [(len(call.unrouted), call.deadline_unix_ms) for call in calls]
-
-    def _all_own_held(self) -> dict[str, list[held.Held]]:
-        return {model: self._own_held(model) for model, calls in self._windowed.items() if calls}
+        self._held_back.discard(call.variant.model.name, call)
 
     def _joinable(self, dedupe_key: tuple[str, str] | None, call: Call) -> int | None:
         """The in-flight ticket this call can wait on: same text and variant, and
@@ -707,9 +642,7 @@ class Dispatcher:
         new = self._joined(call, misses).count(None)
         refusal = self._refusal(call, new, load)
         if refusal is not None:
-            if refusal.retry_after_ms:
-                retry_at = time.monotonic() + refusal.retry_after_ms / 1000
-                self._retry_ledger.promise(call.variant.model.name, retry_at, new)
+            self._admission.refused(call.variant.model.name, refusal, new)
             call.fail(refusal)
             self._forget(call)
             return
@@ -742,9 +675,8 @@ class Dispatcher:
         model = call.variant.model.name
         call.unrouted = misses[::-1]
         load[model].admitted += self._queue_window(call, jobs)
-        if call.unrouted:  # held back: _held_back counts them for the calls after it
-            self._windowed.setdefault(model, {})[id(call)] = call
-            self._shared_held.changed.set()  # the other servers' admission counts them too
+        if call.unrouted:  # held back: admission counts them for the calls after it
+            self._held_back.add(model, call)
 
     def _refill(
         self, call: Call, load: dict[str, ModelLoad], jobs: dict[tuple, queue_pb2.Job]
@@ -769,46 +701,15 @@ class Dispatcher:
 
     def _refusal(self, call: Call, new: int, load: dict[str, ModelLoad]) -> RequestError | None:
         """Why a call's `new` texts (not cached, not in flight) cannot be queued now, if they
-        cannot. The more new texts, the likelier a refusal: _route_as_misses relies on it."""
+        cannot (see Admission.refusal). _route_as_misses relies on more new texts never
+        being refused less."""
         model = call.variant.model
         if model.workers_alive == 0:
             return unavailable(f"no worker alive for model {model.name!r}{self._full_note()}")
         if new == 0:
-            return None  # all already in flight: costs the queue nothing
-        model_load = load[model.name]
-        if model_load.jobs >= self.bounds.max_queued_jobs:
-            return overloaded(
-                f"queue for model {model.name!r} is full ({model_load.jobs} jobs waiting); "
-                "retry with backoff",
-                retry_after_ms=1000,
-            )
-        if (
-            len(self._tickets) >= self.bounds.max_pending_texts
-            or self._pending_chars >= self.bounds.max_pending_chars
-        ):
-            return overloaded(
-                f"server is waiting for {len(self._tickets)} texts already; retry with backoff",
-                retry_after_ms=1000,
-            )
-        promised = self._retry_ledger.pending(model.name, time.monotonic())
-        ahead = model_load.ahead + self._held_back(model.name, new)
-        late = late_refusal(model.name, model.capacity, ahead, new, call.seconds_left(), promised)
-        return late or self._promise_refusal(model, model_load.ahead, new, promised)
-
-    def _promise_refusal(
-        self, model: ServedModel, queued: int, new: int, promised: int
-    ) -> RequestError | None:
-        """A call of more than one window takes turns with admitted huge calls' later
-        windows: refused where that would make one of them late (a call of one window goes
-        in ahead of their later windows, as small calls do: they keep their priority)."""
-        if new <= CALL_WINDOW:
             return None
-        now_ms = int(time.time() * 1000)
-        calls = [
-            (texts, held.seconds_left(deadline_ms, now_ms))
-            for texts, deadline_ms in self._held_calls(model.name)
-        ]
-        return broken_promise_refusal(model.name, model.capacity, queued, calls, new, promised)
+        waiting = (len(self._tickets), self._pending_chars)
+        return self._admission.refusal(model, load[model.name], new, call.seconds_left(), waiting)
 
     async def _look_up(
         self, calls: list[Call], refills: list[Call], ahead: Writes | None, seq: int
@@ -891,7 +792,7 @@ class Dispatcher:
                 return None
             new = joined.count(None)
             limit = admit_limit(model.capacity, new, call.seconds_left())
-            limit -= model_load.admitted + self._held_back(model.name, new)
+            limit -= model_load.admitted + self._held_back.ahead_of(model.name, new, CALL_WINDOW)
             limits[model.name] = min(limits.get(model.name, math.inf), limit)
             self._admit(call, misses, new, load, jobs)
         return (jobs, limits) if jobs else None
@@ -926,7 +827,7 @@ class Dispatcher:
         trip = one_trip.Trip(
             cache_keys=cache_keys,
             models=queues,
-            max_jobs=self.bounds.max_queued_jobs,
+            max_jobs=self._admission.bounds.max_queued_jobs,
             jobs=[
                 one_trip.Job(model, len(job.items), job.SerializeToString())
                 for (_kind, model, *_options), job in jobs.items()
@@ -994,7 +895,7 @@ class Dispatcher:
             counts = results[1 if cache_keys else 0 :][: 2 * len(models)]
             held_fields = results[len(results) - len(huge) :]
         for model, fields in zip(huge, held_fields, strict=True):
-            self._shared_held.read(model, fields)
+            self._held_back.shared.read(model, fields)
         return self._digest(calls, cache_keys, values, counts)
 
     def _digest(

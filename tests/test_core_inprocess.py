@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from embedq.server.admission import QueueBounds
 from embedq.server.errors import RequestError
 from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
-from embedq.server.queue import Dispatcher, QueueBounds, Variant
+from embedq.server.queue import Dispatcher, Variant
 from embedq.server.registry import ModelRegistry, ServedModel
 from embedq.workers.pipeline import (
     BatchLimits,

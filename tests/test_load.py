@@ -107,6 +107,47 @@ def test_held_calls_are_shared_between_servers_until_they_expire():
     assert held.seconds_left(now + 2500, now_ms=now) == 2.5
 
 
+def test_admission_counts_the_texts_huge_calls_hold_back_and_staggers_its_hints():
+    """Admission over HeldBack, no Redis: a call of more than one window waits for what
+    admitted huge calls (this server's and the others') still hold back; a call of one window
+    does not; a refused caller's texts push the next caller's hint later; the bounds refuse
+    before any estimate."""
+    from types import SimpleNamespace
+
+    from embedq.server import held
+    from embedq.server.admission import Admission, ModelLoad, QueueBounds
+    from embedq.server.registry import ServedModel
+
+    from embedq.internal.v1 import queue_pb2
+
+    held_back = held.HeldBack(None, Keys("unit"), "me")  # no Redis: nothing is published
+    admission = Admission(QueueBounds(), held_back)
+    model = ServedModel(queue_pb2.ModelRegistration(name="m"), 1, capacity=1000.0)
+    deadline_ms = int(time.time() * 1000) + 60_000
+    huge = SimpleNamespace(deadline_unix_ms=deadline_ms, unrouted=list(range(1500)))
+    held_back.add("m", huge)
+    held_back.shared.remote["m"] = [(500, deadline_ms)]
+    assert held_back.calls("m") == [(1500, deadline_ms), (500, deadline_ms)]
+    assert held_back.ahead_of("m", 256, 256) == 0
+    assert held_back.ahead_of("m", 1000, 256) == 1000 + 500
+
+    # 1,000 new texts within 2 s at 1,000 texts/s (80 %: 1,600 texts): 1,500 held ahead.
+    refusal = admission.refusal(model, ModelLoad(0, 0), 1000, 2.0, (0, 0))
+    assert refusal is not None and refusal.retry_after_ms > 0
+    assert admission.refusal(model, ModelLoad(0, 0), 200, 2.0, (0, 0)) is None
+    held_back.discard("m", huge)
+    assert held_back.own("m") == [] and held_back.all_own() == {}
+    assert admission.refusal(model, ModelLoad(0, 0), 1000, 2.0, (0, 0)) is None
+
+    late = admission.refusal(model, ModelLoad(1, 2000), 100, 1.0, (0, 0))
+    admission.refused("m", late, 100)
+    later = admission.refusal(model, ModelLoad(1, 2000), 100, 1.0, (0, 0))
+    assert later.retry_after_ms == late.retry_after_ms + 100  # 100 texts at 1,000 texts/s
+    full = admission.refusal(model, ModelLoad(0, 0), 1, 60.0, (QueueBounds().max_pending_texts, 0))
+    assert full is not None and "waiting for" in full.message
+    assert admission.refusal(model, ModelLoad(0, 0), 0, 0.0, (10**9, 0)) is None  # none new
+
+
 def test_a_servers_held_calls_are_published_and_withdrawn(redis_server):
     """On the real Redis: a server's field appears when it holds calls (a long-dead server's
     field seen by its look-up goes with it), another server reads it, and it goes when the

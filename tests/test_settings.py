@@ -153,8 +153,8 @@ def test_dataclass_defaults_are_the_declared_ones(cls: type) -> None:
 
 
 def test_queue_bounds_agree_with_the_declarations() -> None:
-    """QueueBounds (server/queue.py) takes its defaults and values from the declarations."""
-    from embedq.server.queue import QueueBounds
+    """QueueBounds (server/admission.py) takes its defaults and values from the declarations."""
+    from embedq.server.admission import QueueBounds
 
     for item in fields(QueueBounds):
         assert getattr(QueueBounds(), item.name) == SETTINGS[item.name].default
