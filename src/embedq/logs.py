@@ -14,7 +14,9 @@ import json
 import logging
 import time
 
-FORMATS = ("text", "json")
+from embedq.settings import LOG_FORMATS as FORMATS
+from embedq.settings import SETTINGS
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 # The id of the request being handled in this context (asyncio task), if any.
@@ -86,9 +88,6 @@ def _iso_time(created: float) -> str:
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     """Root handler on stderr; `level` and `fmt` default to the declared settings
     log_level / log_format (EMBEDQ_LOG_LEVEL / EMBEDQ_LOG_FORMAT, else INFO / text)."""
-    # Here, not at the top: embedq.settings takes FORMATS from this module.
-    from embedq.settings import SETTINGS
-
     level = (level or SETTINGS["log_level"].from_env()).upper()
     fmt = (fmt or SETTINGS["log_format"].from_env()).lower()
     if fmt not in FORMATS:

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from embedq.logs import FORMATS as LOG_FORMATS
-
 if TYPE_CHECKING:  # redis is imported where it is used: SettingsError needs no redis
     import redis
     import redis.asyncio as aioredis
+
+# What --log-format takes (embedq.logs has a formatter for each).
+LOG_FORMATS = ("text", "json")
 
 DEFAULT_PORT = 50051
 DEFAULT_HOST = "127.0.0.1"
@@ -678,7 +679,7 @@ class ServerSettings:
     metrics_port: int = setting_field("metrics_port")
     metrics_host: str = setting_field("metrics_host")
     http_port: int = setting_field("http_port")
-    # Admission bounds of the dispatcher (embedq.server.queue.QueueBounds).
+    # Admission bounds of the dispatcher (embedq.server.admission.QueueBounds).
     max_queued_jobs: int = setting_field("max_queued_jobs")
     max_pending_texts: int = setting_field("max_pending_texts")
     max_pending_chars: int = setting_field("max_pending_chars")
