@@ -173,3 +173,17 @@ def test_retry_after_hint() -> None:
     assert bench_load.retry_after_s(Refusal((("retry-after-ms", "250"),))) == 0.25
     assert bench_load.retry_after_s(Refusal(())) == 0.1
     assert bench_load.retry_after_s(Refusal((("retry-after-ms", "soon"),))) == 0.1
+
+
+def test_input_texts_are_distinct(tmp_path: Path) -> None:
+    """A repeated text would be a cache hit for embedq and another encode for the reference:
+    the bench keeps each input text once, in its first place, up to --texts of them."""
+    from embedq.tools.bench import read_texts
+
+    lines = tmp_path / "texts.txt"
+    lines.write_text("a\nb\na\n\nc\nb\nd\n", encoding="utf-8")
+    assert read_texts(lines, None, 3) == ["a", "b", "c"]
+    assert read_texts(lines, None, 10) == ["a", "b", "c", "d"]
+    table = tmp_path / "pairs.tsv"
+    table.write_text("s1\ts2\nx\ty\nx\tz\nw\ty\n", encoding="utf-8")
+    assert read_texts(table, "s1", 10) == ["x", "w"]
