@@ -139,10 +139,13 @@ def test_admission_counts_the_texts_huge_calls_hold_back_and_staggers_its_hints(
     assert held_back.own("m") == [] and held_back.all_own() == {}
     assert admission.refusal(model, ModelLoad(0, 0), 1000, 2.0, (0, 0)) is None
 
-    late = admission.refusal(model, ModelLoad(1, 2000), 100, 1.0, (0, 0))
-    admission.refused("m", late, 100)
-    later = admission.refusal(model, ModelLoad(1, 2000), 100, 1.0, (0, 0))
-    assert later.retry_after_ms == late.retry_after_ms + 100  # 100 texts at 1,000 texts/s
+    # 125 texts behind 2,000 within 1.25 s: refused, back in (2,125 / 1,000 - 1.25 x 0.8) s;
+    # the next such caller waits for those 125 texts too (figures exact in binary).
+    late = admission.refusal(model, ModelLoad(1, 2000), 125, 1.25, (0, 0))
+    assert late.retry_after_ms == 1125
+    admission.refused("m", late, 125)
+    later = admission.refusal(model, ModelLoad(1, 2000), 125, 1.25, (0, 0))
+    assert later.retry_after_ms == 1250
     full = admission.refusal(model, ModelLoad(0, 0), 1, 60.0, (QueueBounds().max_pending_texts, 0))
     assert full is not None and "waiting for" in full.message
     assert admission.refusal(model, ModelLoad(0, 0), 0, 0.0, (10**9, 0)) is None  # none new
