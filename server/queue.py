@@ -223,11 +223,6 @@ class Ticket:
     seq: int = 0
 
 
-def _expire(future: asyncio.Future, timeout_s: float) -> None:
-    if not future.done():
-        future.set_exception(deadline(f"no result within {timeout_s:.1f}s (worker busy or gone)"))
-
-
 @dataclass
 class Writes:
     """What one flush writes: its jobs (XADD) and their markers, the cancellations."""
@@ -368,7 +363,7 @@ class Dispatcher:
         self._wakeup.set()
         # A timer on the call's own future rather than wait_for(): no extra task
         # and futures per call (profiled: per-message overhead of waiting streams).
-        expiry = loop.call_later(timeout_s, _expire, call.future, timeout_s)
+        expiry = loop.call_later(timeout_s, self._expire, call.future, timeout_s)
         try:
             return await call.future
         finally:
@@ -487,15 +482,21 @@ class Dispatcher:
             self._throttled.warning("flush", "queueing work failed (%s); failing its calls", name)
         return redis_failure(exc)
 
-    def _full_note(self) -> str:
-        """Why workers may look dead: a full Redis refuses their heartbeats too. (Dated: no
-        write is tried while no worker is alive, so nothing newer says whether it still is.)"""
+    def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
+        if not future.done():
+            why = self._full_note("results") or " (worker busy or gone)"
+            future.set_exception(deadline(f"no result within {timeout_s:.1f}s{why}"))
+
+    def _full_note(self, what: str = "heartbeats") -> str:
+        """Why workers may look dead or late: a full Redis refuses their heartbeats and their
+        results too. (Dated: a server writes only when it queues work, so nothing newer says
+        whether it still is.)"""
         if self._redis_full_at is None:
             return ""
         ago = time.monotonic() - self._redis_full_at
         return (
             f" (redis was out of memory at this server's last write, {ago:.0f}s ago: "
-            "it refuses workers' heartbeats too)"
+            f"it refuses the workers' {what} too; see docs/deployment.md, Memory policy)"
         )
 
     def _fail_all(self, calls: list[Call], error: RequestError) -> None:

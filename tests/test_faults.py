@@ -658,8 +658,9 @@ def test_a_full_redis_refuses_new_texts_at_once_and_still_answers_the_calls_it_h
     queued just before gets its vectors once memory frees (here an operator raises
     `maxmemory`), not its deadline: the worker gives up the cache entries, not the replies.
     Meanwhile new texts are refused at once with RESOURCE_EXHAUSTED saying why, with a
-    retry hint, and cached texts are still served. (Before: the worker's refused replies were
-    acknowledged and lost, the call ran into its deadline, and new texts got
+    retry hint, cached texts are still served, and a caller whose deadline passes is told
+    that Redis is full, not that the worker is busy or gone. (Before: the worker's refused
+    replies were acknowledged and lost, the call ran into its deadline, and new texts got
     `UNAVAILABLE: redis unavailable: OutOfMemoryError`.)"""
     server = EmbeddedRedis(extra_args=["--maxmemory-policy", "noeviction"]).start()
     svc = Service(server.url, namespace=f"full{uuid.uuid4().hex[:6]}")
@@ -692,6 +693,15 @@ def test_a_full_redis_refuses_new_texts_at_once_and_still_answers_the_calls_it_h
             assert int(dict(info.value.trailing_metadata())[RETRY_AFTER_MS_KEY]) > 0
             assert refused_after < 5  # refused, not run into its deadline
             assert stub.Encode(pb.EncodeRequest(texts=["already cached"]), timeout=30).count
+            # A caller waiting on texts in flight (no write needed) that runs out of time is
+            # told why its result is late (the message's own limit: the server's status).
+            late = stub.EncodeStream(
+                iter([pb.EncodeStreamRequest(id="late", texts=texts[:4], timeout_ms=1500)]),
+                timeout=30,
+            )
+            error = next(iter(late)).error
+            assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], error
+            assert "redis was out of memory" in error.message, error.message
             assert not held.done()
             client.config_set("maxmemory", 0)
             got = rows(held.result())
