@@ -509,7 +509,12 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--redis-url", help="with --target: the Redis to flush between uncached runs"
     )
-    parser.add_argument("--input", type=Path, help="texts: one per line, or a TSV with --column")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        help="texts: one per line, or a TSV with --column (repeats dropped: a repeat would "
+        "be a cache hit for embedq and another encode for the reference)",
+    )
     parser.add_argument("--column", help="TSV column to read from --input (e.g. sentence1)")
     parser.add_argument("--texts", type=int, default=1024, help="how many texts [%(default)s]")
     parser.add_argument(
