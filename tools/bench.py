@@ -119,8 +119,8 @@ def read_texts(path: Path, column: str | None, limit: int) -> list[str]:
 
     Distinct, because embedq answers a repeated text from the cache (or from the first one
     in flight) while the reference encodes every copy: STS-B's first 1,024 `sentence1`
-    hold 123 repeats, which made embedq's uncached figures look 12 % better than R's
-    (measured: 16 waiting consumers 0.95 x R with them, see docs/benchmarks.md)."""
+    hold 123 repeats, which made embedq's uncached figures look better than they were
+    (measured: S1 1.27 x R with them, 1.05-1.15 x without; docs/benchmarks.md)."""
     with open(path, encoding="utf-8") as handle:
         if column:
             reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
