@@ -78,6 +78,10 @@ def test_core_and_main_deployment_scenarios(tmp_path: Path) -> None:
     streams = load["streams"]
     assert streams["streams"] == 16 and streams["ratio_to_R"] > 0
     assert streams["paired_ratio_to_R"] > 0
+    # The worker's model alone at 16 texts a pass: the streams' figure split in two.
+    assert streams["ceiling_texts_per_s"] > 0
+    assert len(streams["ceiling_runs"]) == len(streams["runs"])
+    assert streams["share_of_ceiling"] == streams["texts_per_s"] / streams["ceiling_texts_per_s"]
     busy = load["busy-streams"]
     assert busy["streams"] == 3 and busy["streams_texts_per_s"] > 0
     assert busy["other_calls"] > 0 and busy["capacity_texts_per_s"] > 0

@@ -3,7 +3,8 @@
   burst        N clients loop Encode of new texts with a deadline: goodput / capacity, outcomes,
                time to a refusal, recovery after the burst (worse-burst: 64 x 256, 20 s)
   slow-reader  one EncodeStream that sends and never reads: server RSS growth, fairness
-  streams      16 EncodeStreams of waiting consumers (send one text, wait, send the next) vs R
+  streams      16 EncodeStreams of waiting consumers (send one text, wait, send the next) vs R,
+               and vs the worker's encoder alone in-process at 16 texts a pass
   busy-streams 32 pipelined EncodeStreams (16 one-text messages in flight each) and another
                caller's 1-text Encode with a 2 s deadline: its outcomes, the streams' share
   plumbing     bench-zero workers (no model): uncached / waiting-stream / cached texts/s and
@@ -578,20 +579,25 @@ async def busy_streams(
 # -- waiting streams vs R -------------------------------------------------------------------
 
 
-async def streams_vs_r(model, deployment, texts: list[str], reps: int, streams: int = 16) -> dict:
-    """Reps interleave R and the waiting consumers, on fresh (uncached) texts."""
-    r_runs, s_runs = [], []
+async def streams_vs_r(
+    model, deployment, texts: list[str], reps: int, streams: int = 16, encoder=None
+) -> dict:
+    """Reps interleave R, the waiting consumers (on fresh, uncached texts) and, given the
+    worker's `encoder` loaded in-process, that model alone at `streams` texts a pass."""
+    r_runs, s_runs, ceiling_runs = [], [], []
     async with grpc.aio.insecure_channel(deployment.target) as channel:
         stub = embedq_pb2_grpc.EmbedderStub(channel)
         for rep in range(reps):
             started = time.perf_counter()
             model.encode(texts, batch_size=32)
             r_runs.append(len(texts) / (time.perf_counter() - started))
+            if encoder is not None:
+                ceiling_runs.append(batch_ceiling(encoder, texts, streams))
             fresh = deployment.fresh(texts, 5000 + rep)
             elapsed = await timed_async(lambda f=fresh: waiting_streams(stub, f, streams))
             s_runs.append(len(texts) / elapsed)
     r, s = statistics.median(r_runs), statistics.median(s_runs)
-    return {
+    out = {
         "streams": streams,
         "texts": len(texts),
         "R_runs": r_runs,
@@ -601,6 +607,41 @@ async def streams_vs_r(model, deployment, texts: list[str], reps: int, streams: 
         "ratio_to_R": s / r,
         "paired_ratio_to_R": paired_ratio(s_runs, r_runs),
     }
+    if ceiling_runs:
+        ceiling = statistics.median(ceiling_runs)
+        out["ceiling_runs"] = ceiling_runs
+        out["ceiling_texts_per_s"] = ceiling
+        out["ceiling_ratio_to_R"] = ceiling / r
+        out["share_of_ceiling"] = s / ceiling
+    return out
+
+
+def batch_ceiling(encoder, texts: list[str], batch: int) -> float:
+    """Texts/s of the worker's model alone, in-process, tokenizing and encoding `batch` texts a
+    pass in arrival order: the most that `batch` consumers each waiting for their one text can
+    get from it (a pass never holds more), so that the streams' figure splits into what the
+    batch size costs against R and what the queue path costs (docs/benchmarks.md)."""
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch):
+        chunk = encoder.tokenize(texts[start : start + batch])
+        encoder.embed([item.ids for item in chunk])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def load_encoder(args: argparse.Namespace, model):
+    """The worker's encoder in this process, as the bench's own deployment runs it, on R's
+    device (None for a deployment of --target, whose model is not ours)."""
+    if args.target:
+        return None
+    from embedq.workers.backends import PooledEncoder
+
+    return PooledEncoder.load(
+        args.model,
+        device=str(model.device),
+        fp16=args.fp16,
+        backend=args.backend,
+        allow_bench=True,  # the bench's own workers run a bench backend when asked
+    )
 
 
 # -- plumbing: bench-zero workers, Redis traffic per text -----------------------------------
@@ -1060,7 +1101,8 @@ async def run_load(
         await settle(deployment.target)
     if "streams" in scenarios:
         share = texts[: args.stream_texts] if args.stream_texts else texts
-        out["streams"] = await streams_vs_r(model, deployment, share, args.reps)
+        encoder = load_encoder(args, model)
+        out["streams"] = await streams_vs_r(model, deployment, share, args.reps, encoder=encoder)
     if "busy-streams" in scenarios:
         pid = deployment.procs["server"].pid if "server" in deployment.procs else None
         capacity = await measure_capacity(deployment, texts)
@@ -1202,11 +1244,18 @@ def slow_reader_report(s: dict) -> list[str]:
 
 
 def streams_report(s: dict) -> list[str]:
-    return [
+    lines = [
         f"streams: {s['streams']} waiting consumers, 1 text/msg: {_f(s['texts_per_s'])} texts/s "
         f"= {s['ratio_to_R']:.2f} x R ({_f(s['R_texts_per_s'])}; paired per rep "
         f"{s['paired_ratio_to_R']:.2f})   target >= 0.9"
     ]
+    if "ceiling_texts_per_s" in s:
+        lines.append(
+            f"  the model alone in-process, {s['streams']} texts a pass in arrival order: "
+            f"{_f(s['ceiling_texts_per_s'])} texts/s = {s['ceiling_ratio_to_R']:.2f} x R; "
+            f"the streams reach {s['share_of_ceiling']:.2f} of it"
+        )
+    return lines
 
 
 def busy_streams_report(b: dict) -> list[str]:
