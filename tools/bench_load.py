@@ -1103,6 +1103,7 @@ async def run_load(
         share = texts[: args.stream_texts] if args.stream_texts else texts
         encoder = load_encoder(args, model)
         out["streams"] = await streams_vs_r(model, deployment, share, args.reps, encoder=encoder)
+        del encoder  # its memory (a GPU's, too) goes back before the next scenarios
     if "busy-streams" in scenarios:
         pid = deployment.procs["server"].pid if "server" in deployment.procs else None
         capacity = await measure_capacity(deployment, texts)
