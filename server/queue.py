@@ -707,8 +707,6 @@ class Dispatcher:
         model = call.variant.model
         if model.workers_alive == 0:
             return unavailable(f"no worker alive for model {model.name!r}{self._full_note()}")
-        if new == 0:
-            return None
         waiting = (len(self._tickets), self._pending_chars)
         return self._admission.refusal(model, load[model.name], new, call.seconds_left(), waiting)
 
