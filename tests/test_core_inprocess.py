@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from embedq.apps.embedded import EmbeddedRedis, free_port
 from embedq.server.admission import QueueBounds
 from embedq.server.errors import RequestError
 from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
@@ -35,7 +36,7 @@ from embedq.workers.pipeline import (
     pretokenize,
     run_jobs,
 )
-from embedq.workers.worker import RECHECK_CANCELLED_S, Read, Worker
+from embedq.workers.worker import RECHECK_CANCELLED_S, Read, Worker, Write, _unsent
 from fault_worker import FaultyEncoder
 from helpers_tiny_model import write_tiny_bert
 from redis.exceptions import ResponseError
@@ -798,6 +799,58 @@ def test_a_running_read_stops_encoding_for_callers_who_leave_before_its_later_pa
         worker.redis.delete(worker.jobs_key, *cancelled)
         worker.redis.delete(worker.keys.models(), worker.keys.workers(worker.name))
         worker.redis.close()
+
+
+def test_a_write_is_sent_again_for_what_did_not_take_effect_only():
+    """Which replies in place of a result write's commands mean "send it again": Redis out of
+    reach and a cluster between states (CLUSTERDOWN while a master fails over, TRYAGAIN,
+    MOVED, READONLY), not refusals that would be refused again (OOM waits for room apart)."""
+    errors = redis.exceptions
+    again = [
+        errors.ConnectionError("gone"),
+        errors.TimeoutError("slow"),
+        errors.ClusterDownError("The cluster is down"),
+        errors.TryAgainError("TRYAGAIN"),
+        errors.MovedError("3999 127.0.0.1:6381"),
+        errors.ReadOnlyError("You can't write against a read only replica."),
+    ]
+    refused = [ResponseError("NOGROUP"), errors.OutOfMemoryError("OOM"), b"OK", 3]
+    assert all(_unsent(reply) for reply in again)
+    assert not any(_unsent(reply) for reply in refused)
+
+
+def test_a_result_write_refused_while_redis_changes_roles_is_sent_again(tiny_encoder):
+    """A result write Redis refuses because it is between states (READONLY here: a master
+    demoted under its clients, as in a failover; CLUSTERDOWN and TRYAGAIN alike) is sent again
+    until it takes effect: the reply reaches its caller, the job is acknowledged and the
+    backlog counter taken down once. Taken for a refusal, it was given up and the caller
+    waited out its deadline (seen in tests/test_cluster.py's failover under load)."""
+    with EmbeddedRedis() as private:  # demoted for a moment: not the session's server
+        settings = WorkerSettings(redis=RedisSettings(url=private.url, namespace="t"))
+        worker = Worker(settings, encoder=tiny_encoder)
+        admin = redis.Redis.from_url(private.url)
+        backlog = worker.keys.backlog(worker.name)
+        try:
+            worker.register()
+            admin.incrby(backlog, 2)  # as a server does when it queues the job
+            admin.xadd(worker.jobs_key, encode_message(job(["a fox", "b fox"], "replies")))
+            read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+            (step,) = iter_steps(read.jobs, tiny_encoder, worker.keys)
+            write = Write([step.outcome], list(read.entry_ids), texts_done=2)
+            admin.replicaof("127.0.0.1", free_port())  # writes refused: READONLY
+            promoted = threading.Timer(0.5, admin.replicaof, args=("NO", "ONE"))
+            promoted.start()
+            worker._write(write)
+            promoted.join()
+            (reply,) = admin.xrange("replies")
+            assert list(decode_reply(reply[1]).tickets) == [1, 2]
+            assert admin.xpending(worker.jobs_key, CONSUMER_GROUP)["pending"] == 0
+            assert int(admin.get(backlog)) == 0
+            assert len(step.outcome.cache) == 2
+            assert all(admin.exists(key) for key in step.outcome.cache)
+        finally:
+            admin.close()
+            worker.redis.close()
 
 
 def test_a_running_worker_skips_callers_who_leave_during_a_long_read(redis_server, tiny_encoder):

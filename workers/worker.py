@@ -37,7 +37,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
-from redis.exceptions import DataError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    DataError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from embedq import packed, streams
 from embedq.internal.v1 import queue_pb2
@@ -858,25 +867,32 @@ class Worker:
         self._held.release(write.entry_ids)
 
     def _execute_until_sent(self, commands: list[tuple]) -> list:
-        """Every command's reply, refusals (error replies) in their places; retried while
-        Redis cannot be reached (raised once stopping). A cluster pipeline returns a
-        node's connection error in place too: raised here, as one that raises it."""
+        """Every command's reply, refusals (error replies) in their places. What did not take
+        effect (Redis out of reach, a cluster between states: see _unsent) is sent again until
+        it does (raised once stopping), and only that: a cluster runs the rest of a pipeline
+        on the nodes that answered, and a DECRBY sent twice would skew the backlog counter."""
+        replies: list = [None] * len(commands)
+        todo = list(range(len(commands)))
         backoff = Backoff()
         while True:
             try:
-                replies = packed.execute(self.redis, commands, raise_on_error=False)
-                unsent = next((r for r in replies if _unreachable(r)), None)
-                if unsent is not None:
-                    raise unsent
-                return replies
+                sent = packed.execute(self.redis, [commands[i] for i in todo], raise_on_error=False)
             except DataError:
                 raise  # an argument Redis cannot take: not Redis's fault (see _write_loop)
             except (RedisError, OSError) as exc:
-                if self._stop.is_set():
-                    raise
-                name = type(exc).__name__
-                self._throttled.warning("write", "writing results failed (%s); retrying", name)
-                time.sleep(backoff.next())
+                failure = exc
+            else:
+                for index, reply in zip(todo, sent, strict=True):
+                    replies[index] = reply
+                todo = [index for index in todo if _unsent(replies[index])]
+                if not todo:
+                    return replies
+                failure = replies[todo[0]]
+            if self._stop.is_set():
+                raise failure
+            name = _name(failure)
+            self._throttled.warning("write", "writing results failed (%s); retrying", name)
+            time.sleep(backoff.next())
 
     def _refused(self, commands: list[tuple], replies: list) -> list[tuple]:
         """Log the commands Redis refused; return those to send again once it has room.
@@ -956,9 +972,21 @@ class Worker:
         return commands
 
 
-def _unreachable(reply: object) -> bool:
-    """A reply in place of a command's that says Redis was not reached (not a refusal)."""
-    return isinstance(reply, (RedisError, OSError)) and not isinstance(reply, ResponseError)
+# Error replies that say a cluster is between states, not that the command is wrong: a
+# master failing over (CLUSTERDOWN, MASTERDOWN), slots moving (TRYAGAIN, MOVED, ASK), a master
+# demoted under its clients (READONLY). The same command takes effect once it settles. Taken
+# for refusals, a read's replies and acknowledgements were given up and its callers waited
+# out their deadline (tests/test_cluster.py's failover: "redis refused part of a result write
+# (7 of 7 commands; the first, SET): The cluster is down").
+SETTLING = (ClusterDownError, TryAgainError, AskError, ReadOnlyError)
+
+
+def _unsent(reply: object) -> bool:
+    """A reply in place of a command's that says it did not take effect and may when sent
+    again: Redis not reached, or a cluster between states (SETTLING)."""
+    if isinstance(reply, ResponseError):
+        return isinstance(reply, SETTLING)
+    return isinstance(reply, (RedisError, OSError))
 
 
 def _texts_done(read: Read, step: Step) -> int:
