@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from embedq import streams
 from embedq.internal.v1 import queue_pb2
@@ -728,11 +728,15 @@ class Dispatcher:
             self._one_trip_after = time.monotonic() + ONE_TRIP_PAUSE_S
             if redis_is_full(exc):  # the two round trips' refused writes tell the calls
                 return await self._lookup(calls, ahead)
+            # Named by class: a refusal's text can hold addresses.
+            why = type(exc).__name__
+            if isinstance(exc, NoPermissionError):
+                why += "; a Redis user needs +evalsha and +script|load for it"
             self._throttled.warning(
                 "one-trip",
-                "redis refused the one-trip look-up script (%s; a Redis user needs +evalsha and "
-                "+script|load for it): flushes take two round trips for %.0fs",
-                type(exc).__name__,
+                "redis refused the one-trip look-up script (%s): flushes take two round trips "
+                "for %.0fs",
+                why,
                 ONE_TRIP_PAUSE_S,
             )
             return await self._lookup(calls, ahead)

@@ -536,9 +536,11 @@ def test_a_call_that_fits_only_once_its_repeats_are_counted_is_admitted(redis_se
     run(redis_server, body)
 
 
-def test_a_redis_user_without_scripting_gets_two_round_trips(redis_server):
+def test_a_redis_user_without_scripting_gets_two_round_trips(redis_server, caplog):
     """A least-privilege ACL user without EVALSHA: the script is refused (NOPERM), once,
-    and every flush looks up and queues in two round trips, with the same answers."""
+    and every flush looks up and queues in two round trips, with the same answers. The
+    warning names the missing grants (only for NOPERM: a demoted master's READONLY is no
+    ACL matter)."""
     admin = redis.Redis.from_url(redis_server.url)
     user, password = f"noscript-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin.execute_command(
@@ -561,6 +563,7 @@ def test_a_redis_user_without_scripting_gets_two_round_trips(redis_server):
     finally:
         admin.execute_command("ACL", "DELUSER", user)
         admin.close()
+    assert "(NoPermissionError; a Redis user needs +evalsha and +script|load" in caplog.text
 
 
 # -- ModelRegistry ---------------------------------------------------------------------
