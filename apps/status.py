@@ -36,11 +36,12 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from embedq.flags import add_flags
 from embedq.keys import CONSUMER_GROUP, Keys, decode_registration
 from embedq.settings import SETTINGS, STATUS, RedisSettings, ServerSettings
+from embedq.trouble import REDIS_TROUBLE
 
 # Same window as the server's: a worker silent for longer counts as gone.
 WORKER_WINDOW_S = ServerSettings.worker_stale_s
@@ -327,7 +328,7 @@ def run_status_command(args: argparse.Namespace) -> int:
         else:
             dead_before = _stored_dead_letters(store)
         status = collect(client, keys, args.cache_scan_limit)
-    except (RedisError, OSError) as exc:
+    except REDIS_TROUBLE as exc:
         print(
             f"embedq status: redis at {settings.safe_url}: {settings.describe_error(exc)}",
             file=sys.stderr,

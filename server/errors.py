@@ -16,6 +16,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import ErrorKind
+from embedq.trouble import REDIS_TROUBLE
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,13 @@ def as_request_error(exc: BaseException, where: str) -> RequestError:
     INTERNAL with its traceback logged under `where`."""
     if isinstance(exc, RequestError):
         return exc
-    if isinstance(exc, (RedisError, OSError)):
+    if isinstance(exc, REDIS_TROUBLE):
         return redis_failure(exc)
     log.error("%s failed", where, exc_info=exc)
     return RequestError(ErrorKind.INTERNAL, INTERNAL_MESSAGE)
 
 
-def redis_failure(exc: RedisError | OSError) -> RequestError:
+def redis_failure(exc: Exception) -> RequestError:
     """What a caller is told when Redis failed its call: a full Redis (`maxmemory`
     reached under `noeviction`, refusing every command that adds data) as OVERLOADED,
     since cached texts are still served and the condition passes as memory frees;

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys
 from embedq.logs import Throttled
+from embedq.trouble import REDIS_TROUBLE
 
 # How often a server refreshes its field while it holds texts back, and how long a field
 # stays valid unrefreshed (a few missed refreshes: a busy event loop, a slow Redis).
@@ -128,7 +128,7 @@ class SharedHeld:
             self.changed.clear()
             try:
                 await self.publish()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 throttled.warning(
                     "held", "publishing held-back texts failed (%s); retrying", type(exc).__name__
                 )

@@ -30,11 +30,11 @@ from collections.abc import Awaitable, Callable
 import grpc
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
-from redis.exceptions import RedisError
 
 from embedq.keys import Keys
 from embedq.logs import REQUEST_ID, Throttled
 from embedq.settings import SettingsError
+from embedq.trouble import REDIS_TROUBLE
 from embedq.v1 import embedq_pb2 as pb
 
 from .registry import ModelRegistry
@@ -297,7 +297,7 @@ async def track_gauges(
                 for name in models:
                     pipe.xlen(keys.jobs(name))
                 depths = await pipe.execute() if models else []
-        except (RedisError, OSError):
+        except REDIS_TROUBLE:
             depths = None  # the registry reports Redis trouble; keep the last values
         if depths is not None:
             for (name, model), depth in zip(models.items(), depths, strict=True):

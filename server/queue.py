@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from embedq import streams
 from embedq.internal.v1 import queue_pb2
@@ -46,6 +46,7 @@ from embedq.keys import (
     texts_sha256,
     variant_fingerprint,
 )
+from embedq.trouble import REDIS_TROUBLE
 
 from . import held, metrics, one_trip
 from .admission import CALL_WINDOW, Admission, ModelLoad, QueueBounds, admit_limit
@@ -310,7 +311,7 @@ class Dispatcher:
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)
-        with contextlib.suppress(RedisError, OSError):  # else they expire on their own
+        with contextlib.suppress(*REDIS_TROUBLE):  # else they expire on their own
             await self._redis.delete(self.reply_key, self.reply_marker)
             for model in self._written:
                 await self._redis.delete(self._keys.job_marker(model, self.server_id))
@@ -460,7 +461,7 @@ class Dispatcher:
                 ahead, writes = writes, None
                 try:
                     writes = await self._flush(calls, refills, ahead)
-                except (RedisError, OSError) as exc:
+                except REDIS_TROUBLE as exc:
                     self._fail_all(calls + refills + _unsent(ahead), self._redis_failed(exc))
                 except Exception:
                     # A bug, not Redis: its calls get an answer; the supervisor
@@ -469,7 +470,7 @@ class Dispatcher:
                     self._fail_all(calls + refills + _unsent(ahead), error)
                     raise
 
-    def _redis_failed(self, exc: RedisError | OSError) -> RequestError:
+    def _redis_failed(self, exc: Exception) -> RequestError:
         if redis_is_full(exc):
             self._redis_full_at = time.monotonic()
             self._throttled.warning(
@@ -986,7 +987,7 @@ class Dispatcher:
                 if failed:
                     await self._verify_markers()
                     failed = False
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 self._throttled.warning(
                     "replies", "reading the reply stream failed (%s); retrying", type(exc).__name__
                 )
@@ -1062,7 +1063,7 @@ class Dispatcher:
                             pipe.expire(self._keys.job_marker(model, self.server_id), REPLY_TTL_S)
                         await pipe.execute()
                     last_keepalive = time.monotonic()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 self._throttled.warning(
                     "keepalive", "reply stream keepalive failed (%s); retrying", type(exc).__name__
                 )

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError
 
 from embedq.internal.v1 import queue_pb2
 from embedq.keys import Keys, decode_registration
+from embedq.trouble import REDIS_TROUBLE
 
 from .errors import invalid, not_found, unavailable
 from .supervise import Throttled
@@ -141,7 +141,7 @@ class ModelRegistry:
                 if not self.redis_ok:
                     self._throttled.log(logging.INFO, "redis-back", "redis reachable again")
                 self.redis_ok = True
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 self._throttled.warning(
                     "refresh", "redis unreachable while refreshing models: %s", type(exc).__name__
                 )

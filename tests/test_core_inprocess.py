@@ -24,7 +24,7 @@ import redis
 import redis.asyncio as aioredis
 from embedq.apps.embedded import EmbeddedRedis, free_port
 from embedq.server.admission import QueueBounds
-from embedq.server.errors import RequestError
+from embedq.server.errors import RequestError, as_request_error
 from embedq.server.nearcache import ENTRY_OVERHEAD_BYTES, NearCache
 from embedq.server.queue import Dispatcher, Variant
 from embedq.server.registry import ModelRegistry, ServedModel
@@ -36,7 +36,7 @@ from embedq.workers.pipeline import (
     pretokenize,
     run_jobs,
 )
-from embedq.workers.worker import RECHECK_CANCELLED_S, Read, Worker, Write, _unsent
+from embedq.workers.worker import RECHECK_CANCELLED_S, Read, Worker, Write
 from fault_worker import FaultyEncoder
 from helpers_tiny_model import write_tiny_bert
 from redis.exceptions import ResponseError
@@ -53,6 +53,7 @@ from embedq.keys import (
     variant_fingerprint,
 )
 from embedq.settings import RedisSettings, WorkerSettings
+from embedq.trouble import unsent
 
 MODEL = "fake"
 DIM = 4
@@ -804,22 +805,101 @@ def test_a_running_read_stops_encoding_for_callers_who_leave_before_its_later_pa
         worker.redis.close()
 
 
-def test_a_write_is_sent_again_for_what_did_not_take_effect_only():
-    """Which replies in place of a result write's commands mean "send it again": Redis out of
-    reach and a cluster between states (CLUSTERDOWN while a master fails over, TRYAGAIN,
-    MOVED, READONLY), not refusals that would be refused again (OOM waits for room apart)."""
+def test_redis_trouble_is_told_apart_from_refusals():
+    """Which errors mean "send it again" (a result write) or UNAVAILABLE (a caller): Redis
+    out of reach, a cluster's outage errors (not RedisErrors in redis-py) and a cluster or
+    replica set between states (CLUSTERDOWN during a failover, TRYAGAIN, READONLY). Not
+    refusals that would be refused again: MOVED reaches us only from a plain client talking
+    to a cluster, which no retry mends (OOM waits for room apart)."""
     errors = redis.exceptions
     again = [
         errors.ConnectionError("gone"),
         errors.TimeoutError("slow"),
+        errors.RedisClusterUnreachableError("no node answers"),
+        errors.SlotNotCoveredError('Slot "42" is not covered by the cluster.'),
         errors.ClusterDownError("The cluster is down"),
         errors.TryAgainError("TRYAGAIN"),
-        errors.MovedError("3999 127.0.0.1:6381"),
         errors.ReadOnlyError("You can't write against a read only replica."),
     ]
-    refused = [ResponseError("NOGROUP"), errors.OutOfMemoryError("OOM"), b"OK", 3]
-    assert all(_unsent(reply) for reply in again)
-    assert not any(_unsent(reply) for reply in refused)
+    refused = [
+        ResponseError("NOGROUP"),
+        errors.MovedError("3999 127.0.0.1:6381"),
+        errors.OutOfMemoryError("OOM"),
+        b"OK",
+        3,
+    ]
+    assert all(unsent(reply) for reply in again)
+    assert not any(unsent(reply) for reply in refused)
+    for error in again:  # what a caller is told
+        assert as_request_error(error, "test").kind is ErrorKind.UNAVAILABLE
+
+
+def _registered_worker_holding_a_job(redis_server, encoder, **worker_settings) -> Worker:
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    redis_settings = RedisSettings(url=redis_server.url, namespace=namespace)
+    worker = Worker(WorkerSettings(redis=redis_settings, **worker_settings), encoder=encoder)
+    worker.register()
+    worker.redis.xadd(worker.jobs_key, encode_message(job(["a fox"], f"{namespace}:replies")))
+    return worker
+
+
+def _forget(worker: Worker) -> None:
+    cancelled = worker.keys.cancelled(f"{worker.keys.namespace}:replies")
+    worker.redis.delete(worker.jobs_key, cancelled, worker.keys.models())
+    worker.redis.delete(worker.keys.workers(worker.name), worker.keys.rates(worker.name))
+    worker.redis.close()
+
+
+def test_a_read_is_kept_when_its_check_for_cancelled_items_meets_redis_trouble(
+    redis_server, tiny_encoder
+):
+    """The check for callers who left (a saving, asked for a read the busy model will make
+    wait) fails for Redis trouble: the read is still run and held, its items encoded anyway.
+    Before, the read was dropped, its entries pending to a live worker that did not hold
+    them, until the stale claim tens of seconds later (one more delivery counted)."""
+    worker = _registered_worker_holding_a_job(redis_server, tiny_encoder)
+
+    def reply_streams_master_failing_over(jobs):
+        raise redis.exceptions.ConnectionError("gone")
+
+    worker._left = reply_streams_master_failing_over  # the model is busy: checked
+    try:
+        read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+        assert read is not None and [item.text for item in read.jobs[0].items] == ["a fox"]
+        assert worker._held.ids() == read.entry_ids
+    finally:
+        _forget(worker)
+
+
+def test_the_heartbeat_touches_held_jobs_when_its_registration_write_fails(
+    redis_server, tiny_encoder
+):
+    """The heartbeat's parts are independent: on a cluster the registrations' master may be
+    failing over while the model's keys are fine. The beat and the touch of held jobs still
+    run, so the jobs this worker runs do not look idle and no other worker takes them over
+    (each claim counting a delivery towards dead-lettering them). Before, one pipeline
+    carried beat and registration, and the touch was skipped when it failed."""
+    worker = _registered_worker_holding_a_job(redis_server, tiny_encoder, claim_idle_ms=300)
+    # Every write of the registration fails (WRONGTYPE: a real Redis error, in place of a
+    # master failing over), the model's keys are fine.
+    worker.redis.delete(worker.keys.models())
+    worker.redis.set(worker.keys.models(), "not a hash")
+    try:
+        read = worker._next_read(Read(), block_ms=1000, nothing_pending=True)
+        worker._model_idle.set()  # not stuck: its held jobs are touched
+        beats = threading.Thread(target=worker._heartbeat_loop, daemon=True)
+        started = time.time()
+        beats.start()
+        time.sleep(1.0)  # beats every 0.1 s (claim_idle_ms / 3)
+        worker._stop.set()
+        beats.join(timeout=5)
+        (pending,) = worker.redis.xpending_range(worker.jobs_key, CONSUMER_GROUP, "-", "+", 10)
+        assert pending["message_id"] == read.entry_ids[0]
+        assert pending["time_since_delivered"] < 300 and pending["times_delivered"] == 1
+        beat = worker.redis.zscore(worker.keys.workers(worker.name), worker.worker_id)
+        assert beat is not None and beat > started
+    finally:
+        _forget(worker)
 
 
 def test_a_result_write_refused_while_redis_changes_roles_is_sent_again(tiny_encoder):

@@ -36,17 +36,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import redis
 from google.protobuf.message import DecodeError
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    DataError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import DataError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from embedq import packed, streams
 from embedq.internal.v1 import queue_pb2
@@ -63,6 +55,7 @@ from embedq.keys import (
 )
 from embedq.logs import Throttled
 from embedq.settings import WorkerSettings
+from embedq.trouble import REDIS_TROUBLE, SETTLING, unsent
 
 from . import metrics
 from .backends import PooledEncoder
@@ -321,7 +314,6 @@ class Worker:
         self._wait_for_redis()
         if self._stop.is_set():
             return
-        self.register()
         heartbeat, reader, writer = (
             threading.Thread(target=loop, name=name, daemon=True)
             for loop, name in (
@@ -400,11 +392,11 @@ class Worker:
                 raise
 
     def _ensure_group_quietly(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             self.register()
 
     def _unregister(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(self.keys.workers(self.name), self.worker_id)
             pipe.hdel(self.keys.rates(self.name), self.worker_id)
@@ -415,32 +407,37 @@ class Worker:
         # that a tiny claim time cannot spin the loop).
         period = max(0.05, min(HEARTBEAT_S, self.settings.claim_idle_ms / 3000))
         while not self._stop.wait(period):
-            try:
-                now = time.time()
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.zadd(self.keys.workers(self.name), {self.worker_id: now})
-                pipe.zremrangebyscore(self.keys.workers(self.name), "-inf", now - 3600)
-                if self.rate.texts_per_s:
-                    pipe.hset(self.keys.rates(self.name), self.worker_id, self.rate.texts_per_s)
-                # Re-publish in case Redis restarted empty.
-                pipe.hsetnx(self.keys.models(), self.name, self.registration().SerializeToString())
-                pipe.execute()
-            except OutOfMemoryError:
-                pass  # a full Redis refuses the beat, not the touch below (XCLAIM adds nothing)
-            except (RedisError, OSError):
-                continue
-            except Exception:
-                # A bug must not end the heartbeat: a worker without one looks dead, and
-                # others take over the jobs it is still running.
-                self._throttled.error("heartbeat", "heartbeat failed; beating on", exc_info=True)
-                continue
-            try:
-                # After the beat: a failed touch (say, NOGROUP after a restart) must not stop it.
-                self._touch_held()
-            except (RedisError, OSError):
-                pass
-            except Exception:
-                self._throttled.error("touch", "touching held jobs failed", exc_info=True)
+            # Each on its own: one failing (a full Redis refuses the beat; on a cluster, the
+            # registrations' master failing over) must not stop the others. Touched only
+            # after a beat that failed, held jobs looked idle, and others took them over
+            # (and counted deliveries towards dead-lettering them) while they ran here.
+            for beat_part, what in (
+                (self._beat, "heartbeat"),
+                (self._republish, "registration"),
+                (self._touch_held, "touch"),
+            ):
+                try:
+                    beat_part()
+                except REDIS_TROUBLE:
+                    pass
+                except Exception:
+                    # A bug must not end the heartbeat: a worker without one looks dead, and
+                    # others take over the jobs it is still running.
+                    self._throttled.error(what, "%s failed; beating on", what, exc_info=True)
+
+    def _beat(self) -> None:
+        """This worker alive, and its measured rate (the model's keys: one slot)."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.workers(self.name), {self.worker_id: now})
+        pipe.zremrangebyscore(self.keys.workers(self.name), "-inf", now - 3600)
+        if self.rate.texts_per_s:
+            pipe.hset(self.keys.rates(self.name), self.worker_id, self.rate.texts_per_s)
+        pipe.execute()
+
+    def _republish(self) -> None:
+        """The model's registration again, in case Redis restarted empty."""
+        self.redis.hsetnx(self.keys.models(), self.name, self.registration().SerializeToString())
 
     def _touch_held(self) -> None:
         """Reset the idle time of the entries this worker holds: XCLAIM to itself with
@@ -461,14 +458,20 @@ class Worker:
         return not self._model_idle.is_set() and stuck_s > self.settings.claim_idle_ms / 1000
 
     def _wait_for_redis(self) -> None:
+        """Wait until Redis answers and this worker is registered. Both retried: on a
+        cluster, the node that answers the ping may not be the one holding the job stream,
+        which may be failing over."""
         while not self._stop.is_set():
             try:
                 self.redis.ping()
+                self.register()
                 return
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 fatal = self.settings.redis.fatal_error(exc)
                 if fatal is not None:
                     raise fatal from None
+                if isinstance(exc, ResponseError) and not isinstance(exc, SETTLING):
+                    raise  # refused: sending it again would be refused again
                 reason = self.settings.redis.describe_error(exc)
                 url = self.settings.redis.safe_url
                 self._throttled.warning("wait", "waiting for redis at %s: %s", url, reason)
@@ -574,14 +577,16 @@ class Worker:
                 return None
             read = self._decode(entries)
             if needs_cancel_check(read.entry_ids, time.time() * 1000, self._model_idle.is_set()):
-                self._drop_cancelled(read.jobs)
+                # Quietly: the entries are ours now. Dropped for trouble in this check (only
+                # a saving), they waited for the stale claim, tens of seconds, unheld.
+                self._drop_cancelled_quietly(read.jobs)
             self._pretokenize(read)
             if not read.jobs:
                 return None
             # Only now: a read that failed above stays pending untouched, claimed again.
             self._held.hold(read.entry_ids)
             return read
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             name = type(exc).__name__
             self._throttled.warning("read", "reading jobs: redis trouble (%s); retrying", name)
             self._stop.wait(self._read_backoff.next())
@@ -613,7 +618,12 @@ class Worker:
             name = consumer["name"]
             name = name if isinstance(name, bytes) else str(name).encode()
             if consumer["pending"] and name not in live:
-                claimed += self._claim_from(name)
+                try:
+                    claimed += self._claim_from(name)
+                except REDIS_TROUBLE:
+                    if claimed:  # ours already: run them, the rest next time
+                        break
+                    raise
         return claimed
 
     def _claim_from(self, consumer: bytes) -> list[Entry]:
@@ -757,11 +767,10 @@ class Worker:
         return min(block_ms, int(RECHECK_CANCELLED_S * 1000))
 
     def _drop_cancelled_quietly(self, jobs: list[queue_pb2.Job]) -> None:
-        """_drop_cancelled for jobs that waited for the busy model after their read: their
-        callers may have left since. Redis trouble only means they are encoded anyway."""
+        """_drop_cancelled where Redis trouble only means the items are encoded anyway."""
         try:
             self._drop_cancelled(jobs)
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             self._throttled.warning(
                 "recheck", "checking for cancelled items failed (%s)", _name(exc)
             )
@@ -837,7 +846,7 @@ class Worker:
                 self._write(write)
             except DataError:
                 self._drop_unwritable(write)  # our own arguments: retrying cannot help
-            except (RedisError, OSError):
+            except REDIS_TROUBLE:
                 log.error("stopping with results unwritten; their jobs stay pending")
                 return
             except Exception:  # noqa: BLE001 - a bug must not stop the writer (see below)
@@ -868,7 +877,7 @@ class Worker:
 
     def _execute_until_sent(self, commands: list[tuple]) -> list:
         """Every command's reply, refusals (error replies) in their places. What did not take
-        effect (Redis out of reach, a cluster between states: see _unsent) is sent again until
+        effect (Redis out of reach, or between states: embedq.trouble.unsent) is sent again until
         it does (raised once stopping), and only that: a cluster runs the rest of a pipeline
         on the nodes that answered, and a DECRBY sent twice would skew the backlog counter."""
         replies: list = [None] * len(commands)
@@ -879,20 +888,28 @@ class Worker:
                 sent = packed.execute(self.redis, [commands[i] for i in todo], raise_on_error=False)
             except DataError:
                 raise  # an argument Redis cannot take: not Redis's fault (see _write_loop)
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 failure = exc
             else:
                 for index, reply in zip(todo, sent, strict=True):
                     replies[index] = reply
-                todo = [index for index in todo if _unsent(replies[index])]
+                todo = [index for index in todo if unsent(replies[index])]
                 if not todo:
                     return replies
                 failure = replies[todo[0]]
             if self._stop.is_set():
                 raise failure
+            self._reconnect_if_demoted(failure)
             name = _name(failure)
             self._throttled.warning("write", "writing results failed (%s); retrying", name)
             time.sleep(backoff.next())
+
+    def _reconnect_if_demoted(self, failure: BaseException) -> None:
+        """READONLY on a standalone client: its pooled connections may lead to a master
+        demoted in a failover (a DNS name or virtual IP now points at the new one); closed,
+        the next try connects afresh. A cluster client follows the new slot map itself."""
+        if isinstance(failure, ReadOnlyError) and isinstance(self.redis, redis.Redis):
+            self.redis.connection_pool.disconnect(inuse_connections=False)
 
     def _refused(self, commands: list[tuple], replies: list) -> list[tuple]:
         """Log the commands Redis refused; return those to send again once it has room.
@@ -939,7 +956,7 @@ class Worker:
             time.sleep(backoff.next())
             try:
                 replies = self._execute_until_sent(commands)
-            except (RedisError, OSError):
+            except REDIS_TROUBLE:
                 break  # stopping, Redis out of reach
             commands = self._refused(commands, replies)
         if commands:
@@ -970,23 +987,6 @@ class Worker:
         if write.texts_done:
             commands.append(("DECRBY", self.keys.backlog(self.name), write.texts_done))
         return commands
-
-
-# Error replies that say a cluster is between states, not that the command is wrong: a
-# master failing over (CLUSTERDOWN, MASTERDOWN), slots moving (TRYAGAIN, MOVED, ASK), a master
-# demoted under its clients (READONLY). The same command takes effect once it settles. Taken
-# for refusals, a read's replies and acknowledgements were given up and its callers waited
-# out their deadline (tests/test_cluster.py's failover: "redis refused part of a result write
-# (7 of 7 commands; the first, SET): The cluster is down").
-SETTLING = (ClusterDownError, TryAgainError, AskError, ReadOnlyError)
-
-
-def _unsent(reply: object) -> bool:
-    """A reply in place of a command's that says it did not take effect and may when sent
-    again: Redis not reached, or a cluster between states (SETTLING)."""
-    if isinstance(reply, ResponseError):
-        return isinstance(reply, SETTLING)
-    return isinstance(reply, (RedisError, OSError))
 
 
 def _texts_done(read: Read, step: Step) -> int:
