@@ -673,7 +673,7 @@ class HttpApi:
             try:
                 reply = await encode
             except BaseException:
-                counting.cancel()
+                _give_up(counting)
                 raise
             counts = await counting
         else:
@@ -715,7 +715,7 @@ class HttpApi:
         try:
             reply = await encoding
         except BaseException:
-            counting.cancel()
+            _give_up(counting)
             raise
         try:
             tokenized = await counting
@@ -879,3 +879,11 @@ async def start_http(
     scheme = "https" if settings.tls_cert else "http"
     log.info("HTTP/JSON API on %s://%s:%d", scheme, settings.host, settings.http_port)
     return runner
+
+
+def _give_up(task: asyncio.Future) -> None:
+    """Cancel a side task whose result is no longer wanted. One that already failed (the
+    count failing in the same flush as the vectors: no worker alive) has its exception
+    read here, else asyncio logs "Task exception was never retrieved" for every request."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())

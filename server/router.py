@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, EncodeError, Message
 
 from embedq import __version__
+from embedq.internal.v1 import queue_pb2
 from embedq.keys import RETRY_AFTER_MS_KEY, Keys, texts_sha256
 from embedq.settings import ServerSettings
 from embedq.v1 import embedq_pb2 as pb
@@ -59,12 +60,12 @@ STREAM_BYTE_WINDOW = 4 * 2**20
 
 class Undecodable:
     """Stands in for request bytes that do not parse (say, invalid UTF-8 in a
-    string field), so that the caller gets INVALID_ARGUMENT, not UNKNOWN."""
+    string field), so that the caller gets INVALID_ARGUMENT, not UNKNOWN; a stream
+    message's answer carries its id where the id itself can be read."""
 
-    id = ""
-
-    def __init__(self, type_name: str) -> None:
+    def __init__(self, type_name: str, id: str = "") -> None:  # noqa: A002 - the field's name
         self.type_name = type_name
+        self.id = id
 
     def error(self) -> RequestError:
         return invalid(
@@ -73,13 +74,26 @@ class Undecodable:
 
 
 def tolerant_parser(message_class: type) -> Callable[[bytes], object]:
+    has_id = message_class.DESCRIPTOR.fields_by_name.get("id") is not None
+
     def parse(data: bytes) -> object:
         try:
             return message_class.FromString(data)
         except DecodeError:
-            return Undecodable(message_class.DESCRIPTOR.full_name)
+            message_id = stream_message_id(data) if has_id else ""
+            return Undecodable(message_class.DESCRIPTOR.full_name, message_id)
 
     return parse
+
+
+def stream_message_id(data: bytes) -> str:
+    """The id of stream message bytes that do not parse ("" where it cannot be read: the
+    framing broken, or the id itself not UTF-8). Without it, a client with several messages
+    in flight could not tell which one failed, and one waiting for that id waited forever."""
+    try:
+        return queue_pb2.StreamMessageId.FromString(data).id.decode("utf-8")
+    except (DecodeError, UnicodeDecodeError):
+        return ""
 
 
 def add_to_server(servicer: EmbedderService, server: grpc.aio.Server) -> None:
@@ -207,6 +221,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         self.redis = redis
         self.keys = keys
         self.streams = StreamShares(self._stream_capacity)
+        # Set when the server begins to shut down: streams stop reading (see answer_stream).
+        self.closing = asyncio.Event()
 
     # -- shared steps -----------------------------------------------------------
 
@@ -297,10 +313,16 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         return pb.EncodeStreamResponse(id=message.id, **packed)
 
     async def EncodeStream(self, request_iterator, context) -> None:
-        answers = answer_stream(
-            request_iterator, self._answer_encode, context, self.streams.credits()
-        )
+        await self._stream(request_iterator, self._answer_encode, context)
+
+    async def _stream(self, request_iterator, answer, context) -> None:
+        """Answer a stream; one cut short by shutdown ends UNAVAILABLE once every message
+        it read is answered, so that its client resends the rest elsewhere."""
+        reading = Reading(request_iterator, self.closing)
+        answers = answer_stream(reading, answer, context, self.streams.credits())
         await send_all(answers, context)
+        if reading.cut_short:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     # -- Similarity -------------------------------------------------------------
 
@@ -338,10 +360,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         return pb.SimilarityStreamResponse(id=message.id, response=response)
 
     async def SimilarityStream(self, request_iterator, context) -> None:
-        answers = answer_stream(
-            request_iterator, self._answer_similarity, context, self.streams.credits()
-        )
-        await send_all(answers, context)
+        await self._stream(request_iterator, self._answer_similarity, context)
 
     # -- Lookup, Tokenize, Info -------------------------------------------------
 
@@ -552,6 +571,46 @@ def stream_text_window(capacity: float, streams: int = 1) -> int:
 
 def even_share(together: int, streams: int) -> int:
     return max(STREAM_MIN_SHARE, min(STREAM_TEXT_WINDOW, math.ceil(together / streams)))
+
+
+SHUTTING_DOWN = (
+    "server shutting down: every message it read was answered; send the ones without an "
+    "answer again (to another server)"
+)
+
+
+class Reading:
+    """A stream's messages until the client ends them or the server begins to shut down.
+
+    gRPC's graceful stop lets calls in flight finish within its grace but a stream need
+    never finish: cut at the grace's end, the answers in flight were lost and the client
+    saw CANCELLED. Here the stream stops reading at once, answers what it read, then ends
+    UNAVAILABLE (EmbedderService._stream)."""
+
+    def __init__(self, request_iterator, closing: asyncio.Event) -> None:
+        self._messages = request_iterator.__aiter__()
+        self._closing = closing
+        self.cut_short = False
+
+    def __aiter__(self) -> Reading:
+        return self
+
+    async def __anext__(self) -> object:
+        if self._closing.is_set():
+            self.cut_short = True
+            raise StopAsyncIteration
+        message = asyncio.ensure_future(self._messages.__anext__())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({message, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not message.done():
+                message.cancel()
+        if message.cancelled():  # shutting down, nothing more read
+            self.cut_short = True
+            raise StopAsyncIteration
+        return message.result()  # a message, or the client's end (StopAsyncIteration)
 
 
 async def answer_stream(request_iterator, answer, context, credits: Credits) -> AsyncIterator:

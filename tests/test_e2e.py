@@ -363,8 +363,12 @@ def test_undecodable_request_is_invalid_argument(channel, stub):
     )
     good = pb.EncodeStreamRequest(id="good", texts=["fine"]).SerializeToString()
     bad = b"\x12\x02\xff\xfe"  # field 2 (texts) of a stream message
-    responses = list(raw_stream(iter([bad, good]), timeout=30))
-    assert len(responses) == 2
+    # The same with an id (field 1, "bad-7"): its error answers that id.
+    bad_with_id = b"\x0a\x05bad-7" + bad
+    responses = list(raw_stream(iter([bad, good, bad_with_id]), timeout=30))
+    assert len(responses) == 3
     by_id = {r.id: r for r in responses}
     assert by_id[""].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert by_id["bad-7"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid embedq.v1.EncodeStreamRequest" in by_id["bad-7"].error.message
     assert by_id["good"].count == 1

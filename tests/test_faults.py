@@ -527,6 +527,48 @@ def test_graceful_server_shutdown_finishes_in_flight_calls(deployment):
         assert svc.server.wait(timeout=30) == 0
 
 
+def test_graceful_server_shutdown_answers_what_a_stream_read_and_ends_it(deployment):
+    """SIGTERM during an EncodeStream that keeps sending: the stream stops reading at once,
+    answers every message it read (the answered ids have no gap, none twice) and ends
+    UNAVAILABLE ("server shutting down ...") well within the grace; the server exits 0.
+    Before: a stream that kept sending was served until the grace ran out (10 s), then cut:
+    the answers in flight lost, the client told CANCELLED."""
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    stop_sending = threading.Event()
+
+    def messages():
+        for i in range(100_000):
+            if stop_sending.is_set():
+                return
+            yield pb.EncodeStreamRequest(id=f"m{i}", texts=[f"graceful stream {i} of words"])
+            time.sleep(0.01)
+
+    answered: list[str] = []
+    with channel:
+        responses = stub.EncodeStream(messages(), timeout=60)
+        for response in responses:
+            assert not response.HasField("error"), response.error.message
+            answered.append(response.id)
+            if len(answered) == 20:
+                break
+        svc.server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            for response in responses:
+                assert not response.HasField("error"), response.error.message
+                answered.append(response.id)
+        took = time.monotonic() - signalled
+        stop_sending.set()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+    assert "server shutting down" in ended.value.details()
+    assert took < 5, took  # not the 10 s grace
+    assert sorted(answered) == sorted(f"m{i}" for i in range(len(answered)))
+    assert svc.server.wait(timeout=30) == 0
+
+
 def test_graceful_worker_shutdown_acks_its_batch(deployment):
     svc = deployment()
     svc.start_worker()
