@@ -605,9 +605,14 @@ class Reading:
             await asyncio.wait({message, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
-            if not message.done():
-                message.cancel()
-        if message.cancelled():  # shutting down, nothing more read
+        if not message.done():  # shutting down: stop reading
+            message.cancel()
+            try:
+                return await message  # one read as the cancel came is answered too
+            except asyncio.CancelledError:
+                # The stream itself being cancelled (Task.cancelling: Python 3.11+).
+                if getattr(asyncio.current_task(), "cancelling", lambda: 0)():
+                    raise
             self.cut_short = True
             raise StopAsyncIteration
         return message.result()  # a message, or the client's end (StopAsyncIteration)

@@ -157,3 +157,9 @@ class HeldCall(_message.Message):
     texts: int
     deadline_unix_ms: int
     def __init__(self, texts: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class StreamMessageId(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    def __init__(self, id: _Optional[bytes] = ...) -> None: ...
