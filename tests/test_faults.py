@@ -531,8 +531,8 @@ def test_graceful_server_shutdown_answers_what_a_stream_read_and_ends_it(deploym
     """SIGTERM during an EncodeStream that keeps sending: the stream stops reading at once,
     answers every message it read (the answered ids have no gap, none twice) and ends
     UNAVAILABLE ("server shutting down ...") well within the grace; the server exits 0.
-    Before: a stream that kept sending was served until the grace ran out (10 s), then cut:
-    the answers in flight lost, the client told CANCELLED."""
+    Before: a stream that kept sending was served until the grace ran out (10 s), then cut
+    (UNAVAILABLE "Cancelling all calls"): the answers in flight lost, nothing said of which."""
     svc = deployment()
     svc.start_worker()
     svc.start_server()
