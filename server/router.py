@@ -583,9 +583,9 @@ class Reading:
     """A stream's messages until the client ends them or the server begins to shut down.
 
     gRPC's graceful stop lets calls in flight finish within its grace but a stream need
-    never finish: cut at the grace's end, the answers in flight were lost and the client
-    saw CANCELLED. Here the stream stops reading at once, answers what it read, then ends
-    UNAVAILABLE (EmbedderService._stream)."""
+    never finish: cut at the grace's end ("Cancelling all calls"), the answers in flight
+    were lost, the client not told which. Here the stream stops reading at once, answers
+    what it read, then ends UNAVAILABLE (EmbedderService._stream)."""
 
     def __init__(self, request_iterator, closing: asyncio.Event) -> None:
         self._messages = request_iterator.__aiter__()
