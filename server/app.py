@@ -277,7 +277,7 @@ async def serve(
     _install_signal_handlers(stop)
     await stop.wait()
     log.info("shutting down: draining in-flight calls (up to %.0fs)", SHUTDOWN_GRACE_S)
-    service.closing.set()  # streams stop reading, answer what they read and end
+    service.shutdown.begin()  # streams stop reading, answer what they read and end
     await health_servicer.enter_graceful_shutdown()
     if http_runner is not None:  # drains in-flight HTTP requests beside the gRPC ones
         await asyncio.gather(server.stop(SHUTDOWN_GRACE_S), http_runner.cleanup())

@@ -221,8 +221,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         self.redis = redis
         self.keys = keys
         self.streams = StreamShares(self._stream_capacity)
-        # Set when the server begins to shut down: streams stop reading (see answer_stream).
-        self.closing = asyncio.Event()
+        self.shutdown = Shutdown()
 
     # -- shared steps -----------------------------------------------------------
 
@@ -318,10 +317,11 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     async def _stream(self, request_iterator, answer, context) -> None:
         """Answer a stream; one cut short by shutdown ends UNAVAILABLE once every message
         it read is answered, so that its client resends the rest elsewhere."""
-        reading = Reading(request_iterator, self.closing)
-        answers = answer_stream(reading, answer, context, self.streams.credits())
+        end = StreamEnd()
+        credits = self.streams.credits()
+        answers = answer_stream(request_iterator, answer, context, credits, self.shutdown, end)
         await send_all(answers, context)
-        if reading.cut_short:
+        if end.cut_short:
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     # -- Similarity -------------------------------------------------------------
@@ -574,51 +574,57 @@ def even_share(together: int, streams: int) -> int:
 
 
 SHUTTING_DOWN = (
-    "server shutting down: every message it read was answered; send the ones without an "
-    "answer again (to another server)"
+    "server shutting down: the messages of this stream without an answer were not processed; "
+    "send them again (to another server)"
 )
 
 
-class Reading:
-    """A stream's messages until the client ends them or the server begins to shut down.
+class Shutdown:
+    """Stops the streams' reading when the server begins to shut down.
 
-    gRPC's graceful stop lets calls in flight finish within its grace but a stream need
+    gRPC's graceful stop lets calls in flight finish within its grace, but a stream need
     never finish: cut at the grace's end ("Cancelling all calls"), the answers in flight
-    were lost, the client not told which. Here the stream stops reading at once, answers
-    what it read, then ends UNAVAILABLE (EmbedderService._stream)."""
+    were lost, the client not told which. Instead each stream's reader is cancelled: it
+    answers what it was working on, then the stream ends UNAVAILABLE
+    (EmbedderService._stream). A cancel, not a race of each read against an event: that
+    cost 20-30 µs a message (measured on the 2-core AMD EPYC; the server spends 160-250 µs
+    a stream message in all)."""
 
-    def __init__(self, request_iterator, closing: asyncio.Event) -> None:
-        self._messages = request_iterator.__aiter__()
-        self._closing = closing
-        self.cut_short = False
+    def __init__(self) -> None:
+        self.begun = False
+        self._readers: set[asyncio.Task] = set()
 
-    def __aiter__(self) -> Reading:
-        return self
+    def begin(self) -> None:
+        self.begun = True
+        for reader in list(self._readers):
+            reader.cancel()
 
-    async def __anext__(self) -> object:
-        if self._closing.is_set():
-            self.cut_short = True
-            raise StopAsyncIteration
-        message = asyncio.ensure_future(self._messages.__anext__())
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({message, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-        if not message.done():  # shutting down: stop reading
-            message.cancel()
-            try:
-                return await message  # one read as the cancel came is answered too
-            except asyncio.CancelledError:
-                # The stream itself being cancelled (Task.cancelling: Python 3.11+).
-                if getattr(asyncio.current_task(), "cancelling", lambda: 0)():
-                    raise
-            self.cut_short = True
-            raise StopAsyncIteration
-        return message.result()  # a message, or the client's end (StopAsyncIteration)
+    def watch(self, reader: asyncio.Task) -> None:
+        """A stream's reader, cancelled when the shutdown begins (at once if it has)."""
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+        if self.begun:
+            reader.cancel()
+
+    def read_all(self, reader: asyncio.Task | None) -> None:
+        """The client ended its messages: what is left is answering them, not cancelled."""
+        self._readers.discard(reader)  # type: ignore[arg-type]
 
 
-async def answer_stream(request_iterator, answer, context, credits: Credits) -> AsyncIterator:
+@dataclass
+class StreamEnd:
+    # The shutdown stopped its reading: the client may have sent messages never read.
+    cut_short: bool = False
+
+
+async def answer_stream(
+    request_iterator,
+    answer,
+    context,
+    credits: Credits,
+    shutdown: Shutdown | None = None,
+    end: StreamEnd | None = None,
+) -> AsyncIterator:
     """Answer each message of a bidirectional stream as soon as it is ready.
 
     A reader task takes messages as they come and starts one answer per
@@ -640,17 +646,32 @@ async def answer_stream(request_iterator, answer, context, credits: Credits) -> 
 
     async def read_all() -> None:
         try:
-            async for message in request_iterator:
-                cost = await credits.acquire(message)
-                task = asyncio.create_task(answer_one(message, cost))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            try:
+                async for message in request_iterator:
+                    cost = await credits.acquire(message)
+                    task = asyncio.create_task(answer_one(message, cost))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if shutdown is not None:  # no await since the loop: no cancel pending
+                    shutdown.read_all(asyncio.current_task())
+            except asyncio.CancelledError:
+                if shutdown is None or not shutdown.begun:
+                    raise  # the caller left: its work goes too (below)
+                # Shutting down: a message read as the cancel came is dropped unanswered
+                # like the unread ones; the client resends every id it has no answer for.
+                if end is not None:
+                    end.cut_short = True
+                uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()
             while tasks:
                 await asyncio.gather(*list(tasks))
         finally:
             responses.put_nowait(None)
 
     reader = asyncio.create_task(read_all())
+    if shutdown is not None:
+        shutdown.watch(reader)
     try:
         while (item := await responses.get()) is not None:
             response, cost = item

@@ -529,8 +529,8 @@ def test_graceful_server_shutdown_finishes_in_flight_calls(deployment):
 
 def test_graceful_server_shutdown_answers_what_a_stream_read_and_ends_it(deployment):
     """SIGTERM during an EncodeStream that keeps sending: the stream stops reading at once,
-    answers every message it read (the answered ids have no gap, none twice) and ends
-    UNAVAILABLE ("server shutting down ...") well within the grace; the server exits 0.
+    answers the messages it was working on (the answered ids have no gap, none twice) and
+    ends UNAVAILABLE ("server shutting down ...") well within the grace; the server exits 0.
     Before: a stream that kept sending was served until the grace ran out (10 s), then cut
     (UNAVAILABLE "Cancelling all calls"): the answers in flight lost, nothing said of which."""
     svc = deployment()
