@@ -315,8 +315,8 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         await self._stream(request_iterator, self._answer_encode, context)
 
     async def _stream(self, request_iterator, answer, context) -> None:
-        """Answer a stream; one cut short by shutdown ends UNAVAILABLE once every message
-        it read is answered, so that its client resends the rest elsewhere."""
+        """Answer a stream; one cut short by shutdown ends UNAVAILABLE once the messages it
+        was working on are answered, so that its client resends the rest elsewhere."""
         end = StreamEnd()
         credits = self.streams.credits()
         answers = answer_stream(request_iterator, answer, context, credits, self.shutdown, end)
@@ -652,7 +652,11 @@ async def answer_stream(
                     task = asyncio.create_task(answer_one(message, cost))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                if shutdown is not None:  # no await since the loop: no cancel pending
+                if shutdown is not None:
+                    # Not cancelled from here on. (A shutdown that began in the very loop
+                    # turn the client ended its messages in can still cancel what follows:
+                    # that stream ends CANCELLED, its answers in flight unsent, as all did
+                    # before Shutdown; left alone, a race of one event-loop turn.)
                     shutdown.read_all(asyncio.current_task())
             except asyncio.CancelledError:
                 if shutdown is None or not shutdown.begun:
