@@ -322,7 +322,7 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         answers = answer_stream(request_iterator, answer, context, credits, self.shutdown, end)
         await send_all(answers, context)
         if end.cut_short:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await context.abort(unavailable(SHUTTING_DOWN).code, SHUTTING_DOWN)
 
     # -- Similarity -------------------------------------------------------------
 
