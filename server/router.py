@@ -56,6 +56,9 @@ STREAM_MIN_SHARE = 4
 # (~0.5 MB) with their vectors (512 x 384 floats: 0.8 MB; 1,024 dimensions: 2 MB); a model of
 # 4,096 dimensions gets about 250 texts in flight per stream from it.
 STREAM_BYTE_WINDOW = 4 * 2**20
+# An answer's bytes besides its vectors: model name, id, flags and framing (one `cached`
+# flag a text at most: 2,048 bytes), with room to spare.
+ANSWER_OVERHEAD_BYTES = 16 * 2**10
 
 
 class Undecodable:
@@ -280,16 +283,29 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         vectors, cached = await self.dispatcher.encode(variant, texts, timeout_s, row_name)
         return Embedded(variant, spec, vectors, cached)
 
-    @staticmethod
-    def _packed(done: Embedded) -> dict:
+    def _packed(self, done: Embedded) -> dict:
+        embeddings = shape(done.vectors, done.spec)
+        self._check_answer_size(len(embeddings))
         return {
             "model": done.variant.model.name,
             "dimension": done.spec.dimension,
             "dtype": done.spec.dtype,
             "count": done.vectors.shape[0],
-            "embeddings": shape(done.vectors, done.spec),
+            "embeddings": embeddings,
             "cached": done.cached.tolist(),
         }
+
+    def _check_answer_size(self, vector_bytes: int) -> None:
+        """Refuse an answer gRPC could not send: over --max-message-bytes it fails the whole
+        call, a stream with every message in flight, and the log blamed the client. (Only
+        with a lowered cap: 2,048 texts of 4,096 float32 dimensions are 32 MiB of 64.)"""
+        cap = self.limits.max_message_bytes
+        if vector_bytes + ANSWER_OVERHEAD_BYTES > cap:
+            raise invalid(
+                f"the answer would hold {vector_bytes} bytes of vectors, over the server's "
+                f"message size limit of {cap} bytes (--max-message-bytes): send fewer texts "
+                "per request, or ask for a lower options.dimension or precision"
+            )
 
     # -- Encode -----------------------------------------------------------------
 
@@ -383,12 +399,14 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         found = [value is not None and len(value) == size for value in values]
         hits = [value for value, hit in zip(values, found, strict=True) if hit]
         vectors = np.frombuffer(b"".join(hits), dtype="<f4").reshape(len(hits), size // 4)
+        embeddings = shape(vectors, spec) if hits else b""
+        self._check_answer_size(len(embeddings))
         return pb.LookupResponse(
             model=variant.model.name,
             dimension=spec.dimension,
             dtype=spec.dtype,
             found=found,
-            embeddings=shape(vectors, spec) if hits else b"",
+            embeddings=embeddings,
             count=len(hits),
         )
 

@@ -569,6 +569,34 @@ def test_graceful_server_shutdown_answers_what_a_stream_read_and_ends_it(deploym
     assert svc.server.wait(timeout=30) == 0
 
 
+def test_an_answer_over_the_message_size_limit_is_refused_alone(deployment, monkeypatch):
+    """With the message size cap lowered (64 KiB), an answer too big to send is refused with
+    INVALID_ARGUMENT naming the limit: a unary Encode; in a stream that message alone, under
+    its id, and the stream goes on. Before: gRPC refused the send: the unary call ended
+    RESOURCE_EXHAUSTED "SERVER: Sent message larger than max (73807 vs. 65536)" (which
+    clients retry, to the same end), and so did the whole stream, "small" unanswered."""
+    monkeypatch.setenv("EMBEDQ_MAX_MESSAGE_BYTES", str(64 * 1024))
+    svc = deployment()
+    svc.start_worker()
+    svc.start_server()
+    channel, stub = stub_for(svc)
+    many = [f"an answer over the size limit {i}" for i in range(48)]  # 48 x 1,536 bytes
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    with channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Encode(pb.EncodeRequest(texts=many), timeout=60)
+        assert refused.value.code() == invalid, refused.value.details()
+        assert "--max-message-bytes" in refused.value.details()
+        messages = [
+            pb.EncodeStreamRequest(id="big", texts=many),
+            pb.EncodeStreamRequest(id="small", texts=many[:4]),
+        ]
+        by_id = {r.id: r for r in stub.EncodeStream(iter(messages), timeout=60)}
+    assert by_id["big"].error.code == invalid.value[0]
+    assert "--max-message-bytes" in by_id["big"].error.message
+    assert by_id["small"].count == 4
+
+
 def test_graceful_worker_shutdown_acks_its_batch(deployment):
     svc = deployment()
     svc.start_worker()
