@@ -640,8 +640,8 @@ async def answer_stream(
     answer,
     context,
     credits: Credits,
-    shutdown: Shutdown | None = None,
-    end: StreamEnd | None = None,
+    shutdown: Shutdown,
+    end: StreamEnd,
 ) -> AsyncIterator:
     """Answer each message of a bidirectional stream as soon as it is ready.
 
@@ -670,19 +670,17 @@ async def answer_stream(
                     task = asyncio.create_task(answer_one(message, cost))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                if shutdown is not None:
-                    # Not cancelled from here on. (A shutdown that began in the very loop
-                    # turn the client ended its messages in can still cancel what follows:
-                    # that stream ends CANCELLED, its answers in flight unsent, as all did
-                    # before Shutdown; left alone, a race of one event-loop turn.)
-                    shutdown.read_all(asyncio.current_task())
+                # Not cancelled from here on. (A shutdown that began in the very loop turn
+                # the client ended its messages in can still cancel what follows: that
+                # stream ends CANCELLED, its answers in flight unsent, as all did before
+                # Shutdown; left alone, a race of one event-loop turn.)
+                shutdown.read_all(asyncio.current_task())
             except asyncio.CancelledError:
-                if shutdown is None or not shutdown.begun:
+                if not shutdown.begun:
                     raise  # the caller left: its work goes too (below)
                 # Shutting down: a message read as the cancel came is dropped unanswered
                 # like the unread ones; the client resends every id it has no answer for.
-                if end is not None:
-                    end.cut_short = True
+                end.cut_short = True
                 uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
                 if uncancel is not None:
                     uncancel()
@@ -692,8 +690,7 @@ async def answer_stream(
             responses.put_nowait(None)
 
     reader = asyncio.create_task(read_all())
-    if shutdown is not None:
-        shutdown.watch(reader)
+    shutdown.watch(reader)
     try:
         while (item := await responses.get()) is not None:
             response, cost = item
