@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedq.keys import Keys
-from embedq.settings import ServerSettings, SettingsError, readable_file
+from embedq.settings import RedisSettings, ServerSettings, SettingsError, readable_file
 from embedq.v1 import embedq_pb2
 
 from .admission import QueueBounds
@@ -25,12 +25,14 @@ from .nearcache import NearCache
 from .queue import Dispatcher
 from .registry import ModelRegistry
 from .router import EmbedderService, add_to_server
-from .supervise import Supervisor
+from .supervise import Supervisor, cancel_all
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embedq_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 SHUTDOWN_GRACE_S = 10.0
+# How often a server that could not ask Redis at start-up whether it is a cluster asks again.
+CLUSTER_PROBE_EVERY_S = 1.0
 
 
 def health_statuses(
@@ -199,7 +201,9 @@ async def serve(
         log.warning(
             "bearer tokens will cross the network in clear text: add --tls-cert and --tls-key"
         )
-    redis = settings.redis.connect_async()
+    # None: Redis could not be asked whether it is a cluster (see _watch_for_a_cluster).
+    cluster = settings.redis.probe_cluster()
+    redis = settings.redis.connect_async(cluster=bool(cluster))
     keys = Keys(settings.redis.namespace)
     registry = ModelRegistry(
         redis, keys, default_model=settings.default_model, worker_stale_s=settings.worker_stale_s
@@ -275,6 +279,10 @@ async def serve(
         settings.redis.namespace,
     )
     _install_signal_handlers(stop)
+    misfit: list[SettingsError] = []
+    watch = None
+    if cluster is None:
+        watch = asyncio.create_task(_watch_for_a_cluster(settings.redis, stop, misfit))
     await stop.wait()
     log.info("shutting down: draining in-flight calls (up to %.0fs)", SHUTDOWN_GRACE_S)
     service.shutdown.begin()  # streams stop reading, answer what they read and end
@@ -285,10 +293,33 @@ async def serve(
         await server.stop(SHUTDOWN_GRACE_S)
     await dispatcher.stop()
     await supervisor.stop()
+    if watch is not None:
+        await cancel_all([watch])
     await redis.aclose()
     if metrics_http is not None:
         metrics_http.shutdown()
         metrics_http.server_close()
+    if misfit:
+        raise misfit[0]
+
+
+async def _watch_for_a_cluster(
+    redis_settings: RedisSettings, stop: asyncio.Event, misfit: list[SettingsError]
+) -> None:
+    """Redis could not be asked at start-up whether it is a cluster, so the server took a
+    single Redis's client. Ask again until it answers; a cluster stops the server with one
+    line (its client is shared by every part: a restart builds them all anew) within a
+    second of answering, rather than serving MOVED refusals as outages until restarted."""
+    while True:
+        await asyncio.sleep(CLUSTER_PROBE_EVERY_S)
+        found = await asyncio.to_thread(redis_settings.probe_cluster)
+        if found is None:
+            continue
+        if found:
+            misfit.append(redis_settings.cluster_error())
+            log.error("%s", misfit[0])
+            stop.set()
+        return
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

@@ -213,6 +213,60 @@ def _own_slots(client: redis.Redis) -> list[tuple[int, int]]:
     return []
 
 
+def test_a_cluster_that_comes_up_after_a_worker_gets_a_cluster_client(tmp_path):
+    """Asked at start-up whether Redis is a cluster while it cannot answer, a worker takes a
+    single Redis's client; it asks again once Redis answers, before its loops start. A
+    plain client on a cluster of several masters gets MOVED for most keys: it stayed so
+    until restarted."""
+    from embedq.workers.backends import PooledEncoder
+    from embedq.workers.worker import Worker
+    from helpers_tiny_model import write_tiny_bert
+
+    from embedq.settings import WorkerSettings
+
+    cluster = LocalCluster(masters=1)
+    settings = WorkerSettings(redis=RedisSettings(url=cluster.url, namespace=uuid.uuid4().hex))
+    worker = Worker(settings, encoder=PooledEncoder.load(str(write_tiny_bert(tmp_path / "b"))))
+    try:
+        assert not isinstance(worker.redis, redis.RedisCluster)
+        cluster.start()
+        worker._wait_for_redis()
+        assert isinstance(worker.redis, redis.RedisCluster)
+        registered = worker.redis.zscore(worker.keys.workers(worker.name), worker.worker_id)
+        assert registered is not None
+    finally:
+        worker.redis.close()
+        cluster.stop()
+
+
+def test_a_cluster_that_comes_up_after_the_server_stops_it_with_one_line():
+    """The same for a server, whose client every part shares: it asks again each second
+    and, finding a cluster, stops with one line saying to restart it (an orchestrator
+    does; the restarted server connects as a cluster client)."""
+    cluster = LocalCluster(masters=1)
+    svc = Service(cluster.url, namespace=uuid.uuid4().hex)
+    name = f"server-{svc.namespace}"
+    port = str(free_port())
+    server = _spawn(
+        ["server", "--port", port, "--redis-url", cluster.url, "--namespace", svc.namespace], name
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "embedq server listening" not in log_tail(name):
+            assert server.poll() is None and time.monotonic() < deadline, log_tail(name)
+            time.sleep(0.2)
+        cluster.start()
+        assert server.wait(timeout=30) == 2, log_tail(name)
+        assert "is a Redis Cluster, but this process connected to it as a single Redis" in (
+            log_tail(name)
+        )
+        svc.start_server()  # restarted: a cluster client, serving
+    finally:
+        svc.stop()
+        stop_process(server)
+        cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def cluster_service():
     cluster = LocalCluster().start()

@@ -287,3 +287,18 @@ def test_the_async_client_packs_in_c_exactly_as_redis_py_packs_in_python(redis_s
             await client.aclose()
 
     asyncio.run(round_trip())
+
+
+def test_a_plain_client_sent_elsewhere_by_a_cluster_is_a_configuration_error() -> None:
+    """MOVED (or ASK) reaches only a single Redis's client talking to a cluster: no retry
+    mends it, so it stops start-up with one line naming the remedy and no secret."""
+    from redis.exceptions import ResponseError
+
+    settings = RedisSettings(url="redis://:hunter2@127.0.0.1:7000/0")
+    moved = settings.fatal_error(ResponseError("MOVED 3999 127.0.0.1:7001"))
+    assert moved is not None and "is a Redis Cluster" in str(moved)
+    assert "EMBEDQ_REDIS_CLUSTER=true" in str(moved) and "hunter2" not in str(moved)
+    assert settings.fatal_error(ResponseError("ASK 3999 127.0.0.1:7001")) is not None
+    assert settings.fatal_error(ResponseError("ERR unknown command")) is None
+    told = RedisSettings(url="redis://127.0.0.1:7000", cluster=False).cluster_error()
+    assert "EMBEDQ_REDIS_CLUSTER is false" in str(told)

@@ -271,7 +271,9 @@ class Worker:
         self.worker_id = settings.worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
-        self.redis = settings.redis.connect()
+        # None: Redis could not be asked whether it is a cluster; asked again once it answers.
+        self._cluster = settings.redis.probe_cluster()
+        self.redis = settings.redis.connect(cluster=bool(self._cluster))
         self.jobs_key = self.keys.jobs(self.name)
         self.limits = BatchLimits(settings.batch_tokens(), settings.max_batch_size)
         self.rate = RateMeter()
@@ -464,6 +466,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.redis.ping()
+                self._fit_client_to_redis()
                 self.register()
                 return
             except REDIS_TROUBLE as exc:
@@ -476,6 +479,20 @@ class Worker:
                 url = self.settings.redis.safe_url
                 self._throttled.warning("wait", "waiting for redis at %s: %s", url, reason)
                 self._stop.wait(1.0)
+
+    def _fit_client_to_redis(self) -> None:
+        """Ask again whether Redis is a cluster when it could not be asked at start-up (a
+        cluster that came up after this worker); a cluster gets a cluster client. Runs
+        before the loops start: nothing else holds the client yet."""
+        if self._cluster is not None:
+            return
+        self._cluster = self.settings.redis.probe_cluster()
+        if self._cluster:
+            self.redis.close()
+            self.redis = self.settings.redis.connect(cluster=True)
+            self._reset_idle_backlog = self.redis.register_script(RESET_IDLE_BACKLOG_LUA)
+            url = self.settings.redis.safe_url
+            log.info("redis at %s is a cluster: connected as a cluster client", url)
 
     # -- reading (reader thread) ------------------------------------------------
 

@@ -523,11 +523,14 @@ class RedisSettings:
         return redact_url(self.url)
 
     def fatal_error(self, exc: BaseException) -> SettingsError | None:
-        """A SettingsError when `exc` says the configuration is wrong (a password
-        or ACL refused): retrying cannot help, so start-up stops with one line."""
+        """A SettingsError when `exc` says the configuration is wrong (a password or
+        ACL refused, a plain client on a cluster): retrying cannot help, so start-up
+        stops with one line."""
         import redis
 
         text = str(exc)
+        if isinstance(exc, redis.ResponseError) and text.startswith(("MOVED ", "ASK ")):
+            return self.cluster_error()
         refused = isinstance(exc, redis.exceptions.AuthenticationError) or any(
             marker in text for marker in ("WRONGPASS", "NOAUTH", "NOPERM", "invalid password")
         )
@@ -536,6 +539,20 @@ class RedisSettings:
         return SettingsError(
             f"redis at {self.safe_url} refused our credentials ({self.describe_error(exc)}); "
             "check EMBEDQ_REDIS_PASSWORD / the URL's user"
+        )
+
+    def cluster_error(self) -> SettingsError:
+        """The plain client this process chose does not fit a Redis Cluster (it was
+        unreachable when asked, or EMBEDQ_REDIS_CLUSTER says it is none)."""
+        why = (
+            "EMBEDQ_REDIS_CLUSTER is false"
+            if self.cluster is False
+            else "it could not be asked when this process started"
+        )
+        return SettingsError(
+            f"redis at {self.safe_url} is a Redis Cluster, but this process connected to it "
+            f"as a single Redis ({why}); restart it to connect as a cluster client "
+            "(EMBEDQ_REDIS_CLUSTER=true skips the question)"
         )
 
     def describe_error(self, exc: BaseException) -> str:
@@ -564,8 +581,9 @@ class RedisSettings:
             kwargs["ssl_ca_certs"] = self.ca_cert
         return kwargs
 
-    def is_cluster(self) -> bool:
-        """Whether the URL points at a Redis Cluster (asked once, at start-up)."""
+    def probe_cluster(self) -> bool | None:
+        """Whether the URL points at a Redis Cluster: the setting when given, else asked
+        (INFO cluster); None when Redis cannot be asked now (unreachable)."""
         import redis
 
         if self.cluster is not None:
@@ -575,25 +593,33 @@ class RedisSettings:
             with probe:
                 return bool(probe.info("cluster").get("cluster_enabled"))
         except (redis.RedisError, OSError):
-            return False  # unreachable now: a plain client that reconnects later
+            return None
+
+    def is_cluster(self) -> bool:
+        """Whether the URL points at a Redis Cluster (asked once, at start-up); False
+        when it cannot be asked now: a plain client that reconnects later. Who keeps its
+        client after start-up asks again once Redis answers (:meth:`probe_cluster`)."""
+        return bool(self.probe_cluster())
 
     def _cluster_url(self) -> str:
         # A cluster has no numbered databases: drop any /N from the URL.
         parts = urlsplit(self.url)
         return urlunsplit((parts.scheme, parts.netloc, "", parts.query, parts.fragment))
 
-    def connect(self) -> redis.Redis:
+    def connect(self, cluster: bool | None = None) -> redis.Redis:
+        """A client for the URL: a cluster client when `cluster` (None: ask Redis)."""
         import redis
 
-        if self.is_cluster():
+        if self.is_cluster() if cluster is None else cluster:
             return redis.RedisCluster.from_url(self._cluster_url(), **self._kwargs())
         return redis.Redis.from_url(self.url, **self._kwargs())
 
-    def connect_async(self, **extra: object) -> aioredis.Redis:
+    def connect_async(self, cluster: bool | None = None, **extra: object) -> aioredis.Redis:
+        """An asyncio client for the URL: a cluster client when `cluster` (None: ask Redis)."""
         import redis
         import redis.asyncio as aioredis
 
-        if self.is_cluster():
+        if self.is_cluster() if cluster is None else cluster:
             return aioredis.RedisCluster.from_url(
                 self._cluster_url(), **{**self._kwargs(), **extra}
             )
