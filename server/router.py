@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -29,7 +30,7 @@ from embedq.v1 import embedq_pb2 as pb
 from embedq.v1 import embedq_pb2_grpc
 
 from . import similarity, validation
-from .errors import RequestError, as_request_error, invalid, unavailable
+from .errors import RequestError, as_request_error, deadline, invalid, unavailable
 from .output import OutputSpec, output_spec, ranking_vectors, shape
 from .queue import Dispatcher, Variant, default_row_name
 from .registry import ModelRegistry
@@ -261,11 +262,11 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         texts: list[str],
         options: pb.EncodeOptions,
         context: grpc.aio.ServicerContext,
-        timeout_ms: int = 0,
+        limit_s: float | None = None,
     ) -> Embedded:
         """An Encode request's texts, checked, then encoded."""
         validation.check_texts(texts, self.limits)
-        return await self._encode(texts, options, context, default_row_name, timeout_ms)
+        return await self._encode(texts, options, context, default_row_name, limit_s)
 
     async def _encode(
         self,
@@ -273,13 +274,13 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         options: pb.EncodeOptions,
         context: grpc.aio.ServicerContext,
         row_name: validation.RowName,
-        timeout_ms: int,
+        limit_s: float | None,
     ) -> Embedded:
         """Checked texts as vectors: from the cache, or queued for the workers."""
         variant, spec = self._resolve(options)
         timeout_s = self._timeout(context)
-        if timeout_ms:  # a stream message's own limit (EncodeStreamRequest.timeout_ms)
-            timeout_s = min(timeout_s, timeout_ms / 1000)
+        if limit_s is not None:  # what is left of a stream message's own timeout_ms
+            timeout_s = min(timeout_s, limit_s)
         vectors, cached = await self.dispatcher.encode(variant, texts, timeout_s, row_name)
         return Embedded(variant, spec, vectors, cached)
 
@@ -315,13 +316,13 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
         return pb.EncodeResponse(**self._packed(done))
 
     async def _answer_encode(
-        self, message: pb.EncodeStreamRequest, context
+        self, message: pb.EncodeStreamRequest, context, read_at: float
     ) -> pb.EncodeStreamResponse:
         try:
             if isinstance(message, Undecodable):
                 raise message.error()
-            texts, timeout_ms = list(message.texts), message.timeout_ms
-            done = await self._embed(texts, message.options, context, timeout_ms=timeout_ms)
+            limit_s = own_limit_s(message.timeout_ms, read_at)
+            done = await self._embed(list(message.texts), message.options, context, limit_s)
             packed = self._packed(done)
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.EncodeStreamResponse(id=message.id, error=as_error(exc))
@@ -343,11 +344,11 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     # -- Similarity -------------------------------------------------------------
 
     async def _similarity(
-        self, request: pb.SimilarityRequest, context, timeout_ms: int = 0
+        self, request: pb.SimilarityRequest, context, limit_s: float | None = None
     ) -> pb.SimilarityResponse:
         texts, names = validation.check_similarity(request, self.limits)
         metric = request.metric or pb.METRIC_COSINE
-        done = await self._encode(texts, request.options, context, names, timeout_ms)
+        done = await self._encode(texts, request.options, context, names, limit_s)
         vectors = ranking_vectors(done.vectors, done.spec)
         if request.WhichOneof("input") == "pairs":
             pairs = len(texts) // 2  # [a of every pair, then b of every pair]
@@ -366,11 +367,14 @@ class EmbedderService(embedq_pb2_grpc.EmbedderServicer):
     async def Similarity(self, request: pb.SimilarityRequest, context) -> pb.SimilarityResponse:
         return await self._similarity(request, context)
 
-    async def _answer_similarity(self, message: pb.SimilarityStreamRequest, context):
+    async def _answer_similarity(
+        self, message: pb.SimilarityStreamRequest, context, read_at: float
+    ) -> pb.SimilarityStreamResponse:
         try:
             if isinstance(message, Undecodable):
                 raise message.error()
-            response = await self._similarity(message.request, context, message.timeout_ms)
+            limit_s = own_limit_s(message.timeout_ms, read_at)
+            response = await self._similarity(message.request, context, limit_s)
         except Exception as exc:  # noqa: BLE001 - one message's failure, the stream goes on
             return pb.SimilarityStreamResponse(id=message.id, error=as_error(exc))
         return pb.SimilarityStreamResponse(id=message.id, response=response)
@@ -480,6 +484,22 @@ def message_texts(message: object) -> int:
         request = message.request
         return 2 * len(request.pairs.pairs) + len(request.ranking.candidates) + 1
     return 0
+
+
+def own_limit_s(timeout_ms: int, read_at: float) -> float | None:
+    """What is left of a stream message's own `timeout_ms` (None: it has none). It counts
+    from when the server read the message (the proto says so): a wait for the stream's
+    window before its answer began is in it."""
+    if not timeout_ms:
+        return None
+    left_s = timeout_ms / 1000 - (time.monotonic() - read_at)
+    if left_s <= 0:
+        raise deadline(
+            f"timeout_ms ({timeout_ms} ms) passed before this message's answer began: it "
+            "waited for the stream's window (answers the client has not read yet, or the "
+            "texts of other streams)"
+        )
+    return left_s
 
 
 # What one message holds of a stream's budget: (texts, bytes).
@@ -657,8 +677,8 @@ async def answer_stream(
     responses: asyncio.Queue = asyncio.Queue(STREAM_WINDOW + 1)
     tasks: set[asyncio.Task] = set()
 
-    async def answer_one(message, cost: Cost) -> None:
-        response = await answer(message, context)
+    async def answer_one(message, cost: Cost, read_at: float) -> None:
+        response = await answer(message, context, read_at)
         # Never full: every queued response holds one of the STREAM_WINDOW message credits.
         responses.put_nowait((response, credits.hold_response(cost, response)))
 
@@ -666,8 +686,9 @@ async def answer_stream(
         try:
             try:
                 async for message in request_iterator:
+                    read_at = time.monotonic()
                     cost = await credits.acquire(message)
-                    task = asyncio.create_task(answer_one(message, cost))
+                    task = asyncio.create_task(answer_one(message, cost, read_at))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 # Not cancelled from here on. (A shutdown that began in the very loop turn

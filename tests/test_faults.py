@@ -23,6 +23,7 @@ import pytest
 import redis
 from conftest import Service, log_tail
 from embedq.apps.embedded import EmbeddedRedis
+from embedq.server.router import STREAM_TEXT_WINDOW
 from embedq.workers.batching import FRESH_JOB_MS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -650,7 +651,9 @@ def test_full_queue_is_refused_at_once(paused_worker):
 def test_a_stream_message_with_its_own_time_limit_fails_alone_and_in_time(paused_worker):
     """EncodeStreamRequest.timeout_ms: a message that cannot be answered within its own limit
     fails with DEADLINE_EXCEEDED at that limit (not the stream's 60 s), the stream goes on, and
-    the worker does not encode it once it is back."""
+    the worker does not encode it once it is back. The limit counts from when the server read
+    the message, its wait for the stream's window included (it counted from the answer's
+    start)."""
     import queue as queue_module
 
     svc, worker = paused_worker
@@ -677,6 +680,18 @@ def test_a_stream_message_with_its_own_time_limit_fails_alone_and_in_time(paused
         outbox.put(pb.EncodeStreamRequest(id="patient", texts=["the stream goes on"]))
         patient = next(answers)
         assert patient.id == "patient" and patient.count == 1 and not patient.HasField("error")
+        # The limit counts from when the server read the message: a wait for the stream's
+        # window (behind a message holding all of its texts, frozen in the queue) is in it.
+        os.kill(worker.pid, signal.SIGSTOP)
+        whole = [f"holds the whole window {i}" for i in range(STREAM_TEXT_WINDOW)]
+        outbox.put(pb.EncodeStreamRequest(id="whole", texts=whole))
+        outbox.put(pb.EncodeStreamRequest(id="behind", texts=["behind it"], timeout_ms=300))
+        time.sleep(1.5)
+        os.kill(worker.pid, signal.SIGCONT)
+        first, behind = next(answers), next(answers)
+        assert first.id == "whole" and first.count == len(whole), first.error
+        assert behind.id == "behind" and behind.error.code == deadline_exceeded
+        assert "waited for the stream's window" in behind.error.message
         outbox.put(None)
         assert list(answers) == []
     wait_until(lambda: client.xlen(keys.jobs(MODEL)) == 0, what="queue drained")
