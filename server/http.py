@@ -117,7 +117,12 @@ ROUTES = [
         "`embedq-usage: estimated`, when neither the workers nor the server can count them).",
     ),
     Route("GET", "/v1/models", "OpenAI model list: the served models."),
-    Route("GET", "/v1/models/{model}", "OpenAI model retrieval; 404 for a model not served."),
+    Route(
+        "GET",
+        "/v1/models/{model:.+}",
+        "OpenAI model retrieval (a name with `/` in it as is, or as `%2F`); 404 for a model "
+        "not served.",
+    ),
     *(
         Route(
             "POST",
@@ -345,16 +350,22 @@ class TokenCounter:
             key = (fingerprint, prompt, text)
             if key not in memo:
                 memo[key] = length
-                self._memo_chars += len(text)
+                self._memo_chars += len(prompt) + len(text)
         while self._memo_chars > MEMO_CHARS or len(memo) > MEMO_TEXTS:
-            (_fp, _prompt, text), _ = memo.popitem(last=False)
-            self._memo_chars -= len(text)
+            # The prompt counts in full with each entry: entries of other requests hold their
+            # own copy of it (a long prompt varied per request kept gigabytes uncounted).
+            (_fp, old_prompt, text), _ = memo.popitem(last=False)
+            self._memo_chars -= len(old_prompt) + len(text)
 
     @staticmethod
     def _tokenize(tokenizer: object, prompt: str, texts: list[str]) -> list[int]:
-        """Full lengths, special tokens included (encode_batch_fast: no offsets needed)."""
+        """Full lengths, special tokens included (encode_batch_fast: no offsets needed); a
+        text sent several times is tokenized once."""
         encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
-        return [len(encoding.ids) for encoding in encode([prompt + text for text in texts])]
+        unique = list(dict.fromkeys(texts))
+        lengths = [len(encoding.ids) for encoding in encode([prompt + text for text in unique])]
+        found = dict(zip(unique, lengths, strict=True))
+        return [found[text] for text in texts]
 
     @staticmethod
     def _read(plan: TokenPlan, lengths: list[int]) -> list[int]:
@@ -372,7 +383,9 @@ class TokenCounter:
         lengths, missing = self._memo_get(plan, texts)
         if missing:
             todo = [texts[i] for i in missing]
-            if sum(map(len, todo)) > TOKENIZE_INLINE_CHARS:
+            # The prompt is read with each text: a long one made a "short" request seconds
+            # of tokenizing on the event loop (every call of this server stalled meanwhile).
+            if sum(map(len, todo)) + len(plan.prompt) * len(todo) > TOKENIZE_INLINE_CHARS:
                 return None
             found = self._tokenize(tokenizer, plan.prompt, todo)
             self._memo_put(plan, todo, found)
@@ -746,6 +759,9 @@ class HttpApi:
             raise HttpError(exc.kind, exc.message, "model", "model_not_found") from None
         reg = model.registration
         prompt = validation.resolve_prompt(options, reg.prompts, reg.default_prompt_name)
+        # Checked here, before any counting: Encode checks it too, but after the counting
+        # has begun (an oversized prompt was tokenized, and remembered, before its 400).
+        validation.check_prompt(prompt, self.service.limits)
         return TokenPlan(model, prompt, validation.truncate_flag(options))
 
     def _model_json(self, model: ServedModel) -> dict:

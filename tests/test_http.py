@@ -15,6 +15,7 @@ Servers here (all on the session Redis, started in parallel):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -450,6 +451,38 @@ def test_bad_requests(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=MODEL, input="x", extra_body={"frobnicate": 1})
     assert caught.value.param == "frobnicate"
+
+
+def test_token_counts_stay_off_the_event_loop_when_a_prompt_makes_them_long(
+    bundled_model_path,
+):
+    """`usage` is counted inline only when cheap: the prompt is read with every text, so a
+    long one sends the counting to a thread (2,048 empty texts behind a 64 KB prompt were
+    tokenized on the event loop: every call of the server stalled for tens of seconds).
+    Remembered counts charge the prompt with each entry, so long prompts cannot pile up."""
+    from embedq.server.http import MEMO_CHARS, TokenCounter, TokenPlan, _load_tokenizer
+    from embedq.server.registry import ServedModel
+
+    tokenizer = _load_tokenizer(str(bundled_model_path))
+    registration = queue_pb2.ModelRegistration(name="m", fingerprint="f", max_seq_length=256)
+    model = ServedModel(registration, workers_alive=1)
+    counter = TokenCounter()
+    assert counter.count_now(tokenizer, TokenPlan(model, "", True), ["a b", "c"]) == [5, 3]
+    long_prompt = TokenPlan(model, "word " * 200, True)
+    assert counter.count_now(tokenizer, long_prompt, [""] * 2048) is None
+    counts = asyncio.run(counter.count(tokenizer, long_prompt, ["", "", "x"]))
+    assert counts == [202, 202, 203]  # duplicates tokenized once, counted each
+    huge = TokenPlan(model, "p" * (MEMO_CHARS // 2), False)
+    asyncio.run(counter.count(tokenizer, huge, ["one", "two", "three"]))
+    assert counter._memo_chars <= MEMO_CHARS  # the prompt is counted: two of three evicted
+
+
+def test_an_oversized_prompt_is_refused_before_any_counting(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(
+            model=MODEL, input="x", extra_body={"options": {"prompt": "p" * 70_000}}
+        )
+    assert "options.prompt is 70000 UTF-8 bytes" in caught.value.message
 
 
 def test_unknown_model_is_404(client):
