@@ -737,6 +737,21 @@ def test_a_stream_texts_own_time_limit_goes_out_in_milliseconds() -> None:
     assert list(stream.Feed(["a"], None, pb.EncodeOptions()))[0].timeout_ms == 0  # none
 
 
+def test_a_streamed_messages_refusal_keeps_its_retry_hint() -> None:
+    """A message refused RESOURCE_EXHAUSTED in a stream carries its hint in `Error`; the
+    client's error gives it as `retry_after`, as a whole call's (it was None)."""
+    from embedq.client import stream
+
+    from embedq.v1 import embedq_pb2 as pb
+
+    refused = pb.Error(code=8, message="queue is full", retry_after_ms=1500)
+    ident, error = stream.result(pb.EncodeStreamResponse(id="7", error=refused), "yield")
+    assert ident == "7" and error.id == "7" and error.retry_after == 1.5 and error.retryable
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    plain = pb.EncodeStreamResponse(id="8", error=pb.Error(code=3, message="bad"))
+    assert stream.result(plain, "yield")[1].retry_after is None
+
+
 def test_embedq_error_is_a_grpc_rpc_error() -> None:
     error = EmbedqError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,

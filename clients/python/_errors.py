@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from ._retry import metadata_pairs, retry_after, retryable
+from ._retry import RETRY_AFTER_KEY, metadata_pairs, retry_after, retryable
 
 # google.rpc.Code number -> grpc.StatusCode, for the `Error` of streamed messages.
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
@@ -66,7 +66,7 @@ class EmbedqError(grpc.RpcError):
 
     It is a :class:`grpc.RpcError`: ``code()`` is a :class:`grpc.StatusCode`,
     ``details()`` the server's message, ``trailing_metadata()`` the call's
-    trailing metadata (empty for one streamed message's error). ``code`` and
+    trailing metadata (for one streamed message's error: only its retry hint). ``code`` and
     ``details`` also work without the call (``error.code ==
     grpc.StatusCode.NOT_FOUND``, ``"limit" in error.details``), as before.
     ``id`` is the message id when the failure belongs to one streamed message,
@@ -142,8 +142,13 @@ class EmbedqError(grpc.RpcError):
         )
 
     @classmethod
-    def from_status(cls, code: int, message: str, id: str | None = None) -> EmbedqError:
-        return cls(_CODES.get(code, grpc.StatusCode.UNKNOWN), message, id)
+    def from_status(
+        cls, code: int, message: str, id: str | None = None, retry_after_ms: int = 0
+    ) -> EmbedqError:
+        """One streamed message's error (its `Error` fields); its retry hint is kept where a
+        whole call's would be (``retry_after``)."""
+        hint = ((RETRY_AFTER_KEY, str(retry_after_ms)),) if retry_after_ms else ()
+        return cls(_CODES.get(code, grpc.StatusCode.UNKNOWN), message, id, trailing_metadata=hint)
 
 
 def _rebuild(code, details, id, trailing, initial, attempts) -> EmbedqError:

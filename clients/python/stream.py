@@ -95,7 +95,10 @@ class Feed:
 def result(response: pb.EncodeStreamResponse, on_error: OnError) -> StreamItem:
     """(id, vector) for a response; its error raised or returned as on_error says."""
     if response.HasField("error") and response.error.code != 0:
-        error = EmbedqError.from_status(response.error.code, response.error.message, response.id)
+        failed = response.error
+        error = EmbedqError.from_status(
+            failed.code, failed.message, response.id, failed.retry_after_ms
+        )
         if on_error == "raise":
             raise error
         return response.id, error
