@@ -1014,6 +1014,27 @@ def test_run_jobs_fails_items_with_their_kinds(tiny_encoder):
     assert not outcome.cache  # nothing computed, nothing cached
 
 
+def test_a_text_the_encoder_fails_on_fails_alone_not_its_batch(tiny_encoder):
+    """Texts of several callers share a forward pass; one the encoder raises on used to fail
+    them all with INTERNAL. The batch is tried again in halves: only that text fails."""
+    texts = [f"innocent bystander {i}" for i in range(6)]
+    jobs = [
+        job(texts[:3], "before"),
+        job(["quick fox POISON"], "poisoned"),
+        job(texts[3:], "after"),
+    ]
+    faulty = FaultyEncoder(tiny_encoder, "raise:POISON")
+    outcome = run_jobs(jobs, faulty, Keys("t"), now_ms=int(time.time() * 1000))
+    failures = {reply_to: list(reply.failures) for reply_to, reply in outcome.replies.items()}
+    assert [f.kind for f in failures["poisoned"]] == [ErrorKind.INTERNAL]
+    assert "injected fault" in failures["poisoned"][0].message
+    assert not failures["before"] and not failures["after"]
+    assert len(outcome.cache) == len(texts)  # every other text encoded and cached
+    expected = tiny_encoder.encode(texts, normalize=True)
+    got = [np.frombuffer(row, "<f4") for row in outcome.cache.values()]
+    assert all(np.abs(row - expected).max(axis=1).min() < 1e-6 for row in got)
+
+
 def test_a_real_worker_failure_reaches_the_caller(redis_server, tiny_encoder):
     """run_jobs' own Failure, through Redis and the Dispatcher, as the caller's error."""
 

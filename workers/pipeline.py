@@ -320,10 +320,9 @@ def _encode_group(
     )
     for batch in batches:
         live = _drop_expired(work, batch, tracker, clock(), gone)
-        if live:
-            vectors, error = _embed_batch(live, tokenized, group.normalize, encoder)
-            tracker.outcome.texts_encoded += len(live)
-            _answer_batch(work, live, vectors, error, encoder, keys, tracker)
+        for part, vectors, error in _embed_isolating(live, tokenized, group.normalize, encoder):
+            tracker.outcome.texts_encoded += len(part)
+            _answer_batch(work, part, vectors, error, encoder, keys, tracker)
         if tracker.outcome.replies or tracker.finished:
             yield tracker.step()
 
@@ -370,17 +369,44 @@ def _drop_expired(
     return live
 
 
+def _embed_isolating(
+    batch: list[int],
+    tokenized: list[TokenizedText],
+    normalize: bool,
+    encoder: PooledEncoder,
+    logged: bool = False,
+) -> Iterator[tuple[list[int], np.ndarray | None, str]]:
+    """(texts, their rows or None, why) for the parts of `batch`. A batch the encoder
+    raises on is split in halves, each tried again: a text it cannot take fails alone, not
+    the other callers' texts that shared its batch (and a batch too big for the device's
+    memory is answered in smaller ones). Only the first failure is logged in full."""
+    if not batch:
+        return
+    vectors, error = _embed_batch(batch, tokenized, normalize, encoder, logged)
+    if vectors is not None or len(batch) == 1:
+        yield batch, vectors, error
+        return
+    middle = len(batch) // 2
+    for half in (batch[:middle], batch[middle:]):
+        yield from _embed_isolating(half, tokenized, normalize, encoder, logged=True)
+
+
 def _embed_batch(
     batch: list[int],
     tokenized: list[TokenizedText],
     normalize: bool,
     encoder: PooledEncoder,
+    logged: bool = False,
 ) -> tuple[np.ndarray | None, str]:
-    """The batch's rows, or None and why: a batch that raises fails only its own texts."""
+    """The batch's rows, or None and why."""
     try:
         return encoder.embed([tokenized[i].ids for i in batch], normalize=normalize), ""
     except Exception as exc:  # noqa: BLE001 - reported to the callers, worker goes on
-        log.exception("encoder failed on a batch of %d texts", len(batch))
+        if logged:
+            log.debug("encoder failed on a part of %d texts", len(batch), exc_info=True)
+        else:
+            parts = "; trying it in parts" if len(batch) > 1 else ""
+            log.exception("encoder failed on a batch of %d texts%s", len(batch), parts)
         return None, f"encoder failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
