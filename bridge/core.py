@@ -173,6 +173,9 @@ class Bridge:
         self._stalled = False
         self._last_answer = 0.0
         self._counts = collections.Counter()
+        # Most texts per request now: halved while the server refuses batches as too big
+        # for their time limit, doubled back (up to batch_texts) as they are answered.
+        self._batch_limit = settings.batch_texts
         # The reader and the publisher may both find a connection gone: one reconnects.
         self._reconnecting = asyncio.Lock()
 
@@ -234,12 +237,7 @@ class Bridge:
                 continue
             except asyncio.TimeoutError:
                 continue
-            model = self.settings.options.model
-            if model and model not in {m.name for m in info.models}:
-                names = ", ".join(m.name for m in info.models) or "none"
-                raise ConfigError(
-                    f"--model {model!r} is not served by {self.client.target} (served: {names})"
-                )
+            check_options(self.settings.options, info, self.client.target)
             if self.input.max_text_bytes == 0:
                 self.input = formats.InputFormat(
                     self.input.kind,
@@ -282,14 +280,21 @@ class Bridge:
             log.warning("stop consuming %s: %s", self.source.name, error)
         deadline = time.monotonic() + self.settings.drain_timeout
         while self.held and time.monotonic() < deadline:
-            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
+            _raise_first_failure(tasks)
             self._finished.clear()
+            # A task that fails (the sender refused for good, say) ends the wait too: the
+            # drain would otherwise wait out its timeout and the bridge exit 0.
+            finished = asyncio.ensure_future(self._finished.wait())
+            running = {task for task in tasks if not task.done()}
             try:
-                await asyncio.wait_for(self._finished.wait(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                break
+                await asyncio.wait(
+                    {finished, *running},
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                finished.cancel()
+        _raise_first_failure(tasks)
         if self.held:
             log.warning(
                 "stopped with %d message(s) unacknowledged after %.0fs; the broker will "
@@ -384,7 +389,6 @@ class Bridge:
         # grpc's task may pull from the request iterator after the call has
         # ended: an ended call's iterator must take nothing more from the queue.
         ended = False
-        limit = self.settings.batch_texts
         # Each batch's own time limit, a little inside the stall timeout: the server refuses
         # (with a retry hint) what it could not finish in time, or answers DEADLINE_EXCEEDED,
         # rather than computing what this bridge would give up on and send again.
@@ -404,7 +408,7 @@ class Bridge:
                 while (
                     not batch[0].solo
                     and self._to_send
-                    and len(batch) < limit
+                    and len(batch) < self._batch_limit
                     and not self._to_send[0].solo
                 ):
                     batch.append(self._to_send.popleft())
@@ -453,13 +457,21 @@ class Bridge:
         if response.HasField("error") and response.error.code != 0:
             error = EmbedqError.from_status(response.error.code, response.error.message)
             code, details = _status(error)
-            if len(batch) > 1 and code in POISON:
-                # Which text is it? Ask again one by one.
+            if code == Code.INVALID_ARGUMENT and refuses_the_options(details):
+                raise BridgeError(
+                    f"embedq {self.client.target} refuses this bridge's options ({details}); "
+                    "nothing of it acknowledged"
+                )
+            hint = response.error.retry_after_ms / 1000  # refused with a retry-after hint
+            if len(batch) > 1 and code not in TRANSIENT and code not in FATAL:
+                # Which text is it? Ask again one by one: the others are not charged with
+                # its failure (a text a worker cannot encode fails its whole request).
                 for entry in batch:
                     entry.solo = True
                 self._requeue(batch)
                 return
-            hint = response.error.retry_after_ms / 1000  # refused with a retry-after hint
+            if len(batch) > 1 and too_big(code, hint):
+                self._batch_limit = max(1, len(batch) // 2)
             for entry in reversed(batch):
                 self._failed(entry, code, details, hint)
             return
@@ -472,6 +484,7 @@ class Bridge:
                 self._failed(entry, *_status(error))
             return
         self._backoff.succeed()
+        self._batch_limit = min(self.settings.batch_texts, 2 * self._batch_limit)
         self.metrics.server_up.set(1)
         for entry, row in zip(batch, rows, strict=True):
             try:
@@ -487,11 +500,24 @@ class Bridge:
                 entry.reason = f"cannot write the result ({type(error).__name__}: {error})"
                 continue
             if entry.message.stable_id:
-                # The same input published again (after a crash) gets the same id,
-                # for sinks that de-duplicate (NATS JetStream's Nats-Msg-Id).
-                key = f"{self.source.name}|{entry.message.message_id}|{self.settings.output_format}"
-                entry.output.dedup_id = hashlib.sha256(key.encode()).hexdigest()[:32]
+                entry.output.dedup_id = self._dedup_id(entry)
         self._finished.set()
+
+    def _dedup_id(self, entry: Entry) -> str:
+        """The same input published again (after a crash) gets the same id, for sinks that
+        de-duplicate (NATS JetStream's Nats-Msg-Id). Everything that makes the result is in
+        it: two bridges reading one source with other options, or into other subjects of
+        one stream, and a publisher's message id reused for another text, are other results
+        (the sink dropped them as duplicates, and their inputs were acknowledged)."""
+        parts = (
+            self.source.name,
+            entry.message.message_id,
+            self.sink.name,
+            self.settings.output_format,
+            self.settings.options.SerializeToString(deterministic=True).hex(),
+            entry.parsed.text if entry.parsed is not None else "",
+        )
+        return hashlib.sha256("|".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     def _failed(
         self, entry: Entry, code: grpc.StatusCode, details: str, retry_after: float = 0.0
@@ -735,6 +761,12 @@ class _Trouble:
         await self.bridge._reconnect(self.broker)
 
 
+def _raise_first_failure(tasks: set[asyncio.Task]) -> None:
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+    if failed:
+        raise failed[0].exception()  # type: ignore[misc]
+
+
 def _status(error: Any) -> tuple[grpc.StatusCode, str]:
     """(code, details) of an EmbedqError or a grpc error, attribute or method style."""
     code = getattr(error, "code", None)
@@ -752,3 +784,45 @@ def _describe(error: BaseException) -> str:
 async def _sleep_or(event: asyncio.Event, delay: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), delay)
+
+
+def check_options(options: pb.EncodeOptions, info: pb.InfoResponse, target: str) -> None:
+    """Refuse options the server would refuse for every message (a ConfigError: exit 2,
+    nothing acknowledged). Refused at run time instead, each message was taken for a
+    poison one: the whole backlog dead-lettered (or dropped), no vector made."""
+    served = {m.name: m for m in info.models}
+    if options.model and options.model not in served:
+        names = ", ".join(served) or "none"
+        raise ConfigError(f"--model {options.model!r} is not served by {target} (served: {names})")
+    name = options.model or info.default_model
+    if name not in served:
+        return  # no model yet, or several and no default: the server's answers say
+    model = served[name]
+    if options.dimension > model.dimension:
+        raise ConfigError(
+            f"--dimension {options.dimension} is above model {name!r}'s {model.dimension}"
+        )
+    if options.prompt_name and options.prompt_name not in model.prompts:
+        known = ", ".join(sorted(model.prompts)) or "none"
+        raise ConfigError(
+            f"--prompt-name {options.prompt_name!r} is not a prompt of model {name!r} ({known})"
+        )
+    size = len(options.prompt.encode("utf-8", "surrogatepass"))
+    if info.limits.max_text_bytes and size > info.limits.max_text_bytes:
+        raise ConfigError(
+            f"--prompt is {size} UTF-8 bytes, over {target}'s limit of {info.limits.max_text_bytes}"
+        )
+
+
+def refuses_the_options(details: str) -> bool:
+    """Whether an INVALID_ARGUMENT is about the request's options, not its text (the
+    server names what it refuses: `options.…`; a text's refusal names the text): every
+    message would be refused alike."""
+    return details.startswith(("options.", "set options.", "several models are served"))
+
+
+def too_big(code: grpc.StatusCode, retry_after: float) -> bool:
+    """Whether a batch's refusal says it is too big for its time limit: RESOURCE_EXHAUSTED
+    with no hint of when to come back (its texts alone take longer than the limit at the
+    workers' rate: the same batch is refused forever), or DEADLINE_EXCEEDED."""
+    return (code == Code.RESOURCE_EXHAUSTED and not retry_after) or code == Code.DEADLINE_EXCEEDED

@@ -3,7 +3,9 @@ and the command line's one-line errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
 
@@ -11,8 +13,16 @@ import numpy as np
 import pytest
 from embedq.bridge import formats
 from embedq.bridge.brokers import make_sink, make_source
-from embedq.bridge.brokers.base import BrokerUrl, ConfigError, Message, Options, redact, scrub
-from embedq.bridge.core import Backoff
+from embedq.bridge.brokers.base import (
+    BridgeError,
+    BrokerUrl,
+    ConfigError,
+    Message,
+    Options,
+    redact,
+    scrub,
+)
+from embedq.bridge.core import Backoff, Bridge, Entry, Settings
 
 from embedq.v1 import embedq_pb2 as pb
 
@@ -317,3 +327,150 @@ def test_an_mqtt_inbox_bounds_qos0_messages_only() -> None:
     assert inbox.get_nowait() is qos0[0] and inbox.qos0 == 1
     assert asyncio.run(inbox.get()) is qos0[1] and inbox.qos0 == 0
     assert inbox.offer(qos0[2]) and inbox.qos0 == 1
+
+
+# -- what the bridge does with the server's answers -------------------------------------
+
+
+def a_bridge(**settings) -> Bridge:
+    """A bridge whose brokers and server are never reached: only its answer policy runs."""
+    from embedq.client import AsyncClient
+
+    source = make_source("redis://127.0.0.1:1/0?stream=in&group=g", OPTIONS)
+    sink = make_sink("redis://127.0.0.1:1/0?stream=out", OPTIONS)
+    return Bridge(source, sink, AsyncClient("127.0.0.1:1"), Settings(**settings))
+
+
+def entries(count: int, tag: str = "text") -> list[Entry]:
+    made = []
+    for seq in range(count):
+        taken = Entry(seq, message(json.dumps({"text": f"{tag} {seq}"}).encode(), str(seq)), 0.0)
+        taken.parsed = formats.parse(taken.message, JSON)
+        made.append(taken)
+    return made
+
+
+def refused(code: int, text: str = "refused", retry_after_ms: int = 0) -> pb.EncodeStreamResponse:
+    error = pb.Error(code=code, message=text, retry_after_ms=retry_after_ms)
+    return pb.EncodeStreamResponse(id="0", error=error)
+
+
+def answered(count: int) -> pb.EncodeStreamResponse:
+    rows = np.ones((count, 2), "<f4")
+    return pb.EncodeStreamResponse(
+        id="0",
+        model="m",
+        count=count,
+        dimension=2,
+        dtype=pb.DTYPE_FLOAT32,
+        embeddings=rows.tobytes(),
+    )
+
+
+def test_a_batch_failed_for_any_lasting_reason_is_asked_again_text_by_text():
+    """One text a worker cannot encode fails its whole request (INTERNAL): the batch's other
+    messages are sent again alone and not charged with it (they were: after --max-attempts
+    tries, all of them dead-lettered). Sent alone, the failure counts an attempt."""
+
+    async def body() -> None:
+        bridge = a_bridge()
+        batch = entries(4)
+        bridge._answer(batch, refused(13, "encoder failed: RuntimeError"))
+        assert all(e.solo and e.attempts == 0 and not e.done for e in batch)
+        assert list(bridge._to_send) == batch
+        bridge._to_send.clear()
+        bridge._answer(batch[:1], refused(13, "encoder failed: RuntimeError"))
+        assert batch[0].attempts == 1 and not batch[0].done
+
+    asyncio.run(body())
+
+
+def test_a_batch_too_big_for_its_time_limit_is_halved_until_answered():
+    """RESOURCE_EXHAUSTED with no retry hint says the texts alone take longer than the
+    batch's time limit: the same batch was sent again forever. The batch limit halves, and
+    doubles back as batches are answered; a full queue (a refusal with a hint) keeps it."""
+
+    async def body() -> None:
+        bridge = a_bridge(batch_texts=8)
+        batch = entries(8)
+        bridge._answer(batch, refused(8, "split the request or allow more time"))
+        assert bridge._batch_limit == 4 and len(bridge._to_send) == 8
+        assert not any(e.done for e in batch)  # retried, never dead-lettered for it
+        bridge._answer(batch[:4], refused(8, "queue is full", retry_after_ms=500))
+        assert bridge._batch_limit == 4
+        bridge._answer(batch[:2], refused(4, "no result within 54.0s"))  # DEADLINE_EXCEEDED
+        assert bridge._batch_limit == 1
+        bridge._answer(batch[:1], answered(1))
+        assert bridge._batch_limit == 2 and batch[0].output is not None
+
+    asyncio.run(body())
+
+
+def test_options_the_server_refuses_stop_the_bridge_rather_than_poison_every_message():
+    from embedq.bridge.core import check_options
+
+    info = pb.InfoResponse(
+        default_model="m",
+        limits=pb.Limits(max_text_bytes=100),
+        models=[pb.ModelInfo(name="m", dimension=384, prompts={"query": "query: "})],
+    )
+    check_options(pb.EncodeOptions(dimension=128, prompt_name="query"), info, "t")
+    cases = [
+        (pb.EncodeOptions(dimension=100000), "--dimension 100000 is above model 'm''s 384"),
+        (pb.EncodeOptions(prompt_name="nope"), "--prompt-name 'nope' is not a prompt"),
+        (pb.EncodeOptions(prompt="p" * 101), "--prompt is 101 UTF-8 bytes"),
+        (pb.EncodeOptions(model="other"), "--model 'other' is not served"),
+    ]
+    for options, words in cases:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            check_options(options, info, "t")
+    check_options(pb.EncodeOptions(dimension=100000), pb.InfoResponse(), "t")  # no model yet
+
+    async def body() -> None:  # changed on the server after start-up: stopped, not poison
+        bridge = a_bridge()
+        batch = entries(1)
+        with pytest.raises(BridgeError, match="refuses this bridge's options"):
+            bridge._answer(batch, refused(3, "options.dimension 9999 is above the model's 384"))
+        assert not batch[0].done  # nothing dead-lettered or acknowledged
+        bridge._answer(batch, refused(3, "texts[0] is 70000 UTF-8 bytes, over the limit"))
+        assert batch[0].reason.startswith("INVALID_ARGUMENT")  # the text's own: poison
+
+    asyncio.run(body())
+
+
+def test_result_ids_for_deduplicating_sinks_cover_what_makes_the_result():
+    """NATS JetStream drops a result whose Nats-Msg-Id it saw within its window: the id
+    names the input and everything that makes its result (it named the source, the
+    message id and the format only: a second bridge's results into another subject of
+    the same stream were dropped, their inputs acknowledged)."""
+
+    async def body() -> None:
+        first, again = a_bridge(), a_bridge()
+        other_options = a_bridge(options=pb.EncodeOptions(dimension=64))
+        other_sink = a_bridge()
+        other_sink.sink = make_sink("redis://127.0.0.1:1/0?stream=elsewhere", OPTIONS)
+        (one,), (reused_id,) = entries(1, "a text"), entries(1, "another text")
+        ids = [b._dedup_id(one) for b in (first, again, other_options, other_sink)]
+        assert ids[0] == ids[1] and len(set(ids)) == 3
+        assert first._dedup_id(reused_id) != ids[0]  # same message id, another text
+
+    asyncio.run(body())
+
+
+def test_the_drain_ends_at_once_when_a_task_fails_for_good():
+    """A task failing during the drain after SIGTERM (the sender refused for good, say)
+    ends it with that error (exit 1): the drain waited out its timeout, then exited 0."""
+
+    async def body() -> None:
+        bridge = a_bridge(drain_timeout=30.0)
+        bridge.held = 1
+
+        async def refused_for_good() -> None:
+            await asyncio.sleep(0.05)
+            raise BridgeError("embedq t: UNAUTHENTICATED: token revoked")
+
+        failing = asyncio.create_task(refused_for_good())
+        with pytest.raises(BridgeError, match="token revoked"):
+            await asyncio.wait_for(bridge._drain({failing}), 10)
+
+    asyncio.run(body())
