@@ -467,7 +467,7 @@ def test_token_counts_stay_off_the_event_loop_when_a_prompt_makes_them_long(
     registration = queue_pb2.ModelRegistration(name="m", fingerprint="f", max_seq_length=256)
     model = ServedModel(registration, workers_alive=1)
     counter = TokenCounter()
-    assert counter.count_now(tokenizer, TokenPlan(model, "", True), ["a b", "c"]) == [5, 3]
+    assert counter.count_now(tokenizer, TokenPlan(model, "", True), ["a b", "c"]) == [4, 3]
     long_prompt = TokenPlan(model, "word " * 200, True)
     assert counter.count_now(tokenizer, long_prompt, [""] * 2048) is None
     counts = asyncio.run(counter.count(tokenizer, long_prompt, ["", "", "x"]))
