@@ -91,6 +91,8 @@ class Route:
     path: str
     summary: str
     open: bool = False  # no bearer token needed
+    # What the router matches, where it differs from the path shown (a regex in it).
+    pattern: str = ""
 
     @property
     def label(self) -> str:
@@ -119,9 +121,10 @@ ROUTES = [
     Route("GET", "/v1/models", "OpenAI model list: the served models."),
     Route(
         "GET",
-        "/v1/models/{model:.+}",
+        "/v1/models/{model}",
         "OpenAI model retrieval (a name with `/` in it as is, or as `%2F`); 404 for a model "
         "not served.",
+        pattern="/v1/models/{model:.+}",  # a model's name may hold "/" (NAME=PATH)
     ),
     *(
         Route(
@@ -547,7 +550,8 @@ class HttpApi:
             if route.method == "GET":
                 # HEAD too for the probes (some health checkers send it), not elsewhere.
                 head = route.path in OPEN_PATHS
-                app.router.add_get(route.path, handlers[route.path], allow_head=head)
+                pattern = route.pattern or route.path
+                app.router.add_get(pattern, handlers[route.path], allow_head=head)
             else:
                 app.router.add_route(route.method, route.path, handlers[route.path])
         return app

@@ -201,27 +201,18 @@ def test_binary_output_is_packed_little_endian_with_headers():
 def test_a_result_no_output_can_carry_is_a_dead_letter_not_a_crash():
     """Fields of the input that JSON output cannot write (an integer past 64 bits, a lone
     surrogate) make that message a dead letter; an id no header can carry is not used."""
-    import asyncio
-
-    from embedq.bridge.core import Bridge, Entry
-
     big = formats.parse(message(b'{"text": "t", "n": ' + b"9" * 30 + b"}"), JSON)
     with pytest.raises(Exception):  # noqa: B017 - what JSON output raises: orjson's or json's
         formats.render(big, np.zeros(2, np.float32), "m", 2, pb.DTYPE_FLOAT32, "json")
     odd_id = formats.parse(message(b'{"id": "\\udc00", "text": "t"}', "9-9"), JSON)
     assert odd_id.id == "9-9"
-    bridge = Bridge.__new__(Bridge)  # only what _answer touches
-    bridge.settings = type("S", (), {"output_format": "json"})()
-    bridge._backoff = type("B", (), {"succeed": lambda self: None})()
-    bridge.metrics = type("M", (), {"server_up": type("G", (), {"set": lambda s, v: None})()})()
-    bridge._finished = asyncio.Event()
-    entry = Entry(1, message(b"{}"), 0.0, parsed=big)
-    response = pb.EncodeStreamResponse(
-        id="1", model="m", dimension=2, count=1, dtype=pb.DTYPE_FLOAT32,
-        embeddings=np.zeros(2, "<f4").tobytes(),
-    )  # fmt: skip
-    bridge._answer([entry], response)
-    assert entry.done and entry.output is None and "cannot write the result" in entry.reason
+
+    async def body() -> None:
+        entry = Entry(1, message(b"{}"), 0.0, parsed=big)
+        a_bridge()._answer([entry], answered(1))
+        assert entry.done and entry.output is None and "cannot write the result" in entry.reason
+
+    asyncio.run(body())
 
 
 def test_dead_letters_keep_the_original_body():

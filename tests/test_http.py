@@ -298,6 +298,15 @@ def test_models_list_and_retrieve(client):
         client.models.retrieve("text-embedding-3-small")
 
 
+def test_a_model_name_with_a_slash_is_retrieved_as_is(main):
+    """A model served as `org/name` (NAME=PATH) is listed; retrieving it with the slash as
+    is (curl) reached no route (404 unknown_url); `%2F` (what the openai SDK sends) too."""
+    for path in ("org/name", "org%2Fname"):
+        status, body = fetch(f"{main.base_url}/v1/models/{path}")
+        assert status == 404 and body["error"]["code"] == "model_not_found", body
+        assert "'org/name'" in body["error"]["message"]
+
+
 # -- LangChain --------------------------------------------------------------------------
 
 
